@@ -1,0 +1,177 @@
+"""LoRA/QLoRA adapter setup, parameter accounting and per-layer adapter statistics.
+
+model = apply_lora(model, rank=16, alpha=32, dropout=0.05, target_modules=["q_proj", "k_proj", "v_proj"])
+counts = count_parameters(model)      # {"trainable": ..., "total": ..., "trainable_pct": ...}
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+
+LORA_KEY = re.compile(r"layers\.(\d+)\.(?:.*\.)?(\w+)\.lora_([AB])\.")
+
+
+class LoraSetupError(ValueError):
+    """The LoRA configuration does not fit the model; the message says what to change."""
+
+
+def parse_target_modules(value: str) -> list[str] | str:
+    """Turn the `--target-modules` flag into PEFT's form.
+
+    Args:
+        value: comma-separated module names ("q_proj,k_proj,v_proj") or "all-linear".
+
+    Returns:
+        A list of names, or the string "all-linear".
+    """
+    if value.strip() == "all-linear":
+        return "all-linear"
+    return [name.strip() for name in value.split(",") if name.strip()]
+
+
+def check_target_modules(model: torch.nn.Module, target_modules: list[str] | str) -> None:
+    """Fail before training if a target module name does not exist in this architecture.
+
+    Raises:
+        LoraSetupError: naming the unknown module(s) and the linear layers that do exist.
+    """
+    if target_modules == "all-linear":
+        return
+    linear_names = {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if _is_linear(module)}
+    unknown = [name for name in target_modules if name not in linear_names]
+    if unknown:
+        raise LoraSetupError(
+            f"--target-modules: {', '.join(unknown)} not found in this model; "
+            f"linear layers are: {', '.join(sorted(linear_names))}"
+        )
+
+
+def _is_linear(module: torch.nn.Module) -> bool:
+    return isinstance(module, torch.nn.Linear) or type(module).__name__ in ("Linear4bit", "Linear8bitLt")
+
+
+def apply_lora(
+    model: torch.nn.Module,
+    rank: int,
+    alpha: float,
+    dropout: float,
+    target_modules: list[str] | str,
+    quantized: bool = False,
+    gradient_checkpointing: bool = False,
+) -> PeftModel:
+    """Freeze the base model and inject LoRA adapters.
+
+    Args:
+        model: the base causal LM (optionally loaded in 4-bit).
+        rank: LoRA rank r.
+        alpha: LoRA alpha (the update is scaled by alpha / r).
+        dropout: dropout on the adapter input.
+        target_modules: module names or "all-linear".
+        quantized: the base is 4-bit: run `prepare_model_for_kbit_training` first (casts norms to
+            fp32, enables input gradients for checkpointing).
+        gradient_checkpointing: recompute activations in the backward pass to save memory.
+
+    Returns:
+        The PEFT model; only `lora_` parameters require grad.
+
+    Raises:
+        LoraSetupError: unknown target module, or anything other than adapters is trainable.
+    """
+    check_target_modules(model, target_modules)
+    if quantized:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    elif gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=target_modules,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    model = get_peft_model(model, config)
+    assert_only_adapters_trainable(model)
+    return model
+
+
+def assert_only_adapters_trainable(model: torch.nn.Module) -> None:
+    """Raise if any non-LoRA parameter requires grad (a base weight would be trained by accident).
+
+    Raises:
+        LoraSetupError: listing the offending parameter names.
+    """
+    leaked = [name for name, p in model.named_parameters() if p.requires_grad and "lora_" not in name]
+    if leaked:
+        raise LoraSetupError(f"base parameters are trainable: {leaked[:5]}{' ...' if len(leaked) > 5 else ''}")
+
+
+def count_parameters(model: torch.nn.Module) -> dict:
+    """Count trainable and total parameters (4-bit weights counted as their logical size).
+
+    Returns:
+        {"trainable": int, "total": int, "trainable_pct": float}
+    """
+    trainable, total = 0, 0
+    for param in model.parameters():
+        n = param.numel()
+        # bitsandbytes packs two 4-bit values per uint8 element
+        if type(param).__name__ == "Params4bit":
+            n *= 2
+        total += n
+        if param.requires_grad:
+            trainable += n
+    return {"trainable": trainable, "total": total, "trainable_pct": 100.0 * trainable / max(total, 1)}
+
+
+def lora_parameter_key(name: str) -> str | None:
+    """Map a parameter name to "layer.module.A|B" (e.g. "3.q_proj.A"), or None if not a LoRA weight."""
+    match = LORA_KEY.search(name)
+    return f"{match.group(1)}.{match.group(2)}.{match.group(3)}" if match else None
+
+
+def lora_grad_norms(model: torch.nn.Module) -> dict[str, float]:
+    """L2 norm of the gradient of every LoRA matrix, keyed "layer.module.A|B".
+
+    Call after backward and before `optimizer.zero_grad`. One host sync for all norms.
+    """
+    keys, norms = [], []
+    for name, param in model.named_parameters():
+        key = lora_parameter_key(name)
+        if key is not None and param.grad is not None:
+            keys.append(key)
+            norms.append(param.grad.detach().float().norm())
+    if not norms:
+        return {}
+    values = torch.stack(norms).tolist()
+    return dict(zip(keys, values, strict=True))
+
+
+@torch.no_grad()
+def lora_update_ratios(model: torch.nn.Module) -> dict[str, float]:
+    """Per LoRA layer, ||scale * B @ A||_F / ||W||_F: how much the adapter changes the base weight.
+
+    Returns:
+        {"layer.module": ratio}. For 4-bit bases the base weight is de-quantized first.
+    """
+    ratios = {}
+    for name, module in model.named_modules():
+        if not (hasattr(module, "lora_A") and hasattr(module, "base_layer")) or "default" not in module.lora_A:
+            continue
+        match = re.search(r"layers\.(\d+)\.(?:.*\.)?(\w+)$", name)
+        if not match:
+            continue
+        a = module.lora_A["default"].weight.float()
+        b = module.lora_B["default"].weight.float()
+        delta = (b @ a) * module.scaling["default"]
+        weight = module.base_layer.weight
+        if type(weight).__name__ == "Params4bit":
+            import bitsandbytes.functional as bnb_functional
+
+            weight = bnb_functional.dequantize_4bit(weight.data, weight.quant_state)
+        ratios[f"{match.group(1)}.{match.group(2)}"] = float(delta.norm() / weight.float().norm().clamp_min(1e-12))
+    return ratios

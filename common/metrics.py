@@ -1,0 +1,279 @@
+"""Evaluation metrics: perplexity with a bootstrap interval, ROUGE, and decision accuracy.
+
+Everything here is plain Python/numpy on lists of per-example numbers or strings, so each function
+can be tested against hand-computed values and copied on its own.
+
+    from common.metrics import bootstrap_ratio_ci, perplexity, rouge_scores, decision_metrics
+    perplexity(loss_sums.sum(), token_counts.sum())             # exp(mean cross-entropy)
+    bootstrap_ratio_ci(loss_sums, token_counts, n_resamples=1000)  # {"mean", "low", "high", ...}
+    rouge_scores(["the cat sat"], ["the cat sat down"])          # {"rouge1", "rouge2", "rougeL"}
+    decision_metrics(generated_replies, reference_decisions, lines_of_business)
+
+Conventions: a reply whose decision line cannot be parsed counts as wrong for the accuracies and as
+citing no rule for the rule F1 (so a model cannot score well by staying silent); the parse rate is
+reported next to them. Rule F1 is micro-averaged: true/false positives and false negatives are
+summed over all examples before precision and recall are computed.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+from common.decision import OUTCOMES, RISK_CLASSES, parse_decision_line
+
+UNPARSED = "unparsed"
+# exp() of a mean cross-entropy above this overflows float64; a model that bad is reported as inf.
+MAX_LOG_PPL = 700.0
+
+
+def perplexity(loss_sum: float, token_count: float) -> float:
+    """Perplexity of summed token cross-entropy: exp(loss_sum / token_count).
+
+    Args:
+        loss_sum: cross-entropy (natural log) summed over the scored tokens.
+        token_count: number of scored tokens.
+
+    Returns:
+        The perplexity (inf when the mean loss is too large to exponentiate).
+
+    Raises:
+        ValueError: `token_count` is not positive.
+    """
+    if token_count <= 0:
+        raise ValueError("perplexity needs at least one scored token")
+    mean = loss_sum / token_count
+    return math.exp(mean) if mean < MAX_LOG_PPL else math.inf
+
+
+def bootstrap_indices(n_examples: int, n_resamples: int, seed: int = 0) -> np.ndarray:
+    """Draw example indices for a bootstrap, with replacement.
+
+    Share the same indices between the base and the finetuned model so that their difference is a
+    paired comparison on identical resamples.
+
+    Args:
+        n_examples: number of examples to resample.
+        n_resamples: number of bootstrap resamples.
+        seed: seed of the numpy generator (the interval is reproducible).
+
+    Returns:
+        An int array of shape (n_resamples, n_examples).
+
+    Raises:
+        ValueError: no examples or no resamples.
+    """
+    if n_examples <= 0 or n_resamples <= 0:
+        raise ValueError("bootstrap needs at least one example and one resample")
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, n_examples, size=(n_resamples, n_examples))
+
+
+def bootstrap_ratio_ci(
+    numerators: Sequence[float],
+    denominators: Sequence[float] | None = None,
+    n_resamples: int = 1000,
+    confidence: float = 0.95,
+    seed: int = 0,
+    indices: np.ndarray | None = None,
+) -> dict:
+    """Percentile bootstrap interval of a ratio of sums, resampling whole examples.
+
+    Mean token cross-entropy is sum(loss_sum) / sum(tokens): long examples weigh more, so we
+    resample examples and recompute the ratio of sums rather than averaging per-example means.
+    With `denominators=None` this is the interval of the plain mean.
+
+    Args:
+        numerators: per-example values (e.g. summed token loss).
+        denominators: per-example weights (e.g. scored tokens), or None for all ones.
+        n_resamples: bootstrap resamples (ignored when `indices` is given).
+        confidence: two-sided coverage, 0.95 for a 95% interval.
+        seed: numpy seed for the resamples.
+        indices: precomputed `bootstrap_indices`, to pair several statistics on the same resamples.
+
+    Returns:
+        {"mean": ratio on the full data, "low", "high": interval bounds, "half_width": (high-low)/2,
+         "n": examples, "resamples": number of resamples}.
+
+    Raises:
+        ValueError: lengths differ, or there are no examples.
+    """
+    num = np.asarray(numerators, dtype=np.float64)
+    den = np.ones_like(num) if denominators is None else np.asarray(denominators, dtype=np.float64)
+    if num.shape != den.shape or num.ndim != 1 or num.size == 0:
+        raise ValueError("numerators and denominators must be non-empty 1-D sequences of equal length")
+    if indices is None:
+        indices = bootstrap_indices(num.size, n_resamples, seed)
+    ratios = num[indices].sum(axis=1) / np.maximum(den[indices].sum(axis=1), 1e-12)
+    tail = (1.0 - confidence) / 2 * 100
+    low, high = np.percentile(ratios, [tail, 100 - tail])
+    return {
+        "mean": float(num.sum() / max(den.sum(), 1e-12)),
+        "low": float(low),
+        "high": float(high),
+        "half_width": float((high - low) / 2),
+        "n": int(num.size),
+        "resamples": int(indices.shape[0]),
+    }
+
+
+def perplexity_from_loss_ci(loss_ci: dict) -> dict:
+    """Map a mean-loss interval to a perplexity interval (exp is monotone, so bounds map to bounds).
+
+    Args:
+        loss_ci: the dict returned by `bootstrap_ratio_ci` for the mean token loss.
+
+    Returns:
+        {"value", "low", "high"} perplexities.
+    """
+
+    def to_ppl(x: float) -> float:
+        return math.exp(x) if x < MAX_LOG_PPL else math.inf
+
+    return {"value": to_ppl(loss_ci["mean"]), "low": to_ppl(loss_ci["low"]), "high": to_ppl(loss_ci["high"])}
+
+
+def rouge_scores(predictions: Sequence[str], references: Sequence[str]) -> dict:
+    """Mean ROUGE-1/2/L F-measure (rouge-score package, Porter stemming, no network).
+
+    Args:
+        predictions: generated replies.
+        references: reference replies, aligned with `predictions`.
+
+    Returns:
+        {"rouge1", "rouge2", "rougeL"} averaged over examples (0.0 for empty inputs).
+
+    Raises:
+        ValueError: the two lists differ in length.
+    """
+    from rouge_score import rouge_scorer
+
+    if len(predictions) != len(references):
+        raise ValueError(f"{len(predictions)} predictions but {len(references)} references")
+    keys = ("rouge1", "rouge2", "rougeL")
+    if not predictions:
+        return dict.fromkeys(keys, 0.0)
+    scorer = rouge_scorer.RougeScorer(list(keys), use_stemmer=True)
+    totals = dict.fromkeys(keys, 0.0)
+    for prediction, reference in zip(predictions, references):
+        # score(target, prediction): the reference comes first
+        scores = scorer.score(reference, prediction)
+        for key in keys:
+            totals[key] += scores[key].fmeasure
+    return {key: totals[key] / len(predictions) for key in keys}
+
+
+def rule_citation_f1(predicted: Sequence[Sequence[str] | None], reference: Sequence[Sequence[str]]) -> dict:
+    """Micro-averaged precision, recall and F1 of cited rule ids against the reference rules.
+
+    Args:
+        predicted: per example, the rule ids the model cited (None or [] when it cited none).
+        reference: per example, the rule ids that actually applied.
+
+    Returns:
+        {"precision", "recall", "f1", "tp", "fp", "fn"}; a metric with a zero denominator is 0.0.
+    """
+    tp = fp = fn = 0
+    for cited, truth in zip(predicted, reference):
+        cited_set, truth_set = set(cited or ()), set(truth or ())
+        tp += len(cited_set & truth_set)
+        fp += len(cited_set - truth_set)
+        fn += len(truth_set - cited_set)
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    recall = tp / (tp + fn) if tp + fn else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {"precision": precision, "recall": recall, "f1": f1, "tp": tp, "fp": fp, "fn": fn}
+
+
+def confusion_matrix(reference: Sequence[str], predicted: Sequence[str | None], labels: Sequence[str]) -> dict:
+    """Count (reference, predicted) pairs; a None prediction lands in an extra "unparsed" column.
+
+    Args:
+        reference: true labels.
+        predicted: predicted labels, None when the reply could not be parsed.
+        labels: row labels in display order; predictions outside them are added as columns.
+
+    Returns:
+        {"labels": row labels, "columns": column labels, "matrix": rows of counts}, where
+        matrix[i][j] counts examples whose reference is labels[i] and prediction columns[j].
+    """
+    rows = list(labels)
+    extra = sorted({p for p in predicted if p is not None and p not in rows})
+    columns = [*rows, *extra, UNPARSED]
+    matrix = [[0] * len(columns) for _ in rows]
+    for truth, guess in zip(reference, predicted):
+        if truth not in rows:
+            continue
+        column = columns.index(UNPARSED if guess is None else guess)
+        matrix[rows.index(truth)][column] += 1
+    return {"labels": rows, "columns": columns, "matrix": matrix}
+
+
+def score_decisions(parsed: Sequence[dict | None], reference: Sequence[dict]) -> dict:
+    """Parse rate, outcome accuracy, risk-class accuracy and rule F1 of parsed decisions.
+
+    Args:
+        parsed: per example, `parse_decision_line` of the generated reply (None if unparsable).
+        reference: per example, the reference decision {"outcome", "risk_class", "rules"}.
+
+    Returns:
+        {"n", "parse_rate", "outcome_accuracy", "risk_class_accuracy", "rule_precision",
+         "rule_recall", "rule_f1"}; accuracies are over all n examples (unparsed = wrong).
+    """
+    n = len(reference)
+    if n == 0:
+        return {"n": 0}
+    outcome_hits = sum(p is not None and p["outcome"] == r["outcome"] for p, r in zip(parsed, reference))
+    class_hits = sum(p is not None and p["risk_class"] == r["risk_class"] for p, r in zip(parsed, reference))
+    rules = rule_citation_f1([p["rules"] if p else None for p in parsed], [r.get("rules", []) for r in reference])
+    return {
+        "n": n,
+        "parse_rate": sum(p is not None for p in parsed) / n,
+        "outcome_accuracy": outcome_hits / n,
+        "risk_class_accuracy": class_hits / n,
+        "rule_precision": rules["precision"],
+        "rule_recall": rules["recall"],
+        "rule_f1": rules["f1"],
+    }
+
+
+def decision_metrics(
+    generated: Sequence[str], reference: Sequence[dict], lines_of_business: Sequence[str] | None = None
+) -> dict:
+    """Decision accuracy of generated replies: overall, per line of business, and confusion matrices.
+
+    Args:
+        generated: the generated final replies (the decision line is parsed from each).
+        reference: per example, the reference decision {"outcome", "risk_class", "rules"}.
+        lines_of_business: per example, the record's `line_of_business` (None for no breakdown).
+
+    Returns:
+        {"overall": `score_decisions` dict, "by_line_of_business": {lob: dict},
+         "outcome_confusion": `confusion_matrix` dict, "risk_class_confusion": dict,
+         "parsed": the parsed decision of each reply (None where unparsable)}.
+
+    Raises:
+        ValueError: the inputs differ in length.
+    """
+    if len(generated) != len(reference) or (lines_of_business is not None and len(lines_of_business) != len(generated)):
+        raise ValueError("generated, reference and lines_of_business must have the same length")
+    parsed = [parse_decision_line(text) for text in generated]
+    by_lob = {}
+    if lines_of_business is not None:
+        for lob in sorted(set(lines_of_business)):
+            keep = [i for i, value in enumerate(lines_of_business) if value == lob]
+            by_lob[lob] = score_decisions([parsed[i] for i in keep], [reference[i] for i in keep])
+    classes = [*RISK_CLASSES, *sorted({r["risk_class"] for r in reference} - set(RISK_CLASSES))]
+    return {
+        "overall": score_decisions(parsed, reference),
+        "by_line_of_business": by_lob,
+        "outcome_confusion": confusion_matrix(
+            [r["outcome"] for r in reference], [p["outcome"] if p else None for p in parsed], OUTCOMES
+        ),
+        "risk_class_confusion": confusion_matrix(
+            [r["risk_class"] for r in reference], [p["risk_class"] if p else None for p in parsed], classes
+        ),
+        "parsed": parsed,
+    }

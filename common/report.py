@@ -1,0 +1,633 @@
+"""Convergence report of a training run, computed from its log files only (no retraining).
+
+Reads the run folder described in docs/run_folder.md (train_log.jsonl, eval_log.jsonl,
+grad_log.jsonl, update_ratios.json, summary.json, config.json), decides what the curves did with
+the thresholds in `THRESHOLDS` (each verdict lists the numbers behind it), draws the plots and
+renders `report.md`.
+
+    from common.report import load_run_logs, analyze_run, plot_run, render_report
+    logs = load_run_logs("runs/demo")
+    analysis = analyze_run(logs)
+    plots = plot_run(logs, "runs/demo/report")
+    Path("runs/demo/report/report.md").write_text(render_report(analysis, plots))
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from pathlib import Path
+
+import numpy as np
+
+# Every verdict is a comparison against one of these numbers; report.md prints them.
+THRESHOLDS = {
+    "window_fraction": 0.2,  # early/late windows are the first/last 20% of the logged steps
+    "divergence_rise": 0.10,  # divergence: late-window mean loss > early-window mean by more than 10%
+    "divergence_rebound": 0.50,  # ... or > 50% above the minimum of the smoothed loss
+    "oscillation_rel_std": 0.15,  # oscillation: std(raw - smoothed) / mean(smoothed) over the last half
+    "oscillation_sign_changes": 0.15,  # ... and that share of sign changes of the smoothed first difference
+    "plateau_decline": 0.02,  # plateau: relative decline across the last third below 2%
+    "still_improving": 0.05,  # "more epochs": relative decline across the last third above 5%
+    "overfit_evals": 2,  # overfitting: at least 2 evaluations after the minimum above it ...
+    "overfit_tolerance": 0.005,  # ... by more than 0.5% (relative), while the train loss keeps falling
+    "explode_spike": 10.0,  # gradient spike: norm > 10x the median norm
+    "explode_growth": 10.0,  # exploding: last-quarter median norm > 10x the first-quarter median
+    "vanish_ratio": 0.01,  # vanishing: last-quarter median norm < 1% of the first-quarter median
+    "vanish_abs": 1e-6,  # ... or below this absolute value
+    "dead_adapter": 1e-3,  # dead adapter: median LoRA grad norm < 1e-3 x the median over all adapters
+    "min_steps": 10,  # fewer logged steps than this: no convergence verdict
+}
+
+
+class ReportError(RuntimeError):
+    """The run folder cannot be analysed; the message says what is missing."""
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    """Read a JSON-lines log; a missing file gives [] and a torn last line (crash) is skipped.
+
+    Args:
+        path: the .jsonl file.
+
+    Returns:
+        The parsed objects in file order.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # a line cut short by a killed process
+    return records
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _last_per_step(records: list[dict]) -> list[dict]:
+    """Keep the last record of each step (a resumed run logs some steps twice), sorted by step."""
+    by_step = {record["step"]: record for record in records if "step" in record}
+    return [by_step[step] for step in sorted(by_step)]
+
+
+def load_run_logs(run_dir: str | Path) -> dict:
+    """Load every log of a run folder.
+
+    Args:
+        run_dir: the folder train.py wrote (runs/<run>).
+
+    Returns:
+        {"run_dir", "config", "summary", "steps", "epochs", "bad_steps", "evals", "baseline",
+         "grads", "update_ratios"}: step/eval/grad records are de-duplicated per step and sorted.
+
+    Raises:
+        ReportError: the folder or its train_log.jsonl step records are missing.
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise ReportError(f"{run_dir} does not exist; pass a run folder such as runs/<run>")
+    train_log = read_jsonl(run_dir / "train_log.jsonl")
+    steps = _last_per_step([r for r in train_log if r.get("type") == "step"])
+    if not steps:
+        raise ReportError(f"{run_dir / 'train_log.jsonl'} has no step records; has this run trained yet?")
+    evals = read_jsonl(run_dir / "eval_log.jsonl")
+    baseline = [r for r in evals if r.get("baseline")]
+    epochs = {r["epoch"]: r for r in train_log if r.get("type") == "epoch"}
+    return {
+        "run_dir": str(run_dir),
+        "config": _read_json(run_dir / "config.json"),
+        "summary": _read_json(run_dir / "summary.json"),
+        "steps": steps,
+        "epochs": [epochs[e] for e in sorted(epochs)],
+        "bad_steps": [r for r in train_log if r.get("type") == "bad_step"],
+        "evals": _last_per_step([r for r in evals if not r.get("baseline")]),
+        "baseline": baseline[-1] if baseline else None,
+        "grads": _last_per_step(read_jsonl(run_dir / "grad_log.jsonl")),
+        "update_ratios": _read_json(run_dir / "update_ratios.json"),
+    }
+
+
+def smooth(values: list[float], span: int) -> list[float]:
+    """Exponential moving average with bias correction (as TensorBoard's smoothing), NaN-tolerant.
+
+    Args:
+        values: the raw series.
+        span: EMA span; the weight of a new point is 2 / (span + 1).
+
+    Returns:
+        The smoothed series (non-finite points are carried over without updating the average).
+    """
+    alpha = 2.0 / (span + 1)
+    out, average, weight = [], 0.0, 0.0
+    for value in values:
+        if math.isfinite(value):
+            average = (1 - alpha) * average + alpha * value
+            weight = (1 - alpha) * weight + alpha
+        out.append(average / weight if weight else float("nan"))
+    return out
+
+
+def _span(n: int) -> int:
+    return max(3, n // 10)
+
+
+def detect_convergence(losses: list[float]) -> dict:
+    """Classify a train-loss curve: divergence, oscillation, plateau or smooth decline.
+
+    Checked in that order (see `THRESHOLDS`): non-finite losses or a late window well above the
+    early window or the minimum is divergence; a large spread around the trend whose smoothed
+    slope keeps changing sign is oscillation; a small decline across the last third is a plateau.
+
+    Args:
+        losses: per-step training losses.
+
+    Returns:
+        {"verdict", "reason", and the numbers: "early_mean", "late_mean", "min_smoothed",
+         "rel_std", "sign_change_rate", "last_third_decline", "total_decline", "non_finite"}.
+    """
+    t = THRESHOLDS
+    n = len(losses)
+    non_finite = sum(not math.isfinite(x) for x in losses)
+    finite = [x for x in losses if math.isfinite(x)]
+    if n < t["min_steps"] or len(finite) < 2:
+        return {"verdict": "insufficient data", "reason": f"{n} logged steps (< {t['min_steps']})", "n": n}
+    window = max(1, int(n * t["window_fraction"]))
+    smoothed = smooth(losses, _span(n))
+    early, late = _nanmean(losses[:window]), _nanmean(losses[-window:])
+    min_smoothed = float(np.nanmin(smoothed))
+    half = np.asarray(losses[n // 2 :], dtype=float)
+    trend = np.asarray(smoothed[n // 2 :], dtype=float)
+    ok = np.isfinite(half)
+    rel_std = float(np.std(half[ok] - trend[ok]) / max(np.mean(trend[ok]), 1e-12)) if ok.sum() > 1 else 0.0
+    slope_signs = np.sign(np.diff(trend))
+    slope_signs = slope_signs[slope_signs != 0]
+    sign_change_rate = float(np.mean(slope_signs[1:] != slope_signs[:-1])) if slope_signs.size > 1 else 0.0
+    third = losses[-max(2, n // 3) :]
+    first, second = _nanmean(third[: len(third) // 2]), _nanmean(third[len(third) // 2 :])
+    numbers = {
+        "n": n,
+        "early_mean": early,
+        "late_mean": late,
+        "min_smoothed": min_smoothed,
+        "rel_std": rel_std,
+        "sign_change_rate": sign_change_rate,
+        "last_third_decline": (first - second) / max(abs(first), 1e-12),
+        "total_decline": (early - late) / max(abs(early), 1e-12),
+        "non_finite": non_finite,
+    }
+    rise = late / max(early, 1e-12) - 1
+    rebound = late / max(min_smoothed, 1e-12) - 1
+    if non_finite:
+        verdict, reason = "divergence", f"{non_finite} non-finite losses"
+    elif rise > t["divergence_rise"]:
+        verdict, reason = "divergence", f"late-window mean {late:.4g} is {rise:.0%} above the early-window {early:.4g}"
+    elif rebound > t["divergence_rebound"]:
+        verdict, reason = "divergence", f"late-window mean {late:.4g} is {rebound:.0%} above the minimum {min_smoothed:.4g}"
+    elif rel_std > t["oscillation_rel_std"] and sign_change_rate > t["oscillation_sign_changes"]:
+        verdict = "oscillation"
+        reason = f"spread around the trend {rel_std:.0%} of the loss, smoothed slope changes sign {sign_change_rate:.0%}"
+    elif numbers["last_third_decline"] < t["plateau_decline"]:
+        verdict, reason = "plateau", f"loss fell only {numbers['last_third_decline']:.1%} across the last third"
+    else:
+        verdict, reason = "smooth decline", f"loss fell {numbers['total_decline']:.0%} from the first to the last window"
+    return {"verdict": verdict, "reason": reason, **numbers}
+
+
+def _nanmean(values: list[float]) -> float:
+    finite = [x for x in values if math.isfinite(x)]
+    return statistics.fmean(finite) if finite else float("nan")
+
+
+def _train_loss_between(steps: list[dict], start: int, end: int) -> float:
+    """Mean train loss of the steps in (start, end]; the value to compare with an eval at `end`."""
+    return _nanmean([s["loss"] for s in steps if start < s["step"] <= end])
+
+
+def detect_overfitting(steps: list[dict], evals: list[dict]) -> dict:
+    """Check whether validation loss rose after its minimum while training loss kept falling.
+
+    Args:
+        steps: step records (train loss per optimizer step).
+        evals: non-baseline evaluation records sorted by step.
+
+    Returns:
+        {"overfitting": bool, "reason", "best_step", "best_epoch", "best_val_loss", "evals_after_best",
+         "rising_after_best", "train_falling", "gap_at_best", "gap_at_end"} (gaps are val - train loss).
+    """
+    t = THRESHOLDS
+    evals = [e for e in evals if math.isfinite(e.get("val_loss", float("nan")))]
+    if not evals:
+        return {"overfitting": False, "reason": "no validation evaluations logged"}
+    train_at = []
+    previous = 0
+    for record in evals:
+        train_at.append(_train_loss_between(steps, previous, record["step"]))
+        previous = record["step"]
+    best = min(range(len(evals)), key=lambda i: evals[i]["val_loss"])
+    best_loss = evals[best]["val_loss"]
+    after = evals[best + 1 :]
+    rising = sum(e["val_loss"] > best_loss * (1 + t["overfit_tolerance"]) for e in after)
+    train_falling = bool(after) and train_at[-1] < train_at[best]
+    overfitting = rising >= t["overfit_evals"] and train_falling
+    if overfitting:
+        reason = (
+            f"validation loss rose above its minimum {best_loss:.4f} (step {evals[best]['step']}) in {rising} later "
+            f"evaluations while train loss fell from {train_at[best]:.4f} to {train_at[-1]:.4f}"
+        )
+    elif after:
+        reason = f"{rising} of {len(after)} evaluations after the minimum are above it; train falling: {train_falling}"
+    else:
+        reason = "validation loss was still at its minimum at the last evaluation"
+    return {
+        "overfitting": overfitting,
+        "reason": reason,
+        "best_step": evals[best]["step"],
+        "best_epoch": evals[best].get("epoch"),
+        "best_val_loss": best_loss,
+        "evals_after_best": len(after),
+        "rising_after_best": rising,
+        "train_falling": train_falling,
+        "gap_at_best": best_loss - train_at[best],
+        "gap_at_end": evals[-1]["val_loss"] - train_at[-1],
+        "val_loss_ci95": evals[best].get("val_loss_ci95"),
+    }
+
+
+def check_gradients(steps: list[dict], bad_steps: list[dict]) -> dict:
+    """Vanishing / exploding check of the global gradient norm.
+
+    Args:
+        steps: step records with "grad_norm".
+        bad_steps: "bad_step" records (non-finite loss or gradients that train.py skipped).
+
+    Returns:
+        {"verdict": "ok"|"exploding"|"vanishing"|"no data", "reason", "median", "max", "min",
+         "early_median", "late_median", "spikes", "non_finite", "bad_steps"}.
+    """
+    t = THRESHOLDS
+    norms = [s.get("grad_norm") for s in steps if s.get("grad_norm") is not None]
+    finite = [x for x in norms if math.isfinite(x)]
+    if not finite:
+        return {"verdict": "no data", "reason": "no gradient norms logged"}
+    quarter = max(1, len(finite) // 4)
+    median = statistics.median(finite)
+    early, late = statistics.median(finite[:quarter]), statistics.median(finite[-quarter:])
+    spikes = sum(x > t["explode_spike"] * median for x in finite)
+    numbers = {
+        "median": median,
+        "max": max(finite),
+        "min": min(finite),
+        "early_median": early,
+        "late_median": late,
+        "spikes": spikes,
+        "non_finite": len(norms) - len(finite),
+        "bad_steps": len(bad_steps),
+    }
+    if numbers["non_finite"] or bad_steps:
+        verdict, reason = "exploding", f"{numbers['non_finite']} non-finite norms, {len(bad_steps)} skipped steps"
+    elif late > t["explode_growth"] * early:
+        verdict, reason = "exploding", f"late median {late:.3g} is {late / early:.0f}x the early median {early:.3g}"
+    elif late < t["vanish_ratio"] * early or late < t["vanish_abs"]:
+        verdict, reason = "vanishing", f"late median {late:.3g} vs early median {early:.3g}"
+    else:
+        verdict = "ok"
+        reason = f"median {median:.3g}, late/early {late / max(early, 1e-30):.2f}, {spikes} spikes > {t['explode_spike']:g}x median"
+    return {"verdict": verdict, "reason": reason, **numbers}
+
+
+def find_dead_adapters(grads: list[dict]) -> dict:
+    """Find LoRA matrices whose gradient norm stays ~0 compared with the others.
+
+    lora_B is initialized to zero, so at the first step the gradient of every lora_A is exactly 0
+    (it is multiplied by B) while lora_B's is not. That record is left out for the A matrices and
+    reported as expected, not as dead.
+
+    Args:
+        grads: grad_log records {"step", "norms": {"<layer>.<module>.<A|B>": norm}} sorted by step.
+
+    Returns:
+        {"dead": [keys], "medians": {key: median norm}, "reference_median", "threshold",
+         "a_zero_at_init": bool}.
+    """
+    if not grads:
+        return {"dead": [], "medians": {}, "reference_median": None, "threshold": None, "a_zero_at_init": False}
+    init_step = grads[0]["step"] if grads[0]["step"] <= 1 else None
+    a_zero_at_init = init_step is not None and all(
+        abs(v) < 1e-12 for k, v in grads[0]["norms"].items() if k.endswith(".A")
+    )
+    series: dict[str, list[float]] = {}
+    for record in grads:
+        for key, value in record["norms"].items():
+            if key.endswith(".A") and record["step"] == init_step and len(grads) > 1:
+                continue
+            if value is not None and math.isfinite(value):
+                series.setdefault(key, []).append(value)
+    medians = {key: statistics.median(values) for key, values in series.items()}
+    reference = statistics.median(medians.values()) if medians else 0.0
+    threshold = THRESHOLDS["dead_adapter"] * reference
+    dead = sorted((k for k, v in medians.items() if v <= threshold), key=_key_order)
+    return {
+        "dead": dead,
+        "medians": medians,
+        "reference_median": reference,
+        "threshold": threshold,
+        "a_zero_at_init": a_zero_at_init,
+    }
+
+
+def _key_order(key: str) -> tuple:
+    parts = key.split(".")
+    return (int(parts[0]) if parts[0].isdigit() else 0, *parts[1:])
+
+
+def compare_with_baseline(baseline: dict | None, evals: list[dict]) -> dict | None:
+    """Best validation loss/perplexity against the untouched base model (the step-0 evaluation).
+
+    Returns:
+        {"baseline_ppl", "best_ppl", "ppl_reduction" (relative), "loss_delta", "within_noise"}, or None.
+    """
+    finite = [e for e in evals if math.isfinite(e.get("val_loss", float("nan")))]
+    if baseline is None or not finite:
+        return None
+    best = min(finite, key=lambda e: e["val_loss"])
+    delta = baseline["val_loss"] - best["val_loss"]
+    ci = best.get("val_loss_ci95")
+    return {
+        "baseline_ppl": baseline["val_ppl"],
+        "best_ppl": best["val_ppl"],
+        "ppl_reduction": 1 - best["val_ppl"] / baseline["val_ppl"],
+        "loss_delta": delta,
+        "val_loss_ci95": ci,
+        "within_noise": None if ci is None else abs(delta) <= ci,
+    }
+
+
+def recommend(analysis: dict) -> tuple[list[str], list[str]]:
+    """Derive recommendations and failure modes from the computed numbers.
+
+    Args:
+        analysis: the dict built by `analyze_run` (without the recommendations yet).
+
+    Returns:
+        (recommendations, failure_modes), each a list of sentences quoting the numbers.
+    """
+    conv, over, grad = analysis["convergence"], analysis["overfitting"], analysis["gradients"]
+    dead, base = analysis["dead_adapters"], analysis["baseline"]
+    tips, failures = [], []
+    verdict = conv["verdict"]
+    if verdict == "divergence":
+        failures.append(f"training diverged: {conv['reason']}")
+        tips.append("lower the learning rate 3x (or lengthen warmup) and keep gradient clipping on")
+    elif verdict == "oscillation":
+        tips.append(f"loss oscillates ({conv['reason']}): lower the learning rate 2x or raise the effective batch")
+    elif verdict == "plateau" and conv["total_decline"] < THRESHOLDS["plateau_decline"]:
+        failures.append(f"loss barely moved (total decline {conv['total_decline']:.1%}): the adapter is not learning")
+        tips.append("raise the learning rate 2-3x and check that assistant tokens are trained (labels not all -100)")
+    elif verdict == "plateau":
+        tips.append(f"train loss flattened ({conv['reason']}): more epochs at this learning rate will not help")
+    elif verdict == "smooth decline" and conv["last_third_decline"] > THRESHOLDS["still_improving"]:
+        if not over.get("overfitting") and over.get("evals_after_best", 1) == 0:
+            tips.append(
+                f"loss still fell {conv['last_third_decline']:.0%} across the last third and validation was still "
+                "improving at the end: train for more epochs"
+            )
+    if over.get("overfitting"):
+        failures.append(f"overfitting: {over['reason']}")
+        tips.append(
+            f"stop at the best evaluation (step {over['best_step']}, epoch {_fmt(over.get('best_epoch'))}): fewer "
+            "epochs, or more dropout / a lower rank / more data"
+        )
+    if grad["verdict"] in ("exploding", "vanishing"):
+        failures.append(f"{grad['verdict']} gradients: {grad['reason']}")
+        tips.append("lower the learning rate and check clipping" if grad["verdict"] == "exploding" else "raise the lr")
+    if dead["dead"]:
+        failures.append(f"{len(dead['dead'])} dead adapter matrices: {', '.join(dead['dead'][:8])}")
+        tips.append("drop the dead target modules or check that their inputs are not frozen/detached")
+    if base is not None and base["loss_delta"] <= 0:
+        failures.append(f"no improvement over the base model (best ppl {base['best_ppl']:.3f} vs {base['baseline_ppl']:.3f})")
+    elif base is not None and base["within_noise"]:
+        tips.append("the gain over the base is within the validation noise: evaluate on more examples before trusting it")
+    if not tips:
+        tips.append("no change needed: the run converged cleanly; keep the best checkpoint")
+    return tips, failures
+
+
+def analyze_run(logs: dict) -> dict:
+    """Run every check on the loaded logs.
+
+    Args:
+        logs: from `load_run_logs`.
+
+    Returns:
+        {"run_dir", "status", "convergence", "overfitting", "gradients", "dead_adapters", "baseline",
+         "update_ratios", "recommendations", "failure_modes", "thresholds"}.
+    """
+    steps = logs["steps"]
+    analysis = {
+        "run_dir": logs["run_dir"],
+        "status": logs["summary"].get("status", "unknown (no summary.json)"),
+        "steps_logged": len(steps),
+        "convergence": detect_convergence([s.get("loss", float("nan")) for s in steps]),
+        "overfitting": detect_overfitting(steps, logs["evals"]),
+        "gradients": check_gradients(steps, logs["bad_steps"]),
+        "dead_adapters": find_dead_adapters(logs["grads"]),
+        "baseline": compare_with_baseline(logs["baseline"], logs["evals"]),
+        "update_ratios": logs["update_ratios"],
+        "thresholds": THRESHOLDS,
+    }
+    analysis["recommendations"], analysis["failure_modes"] = recommend(analysis)
+    return analysis
+
+
+def plot_run(logs: dict, output_dir: str | Path) -> dict[str, Path]:
+    """Draw the convergence plots (PNG) that the logs allow.
+
+    Args:
+        logs: from `load_run_logs`.
+        output_dir: folder for the PNG files (created).
+
+    Returns:
+        {plot name: path} for every plot written: loss, val_ppl, lr, grad_norm, lora_grad_heatmap,
+        update_ratio.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    steps, evals, base = logs["steps"], logs["evals"], logs["baseline"]
+    x = [s["step"] for s in steps]
+    span = _span(len(steps))
+    written = {}
+
+    def save(fig, name: str) -> None:
+        fig.tight_layout()
+        fig.savefig(output_dir / f"{name}.png", dpi=100)
+        plt.close(fig)
+        written[name] = output_dir / f"{name}.png"
+
+    def raw_and_smoothed(ax, values: list[float], label: str, color: str) -> None:
+        ax.plot(x, values, color=color, alpha=0.3, linewidth=1, label=f"{label} (raw)")
+        ax.plot(x, smooth(values, span), color=color, linewidth=2, label=f"{label} (EMA span {span})")
+
+    fig, (ax_step, ax_epoch) = plt.subplots(1, 2, figsize=(12, 4))
+    raw_and_smoothed(ax_step, [s.get("loss", float("nan")) for s in steps], "train loss", "tab:blue")
+    if evals:
+        ax_step.plot([e["step"] for e in evals], [e["val_loss"] for e in evals], "o-", color="tab:orange", label="val")
+    ax_step.set(xlabel="optimizer step", ylabel="cross-entropy", title="Loss per step")
+    ax_step.legend()
+    if logs["epochs"]:
+        ax_epoch.plot([e["epoch"] for e in logs["epochs"]], [e["mean_train_loss"] for e in logs["epochs"]], "o-", label="train (epoch mean)")
+    if evals:
+        ax_epoch.plot([e.get("epoch", 0) for e in evals], [e["val_loss"] for e in evals], "o-", label="validation")
+    ax_epoch.set(xlabel="epoch", ylabel="cross-entropy", title="Loss per epoch")
+    ax_epoch.legend()
+    save(fig, "loss")
+
+    if evals:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.plot([e["step"] for e in evals], [e["val_ppl"] for e in evals], "o-", label="finetuned")
+        if base is not None:
+            ax.axhline(base["val_ppl"], color="gray", linestyle="--", label=f"base model {base['val_ppl']:.2f}")
+        ax.set(xlabel="optimizer step", ylabel="perplexity", title="Validation perplexity")
+        ax.legend()
+        save(fig, "val_ppl")
+
+    if any("lr" in s for s in steps):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.plot(x, [s.get("lr", float("nan")) for s in steps])
+        ax.set(xlabel="optimizer step", ylabel="learning rate", title="Learning rate schedule")
+        save(fig, "lr")
+
+    if any(s.get("grad_norm") is not None for s in steps):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        norms = [s["grad_norm"] if s.get("grad_norm") is not None else float("nan") for s in steps]
+        raw_and_smoothed(ax, norms, "grad norm", "tab:green")
+        ax.set(xlabel="optimizer step", ylabel="global L2 norm", title="Gradient norm", yscale="log")
+        ax.legend()
+        save(fig, "grad_norm")
+
+    grads = logs["grads"]
+    if grads:
+        fig, axes = plt.subplots(1, 2, figsize=(12, 5), sharey=True)
+        for ax, matrix in zip(axes, ("A", "B")):
+            keys = sorted({k[:-2] for r in grads for k in r["norms"] if k.endswith(f".{matrix}")}, key=_key_order)
+            grid = np.array([[_as_float(r["norms"].get(f"{k}.{matrix}")) for r in grads] for k in keys])
+            image = ax.imshow(np.log10(np.maximum(grid, 1e-12)), aspect="auto", cmap="viridis", interpolation="nearest")
+            ax.set_yticks(range(len(keys)), keys, fontsize=7)
+            ticks = np.linspace(0, len(grads) - 1, min(len(grads), 6)).astype(int)
+            ax.set_xticks(ticks, [grads[i]["step"] for i in ticks])
+            ax.set(xlabel="optimizer step", title=f"log10 grad norm of lora_{matrix}")
+            fig.colorbar(image, ax=ax)
+        axes[0].set_ylabel("layer.module")
+        save(fig, "lora_grad_heatmap")
+
+    ratios = logs["update_ratios"]
+    if ratios:
+        modules = sorted({k.split(".", 1)[1] for k in ratios})
+        layers = sorted({int(k.split(".", 1)[0]) for k in ratios})
+        fig, ax = plt.subplots(figsize=(max(6, len(layers) * 0.5), 4))
+        width = 0.8 / len(modules)
+        for i, module in enumerate(modules):
+            ax.bar(
+                [layer + i * width for layer in layers],
+                [ratios.get(f"{layer}.{module}", 0.0) for layer in layers],
+                width,
+                label=module,
+            )
+        ax.set(xlabel="layer", ylabel="||scale·B·A|| / ||W||", title="Adapter update-to-weight ratio (final)")
+        ax.legend()
+        save(fig, "update_ratio")
+    return written
+
+
+def _as_float(value) -> float:
+    return float("nan") if value is None else float(value)
+
+
+def _fmt(value, digits: int = 4) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        return f"{value:.{digits}g}"
+    return str(value)
+
+
+def render_report(analysis: dict, plots: dict[str, Path]) -> str:
+    """Render report.md from `analyze_run` output and the plot files.
+
+    Args:
+        analysis: from `analyze_run`.
+        plots: from `plot_run` (paths; linked relative to the report folder).
+
+    Returns:
+        The Markdown text.
+    """
+    conv, over, grad = analysis["convergence"], analysis["overfitting"], analysis["gradients"]
+    dead, base = analysis["dead_adapters"], analysis["baseline"]
+    lines = [
+        f"# Convergence report: {analysis['run_dir']}",
+        "",
+        f"Run status: **{analysis['status']}**, {analysis['steps_logged']} optimizer steps logged.",
+        "",
+        "## Verdicts",
+        "",
+        "| check | verdict | numbers |",
+        "|---|---|---|",
+        f"| convergence | **{conv['verdict']}** | {conv['reason']} |",
+        f"| overfitting | **{'overfitting' if over.get('overfitting') else 'no overfitting'}** | {over['reason']} |",
+        f"| gradients | **{grad['verdict']}** | {grad['reason']} |",
+        f"| dead adapters | **{len(dead['dead'])}** | threshold {_fmt(dead['threshold'])} "
+        f"(1e-3 x median {_fmt(dead['reference_median'])}) |",
+    ]
+    if base is not None:
+        noise = "" if base["val_loss_ci95"] is None else f", validation noise ±{base['val_loss_ci95']:.4f}"
+        lines.append(
+            f"| vs base model | **{base['ppl_reduction']:+.1%} ppl** | base {base['baseline_ppl']:.3f} -> best "
+            f"{base['best_ppl']:.3f}, loss -{base['loss_delta']:.4f}{noise} |"
+        )
+    lines += ["", "## Convergence", ""]
+    lines += [f"- {k}: {_fmt(conv[k])}" for k in conv if k not in ("verdict", "reason")]
+    lines += ["", "## Overfitting and optimal epoch", ""]
+    if "best_step" in over:
+        lines += [
+            f"- optimal point: step {over['best_step']} (epoch {_fmt(over['best_epoch'])}), "
+            f"validation loss {over['best_val_loss']:.4f}",
+            f"- validation stopped improving after epoch {_fmt(over['best_epoch'])}"
+            if over["evals_after_best"]
+            else "- validation was still improving at the last evaluation",
+            f"- val - train loss gap: {over['gap_at_best']:+.4f} at the best point, {over['gap_at_end']:+.4f} at the end",
+            f"- evaluations after the best: {over['evals_after_best']}, above it: {over['rising_after_best']}, "
+            f"train loss still falling: {over['train_falling']}",
+        ]
+    else:
+        lines.append(f"- {over['reason']}")
+    lines += ["", "## Gradients", ""]
+    lines += [f"- {k}: {_fmt(grad[k])}" for k in grad if k not in ("verdict", "reason")]
+    if dead["a_zero_at_init"]:
+        lines.append(
+            "- lora_A gradients are exactly 0 at step 1 because lora_B is initialized to zero; expected, not dead "
+            "(that step is left out of the dead-adapter check)"
+        )
+    lines.append(f"- dead adapter matrices: {', '.join(dead['dead']) if dead['dead'] else 'none'}")
+    ratios = analysis["update_ratios"]
+    if ratios:
+        values = sorted(ratios.values())
+        lines.append(
+            f"- update-to-weight ratio at the end: median {statistics.median(values):.3g}, "
+            f"min {values[0]:.3g}, max {values[-1]:.3g}"
+        )
+    lines += ["", "## Recommendations", ""] + [f"- {tip}" for tip in analysis["recommendations"]]
+    lines += ["", "## Failure modes", ""] + ([f"- {f}" for f in analysis["failure_modes"]] or ["- none detected"])
+    lines += ["", "## Plots", ""] + [f"![{name}]({path.name})" for name, path in plots.items()]
+    lines += ["", "## Thresholds", "", "| name | value |", "|---|---|"]
+    lines += [f"| {k} | {v:g} |" for k, v in THRESHOLDS.items()]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,807 @@
+"""Generate the synthetic underwriting conversations and their data card.
+
+Each record is a short chat: a broker presents a term life, homeowners or small-business
+property submission with some of the facts, the assistant asks for the rest (2-4 user turns in
+all), and the last assistant turn gives the decision of `data/rulebook.py`, a one-line rationale
+citing the rules that fired, and a machine-readable line such as
+`DECISION: approve | CLASS: standard | RULES: L-8`.
+
+Sampling is stratified so every split holds ~40% approvals (split over three risk classes), 30%
+referrals and 30% declines, per line of business. The test split uses fresh profiles and adds a
+phrasing family (`form_fields`) that train and validation never show. Same seed -> byte-identical
+files.
+
+    python data/generate.py                                  # seed 1234 -> data/*.jsonl + data/README.md
+    python data/generate.py --seed 7 --output-dir /tmp/uw --no-token-stats
+    python data/generate.py --tokenizer Qwen/Qwen2.5-0.5B-Instruct   # token stats for another model
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import random
+import statistics
+import sys
+from collections import Counter
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    # `python data/generate.py` puts data/ on sys.path, but the imports below live under the root.
+    sys.path.insert(0, str(REPO_ROOT))
+
+from common.decision import format_decision_line  # noqa: E402
+from data import rulebook  # noqa: E402
+
+SPLITS = ("train", "validation", "test")
+# Target share of each (outcome, risk class) cell within every line of business and split.
+CELL_SHARES = {
+    ("approve", "preferred"): 0.14,
+    ("approve", "standard"): 0.13,
+    ("approve", "substandard"): 0.13,
+    ("refer", "n/a"): 0.30,
+    ("decline", "n/a"): 0.30,
+}
+SEEN_FAMILIES = ("broker_email", "bullet_notes", "chatty_agent")
+HELD_OUT_FAMILIES = ("form_fields",)  # test split only: measures generalization to new phrasing
+USER_TURN_WEIGHTS = {2: 5, 3: 4, 4: 1}
+MAX_SAMPLING_TRIES = 20_000
+PROFILE_PREFIX = {"term_life": "life", "homeowners": "home", "small_business_property": "biz"}
+
+SYSTEM_PROMPTS = (
+    "You are an insurance underwriting assistant. Ask for missing facts, then decide by the rulebook "
+    f"(ages as of {rulebook.REFERENCE_YEAR}).",
+    "You are an insurance underwriting assistant. Gather missing facts, apply the rulebook "
+    f"(year {rulebook.REFERENCE_YEAR}) and end with a DECISION line.",
+)
+LOB_NAMES = {
+    "term_life": ("term life", "term life insurance"),
+    "homeowners": ("homeowners", "home insurance"),
+    "small_business_property": ("small business property", "commercial property"),
+}
+
+# --- how each fact is said: "prose" (email/chatty), "terse" (bullets), "form" (held-out) ---
+# Keys are "fact=value" for categorical variants, else the fact name; see `render_fact`.
+PHRASES = {
+    "age": {
+        "prose": ["the applicant is {age}", "the applicant is {age} years old", "the applicant was born in {year}"],
+        "terse": ["age {age}", "{age} y/o", "{age}-year-old", "born {year}"],
+        "form": ["Age: {age}", "Birth year: {year}"],
+    },
+    "face_amount": {
+        "prose": ["they want {money} of cover", "the requested face amount is {money}", "coverage asked is {money}"],
+        "terse": ["face {money}", "{money} face", "cover {money}"],
+        "form": ["Face amount: {money}"],
+    },
+    "bmi": {
+        "prose": ["the BMI is {bmi}", "body mass index is {bmi}"],
+        "terse": ["BMI {bmi}"],
+        "form": ["BMI: {bmi}"],
+    },
+    "smoker=True": {
+        "prose": ["the applicant smokes", "they are a current smoker", "the applicant uses tobacco daily"],
+        "terse": ["smoker", "tobacco: yes"],
+        "form": ["Tobacco: yes"],
+    },
+    "smoker=False": {
+        "prose": ["the applicant is a non-smoker", "there is no tobacco use", "they have never smoked"],
+        "terse": ["non-smoker", "tobacco: no"],
+        "form": ["Tobacco: no"],
+    },
+    "medical_history=none": {
+        "prose": ["there is no significant medical history", "the medical history is clean"],
+        "terse": ["no medical hx", "hx: none"],
+        "form": ["Medical history: none"],
+    },
+    "medical_history": {
+        "prose": ["the applicant {verb} {cond}", "the medical history shows {cond}"],
+        "terse": ["hx: {cond}"],
+        "form": ["Medical history: {cond}"],
+    },
+    "occupation": {
+        "prose": ["the applicant works as {a_occ}", "the occupation is {occ}"],
+        "terse": ["occ: {occ}", "{occ}"],
+        "form": ["Occupation: {occ}"],
+    },
+    "construction": {
+        "prose": ["it is a {c} house", "construction is {c}"],
+        "terse": ["{c} construction", "const: {c}"],
+        "form": ["Construction: {c}"],
+    },
+    "roof_age": {
+        "prose": ["the roof is {n} years old", "the roof was replaced in {year}"],
+        "terse": ["roof {n} yrs", "roof {year}"],
+        "form": ["Roof age: {n} years", "Roof year: {year}"],
+    },
+    "fire_station_miles": {
+        "prose": ["the nearest fire station is {x} miles away", "it is {x} miles from the fire station"],
+        "terse": ["FD {x} mi", "fire station {x} mi"],
+        "form": ["Fire station: {x} miles"],
+    },
+    "hydrant_feet": {
+        "prose": ["the closest hydrant is {n} feet away", "there is a hydrant {n} ft from the house"],
+        "terse": ["hydrant {n} ft"],
+        "form": ["Hydrant distance: {n} ft"],
+    },
+    "prior_claims=0": {
+        "prose": ["there were no claims in the last five years", "the claims history is clean for 5 years"],
+        "terse": ["no claims 5 yrs", "claims: 0"],
+        "form": ["Claims (5 yrs): 0"],
+    },
+    "prior_claims=1": {
+        "prose": ["there was one claim in the last five years"],
+        "terse": ["1 claim in 5 yrs", "claims: 1"],
+        "form": ["Claims (5 yrs): 1"],
+    },
+    "prior_claims": {
+        "prose": ["there were {n} claims in the last five years", "they filed {n} claims in 5 years"],
+        "terse": ["{n} claims in 5 yrs", "claims: {n}"],
+        "form": ["Claims (5 yrs): {n}"],
+    },
+    "wind_zone=coastal": {
+        "prose": ["it sits in the coastal wind zone", "the property is inside the coastal wind zone"],
+        "terse": ["coastal wind zone", "wind: coastal"],
+        "form": ["Wind zone: coastal"],
+    },
+    "wind_zone=inland": {
+        "prose": ["it is inland, outside the coastal wind zone", "the property is not in the coastal wind zone"],
+        "terse": ["inland", "wind: inland"],
+        "form": ["Wind zone: inland"],
+    },
+    "dwelling_value": {
+        "prose": ["the dwelling value is {money}", "they want the home insured for {money}"],
+        "terse": ["Cov A {money}", "dwelling {money}"],
+        "form": ["Dwelling value: {money}"],
+    },
+    "occupancy": {
+        "prose": ["the insured runs {a_occ} ({hazard} hazard)", "occupancy is {a_occ}, {hazard}-hazard class"],
+        "terse": ["{occ} ({hazard} hazard)", "occ: {occ}, {hazard} hazard"],
+        "form": ["Occupancy: {occ} ({hazard} hazard)"],
+    },
+    "sprinklered=True": {
+        "prose": ["the building is fully sprinklered", "there is a sprinkler system throughout"],
+        "terse": ["sprinklered", "spr: yes"],
+        "form": ["Sprinklers: yes"],
+    },
+    "sprinklered=False": {
+        "prose": ["there are no sprinklers", "the building is not sprinklered"],
+        "terse": ["no sprinklers", "spr: no"],
+        "form": ["Sprinklers: no"],
+    },
+    "building_age": {
+        "prose": ["the building is {n} years old", "it was built in {year}"],
+        "terse": ["built {year}", "bldg {n} yrs"],
+        "form": ["Year built: {year}", "Building age: {n} years"],
+    },
+    "wiring_updated=True": {
+        "prose": ["the wiring has been updated", "it has been fully rewired"],
+        "terse": ["wiring updated", "rewired"],
+        "form": ["Wiring updated: yes"],
+    },
+    "wiring_updated=False": {
+        "prose": ["the wiring is original", "the electrical was never updated"],
+        "terse": ["original wiring", "wiring not updated"],
+        "form": ["Wiring updated: no"],
+    },
+    "annual_revenue": {
+        "prose": ["annual revenue is {money}", "they turn over {money} a year"],
+        "terse": ["revenue {money}", "rev {money}/yr"],
+        "form": ["Annual revenue: {money}"],
+    },
+    "tiv": {
+        "prose": ["total insured value is {money}", "the TIV comes to {money}"],
+        "terse": ["TIV {money}"],
+        "form": ["TIV: {money}"],
+    },
+    "prior_losses=0": {
+        "prose": ["there were no property losses in five years", "the loss history is clean"],
+        "terse": ["no losses 5 yrs", "losses: 0"],
+        "form": ["Losses (5 yrs): 0"],
+    },
+    "prior_losses=1": {
+        "prose": ["there was one property loss in the last five years"],
+        "terse": ["1 loss in 5 yrs", "losses: 1"],
+        "form": ["Losses (5 yrs): 1"],
+    },
+    "prior_losses": {
+        "prose": ["there were {n} property losses in the last five years"],
+        "terse": ["{n} losses in 5 yrs", "losses: {n}"],
+        "form": ["Losses (5 yrs): {n}"],
+    },
+}
+# What the assistant calls each fact when it asks for it.
+ASK_NAMES = {
+    "age": "the applicant's age",
+    "face_amount": "the face amount",
+    "bmi": "the BMI",
+    "smoker": "smoking status",
+    "medical_history": "the medical history",
+    "occupation": "the occupation",
+    "construction": "the construction type",
+    "roof_age": "the roof age",
+    "fire_station_miles": "the fire station distance",
+    "hydrant_feet": "the hydrant distance",
+    "prior_claims": "the 5-year claims count",
+    "wind_zone": "the wind zone",
+    "dwelling_value": "the dwelling value",
+    "occupancy": "the occupancy",
+    "sprinklered": "sprinkler status",
+    "building_age": "the building age",
+    "wiring_updated": "wiring status",
+    "annual_revenue": "the annual revenue",
+    "tiv": "the total insured value",
+    "prior_losses": "the 5-year loss count",
+}
+CONDITION_EXAMPLES = {
+    "controlled": [
+        "hypertension controlled with medication",
+        "well-controlled type 2 diabetes",
+        "treated high cholesterol",
+        "mild asthma on an inhaler",
+    ],
+    "serious": ["a heart attack in {year}", "a stroke in {year}", "cancer treatment that ended in {year}"],
+}
+CONSTRUCTION_NAMES = {
+    "frame": ["wood frame", "frame"],
+    "masonry": ["masonry", "brick masonry"],
+    "fire_resistive": ["fire-resistive", "concrete fire-resistive"],
+}
+MONEY_WORDS = {
+    250_000: "a quarter million",
+    500_000: "half a million",
+    750_000: "three quarters of a million",
+    1_000_000: "one million",
+    2_000_000: "two million",
+}
+ROUND_AMOUNTS = sorted(MONEY_WORDS)
+NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five")
+
+ASK_FIRST = (
+    "Thanks. Could you send {items}?",
+    "Before I can decide, I need {items}.",
+    "To apply the rulebook I still need {items}.",
+    "Thanks, please confirm {items}.",
+)
+ASK_AGAIN = ("Thanks. I still need {items}.", "Got it. And {items}?", "Noted. Please also send {items}.")
+OUTCOME_SENTENCES = {
+    "approve": (
+        "Approve at {risk_class}.",
+        "This qualifies for approval at {risk_class}.",
+        "Approved, class {risk_class}.",
+    ),
+    "refer": ("Refer to a senior underwriter.", "I am referring this to a senior underwriter."),
+    "decline": ("Decline.", "I have to decline this submission."),
+}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse command-line flags."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    # --- sampling ---
+    parser.add_argument("--seed", type=int, default=1234, help="seed; the same seed gives byte-identical files")
+    parser.add_argument("--train-size", type=int, default=300, help="records in train.jsonl")
+    parser.add_argument("--validation-size", type=int, default=60, help="records in validation.jsonl")
+    parser.add_argument("--test-size", type=int, default=100, help="records in test.jsonl")
+    # --- output ---
+    parser.add_argument(
+        "--output-dir", type=Path, default=Path(__file__).resolve().parent, help="folder for the splits and README.md"
+    )
+    # --- data card ---
+    parser.add_argument(
+        "--tokenizer", default="smollm2-135m-instruct", help="tokenizer (alias, folder or hub id) for token stats"
+    )
+    parser.add_argument("--no-token-stats", action="store_true", help="skip loading a tokenizer for the card")
+    args = parser.parse_args(argv)
+    minimum = len(rulebook.LINES_OF_BUSINESS) * len(CELL_SHARES)
+    for split in SPLITS:
+        size = getattr(args, f"{split}_size")
+        if size < minimum:
+            parser.error(f"--{split}-size must be at least {minimum} so every line and outcome appears; got {size}")
+    return args
+
+
+def allocate(total: int, weights: dict) -> dict:
+    """Split `total` items over the keys of `weights` proportionally.
+
+    Args:
+        total: number of items to hand out.
+        weights: key -> relative weight.
+
+    Returns:
+        key -> count, summing to `total` (largest remainder method, ties broken in key order).
+    """
+    norm = sum(weights.values())
+    exact = {key: total * weight / norm for key, weight in weights.items()}
+    counts = {key: math.floor(value) for key, value in exact.items()}
+    by_remainder = sorted(weights, key=lambda key: counts[key] - exact[key])  # stable: ties keep key order
+    for key in by_remainder[: total - sum(counts.values())]:
+        counts[key] += 1
+    return counts
+
+
+def sample_facts(line_of_business: str, rng: random.Random) -> dict:
+    """Draw the facts of one random case.
+
+    A share of the values sits exactly on rule thresholds (age 50/70, BMI 35.0, 5 miles, 1,000 ft,
+    5x revenue, ...) so the data teaches which side of each boundary a rule fires on.
+
+    Args:
+        line_of_business: one of rulebook.LINES_OF_BUSINESS.
+        rng: the split's random generator.
+
+    Returns:
+        A dict with exactly the keys of rulebook.REQUIRED_FACTS[line_of_business].
+    """
+    if line_of_business == "term_life":
+        face_amount = rng.choice(ROUND_AMOUNTS) if rng.random() < 0.25 else rng.randrange(100_000, 3_000_001, 25_000)
+        hazardous = rng.random() < 0.25
+        bmi = round(rng.triangular(18.5, 44.0, 26.0), 1)
+        return {
+            "age": rng.choice([49, 50, 70, 71]) if rng.random() < 0.15 else rng.randint(18, 78),
+            "face_amount": face_amount,
+            "bmi": rng.choice([29.9, 30.0, 34.9, 35.0, 39.9, 40.0]) if rng.random() < 0.1 else bmi,
+            "smoker": rng.random() < 0.3,
+            "medical_history": rng.choices(rulebook.MEDICAL_HISTORIES, weights=[6, 3, 1.5])[0],
+            "occupation": rng.choice(sorted(o for o, h in rulebook.LIFE_OCCUPATIONS.items() if h == hazardous)),
+        }
+    if line_of_business == "homeowners":
+        station = round(rng.uniform(0.3, 5.0) if rng.random() < 0.7 else rng.uniform(5.1, 12.0), 1)
+        hydrant = rng.randrange(50, 1001, 50) if rng.random() < 0.7 else rng.randrange(1050, 3001, 50)
+        value = rng.choice(ROUND_AMOUNTS) if rng.random() < 0.2 else rng.randrange(150_000, 2_500_001, 25_000)
+        return {
+            "construction": rng.choices(rulebook.CONSTRUCTION_TYPES, weights=[5, 3, 2])[0],
+            "roof_age": rng.randint(2, 35),
+            "fire_station_miles": 5.0 if rng.random() < 0.08 else station,
+            "hydrant_feet": 1000 if rng.random() < 0.08 else hydrant,
+            "prior_claims": rng.choices(range(5), weights=[50, 22, 14, 9, 5])[0],
+            "wind_zone": "coastal" if rng.random() < 0.3 else "inland",
+            "dwelling_value": value,
+        }
+    revenue = rng.randrange(200_000, 5_000_001, 50_000)
+    ratio = 5.0 if rng.random() < 0.08 else rng.uniform(0.5, 8.0)
+    return {
+        "occupancy": rng.choice(sorted(rulebook.OCCUPANCY_HAZARD)),
+        "sprinklered": rng.random() < 0.5,
+        "building_age": rng.choice([30, 31, 50, 51]) if rng.random() < 0.12 else rng.randint(2, 90),
+        "wiring_updated": rng.random() < 0.55,
+        "annual_revenue": revenue,
+        "tiv": max(100_000, round(revenue * ratio / 50_000) * 50_000),
+        "prior_losses": rng.choices(range(5), weights=[50, 25, 13, 8, 4])[0],
+    }
+
+
+def build_profile_id(line_of_business: str, facts: dict) -> str:
+    """Name a profile by a hash of its facts, so equal facts mean equal ids across splits."""
+    payload = json.dumps([line_of_business, facts], sort_keys=True)
+    return f"{PROFILE_PREFIX[line_of_business]}-{hashlib.sha256(payload.encode()).hexdigest()[:10]}"
+
+
+def format_money_varied(amount: int, rng: random.Random) -> str:
+    """Write dollars in one of several broker styles: $250,000 / 250k / USD 250000 / a quarter million."""
+    options = [f"${amount:,}", f"USD {amount}"]
+    if amount < 1_000_000 and amount % 1000 == 0:
+        options.append(f"{amount // 1000}k")
+    if amount >= 1_000_000 and amount % 10_000 == 0:
+        options += [f"${amount / 1e6:g}M", f"{amount / 1e6:g} million"]
+    if amount in MONEY_WORDS:
+        options.append(MONEY_WORDS[amount])
+    return rng.choice(options)
+
+
+def render_fact(key: str, value: object, style: str, rng: random.Random) -> str:
+    """Say one fact with a random template and number format.
+
+    Args:
+        key: the fact name, e.g. "face_amount".
+        value: its value, e.g. 250000.
+        style: "prose" (sentences), "terse" (bullet notes) or "form" ("Label: value").
+        rng: the split's random generator.
+
+    Returns:
+        e.g. "they want a quarter million of cover", "face 250k" or "Face amount: $250,000".
+    """
+    templates = PHRASES.get(f"{key}={value}") or PHRASES[key]
+    fields = {"age": value, "bmi": value, "n": value, "occ": value}
+    if key == "fire_station_miles":
+        fields["x"] = f"{value:g}"
+    elif key in ("face_amount", "dwelling_value", "annual_revenue", "tiv"):
+        fields["money"] = format_money_varied(value, rng)
+    elif key in ("age", "roof_age", "building_age"):
+        fields["year"] = rulebook.REFERENCE_YEAR - value
+    elif key == "hydrant_feet":
+        fields["n"] = f"{value:,}"
+    elif key in ("prior_claims", "prior_losses"):
+        fields["n"] = rng.choice([str(value), NUMBER_WORDS[value]])
+    elif key in ("occupation", "occupancy"):
+        fields["a_occ"] = ("an " if value[0] in "aeiou" else "a ") + value
+        fields["hazard"] = rulebook.OCCUPANCY_HAZARD.get(value, "")
+    elif key == "construction":
+        fields["c"] = rng.choice(CONSTRUCTION_NAMES[value])
+    elif key == "medical_history" and value != "none":
+        year = rng.randint(rulebook.REFERENCE_YEAR - 4, rulebook.REFERENCE_YEAR - 1)
+        fields["cond"] = rng.choice(CONDITION_EXAMPLES[value]).format(year=year)
+        fields["verb"] = "has" if value == "controlled" else "had"
+    return rng.choice(templates[style]).format(**fields)
+
+
+def join_items(items: list[str]) -> str:
+    """Join ["a", "b", "c"] as "a, b and c"."""
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def capitalize(text: str) -> str:
+    """Upper-case the first letter only ("the BMI" -> "The BMI")."""
+    return text[:1].upper() + text[1:]
+
+
+def write_user_turn(lob: str, keys: list[str], facts: dict, family: str, rng: random.Random, opening: bool) -> str:
+    """Write a broker turn that states some facts in the style of a phrasing family.
+
+    Args:
+        lob: line of business (named in an opening turn).
+        keys: the facts to state, in this order.
+        facts: all facts of the case.
+        family: one of SEEN_FAMILIES + HELD_OUT_FAMILIES.
+        rng: the split's random generator.
+        opening: True for the submission that opens the chat, False for an answer to a question.
+
+    Returns:
+        The message content.
+    """
+    lob_name = rng.choice(LOB_NAMES[lob])
+    if family == "broker_email":
+        sentences = [capitalize(render_fact(k, facts[k], "prose", rng)) + "." for k in keys]
+        if opening:
+            head = rng.choice(
+                [
+                    f"Dear underwriter, please review this {lob_name} submission.",
+                    f"Hello, a new {lob_name} application.",
+                ]
+            )
+            tail = rng.choice(["", " Kind regards.", " Many thanks."])
+            return f"{head} {' '.join(sentences)}{tail}"
+        return f"{rng.choice(['Certainly.', 'Of course.', 'Thank you.'])} {' '.join(sentences)}"
+    if family == "bullet_notes":
+        lines = [render_fact(k, facts[k], "terse", rng) for k in keys]
+        if opening:
+            head = rng.choice([f"{lob_name} sub:", f"New {lob_name} risk", f"{lob_name.upper()} - quote req"])
+            return head + "\n- " + "\n- ".join(lines)
+        return "- " + "\n- ".join(lines) if rng.random() < 0.5 else "; ".join(lines)
+    if family == "chatty_agent":
+        clauses = capitalize(join_items([render_fact(k, facts[k], "prose", rng) for k in keys])) + "."
+        if opening:
+            head = rng.choice([f"Hi! Got a {lob_name} one for you.", f"Hey, quick {lob_name} quote.", "Morning!"])
+            return f"{head} {clauses}"
+        return f"{rng.choice(['Sure!', 'Yep.', 'Just checked.', 'Oh, right.'])} {clauses}"
+    fields = " | ".join(render_fact(k, facts[k], "form", rng) for k in keys)  # form_fields
+    return f"SUBMISSION | Line: {lob_name} | {fields}" if opening else f"UPDATE | {fields}"
+
+
+def write_decision_turn(facts: dict, decision: dict, rng: random.Random) -> str:
+    """Write the final assistant turn.
+
+    Args:
+        facts: the case facts (quoted in the reasons).
+        decision: `rulebook.decide()` output for the case.
+        rng: the split's random generator.
+
+    Returns:
+        Outcome sentence, "L-6 (tobacco use); ..." rationale, conditions, then the DECISION line.
+    """
+    reasons = "; ".join(f"{rule_id} ({rulebook.get_rule(rule_id).reason(facts)})" for rule_id in decision["rules"])
+    parts = [
+        rng.choice(["", "", "Thanks, that's everything.", "Thanks, I have all I need."]),
+        rng.choice(OUTCOME_SENTENCES[decision["outcome"]]).format(risk_class=decision["risk_class"]),
+        rng.choice(["Rules applied: {r}.", "Reason: {r}.", "Basis: {r}."]).format(r=reasons),
+    ]
+    if decision["conditions"]:
+        parts.append(rng.choice(["Condition: {c}.", "Subject to: {c}."]).format(c="; ".join(decision["conditions"])))
+    line = format_decision_line(decision["outcome"], decision["risk_class"], decision["rules"])
+    return " ".join(part for part in parts if part) + "\n" + line
+
+
+def build_conversation(lob: str, facts: dict, decision: dict, family: str, rng: random.Random) -> list[dict]:
+    """Build the chat: system, opening submission, 1-3 ask/answer exchanges, final decision.
+
+    Args:
+        lob: line of business.
+        facts: the case facts.
+        decision: `rulebook.decide(lob, facts)`.
+        family: phrasing family of the broker turns.
+        rng: the split's random generator.
+
+    Returns:
+        [{"role", "content"}, ...] starting with system and ending with the assistant's decision.
+    """
+    keys = list(rulebook.REQUIRED_FACTS[lob])
+    rng.shuffle(keys)
+    user_turns = rng.choices(list(USER_TURN_WEIGHTS), weights=list(USER_TURN_WEIGHTS.values()))[0]
+    first_count = rng.randint(2, len(keys) - (user_turns - 1))
+    missing = keys[first_count:]
+    cuts = sorted(rng.sample(range(1, len(missing)), user_turns - 2)) if user_turns > 2 else []
+    groups = [missing[a:b] for a, b in zip([0, *cuts], [*cuts, len(missing)], strict=True)]
+
+    messages = [
+        {"role": "system", "content": rng.choice(SYSTEM_PROMPTS)},
+        {"role": "user", "content": write_user_turn(lob, keys[:first_count], facts, family, rng, opening=True)},
+    ]
+    for index, group in enumerate(groups):
+        # The assistant always asks for everything still missing; the broker may answer only part.
+        still_missing = [ASK_NAMES[k] for g in groups[index:] for k in g]
+        template = rng.choice(ASK_FIRST if index == 0 else ASK_AGAIN)
+        messages.append({"role": "assistant", "content": template.format(items=join_items(still_missing))})
+        messages.append({"role": "user", "content": write_user_turn(lob, group, facts, family, rng, opening=False)})
+    messages.append({"role": "assistant", "content": write_decision_turn(facts, decision, rng)})
+    return messages
+
+
+def build_split(split: str, size: int, seed: int, seen_profiles: set[str]) -> list[dict]:
+    """Build one split: stratified (line, outcome, class) cells, fresh profiles, balanced phrasing families.
+
+    Args:
+        split: "train", "validation" or "test" (test also uses HELD_OUT_FAMILIES).
+        size: number of records.
+        seed: base seed; each split draws from its own `random.Random(f"{seed}-{split}")`.
+        seen_profiles: profile ids used by earlier splits; updated in place so splits stay disjoint.
+
+    Returns:
+        The records, in random order, with ids `<split>-0001`...
+
+    Raises:
+        RuntimeError: a cell could not be filled within MAX_SAMPLING_TRIES draws.
+    """
+    rng = random.Random(f"{seed}-{split}")
+    families = SEEN_FAMILIES + (HELD_OUT_FAMILIES if split == "test" else ())
+    plan = []
+    for lob, lob_count in allocate(size, dict.fromkeys(rulebook.LINES_OF_BUSINESS, 1)).items():
+        for cell, cell_count in allocate(lob_count, CELL_SHARES).items():
+            plan += [(lob, cell)] * cell_count
+    rng.shuffle(plan)
+    family_plan = [families[i % len(families)] for i in range(size)]
+    rng.shuffle(family_plan)
+
+    records = []
+    for number, ((lob, cell), family) in enumerate(zip(plan, family_plan, strict=True), start=1):
+        # Rejection sampling: draw cases until one lands in the planned (outcome, class) cell.
+        for _ in range(MAX_SAMPLING_TRIES):
+            facts = sample_facts(lob, rng)
+            decision = rulebook.decide(lob, facts)
+            profile_id = build_profile_id(lob, facts)
+            if (decision["outcome"], decision["risk_class"]) == cell and profile_id not in seen_profiles:
+                break
+        else:
+            raise RuntimeError(f"could not sample a {lob} case for {cell} in {MAX_SAMPLING_TRIES} tries")
+        seen_profiles.add(profile_id)
+        records.append(
+            {
+                "id": f"{split}-{number:04d}",
+                "line_of_business": lob,
+                "profile_id": profile_id,
+                "phrasing_family": family,
+                "facts": facts,
+                "messages": build_conversation(lob, facts, decision, family, rng),
+                "decision": decision,
+            }
+        )
+    return records
+
+
+def check_balance(split: str, records: list[dict]) -> None:
+    """Fail loudly when an outcome exceeds 50% of a split or an outcome/line of business is missing.
+
+    Raises:
+        ValueError: naming the split and the offending counts.
+    """
+    outcomes = Counter(record["decision"]["outcome"] for record in records)
+    lines = Counter(record["line_of_business"] for record in records)
+    for outcome, count in outcomes.items():
+        if count > len(records) / 2:
+            raise ValueError(f"{split}: outcome {outcome} is {count}/{len(records)} records (> 50%): {dict(outcomes)}")
+    absent = [o for o in rulebook.OUTCOMES if not outcomes[o]] + [b for b in rulebook.LINES_OF_BUSINESS if not lines[b]]
+    if absent:
+        raise ValueError(f"{split}: no records for {absent}")
+
+
+def write_jsonl(path: Path, records: list[dict]) -> str:
+    """Write records as sorted-key JSON lines and return the file's sha256."""
+    text = "".join(json.dumps(record, sort_keys=True, ensure_ascii=False) + "\n" for record in records)
+    path.write_text(text, encoding="utf-8", newline="\n")
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def count_chars(record: dict) -> int:
+    """Characters of all message contents of a record."""
+    return sum(len(message["content"]) for message in record["messages"])
+
+
+def measure_token_lengths(splits: dict[str, list[dict]], tokenizer_name: str) -> tuple[dict | None, str]:
+    """Count the tokens of every conversation after the tokenizer's chat template.
+
+    Args:
+        splits: split name -> records.
+        tokenizer_name: alias, folder or hub id for `common.model.load_tokenizer`.
+
+    Returns:
+        (split -> token counts, "") or, when the tokenizer cannot be imported or loaded,
+        (None, reason): the data card is still written, with the reason instead of the stats.
+    """
+    try:
+        from common.model import load_tokenizer
+
+        tokenizer = load_tokenizer(tokenizer_name)
+        lengths = {
+            split: [
+                len(tokenizer.apply_chat_template(r["messages"], tokenize=True, return_dict=True)["input_ids"])
+                for r in records
+            ]
+            for split, records in splits.items()
+        }
+    except Exception as exc:  # the card must be written even without a tokenizer
+        return None, f"{type(exc).__name__}: {exc}".splitlines()[0]
+    return lengths, ""
+
+
+def summarize(values: list[float]) -> list[str]:
+    """min / mean / p50 / p95 / max (nearest-rank percentiles) as table cells."""
+    ordered = sorted(values)
+
+    def rank(p: float) -> float:
+        return ordered[max(0, math.ceil(p / 100 * len(ordered)) - 1)]
+
+    return [str(ordered[0]), f"{statistics.fmean(ordered):.1f}", str(rank(50)), str(rank(95)), str(ordered[-1])]
+
+
+def markdown_table(header: list[str], rows: list[list]) -> str:
+    """Render a GitHub markdown table."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def percent(count: int, total: int) -> str:
+    """Format a count with its share, e.g. "12 (40.0%)"."""
+    return f"{count} ({100 * count / total:.1f}%)"
+
+
+def write_data_card(
+    path: Path, splits: dict, hashes: dict, seed: int, tokens: tuple[dict | None, str], tokenizer_name: str
+) -> None:
+    """Write the data card; the rule table comes from the rulebook so the card never drifts from it.
+
+    Args:
+        path: where to write (data/README.md by default).
+        splits: split name -> records.
+        hashes: split name -> sha256 of its file.
+        seed: the generation seed.
+        tokens: `measure_token_lengths` output, or (None, reason).
+        tokenizer_name: the tokenizer the token counts are for.
+    """
+    rule_rows = [
+        [rule.rule_id, lob, rule.effect, rule.condition or "", rule.description]
+        for lob, rules in rulebook.RULES.items()
+        for rule in rules
+    ]
+    outcome_rows, class_rows, lob_rows, family_rows, shape_rows = [], [], [], [], []
+    for split, records in splits.items():
+        n = len(records)
+        outcomes = Counter(r["decision"]["outcome"] for r in records)
+        classes = Counter(r["decision"]["risk_class"] for r in records)
+        majority = max(outcomes.values()) / n
+        outcome_rows.append([split, n, *(percent(outcomes[o], n) for o in rulebook.OUTCOMES), f"{majority:.3f}"])
+        class_rows.append([split, *(percent(classes[c], n) for c in rulebook.RISK_CLASSES)])
+        for lob in rulebook.LINES_OF_BUSINESS:
+            by_lob = Counter(r["decision"]["outcome"] for r in records if r["line_of_business"] == lob)
+            lob_rows.append([split, lob, sum(by_lob.values()), *(by_lob[o] for o in rulebook.OUTCOMES)])
+        families = Counter(r["phrasing_family"] for r in records)
+        family_rows.append([split, *(families[f] for f in SEEN_FAMILIES + HELD_OUT_FAMILIES)])
+        turns = Counter(sum(m["role"] == "user" for m in r["messages"]) for r in records)
+        shape_rows.append(
+            [split, *(turns[t] for t in USER_TURN_WEIGHTS), *summarize([count_chars(r) for r in records])]
+        )
+
+    lengths, reason = tokens
+    if lengths is None:
+        token_section = f"token stats unavailable: {reason}"
+    else:
+        token_rows = [[split, *summarize(values)] for split, values in lengths.items()]
+        token_section = (
+            f"Tokens of the whole conversation after `apply_chat_template` with `{tokenizer_name}`:\n\n"
+            + markdown_table(["split", "min", "mean", "p50", "p95", "max"], token_rows)
+        )
+
+    card = f"""# Underwriting conversations (synthetic)
+
+Short chat conversations between an insurance broker (user) and an underwriting assistant, for
+LoRA finetuning. The broker presents a term life, homeowners or small-business property
+submission with some facts; the assistant asks for the missing ones (2-4 user turns in all);
+the last assistant turn gives the decision of the rulebook in `data/rulebook.py`, a one-line
+rationale citing the rules that fired, and ends with one machine-readable line:
+
+    DECISION: approve | CLASS: standard | RULES: L-8, L-9
+
+Everything is generated from seeded templates: the data tests rule-following and fact gathering,
+not real-world underwriting. Years ("born 1983") are read as of {rulebook.REFERENCE_YEAR}.
+
+## Regenerate
+
+    python data/generate.py            # seed {seed}: train/validation/test .jsonl + this card
+    python data/generate.py --seed 7 --output-dir /tmp/uw --no-token-stats
+
+The same seed gives byte-identical files (see the sha256 below).
+
+## Record format
+
+One JSON object per line: `id`, `line_of_business`, `profile_id` (hash of the facts),
+`phrasing_family`, `facts` (every fact the rulebook reads), `messages` (system, then alternating
+user/assistant, ending with the assistant), `decision` (`outcome`, `risk_class`, `rules`,
+`conditions`). `rulebook.decide(line_of_business, facts) == decision` for every record.
+
+## Rulebook
+
+A decline rule firing means decline; else a refer rule means refer (class `n/a`); else approve
+at the worst class a fired rule caps it to, with the conditions of the fired rules. When no
+rule fires, the line's grant rule fires (preferred). RULES lists every fired rule, by number.
+
+{markdown_table(["rule", "line of business", "effect", "condition on approval", "description"], rule_rows)}
+
+## Splits
+
+Profiles (fact sets) are disjoint across splits. The test split adds the phrasing family
+`{", ".join(HELD_OUT_FAMILIES)}`, which train and validation never show.
+
+{markdown_table(["split", "file", "sha256"], [[s, f"{s}.jsonl", hashes[s]] for s in splits])}
+
+### Outcomes (majority-class accuracy = share of the most common outcome)
+
+{markdown_table(["split", "records", *rulebook.OUTCOMES, "majority-class accuracy"], outcome_rows)}
+
+### Risk classes
+
+{markdown_table(["split", *rulebook.RISK_CLASSES], class_rows)}
+
+### Outcomes per line of business
+
+{markdown_table(["split", "line of business", "records", *rulebook.OUTCOMES], lob_rows)}
+
+### Phrasing families
+
+{markdown_table(["split", *SEEN_FAMILIES, *HELD_OUT_FAMILIES], family_rows)}
+
+### Conversation shape (user turns; characters of all messages)
+
+{markdown_table(["split", *(f"{t} user turns" for t in USER_TURN_WEIGHTS), "chars min", "mean", "p50", "p95", "max"], shape_rows)}
+
+### Token lengths
+
+{token_section}
+"""
+    path.write_text(card, encoding="utf-8", newline="\n")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Generate the three splits and the data card."""
+    args = parse_args(argv)
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+
+    seen_profiles: set[str] = set()
+    splits = {}
+    for split in SPLITS:
+        splits[split] = build_split(split, getattr(args, f"{split}_size"), args.seed, seen_profiles)
+        check_balance(split, splits[split])
+
+    hashes = {split: write_jsonl(args.output_dir / f"{split}.jsonl", records) for split, records in splits.items()}
+    if args.no_token_stats:
+        tokens = (None, "skipped (--no-token-stats)")
+    else:
+        tokens = measure_token_lengths(splits, args.tokenizer)
+    write_data_card(args.output_dir / "README.md", splits, hashes, args.seed, tokens, args.tokenizer)
+    for split, records in splits.items():
+        print(f"wrote {args.output_dir / f'{split}.jsonl'}: {len(records)} records, sha256 {hashes[split][:12]}")
+    print(f"wrote {args.output_dir / 'README.md'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,273 @@
+"""Tests of the underwriting dataset: the rulebook, the generator and the committed splits.
+
+python -m pytest -q tests/test_dataset.py
+"""
+
+import hashlib
+import json
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from common.decision import parse_decision_line
+from data import generate, rulebook
+
+DATA_DIR = Path(__file__).resolve().parents[1] / "data"
+SIZES = {"train": 300, "validation": 60, "test": 100}
+
+
+def sha256_of(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def read_splits(folder: Path) -> dict[str, list[dict]]:
+    return {
+        split: [json.loads(line) for line in (folder / f"{split}.jsonl").read_text(encoding="utf-8").splitlines()]
+        for split in SIZES
+    }
+
+
+@pytest.fixture(scope="module")
+def fresh_dir(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("fresh")
+    generate.main(["--output-dir", str(folder), "--no-token-stats"])
+    return folder
+
+
+@pytest.fixture(scope="module", params=["committed", "fresh"])
+def splits(request, fresh_dir) -> dict[str, list[dict]]:
+    return read_splits(DATA_DIR if request.param == "committed" else fresh_dir)
+
+
+# --- generator ---
+
+
+def test_same_seed_gives_identical_files(fresh_dir, tmp_path):
+    generate.main(["--output-dir", str(tmp_path), "--no-token-stats"])
+    for split in SIZES:
+        assert sha256_of(tmp_path / f"{split}.jsonl") == sha256_of(fresh_dir / f"{split}.jsonl")
+
+
+def test_different_seed_gives_different_data(fresh_dir, tmp_path):
+    generate.main(["--seed", "99", "--output-dir", str(tmp_path), "--no-token-stats"])
+    for split in SIZES:
+        assert sha256_of(tmp_path / f"{split}.jsonl") != sha256_of(fresh_dir / f"{split}.jsonl")
+
+
+def test_committed_files_are_the_default_generation(fresh_dir):
+    for split in SIZES:
+        assert sha256_of(DATA_DIR / f"{split}.jsonl") == sha256_of(fresh_dir / f"{split}.jsonl"), (
+            f"data/{split}.jsonl is stale: run python data/generate.py"
+        )
+
+
+def test_data_card_lists_rules_hashes_and_balance(fresh_dir):
+    card = (fresh_dir / "README.md").read_text(encoding="utf-8")
+    for rules in rulebook.RULES.values():
+        for rule in rules:
+            assert f"| {rule.rule_id} |" in card and rule.description in card
+    for split in SIZES:
+        assert sha256_of(fresh_dir / f"{split}.jsonl") in card
+    assert "majority-class accuracy" in card and "| train | 300 |" in card
+    assert "token stats unavailable: skipped (--no-token-stats)" in card
+
+
+def test_too_small_split_is_refused(tmp_path):
+    with pytest.raises(SystemExit):
+        generate.main(["--test-size", "5", "--output-dir", str(tmp_path), "--no-token-stats"])
+
+
+def test_balance_check_fails_loudly():
+    records = [
+        {"decision": {"outcome": outcome}, "line_of_business": lob}
+        for outcome, lob in zip(rulebook.OUTCOMES, rulebook.LINES_OF_BUSINESS, strict=True)
+    ]
+    generate.check_balance("balanced", records)
+    with pytest.raises(ValueError, match="> 50%"):
+        generate.check_balance("skewed", records + records[:1] * 2)  # 3 of 5 are approvals
+    with pytest.raises(ValueError, match="no records for"):
+        generate.check_balance("missing", records[:2] * 2)
+
+
+# --- splits (committed and freshly generated) ---
+
+
+def test_sizes_ids_and_disjoint_profiles(splits):
+    assert {split: len(records) for split, records in splits.items()} == SIZES
+    ids = [record["id"] for records in splits.values() for record in records]
+    assert len(ids) == len(set(ids))
+    profiles = {split: {record["profile_id"] for record in records} for split, records in splits.items()}
+    assert not profiles["train"] & profiles["validation"]
+    assert not profiles["test"] & (profiles["train"] | profiles["validation"])
+
+
+def test_test_split_has_an_unseen_phrasing_family(splits):
+    seen = {record["phrasing_family"] for split in ("train", "validation") for record in splits[split]}
+    test_families = {record["phrasing_family"] for record in splits["test"]}
+    assert test_families - seen
+
+
+def test_conversation_shape(splits):
+    for records in splits.values():
+        for record in records:
+            roles = [message["role"] for message in record["messages"]]
+            assert roles[0] == "system" and roles[-1] == "assistant", record["id"]
+            assert roles[1:] == ["user", "assistant"] * (len(roles[1:]) // 2), record["id"]
+            assert 2 <= roles.count("user") <= 4, record["id"]
+            assert all(message["content"].strip() for message in record["messages"]), record["id"]
+
+
+def test_final_turn_decision_line_matches_record(splits):
+    for records in splits.values():
+        for record in records:
+            parsed = parse_decision_line(record["messages"][-1]["content"])
+            expected = {key: record["decision"][key] for key in ("outcome", "risk_class", "rules")}
+            assert parsed == expected, record["id"]
+            assert record["messages"][-1]["content"].splitlines()[-1].startswith("DECISION: ")
+
+
+def test_rulebook_rederives_every_decision(splits):
+    for records in splits.values():
+        for record in records:
+            assert set(record["facts"]) == set(rulebook.REQUIRED_FACTS[record["line_of_business"]])
+            assert rulebook.decide(record["line_of_business"], record["facts"]) == record["decision"], record["id"]
+
+
+def test_class_balance(splits):
+    for split, records in splits.items():
+        outcomes = Counter(record["decision"]["outcome"] for record in records)
+        lines = Counter(record["line_of_business"] for record in records)
+        assert max(outcomes.values()) <= len(records) / 2, (split, outcomes)
+        assert set(outcomes) == set(rulebook.OUTCOMES), (split, outcomes)
+        assert set(lines) == set(rulebook.LINES_OF_BUSINESS), (split, lines)
+
+
+def test_every_rule_fires_in_train(splits):
+    fired = {rule_id for record in splits["train"] for rule_id in record["decision"]["rules"]}
+    assert fired == {rule.rule_id for rules in rulebook.RULES.values() for rule in rules}
+
+
+# --- rulebook units: a clean case per line, then one change at a time ---
+
+LIFE = {
+    "age": 35,
+    "face_amount": 500_000,
+    "bmi": 24.0,
+    "smoker": False,
+    "medical_history": "none",
+    "occupation": "teacher",
+}
+HOME = {
+    "construction": "masonry",
+    "roof_age": 10,
+    "fire_station_miles": 2.0,
+    "hydrant_feet": 500,
+    "prior_claims": 0,
+    "wind_zone": "inland",
+    "dwelling_value": 400_000,
+}
+BUSINESS = {
+    "occupancy": "accounting office",
+    "sprinklered": True,
+    "building_age": 10,
+    "wiring_updated": True,
+    "annual_revenue": 1_000_000,
+    "tiv": 2_000_000,
+    "prior_losses": 0,
+}
+BASES = {"term_life": LIFE, "homeowners": HOME, "small_business_property": BUSINESS}
+
+
+@pytest.mark.parametrize(
+    "lob, changes, outcome, risk_class, rules",
+    [
+        ("term_life", {}, "approve", "preferred", ["L-10"]),
+        ("term_life", {"age": 70}, "approve", "preferred", ["L-10"]),
+        ("term_life", {"age": 71}, "decline", "n/a", ["L-1"]),
+        # L-4 interaction: age >= 50 AND face > $1M.
+        ("term_life", {"age": 50, "face_amount": 1_000_000}, "approve", "preferred", ["L-10"]),
+        ("term_life", {"age": 49, "face_amount": 3_000_000}, "approve", "preferred", ["L-10"]),
+        ("term_life", {"age": 50, "face_amount": 1_025_000}, "refer", "n/a", ["L-4"]),
+        # L-5 interaction: smoker AND BMI >= 35.
+        ("term_life", {"smoker": True, "bmi": 34.9}, "approve", "substandard", ["L-6", "L-8"]),
+        ("term_life", {"smoker": True, "bmi": 35.0}, "refer", "n/a", ["L-5", "L-6", "L-8"]),
+        ("term_life", {"bmi": 35.0}, "approve", "standard", ["L-8"]),
+        ("term_life", {"bmi": 29.9}, "approve", "preferred", ["L-10"]),
+        ("term_life", {"bmi": 40.0}, "decline", "n/a", ["L-3"]),
+        ("term_life", {"medical_history": "serious", "smoker": True}, "decline", "n/a", ["L-2", "L-6"]),
+        (
+            "term_life",
+            {"occupation": "commercial diver", "medical_history": "controlled"},
+            "approve",
+            "substandard",
+            ["L-7", "L-9"],
+        ),
+        ("homeowners", {}, "approve", "preferred", ["H-9"]),
+        # H-3 interaction: the roof limit depends on construction.
+        ("homeowners", {"construction": "frame", "roof_age": 20}, "approve", "standard", ["H-7"]),
+        ("homeowners", {"construction": "frame", "roof_age": 21}, "refer", "n/a", ["H-3"]),
+        ("homeowners", {"roof_age": 21}, "approve", "standard", ["H-7"]),
+        ("homeowners", {"roof_age": 26}, "refer", "n/a", ["H-3"]),
+        ("homeowners", {"roof_age": 14}, "approve", "preferred", ["H-9"]),
+        # H-2 interaction: far from a station AND from a hydrant.
+        ("homeowners", {"fire_station_miles": 5.0, "hydrant_feet": 1000}, "approve", "preferred", ["H-9"]),
+        ("homeowners", {"fire_station_miles": 5.1, "hydrant_feet": 1000}, "approve", "standard", ["H-8"]),
+        ("homeowners", {"fire_station_miles": 5.1, "hydrant_feet": 1050}, "decline", "n/a", ["H-2"]),
+        # H-4 interaction: coastal AND value > $1M.
+        ("homeowners", {"wind_zone": "coastal", "dwelling_value": 1_000_000}, "approve", "substandard", ["H-6"]),
+        ("homeowners", {"wind_zone": "coastal", "dwelling_value": 1_025_000}, "refer", "n/a", ["H-4", "H-6"]),
+        ("homeowners", {"dwelling_value": 2_500_000}, "approve", "preferred", ["H-9"]),
+        ("homeowners", {"prior_claims": 2}, "approve", "substandard", ["H-5"]),
+        ("homeowners", {"prior_claims": 3}, "decline", "n/a", ["H-1"]),
+        ("small_business_property", {}, "approve", "preferred", ["B-9"]),
+        # B-1 / B-5 interaction: hazard class with sprinklers.
+        ("small_business_property", {"occupancy": "woodworking shop", "sprinklered": False}, "decline", "n/a", ["B-1"]),
+        ("small_business_property", {"occupancy": "woodworking shop"}, "approve", "substandard", ["B-5"]),
+        ("small_business_property", {"occupancy": "bakery", "sprinklered": False}, "approve", "standard", ["B-8"]),
+        ("small_business_property", {"sprinklered": False}, "approve", "preferred", ["B-9"]),
+        # B-3 / B-7 interaction: building age with wiring.
+        ("small_business_property", {"building_age": 30, "wiring_updated": False}, "approve", "preferred", ["B-9"]),
+        ("small_business_property", {"building_age": 50, "wiring_updated": False}, "approve", "standard", ["B-7"]),
+        ("small_business_property", {"building_age": 51, "wiring_updated": False}, "refer", "n/a", ["B-3"]),
+        ("small_business_property", {"building_age": 90}, "approve", "preferred", ["B-9"]),
+        # B-4: TIV vs revenue, exactly 5x is fine.
+        ("small_business_property", {"tiv": 5_000_000}, "approve", "preferred", ["B-9"]),
+        ("small_business_property", {"tiv": 5_050_000}, "refer", "n/a", ["B-4"]),
+        ("small_business_property", {"prior_losses": 2}, "approve", "substandard", ["B-6"]),
+        ("small_business_property", {"prior_losses": 3, "tiv": 9_000_000}, "decline", "n/a", ["B-2", "B-4"]),
+    ],
+)
+def test_rulebook_cases(lob, changes, outcome, risk_class, rules):
+    decision = rulebook.decide(lob, {**BASES[lob], **changes})
+    assert (decision["outcome"], decision["risk_class"], decision["rules"]) == (outcome, risk_class, rules)
+    if outcome != "approve":
+        assert decision["conditions"] == []
+
+
+def test_conditions_follow_fired_rules_on_approval_only():
+    approved = rulebook.decide("homeowners", {**HOME, "construction": "frame", "roof_age": 18, "wind_zone": "coastal"})
+    assert approved["conditions"] == ["5% named-storm deductible", "roof inspection within 30 days"]
+    referred = rulebook.decide(
+        "homeowners", {**HOME, "roof_age": 18, "wind_zone": "coastal", "dwelling_value": 2_000_000}
+    )
+    assert referred["outcome"] == "refer" and referred["conditions"] == []
+    life = rulebook.decide("term_life", {**LIFE, "medical_history": "controlled"})
+    assert life["conditions"] == ["attending physician statement before issue"]
+
+
+def test_decide_rejects_bad_cases():
+    with pytest.raises(ValueError, match="missing facts: bmi"):
+        rulebook.decide("term_life", {key: value for key, value in LIFE.items() if key != "bmi"})
+    with pytest.raises(ValueError, match="unknown line of business"):
+        rulebook.decide("marine", LIFE)
+    with pytest.raises(ValueError, match="unknown occupancy"):
+        rulebook.decide("small_business_property", {**BUSINESS, "occupancy": "spaceport"})
+
+
+def test_rule_ids_sort_by_number():
+    assert sorted(["L-10", "L-2", "L-1"], key=rulebook.rule_sort_key) == ["L-1", "L-2", "L-10"]
+    for rules in rulebook.RULES.values():
+        ids = [rule.rule_id for rule in rules]
+        assert ids == sorted(ids, key=rulebook.rule_sort_key)
+        assert sum(rule.effect == "preferred" for rule in rules) == 1
