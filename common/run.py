@@ -6,10 +6,12 @@ is ever read back with `torch.load`.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import importlib.metadata
 import json
 import logging
+import math
 import os
 import platform
 import resource
@@ -35,8 +37,6 @@ from common.training import (
     save_file_atomic,
     write_json,
 )
-
-SECRET_ENV_VARS = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "WANDB_API_KEY")
 
 
 class RunFolderError(RuntimeError):
@@ -88,34 +88,6 @@ def package_versions() -> dict:
     except importlib.metadata.PackageNotFoundError:
         versions["bitsandbytes"] = None
     return versions
-
-
-def redact_secrets(value: object) -> object:
-    """Replace secret values (tokens, keys, passwords, and the values of secret env vars) by "***".
-
-    Args:
-        value: any JSON-like structure.
-
-    Returns:
-        A copy with secrets redacted: keys containing token/key/secret/password, and any string
-        equal to or containing the value of HF_TOKEN / WANDB_API_KEY from the environment.
-    """
-    secrets = [os.environ[name] for name in SECRET_ENV_VARS if os.environ.get(name)]
-    if isinstance(value, dict):
-        out = {}
-        for key, item in value.items():
-            lowered = str(key).lower()
-            if any(word in lowered for word in ("token", "api_key", "apikey", "secret", "password")) and item:
-                out[key] = "***" if not isinstance(item, (int, float, bool)) else item
-            else:
-                out[key] = redact_secrets(item)
-        return out
-    if isinstance(value, (list, tuple)):
-        return [redact_secrets(item) for item in value]
-    if isinstance(value, str):
-        for secret in secrets:
-            value = value.replace(secret, "***")
-    return value
 
 
 def pid_alive(pid: int) -> bool:
@@ -352,13 +324,242 @@ def load_checkpoint(accelerator, model, optimizer, lr_scheduler, folder: Path) -
     return json.loads((folder / "trainer_state.json").read_text())
 
 
-def rotate_checkpoints(checkpoint_dir: Path, keep: int, protect: set) -> None:
-    """Delete the oldest complete checkpoints beyond `keep`, never the newest nor any in `protect`."""
+def rotate_checkpoints(checkpoint_dir: Path, keep: int) -> None:
+    """Delete the oldest complete checkpoints beyond `keep` (0 keeps all); the newest always stays.
+
+    best/ and final/ are separate folders, so rotation can never delete them. Incomplete folders
+    (a crash mid-save) are left for inspection; they are never used for resuming.
+    """
     if keep <= 0:
         return
-    checkpoints = list_checkpoints(checkpoint_dir)
-    removable = [p for p in checkpoints[:-1] if p.resolve() not in protect]
-    while len(checkpoints) > keep and removable:
-        victim = removable.pop(0)
-        checkpoints.remove(victim)
+    for victim in list_checkpoints(checkpoint_dir)[: -max(keep, 1)]:
         shutil.rmtree(victim)
+
+
+# --- argument helpers for train.py ---
+
+
+def load_config_defaults(path: str, parser: argparse.ArgumentParser) -> dict:
+    """Read flag defaults from a YAML/JSON file; a run's config.json contributes its "args" section.
+
+    Per-run flags (output folder, run name, resume, overwrite) are never taken from the file.
+
+    Raises:
+        SystemExit: unreadable file or an unknown key, naming the file and the key.
+    """
+    import yaml
+
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as err:
+        sys.exit(f"error: --config {path}: cannot read it ({err})")
+    data = data.get("args", data) if isinstance(data, dict) else None
+    if not isinstance(data, dict):
+        sys.exit(f"error: --config {path}: expected a mapping of flag names to values")
+    known = {action.dest for action in parser._actions}
+    defaults = {}
+    for key, value in data.items():
+        dest = key.replace("-", "_")
+        if dest not in known:
+            sys.exit(f"error: --config {path}: unknown key '{key}'; see --help for the flags")
+        if dest not in ("config", "resume_from", "output_dir", "run_name", "overwrite"):
+            defaults[dest] = value
+    return defaults
+
+
+def resolve_mixed_precision(requested: str, logger: logging.Logger) -> str:
+    """Pick the autocast precision: "auto" = bf16 where supported (CPU with AVX512-BF16/AMX, Ampere+
+    GPUs), fp16 on older GPUs such as a T4 (with loss scaling); "no" = fp32.
+
+    On a GPU, "auto" follows `accelerate launch`'s mixed precision when one was configured.
+
+    Args:
+        requested: "auto", "no", "fp16" or "bf16".
+        logger: warnings about fallbacks go here.
+
+    Returns:
+        "no", "fp16" or "bf16".
+    """
+    if torch.cuda.is_available():
+        bf16_ok = torch.cuda.is_bf16_supported()
+        if requested == "bf16" and not bf16_ok:
+            logger.warning("warning: bf16 is not supported on this GPU; falling back to fp16 with loss scaling")
+            return "fp16"
+        if requested == "auto":
+            launcher = os.environ.get("ACCELERATE_MIXED_PRECISION")
+            return launcher if launcher in ("fp16", "bf16") else ("bf16" if bf16_ok else "fp16")
+        return requested
+    if requested == "fp16":
+        logger.warning("warning: fp16 autocast is slow on CPU; using bf16 instead")
+        requested = "bf16"
+    if requested in ("auto", "bf16"):
+        cpu_bf16 = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+        if requested == "bf16" and not cpu_bf16:
+            logger.warning("warning: this CPU has no bf16 support; training in fp32")
+        return "bf16" if cpu_bf16 else "no"
+    return requested
+
+
+def parse_fault_injection(spec: str) -> dict[str, set[int]]:
+    """Parse the test-only `--fault-inject` flag: "loss:3,grad:5" -> {"loss": {3}, "grad": {5}}.
+
+    Raises:
+        SystemExit: on a malformed item.
+    """
+    faults = {"loss": set(), "grad": set()}
+    for item in filter(None, spec.split(",")):
+        kind, _, step = item.partition(":")
+        if kind not in faults or not step.isdigit():
+            sys.exit(f"error: --fault-inject item '{item}' must look like loss:3 or grad:5")
+        faults[kind].add(int(step))
+    return faults
+
+
+def check_resume_flags(output_dir: Path, resume_from: str | None, overwrite: bool) -> None:
+    """Refuse to start a new run into a folder that already holds one (unless --overwrite).
+
+    Raises:
+        RunFolderError: with the flags that resolve it.
+    """
+    if resume_from is None and (output_dir / "config.json").exists() and not overwrite:
+        raise RunFolderError(
+            f"{output_dir} already holds a run; pass --resume-from latest to continue it, "
+            "--overwrite to start it again, or another --output-dir"
+        )
+    if resume_from is not None and resume_from != "latest" and not Path(resume_from).is_dir():
+        raise RunFolderError(
+            f"--resume-from {resume_from}: no such checkpoint folder; use 'latest' or a step_XXXXXX folder"
+        )
+
+
+def check_splits(
+    train_file: str, train_examples: list, validation_file: str, val_examples: list, max_seq_len: int
+) -> None:
+    """Refuse empty splits and a validation split larger than the training split.
+
+    Raises:
+        DataError: naming the file and what to do.
+    """
+    from common.data import DataError
+
+    if not train_examples:
+        raise DataError(
+            f"{train_file}: no example is left after dropping those longer than --max-seq-len {max_seq_len}; raise it"
+        )
+    if not val_examples:
+        raise DataError(
+            f"{validation_file}: no example is left after dropping those longer than --max-seq-len {max_seq_len}"
+        )
+    if len(val_examples) > len(train_examples):
+        raise DataError(
+            f"{validation_file} has more examples ({len(val_examples)}) than {train_file} ({len(train_examples)}); "
+            "the files may be swapped, or use a smaller validation split"
+        )
+
+
+def check_memory(model_config, args: argparse.Namespace, device: torch.device, logger: logging.Logger) -> None:
+    """Memory pre-flight: warn (or with --strict-memory refuse) when the estimate does not fit the device.
+
+    Raises:
+        RunFolderError: with --strict-memory, when the configuration will not fit.
+    """
+    from common.lora import parse_target_modules
+    from common.memory import check_fits
+
+    fits, message = check_fits(
+        model_config,
+        device.type,
+        args.batch_size,
+        args.max_seq_len,
+        args.rank,
+        parse_target_modules(args.target_modules),
+        args.quantization,
+        torch.float32 if not args.quantization else torch.bfloat16,
+        args.gradient_checkpointing,
+        lora_dropout=args.dropout,
+    )
+    if fits:
+        logger.info(message)
+    elif args.strict_memory:
+        raise RunFolderError(message)
+    else:
+        logger.warning(f"warning: {message}")
+
+
+def clear_run_logs(output_dir: Path) -> None:
+    """--overwrite: remove the previous run's logs and summary (checkpoints, best/ and final/ are replaced as written)."""
+    for name in (
+        "train_log.jsonl",
+        "eval_log.jsonl",
+        "grad_log.jsonl",
+        "summary.json",
+        "train.log",
+        "update_ratios.json",
+    ):
+        (output_dir / name).unlink(missing_ok=True)
+    for folder in ("checkpoints", "samples"):
+        shutil.rmtree(output_dir / folder, ignore_errors=True)
+
+
+def build_run_config(args: argparse.Namespace, derived: dict, model, repo: Path) -> dict:
+    """The resolved configuration written to config.json before the first step (docs/run_folder.md)."""
+    return {
+        "args": vars(args) | {"adam_betas": list(args.adam_betas)},
+        "derived": derived,
+        "lora": json.loads(json.dumps(model.peft_config["default"].to_dict(), default=str)),
+        "versions": package_versions(),
+        "git_commit": git_commit(repo),
+        "dataset": {
+            "train_file": args.train_file,
+            "train_sha256": sha256_file(args.train_file),
+            "validation_file": args.validation_file,
+            "validation_sha256": sha256_file(args.validation_file),
+        },
+        "seed": args.seed,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+
+
+def new_trainer_state() -> dict:
+    """Counters and early-stopping state; saved in every checkpoint so a resume continues exactly."""
+    return {
+        "global_step": 0,
+        "micro_step": 0,
+        "epoch": 0,
+        "batches_done_in_epoch": 0,
+        "best_val_loss": None,
+        "best_step": None,
+        "best_epoch": None,
+        "evals_without_improvement": 0,
+        "consecutive_bad_steps": 0,
+        "bad_steps_total": 0,
+        "train_time_s": 0.0,
+        "baseline_val_ppl": None,
+    }
+
+
+def write_summary(output_dir: Path, status: str, stop_reason: str, state: dict, params: dict, accelerator) -> dict:
+    """Summarize the run from its logs into summary.json (main process writes; every rank returns it)."""
+    log = output_dir / "train_log.jsonl"
+    steps = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+    steps = [s for s in steps if s.get("type") == "step" and not s["skipped"]]
+    seconds = sum(s["tokens"] / s["tokens_per_s"] for s in steps if s["tokens_per_s"] > 0)
+    summary = {
+        "status": status,
+        "stop_reason": stop_reason,
+        "global_step": state["global_step"],
+        "epochs_completed": state["epoch"],
+        "best_step": state["best_step"],
+        "best_epoch": state["best_epoch"],
+        "best_val_ppl": math.exp(state["best_val_loss"]) if state["best_val_loss"] is not None else None,
+        "baseline_val_ppl": state["baseline_val_ppl"],
+        "train_time_s": state["train_time_s"],
+        "bad_steps_total": state["bad_steps_total"],
+        "tokens_per_s": sum(s["tokens"] for s in steps) / seconds if seconds else None,
+        "mfu": sum(s["mfu"] for s in steps) / len(steps) if steps else None,
+        "peak_mem_mb": peak_memory_mb(accelerator.device),
+        "trainable_pct": params["trainable_pct"],
+    }
+    if accelerator.is_main_process:
+        write_json(output_dir / "summary.json", summary)
+    return summary

@@ -1,0 +1,69 @@
+"""Batched greedy generation of assistant replies (left padding, stop at the end-of-turn token)."""
+
+from __future__ import annotations
+
+import torch
+from transformers import GenerationConfig
+
+
+def prompt_messages(messages: list[dict]) -> list[dict]:
+    """The conversation up to (not including) its final assistant turn: what a reply is generated for."""
+    last = max(i for i, message in enumerate(messages) if message["role"] == "assistant")
+    return messages[:last]
+
+
+def end_of_turn_ids(tokenizer) -> list[int]:
+    """Token ids that end an assistant turn: the eos token, plus <|im_end|>/<|eot_id|>/<end_of_turn> if present."""
+    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    for token in ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>"):
+        token_id = tokenizer.convert_tokens_to_ids(token)
+        if isinstance(token_id, int) and token_id != tokenizer.unk_token_id and token_id not in ids:
+            ids.append(token_id)
+    return ids
+
+
+@torch.no_grad()
+def generate_replies(model, tokenizer, prompts: list[list[dict]], batch_size: int, max_new_tokens: int) -> list[str]:
+    """Greedy-generate the next assistant reply for each prompt conversation.
+
+    Prompts are sorted by length so a batch carries little padding; padding goes on the left so every
+    row ends with its generation prompt; the KV cache is used; generation stops at the end-of-turn
+    token. Wrap the call in the autocast context you want (e.g. `accelerator.autocast()`).
+
+    Args:
+        model: the (PEFT) causal LM; it is put in eval mode and its mode is restored afterwards.
+        tokenizer: its tokenizer (chat template); its padding side is restored afterwards.
+        prompts: conversations ending just before the assistant reply to generate.
+        batch_size: prompts per `generate` call.
+        max_new_tokens: generation budget per reply.
+
+    Returns:
+        The decoded replies (special tokens removed, stripped), aligned with `prompts`.
+    """
+    if not prompts:
+        return []
+    device = next(model.parameters()).device
+    texts = [tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in prompts]
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    config = GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        eos_token_id=end_of_turn_ids(tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    replies = [""] * len(texts)
+    was_training, padding_side = model.training, tokenizer.padding_side
+    model.eval()
+    tokenizer.padding_side = "left"
+    try:
+        for start in range(0, len(order), batch_size):
+            rows = order[start : start + batch_size]
+            batch = tokenizer([texts[i] for i in rows], return_tensors="pt", padding=True, add_special_tokens=False)
+            output = model.generate(**batch.to(device), generation_config=config)
+            new_tokens = output[:, batch["input_ids"].shape[1] :]
+            for row, i in enumerate(rows):
+                replies[i] = tokenizer.decode(new_tokens[row], skip_special_tokens=True).strip()
+    finally:
+        tokenizer.padding_side = padding_side
+        model.train(was_training)
+    return replies
