@@ -112,7 +112,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--grad-log-every", type=int, default=5, help="per-layer LoRA gradient norms every N steps")
     parser.add_argument("--report-to", choices=["tensorboard", "wandb", "none"], default="tensorboard")
     parser.add_argument("--strict-memory", action="store_true", help="refuse to start if the estimate won't fit")
-    parser.add_argument("--fault-inject", default="", help="tests only: 'loss:3,grad:5' poisons those steps")
+    parser.add_argument("--fault-inject", default="", help="tests only: loss:3,grad:5,stop:11")
     pre, _ = parser.parse_known_args(argv)
     if pre.config:
         parser.set_defaults(**run_utils.load_config_defaults(pre.config, parser))
@@ -334,11 +334,15 @@ def main(argv: list[str] | None = None) -> dict:
     clock = time.perf_counter() - state["train_time_s"]
     window = torch.zeros(5, dtype=torch.float64, device=accelerator.device)  # loss, trained, tokens, sum len^2, -
     for epoch in range(state["epoch"], args.epochs):
-        train_sampler.set_epoch(epoch)
         epoch_start, epoch_losses = time.perf_counter(), []
-        skip = state["batches_done_in_epoch"]
+        skip = state["batches_done_in_epoch"]  # > 0 only when resuming mid-epoch
+        epoch_dataloader = accelerator.skip_first_batches(train_dataloader, skip) if skip else train_dataloader
+        # Both calls matter: iter() re-applies Accelerate's own epoch counter to the sampler (a fresh
+        # skip-dataloader would restart it at 0), and a multi-process shard does not forward set_epoch.
+        epoch_dataloader.set_epoch(epoch)
+        train_sampler.set_epoch(epoch)
         step_start = time.perf_counter()
-        for batch in accelerator.skip_first_batches(train_dataloader, skip) if skip else train_dataloader:
+        for batch in epoch_dataloader:
             with accelerator.accumulate(loss_model):
                 loss_sum, n_trained = loss_model(**batch)
                 if state["global_step"] + 1 in faults["loss"]:
@@ -351,6 +355,8 @@ def main(argv: list[str] | None = None) -> dict:
                 window += torch.stack([loss_sum.detach().double(), n_trained.double(), lengths.sum(), (lengths**2).sum(), lengths.new_zeros(())])  # fmt: skip
                 state["micro_step"] += 1
                 state["batches_done_in_epoch"] += 1
+                if state["micro_step"] in faults["stop"]:
+                    raise SystemExit(f"error: --fault-inject stopped the run after micro-step {state['micro_step']}")
                 if not accelerator.sync_gradients:
                     continue
                 # One host sync per update: totals over all ranks, then the per-token rescale.

@@ -148,14 +148,15 @@ def rouge_scores(predictions: Sequence[str], references: Sequence[str]) -> dict:
     Raises:
         ValueError: the two lists differ in length.
     """
-    from rouge_score import rouge_scorer
+    from rouge_score import rouge_scorer, tokenizers
 
     if len(predictions) != len(references):
         raise ValueError(f"{len(predictions)} predictions but {len(references)} references")
     keys = ("rouge1", "rouge2", "rougeL")
     if not predictions:
         return dict.fromkeys(keys, 0.0)
-    scorer = rouge_scorer.RougeScorer(list(keys), use_stemmer=True)
+    # Passing the default tokenizer explicitly (with Porter stemming) avoids an INFO line per call.
+    scorer = rouge_scorer.RougeScorer(list(keys), tokenizer=tokenizers.DefaultTokenizer(use_stemmer=True))
     totals = dict.fromkeys(keys, 0.0)
     for prediction, reference in zip(predictions, references):
         # score(target, prediction): the reference comes first
@@ -277,3 +278,136 @@ def decision_metrics(
         ),
         "parsed": parsed,
     }
+
+
+def _cell(values: list[float | None], digits: int = 3) -> str:
+    """Join one number per model as "base / finetuned" (a single number in base-only mode)."""
+    return " / ".join("n/a" if v is None else f"{v:.{digits}f}" for v in values)
+
+
+def render_eval_report(metrics: dict, samples: Sequence[dict] = ()) -> str:
+    """Render report.md of evaluate.py: the base-vs-finetuned table, per line of business, confusions.
+
+    Args:
+        metrics: the metrics.json content written by evaluate.py.
+        samples: a few predictions.jsonl lines to show (reference and generated replies).
+
+    Returns:
+        The Markdown text.
+    """
+    results = metrics["models"]
+    names = list(results)
+    comparison = metrics.get("comparison")
+    title = f"{metrics['adapter']} vs its base {metrics['model']}" if metrics["adapter"] else metrics["model"]
+    lines = [
+        f"# Evaluation: {title}",
+        "",
+        f"Data: `{metrics['data_file']}`, {metrics['examples']} examples ({metrics['loss_examples']} scored for loss, "
+        f"{metrics['generation_examples']} generated, {metrics['decision_examples']} with a reference decision). "
+        f"Greedy decoding, max {metrics['settings']['max_new_tokens']} new tokens, {metrics['settings']['dtype']}. "
+        f"Intervals: 95% bootstrap over examples ({metrics['settings']['bootstrap']} resamples).",
+        "",
+        "| metric | " + " | ".join(names) + (" | finetuned - base |" if comparison else " |"),
+        "|---" * (len(names) + 1 + bool(comparison)) + "|",
+    ]
+
+    def row(label: str, values: list[str], delta: str = "") -> None:
+        lines.append(f"| {label} | " + " | ".join(values) + (f" | {delta} |" if comparison else " |"))
+
+    def interval(ci: dict, key: str = "mean", digits: int = 4) -> str:
+        return f"{ci[key]:.{digits}g} [{ci['low']:.{digits}g}, {ci['high']:.{digits}g}]"
+
+    row(
+        "mean cross-entropy (assistant tokens)",
+        [interval(results[n]["loss"]) for n in names],
+        interval(comparison["loss_delta"]) if comparison else "",
+    )
+    row(
+        "perplexity",
+        [interval(results[n]["perplexity"], "value") for n in names],
+        f"x{comparison['perplexity_ratio']:.3f}" if comparison else "",
+    )
+    scalar_rows = [("ROUGE-1", "rouge", "rouge1"), ("ROUGE-2", "rouge", "rouge2"), ("ROUGE-L", "rouge", "rougeL")]
+    scalar_rows += [
+        (label, "decision", key)
+        for label, key in [
+            ("decision parse rate", "parse_rate"),
+            ("outcome accuracy", "outcome_accuracy"),
+            ("risk-class accuracy", "risk_class_accuracy"),
+            ("rule-citation precision", "rule_precision"),
+            ("rule-citation recall", "rule_recall"),
+            ("rule-citation F1", "rule_f1"),
+        ]
+    ]
+    for label, group, key in scalar_rows:
+        if group not in results[names[0]]:
+            continue
+        values = [results[n][group]["overall"][key] if group == "decision" else results[n][group][key] for n in names]
+        if key == "outcome_accuracy":
+            intervals = [results[n]["outcome_accuracy_ci"] for n in names]
+            cells = [f"{v:.3f} [{ci['low']:.3f}, {ci['high']:.3f}]" for v, ci in zip(values, intervals)]
+        else:
+            cells = [f"{v:.3f}" for v in values]
+        row(label, cells, f"{values[-1] - values[0]:+.3f}" if comparison else "")
+
+    if comparison:
+        delta = comparison["loss_delta"]
+        verdict = (
+            "the interval excludes 0, so the difference is not resampling noise"
+            if comparison["significant"]
+            else "the interval includes 0: on these examples the two models cannot be told apart"
+        )
+        lines += [
+            "",
+            f"How sure: the finetuned model's mean loss is {'lower' if delta['mean'] < 0 else 'higher'} than the "
+            f"base's by {abs(delta['mean']):.4f} nats/token "
+            f"(95% CI of finetuned - base [{delta['low']:+.4f}, {delta['high']:+.4f}], "
+            f"paired bootstrap over {delta['n']} examples); "
+            f"{verdict}.",
+        ]
+
+    decision = {n: results[n].get("decision") for n in names}
+    if all(decision.values()):
+        lines += ["", f"## Per line of business ({' / '.join(names)})", ""]
+        lines += [
+            "| line of business | n | parse rate | outcome acc. | risk-class acc. | rule F1 |",
+            "|---|---|---|---|---|---|",
+        ]
+        for lob, first in decision[names[0]]["by_line_of_business"].items():
+            per = [decision[n]["by_line_of_business"][lob] for n in names]
+            cells = [
+                _cell([p[key] for p in per])
+                for key in ("parse_rate", "outcome_accuracy", "risk_class_accuracy", "rule_f1")
+            ]
+            lines.append(f"| {lob} | {first['n']} | " + " | ".join(cells) + " |")
+        for key, label in [("outcome_confusion", "Outcome"), ("risk_class_confusion", "Risk class")]:
+            confusion = decision[names[0]][key]
+            columns = list(dict.fromkeys(c for n in names for c in decision[n][key]["columns"]))
+            lines += ["", f"## {label} confusion (rows: reference, columns: predicted; cells {' / '.join(names)})", ""]
+            lines += ["| reference | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+            for i, label_row in enumerate(confusion["labels"]):
+                cells = []
+                for column in columns:
+                    counts = []
+                    for n in names:
+                        matrix = decision[n][key]
+                        j = matrix["columns"].index(column) if column in matrix["columns"] else None
+                        counts.append(0 if j is None else matrix["matrix"][i][j])
+                    cells.append(" / ".join(str(c) for c in counts))
+                lines.append(f"| {label_row} | " + " | ".join(cells) + " |")
+
+    if samples:
+        lines += ["", "## Sample predictions", ""]
+        for sample in samples:
+            lines += [
+                f"### {sample['id']} ({sample['line_of_business']})",
+                "",
+                "Reference:",
+                "```",
+                sample["reference"],
+                "```",
+            ]
+            for n in names:
+                lines += [f"{n}:", "```", sample.get(f"generated_{n}", ""), "```"]
+            lines.append("")
+    return "\n".join(lines) + "\n"

@@ -21,23 +21,40 @@ from pathlib import Path
 
 import numpy as np
 
-# Every verdict is a comparison against one of these numbers; report.md prints them.
+# Every verdict is a comparison against one of these numbers; report.md prints them with THRESHOLD_NOTES.
 THRESHOLDS = {
-    "window_fraction": 0.2,  # early/late windows are the first/last 20% of the logged steps
-    "divergence_rise": 0.10,  # divergence: late-window mean loss > early-window mean by more than 10%
-    "divergence_rebound": 0.50,  # ... or > 50% above the minimum of the smoothed loss
-    "oscillation_rel_std": 0.15,  # oscillation: std(raw - smoothed) / mean(smoothed) over the last half
-    "oscillation_sign_changes": 0.15,  # ... and that share of sign changes of the smoothed first difference
-    "plateau_decline": 0.02,  # plateau: relative decline across the last third below 2%
-    "still_improving": 0.05,  # "more epochs": relative decline across the last third above 5%
-    "overfit_evals": 2,  # overfitting: at least 2 evaluations after the minimum above it ...
-    "overfit_tolerance": 0.005,  # ... by more than 0.5% (relative), while the train loss keeps falling
-    "explode_spike": 10.0,  # gradient spike: norm > 10x the median norm
-    "explode_growth": 10.0,  # exploding: last-quarter median norm > 10x the first-quarter median
-    "vanish_ratio": 0.01,  # vanishing: last-quarter median norm < 1% of the first-quarter median
-    "vanish_abs": 1e-6,  # ... or below this absolute value
-    "dead_adapter": 1e-3,  # dead adapter: median LoRA grad norm < 1e-3 x the median over all adapters
-    "min_steps": 10,  # fewer logged steps than this: no convergence verdict
+    "window_fraction": 0.2,
+    "divergence_rise": 0.10,
+    "divergence_rebound": 0.50,
+    "oscillation_rel_std": 0.15,
+    "oscillation_sign_changes": 0.15,
+    "plateau_decline": 0.02,
+    "still_improving": 0.05,
+    "overfit_evals": 2,
+    "overfit_tolerance": 0.005,
+    "explode_spike": 10.0,
+    "explode_growth": 10.0,
+    "vanish_ratio": 0.01,
+    "vanish_abs": 1e-6,
+    "dead_adapter": 1e-3,
+    "min_steps": 10,
+}
+THRESHOLD_NOTES = {
+    "window_fraction": "share of the logged steps in the early and in the late window",
+    "divergence_rise": "divergence if the late-window mean loss exceeds the early-window mean by this fraction",
+    "divergence_rebound": "divergence if the late-window mean exceeds the smoothed minimum by this fraction",
+    "oscillation_rel_std": "oscillation needs std(raw - smoothed) / mean(smoothed) over the last half above this",
+    "oscillation_sign_changes": "... and the smoothed first difference changing sign on more than this share",
+    "plateau_decline": "plateau if the loss declines less than this fraction across the last third",
+    "still_improving": "'train longer' if it still declines more than this fraction across the last third",
+    "overfit_evals": "overfitting needs at least this many evaluations above the validation minimum ...",
+    "overfit_tolerance": "... each above it by more than this fraction, while the train loss keeps falling",
+    "explode_spike": "a gradient spike is a norm above this multiple of the median norm",
+    "explode_growth": "exploding if the last-quarter median norm exceeds the first-quarter median by this factor",
+    "vanish_ratio": "vanishing if the last-quarter median norm is below this fraction of the first-quarter one",
+    "vanish_abs": "... or below this absolute value",
+    "dead_adapter": "dead if a LoRA matrix's median grad norm is below this fraction of the median of all",
+    "min_steps": "fewer logged steps than this give no convergence verdict",
 }
 
 
@@ -188,14 +205,22 @@ def detect_convergence(losses: list[float]) -> dict:
     elif rise > t["divergence_rise"]:
         verdict, reason = "divergence", f"late-window mean {late:.4g} is {rise:.0%} above the early-window {early:.4g}"
     elif rebound > t["divergence_rebound"]:
-        verdict, reason = "divergence", f"late-window mean {late:.4g} is {rebound:.0%} above the minimum {min_smoothed:.4g}"
+        verdict, reason = (
+            "divergence",
+            f"late-window mean {late:.4g} is {rebound:.0%} above the minimum {min_smoothed:.4g}",
+        )
     elif rel_std > t["oscillation_rel_std"] and sign_change_rate > t["oscillation_sign_changes"]:
         verdict = "oscillation"
-        reason = f"spread around the trend {rel_std:.0%} of the loss, smoothed slope changes sign {sign_change_rate:.0%}"
+        reason = (
+            f"spread around the trend {rel_std:.0%} of the loss, smoothed slope changes sign {sign_change_rate:.0%}"
+        )
     elif numbers["last_third_decline"] < t["plateau_decline"]:
         verdict, reason = "plateau", f"loss fell only {numbers['last_third_decline']:.1%} across the last third"
     else:
-        verdict, reason = "smooth decline", f"loss fell {numbers['total_decline']:.0%} from the first to the last window"
+        verdict, reason = (
+            "smooth decline",
+            f"loss fell {numbers['total_decline']:.0%} from the first to the last window",
+        )
     return {"verdict": verdict, "reason": reason, **numbers}
 
 
@@ -297,47 +322,50 @@ def check_gradients(steps: list[dict], bad_steps: list[dict]) -> dict:
         verdict, reason = "vanishing", f"late median {late:.3g} vs early median {early:.3g}"
     else:
         verdict = "ok"
-        reason = f"median {median:.3g}, late/early {late / max(early, 1e-30):.2f}, {spikes} spikes > {t['explode_spike']:g}x median"
+        ratio = late / max(early, 1e-30)
+        reason = f"median {median:.3g}, late/early {ratio:.2f}, {spikes} spikes > {t['explode_spike']:g}x median"
     return {"verdict": verdict, "reason": reason, **numbers}
 
 
 def find_dead_adapters(grads: list[dict]) -> dict:
     """Find LoRA matrices whose gradient norm stays ~0 compared with the others.
 
-    lora_B is initialized to zero, so at the first step the gradient of every lora_A is exactly 0
-    (it is multiplied by B) while lora_B's is not. That record is left out for the A matrices and
-    reported as expected, not as dead.
+    lora_B is initialized to zero, so the gradient of every lora_A is exactly 0 (it is multiplied
+    by B) until the first update with a non-zero learning rate has moved B; with linear warmup the
+    first step's lr is 0, so that can last two steps. The leading records where every lora_A norm is
+    exactly 0 are left out for the A matrices and reported as expected, not as dead.
 
     Args:
         grads: grad_log records {"step", "norms": {"<layer>.<module>.<A|B>": norm}} sorted by step.
 
     Returns:
         {"dead": [keys], "medians": {key: median norm}, "reference_median", "threshold",
-         "a_zero_at_init": bool}.
+         "a_zero_at_init": bool, "a_zero_steps": [steps left out for lora_A]}.
     """
-    if not grads:
-        return {"dead": [], "medians": {}, "reference_median": None, "threshold": None, "a_zero_at_init": False}
-    init_step = grads[0]["step"] if grads[0]["step"] <= 1 else None
-    a_zero_at_init = init_step is not None and all(
-        abs(v) < 1e-12 for k, v in grads[0]["norms"].items() if k.endswith(".A")
-    )
+    a_zero_steps = []
+    for record in grads:
+        a_norms = [v for k, v in record["norms"].items() if k.endswith(".A")]
+        if not a_norms or any(v != 0 for v in a_norms):
+            break
+        a_zero_steps.append(record["step"])
     series: dict[str, list[float]] = {}
     for record in grads:
         for key, value in record["norms"].items():
-            if key.endswith(".A") and record["step"] == init_step and len(grads) > 1:
+            if key.endswith(".A") and record["step"] in a_zero_steps:
                 continue
             if value is not None and math.isfinite(value):
                 series.setdefault(key, []).append(value)
     medians = {key: statistics.median(values) for key, values in series.items()}
-    reference = statistics.median(medians.values()) if medians else 0.0
-    threshold = THRESHOLDS["dead_adapter"] * reference
-    dead = sorted((k for k, v in medians.items() if v <= threshold), key=_key_order)
+    reference = statistics.median(medians.values()) if medians else None
+    threshold = None if reference is None else THRESHOLDS["dead_adapter"] * reference
+    dead = [] if threshold is None else sorted((k for k, v in medians.items() if v <= threshold), key=_key_order)
     return {
         "dead": dead,
         "medians": medians,
         "reference_median": reference,
         "threshold": threshold,
-        "a_zero_at_init": a_zero_at_init,
+        "a_zero_at_init": bool(a_zero_steps),
+        "a_zero_steps": a_zero_steps,
     }
 
 
@@ -380,6 +408,8 @@ def recommend(analysis: dict) -> tuple[list[str], list[str]]:
     conv, over, grad = analysis["convergence"], analysis["overfitting"], analysis["gradients"]
     dead, base = analysis["dead_adapters"], analysis["baseline"]
     tips, failures = [], []
+    if analysis["status"] not in ("completed", "early_stopped", "max_steps"):
+        failures.append(f"run status {analysis['status']}: {analysis.get('stop_reason') or 'no stop reason logged'}")
     verdict = conv["verdict"]
     if verdict == "divergence":
         failures.append(f"training diverged: {conv['reason']}")
@@ -410,9 +440,13 @@ def recommend(analysis: dict) -> tuple[list[str], list[str]]:
         failures.append(f"{len(dead['dead'])} dead adapter matrices: {', '.join(dead['dead'][:8])}")
         tips.append("drop the dead target modules or check that their inputs are not frozen/detached")
     if base is not None and base["loss_delta"] <= 0:
-        failures.append(f"no improvement over the base model (best ppl {base['best_ppl']:.3f} vs {base['baseline_ppl']:.3f})")
+        failures.append(
+            f"no improvement over the base model (best ppl {base['best_ppl']:.3f} vs {base['baseline_ppl']:.3f})"
+        )
     elif base is not None and base["within_noise"]:
-        tips.append("the gain over the base is within the validation noise: evaluate on more examples before trusting it")
+        tips.append(
+            "the gain over the base is within the validation noise: evaluate on more examples before trusting it"
+        )
     if not tips:
         tips.append("no change needed: the run converged cleanly; keep the best checkpoint")
     return tips, failures
@@ -425,15 +459,19 @@ def analyze_run(logs: dict) -> dict:
         logs: from `load_run_logs`.
 
     Returns:
-        {"run_dir", "status", "convergence", "overfitting", "gradients", "dead_adapters", "baseline",
+        {"run_dir", "status", "stop_reason", "convergence", "overfitting", "gradients", "dead_adapters", "baseline",
          "update_ratios", "recommendations", "failure_modes", "thresholds"}.
     """
     steps = logs["steps"]
+    # Steps train.py skipped (non-finite loss/gradient, no update) are counted by the gradient check;
+    # the curve is judged on the updates that happened.
+    losses = [s.get("loss", float("nan")) for s in steps if not s.get("skipped")]
     analysis = {
         "run_dir": logs["run_dir"],
         "status": logs["summary"].get("status", "unknown (no summary.json)"),
+        "stop_reason": logs["summary"].get("stop_reason"),
         "steps_logged": len(steps),
-        "convergence": detect_convergence([s.get("loss", float("nan")) for s in steps]),
+        "convergence": detect_convergence(losses),
         "overfitting": detect_overfitting(steps, logs["evals"]),
         "gradients": check_gradients(steps, logs["bad_steps"]),
         "dead_adapters": find_dead_adapters(logs["grads"]),
@@ -485,7 +523,12 @@ def plot_run(logs: dict, output_dir: str | Path) -> dict[str, Path]:
     ax_step.set(xlabel="optimizer step", ylabel="cross-entropy", title="Loss per step")
     ax_step.legend()
     if logs["epochs"]:
-        ax_epoch.plot([e["epoch"] for e in logs["epochs"]], [e["mean_train_loss"] for e in logs["epochs"]], "o-", label="train (epoch mean)")
+        ax_epoch.plot(
+            [e["epoch"] for e in logs["epochs"]],
+            [e["mean_train_loss"] for e in logs["epochs"]],
+            "o-",
+            label="train (epoch mean)",
+        )
     if evals:
         ax_epoch.plot([e.get("epoch", 0) for e in evals], [e["val_loss"] for e in evals], "o-", label="validation")
     ax_epoch.set(xlabel="epoch", ylabel="cross-entropy", title="Loss per epoch")
@@ -521,11 +564,14 @@ def plot_run(logs: dict, output_dir: str | Path) -> dict[str, Path]:
         for ax, matrix in zip(axes, ("A", "B")):
             keys = sorted({k[:-2] for r in grads for k in r["norms"] if k.endswith(f".{matrix}")}, key=_key_order)
             grid = np.array([[_as_float(r["norms"].get(f"{k}.{matrix}")) for r in grads] for k in keys])
-            image = ax.imshow(np.log10(np.maximum(grid, 1e-12)), aspect="auto", cmap="viridis", interpolation="nearest")
+            # exact zeros (lora_A before lora_B has moved) are drawn gray so they do not stretch the color scale
+            cmap = matplotlib.colormaps["viridis"].with_extremes(bad="lightgray")
+            log_grid = np.ma.masked_invalid(np.log10(np.where(grid > 0, grid, np.nan)))
+            image = ax.imshow(log_grid, aspect="auto", cmap=cmap, interpolation="nearest")
             ax.set_yticks(range(len(keys)), keys, fontsize=7)
             ticks = np.linspace(0, len(grads) - 1, min(len(grads), 6)).astype(int)
             ax.set_xticks(ticks, [grads[i]["step"] for i in ticks])
-            ax.set(xlabel="optimizer step", title=f"log10 grad norm of lora_{matrix}")
+            ax.set(xlabel="optimizer step", title=f"log10 grad norm of lora_{matrix} (gray: 0)")
             fig.colorbar(image, ax=ax)
         axes[0].set_ylabel("layer.module")
         save(fig, "lora_grad_heatmap")
@@ -538,11 +584,12 @@ def plot_run(logs: dict, output_dir: str | Path) -> dict[str, Path]:
         width = 0.8 / len(modules)
         for i, module in enumerate(modules):
             ax.bar(
-                [layer + i * width for layer in layers],
+                [layer + (i - (len(modules) - 1) / 2) * width for layer in layers],
                 [ratios.get(f"{layer}.{module}", 0.0) for layer in layers],
                 width,
                 label=module,
             )
+        ax.set_xticks(layers)
         ax.set(xlabel="layer", ylabel="||scale·B·A|| / ||W||", title="Adapter update-to-weight ratio (final)")
         ax.legend()
         save(fig, "update_ratio")
@@ -591,7 +638,7 @@ def render_report(analysis: dict, plots: dict[str, Path]) -> str:
     if base is not None:
         noise = "" if base["val_loss_ci95"] is None else f", validation noise ±{base['val_loss_ci95']:.4f}"
         lines.append(
-            f"| vs base model | **{base['ppl_reduction']:+.1%} ppl** | base {base['baseline_ppl']:.3f} -> best "
+            f"| vs base model | **{-base['ppl_reduction']:+.1%} ppl** | base {base['baseline_ppl']:.3f} -> best "
             f"{base['best_ppl']:.3f}, loss -{base['loss_delta']:.4f}{noise} |"
         )
     lines += ["", "## Convergence", ""]
@@ -604,7 +651,8 @@ def render_report(analysis: dict, plots: dict[str, Path]) -> str:
             f"- validation stopped improving after epoch {_fmt(over['best_epoch'])}"
             if over["evals_after_best"]
             else "- validation was still improving at the last evaluation",
-            f"- val - train loss gap: {over['gap_at_best']:+.4f} at the best point, {over['gap_at_end']:+.4f} at the end",
+            f"- val - train loss gap: {over['gap_at_best']:+.4f} at the best point, "
+            f"{over['gap_at_end']:+.4f} at the end",
             f"- evaluations after the best: {over['evals_after_best']}, above it: {over['rising_after_best']}, "
             f"train loss still falling: {over['train_falling']}",
         ]
@@ -613,9 +661,10 @@ def render_report(analysis: dict, plots: dict[str, Path]) -> str:
     lines += ["", "## Gradients", ""]
     lines += [f"- {k}: {_fmt(grad[k])}" for k in grad if k not in ("verdict", "reason")]
     if dead["a_zero_at_init"]:
+        steps = ", ".join(str(step) for step in dead["a_zero_steps"])
         lines.append(
-            "- lora_A gradients are exactly 0 at step 1 because lora_B is initialized to zero; expected, not dead "
-            "(that step is left out of the dead-adapter check)"
+            f"- lora_A gradients are exactly 0 at logged step(s) {steps} because lora_B is initialized to zero (and "
+            "the first warmup step has lr 0): expected, not dead; those records are left out of the dead-adapter check"
         )
     lines.append(f"- dead adapter matrices: {', '.join(dead['dead']) if dead['dead'] else 'none'}")
     ratios = analysis["update_ratios"]
@@ -628,6 +677,6 @@ def render_report(analysis: dict, plots: dict[str, Path]) -> str:
     lines += ["", "## Recommendations", ""] + [f"- {tip}" for tip in analysis["recommendations"]]
     lines += ["", "## Failure modes", ""] + ([f"- {f}" for f in analysis["failure_modes"]] or ["- none detected"])
     lines += ["", "## Plots", ""] + [f"![{name}]({path.name})" for name, path in plots.items()]
-    lines += ["", "## Thresholds", "", "| name | value |", "|---|---|"]
-    lines += [f"| {k} | {v:g} |" for k, v in THRESHOLDS.items()]
+    lines += ["", "## Thresholds", "", "| name | value | meaning |", "|---|---|---|"]
+    lines += [f"| {k} | {v:g} | {THRESHOLD_NOTES[k]} |" for k, v in THRESHOLDS.items()]
     return "\n".join(lines) + "\n"

@@ -401,16 +401,19 @@ def resolve_mixed_precision(requested: str, logger: logging.Logger) -> str:
 
 
 def parse_fault_injection(spec: str) -> dict[str, set[int]]:
-    """Parse the test-only `--fault-inject` flag: "loss:3,grad:5" -> {"loss": {3}, "grad": {5}}.
+    """Parse the test-only `--fault-inject` flag: "loss:3,grad:5,stop:11" -> {"loss": {3}, "grad": {5}, "stop": {11}}.
+
+    loss:N / grad:N make optimizer step N's loss NaN / gradients inf; stop:N exits abruptly right
+    after micro-batch N (nothing saved), as a crash would.
 
     Raises:
         SystemExit: on a malformed item.
     """
-    faults = {"loss": set(), "grad": set()}
+    faults = {"loss": set(), "grad": set(), "stop": set()}
     for item in filter(None, spec.split(",")):
         kind, _, step = item.partition(":")
         if kind not in faults or not step.isdigit():
-            sys.exit(f"error: --fault-inject item '{item}' must look like loss:3 or grad:5")
+            sys.exit(f"error: --fault-inject item '{item}' must look like loss:3, grad:5 or stop:11")
         faults[kind].add(int(step))
     return faults
 
@@ -501,12 +504,16 @@ def clear_run_logs(output_dir: Path) -> None:
         shutil.rmtree(output_dir / folder, ignore_errors=True)
 
 
+def _jsonable(value: object) -> object:
+    return sorted(value) if isinstance(value, set | frozenset) else str(value)
+
+
 def build_run_config(args: argparse.Namespace, derived: dict, model, repo: Path) -> dict:
     """The resolved configuration written to config.json before the first step (docs/run_folder.md)."""
     return {
         "args": vars(args) | {"adam_betas": list(args.adam_betas)},
         "derived": derived,
-        "lora": json.loads(json.dumps(model.peft_config["default"].to_dict(), default=str)),
+        "lora": json.loads(json.dumps(model.peft_config["default"].to_dict(), default=_jsonable)),
         "versions": package_versions(),
         "git_commit": git_commit(repo),
         "dataset": {

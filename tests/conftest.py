@@ -96,3 +96,14 @@ def toy_data_dir(tmp_path_factory) -> Path:
     write_jsonl(path / "validation.jsonl", [make_conversation(100 + i) for i in range(8)])
     write_jsonl(path / "test.jsonl", [make_conversation(200 + i) for i in range(6)])
     return path
+
+
+@pytest.fixture(autouse=True)
+def reset_accelerate_state():
+    """Scripts' main() is called many times in one test process; Accelerate keeps process-wide
+    singletons (mixed precision, gradient accumulation), which a real launch creates only once."""
+    yield
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()

@@ -1,0 +1,385 @@
+"""Evaluate a LoRA adapter against its base model, or write a run's convergence report.
+
+    python evaluate.py --adapter runs/demo/best --split test            # base vs finetuned -> runs/demo/eval/
+    python evaluate.py --adapter runs/demo/best --data-file my.jsonl --limit 50 --output-dir /tmp/eval
+    python evaluate.py --model smollm2-135m-instruct --split validation  # the base model alone -> runs/base-eval/
+    python evaluate.py --report runs/demo                                # convergence report -> runs/demo/report/
+
+Adapter mode loads the base model once, adds the adapter, and measures both models on the same
+examples: with the adapter, and inside `model.disable_adapter()` (the untouched base).
+- mean cross-entropy and perplexity over assistant tokens, with a bootstrap 95% interval that
+  resamples examples, and the paired finetuned-minus-base difference on the same resamples
+- greedy generation of the final assistant reply (batched, left padding, stops at the end-of-turn
+  token), ROUGE-1/2/L against the reference reply
+- decision accuracy from the `DECISION | CLASS | RULES` line: parse rate, outcome and risk-class
+  accuracy, rule-citation F1, per line of business, and confusion matrices
+It writes metrics.json, predictions.jsonl (one line per example: reference and both replies) and
+report.md (the comparison table). If `--model` is given and differs from the adapter's base model,
+it exits with an error instead of scoring the adapter on the wrong weights.
+
+Report mode reads only the run's logs (see docs/run_folder.md) and writes PNG plots and report.md:
+convergence verdict, overfitting, optimal epoch, gradient health, dead adapters, recommendations.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from common.data import DataError, collate_batch, load_records, tokenize_records
+from common.decision import parse_decision_line
+from common.generation import generate_replies, prompt_messages
+from common.metrics import (
+    bootstrap_indices,
+    bootstrap_ratio_ci,
+    decision_metrics,
+    perplexity_from_loss_ci,
+    render_eval_report,
+    rouge_scores,
+)
+from common.model import DEFAULT_MODEL, ModelLoadError, load_model_and_tokenizer, resolve_model_path
+from common.report import ReportError, analyze_run, load_run_logs, plot_run, render_report
+from common.seed import seed_everything
+from common.training import CheckpointError, check_checkpoint, compute_token_losses, write_json
+
+REPO = Path(__file__).resolve().parent
+logger = logging.getLogger("evaluate")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse and validate the command line (see the module docstring).
+
+    Args:
+        argv: the arguments (default: sys.argv[1:]).
+
+    Returns:
+        The parsed flags.
+
+    Raises:
+        SystemExit: a flag is out of range or flags conflict (exit code 2, with the reason).
+    """
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    # --- what to evaluate ---
+    parser.add_argument("--adapter", help="adapter folder (e.g. runs/<run>/best): compare it with its base model")
+    parser.add_argument(
+        "--model", help=f"base model alias/folder/hub id (default: the adapter's base, else {DEFAULT_MODEL})"
+    )
+    parser.add_argument("--report", metavar="RUN_DIR", help="write the convergence report of runs/<run> from its logs")
+    # --- data ---
+    parser.add_argument("--split", default="test", choices=["train", "validation", "test"], help="data/<split>.jsonl")
+    parser.add_argument("--data-file", help="evaluate this file instead of --split")
+    parser.add_argument("--limit", type=int, help="evaluate only the first N examples")
+    parser.add_argument("--max-seq-len", type=int, default=2048, help="longer examples lose their oldest turns")
+    # --- generation ---
+    parser.add_argument("--batch-size", type=int, default=8, help="examples per forward / generate call")
+    parser.add_argument("--max-new-tokens", type=int, default=128, help="generation budget per reply")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help="autocast dtype")
+    # --- statistics and output ---
+    parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% intervals")
+    parser.add_argument("--seed", type=int, default=1234, help="seeds the bootstrap and torch")
+    parser.add_argument("--output-dir", help="default: <adapter>/../eval, runs/base-eval, or <run>/report")
+    parser.add_argument("--trust-remote-code", action="store_true", help="allow custom model code from the hub")
+    args = parser.parse_args(argv)
+    if args.report and args.adapter:
+        parser.error("--report reads a run's logs; do not combine it with --adapter")
+    for name in ("limit", "batch_size", "max_new_tokens", "bootstrap", "max_seq_len"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    return args
+
+
+def read_adapter_base(adapter_dir: Path) -> str:
+    """Return the base model recorded in the adapter's adapter_config.json.
+
+    Args:
+        adapter_dir: a PEFT adapter folder (runs/<run>/best, a checkpoint, or an export).
+
+    Returns:
+        `base_model_name_or_path`: the alias, folder or hub id train.py was given as --model.
+
+    Raises:
+        SystemExit: the folder is not an adapter, or it is an incomplete checkpoint.
+    """
+    config_file = adapter_dir / "adapter_config.json"
+    if not config_file.is_file():
+        sys.exit(f"evaluate.py: error: {config_file} not found; pass an adapter folder such as runs/<run>/best")
+    # best/, final/ and checkpoints carry a COMPLETE marker (and trainer_state.json); exports do not.
+    if (adapter_dir / "COMPLETE").exists() or (adapter_dir / "trainer_state.json").exists():
+        try:
+            check_checkpoint(adapter_dir)
+        except CheckpointError as err:
+            sys.exit(f"evaluate.py: error: {err}")
+    return json.loads(config_file.read_text())["base_model_name_or_path"]
+
+
+def same_model(a: str, b: str) -> bool:
+    """True when two model names point to the same weights (alias, its cache folder, or equal paths).
+
+    Args:
+        a, b: aliases, local folders or hub ids.
+
+    Returns:
+        Whether they resolve to the same model.
+    """
+    if a == b:
+        return True
+    try:
+        return Path(resolve_model_path(a)).resolve() == Path(resolve_model_path(b)).resolve()
+    except ModelLoadError:
+        return False
+
+
+def resolve_autocast_dtype(name: str, device: torch.device) -> torch.dtype | None:
+    """Map --dtype to an autocast dtype; "auto" picks bf16 where the hardware runs it fast.
+
+    Args:
+        name: auto, fp32, bf16 or fp16.
+        device: where the model runs.
+
+    Returns:
+        The autocast dtype, or None for plain fp32 (no autocast).
+    """
+    if name == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else None
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    """Autocast context for `dtype` on `device`; a no-op when dtype is None (fp32)."""
+    return torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
+
+
+@torch.no_grad()
+def compute_example_losses(model, examples: list[dict], pad_token_id: int, batch_size: int, autocast_dtype):
+    """Summed assistant-token loss and trained-token count of every example (batched by length).
+
+    Args:
+        model: the (PEFT) causal LM, in eval mode.
+        examples: from `tokenize_records` (input_ids, labels with -100 outside assistant turns).
+        pad_token_id: id used for right padding (labels are padded with -100).
+        batch_size: examples per forward pass.
+        autocast_dtype: from `resolve_autocast_dtype`.
+
+    Returns:
+        (loss_sums, token_counts) as float64 numpy arrays aligned with `examples`.
+    """
+    device = next(model.parameters()).device
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))
+    loss_sums, counts = np.zeros(len(examples)), np.zeros(len(examples))
+    for start in range(0, len(order), batch_size):
+        rows = order[start : start + batch_size]
+        batch = {k: v.to(device) for k, v in collate_batch([examples[i] for i in rows], pad_token_id).items()}
+        with autocast(device, autocast_dtype):
+            loss_sum, count = compute_token_losses(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+        loss_sums[rows] = loss_sum.double().cpu().numpy()
+        counts[rows] = count.double().cpu().numpy()
+    return loss_sums, counts
+
+
+def score_model(loss_sums, counts, indices, replies, references, reference_decisions, lobs) -> dict:
+    """Every metric of one model: loss and perplexity with intervals, ROUGE, decision accuracy.
+
+    Args:
+        loss_sums, counts: per loss example, from `compute_example_losses`.
+        indices: shared `bootstrap_indices`, so both models are resampled identically.
+        replies, references, reference_decisions, lobs: per generated example (decision None when
+            the record has no reference decision; such examples are left out of decision metrics).
+
+    Returns:
+        {"loss", "perplexity", "trained_tokens", "rouge", "decision", "outcome_accuracy_ci"}.
+    """
+    loss = bootstrap_ratio_ci(loss_sums, counts, indices=indices)
+    result = {"loss": loss, "perplexity": perplexity_from_loss_ci(loss), "trained_tokens": int(counts.sum())}
+    if replies:
+        result["rouge"] = rouge_scores(replies, references)
+    scored = [i for i, decision in enumerate(reference_decisions) if decision is not None]
+    if scored:
+        decisions = decision_metrics(
+            [replies[i] for i in scored], [reference_decisions[i] for i in scored], [lobs[i] for i in scored]
+        )
+        hits = [
+            p is not None and p["outcome"] == reference_decisions[i]["outcome"]
+            for p, i in zip(decisions.pop("parsed"), scored)
+        ]
+        result["decision"] = decisions
+        result["outcome_accuracy_ci"] = bootstrap_ratio_ci(hits, n_resamples=indices.shape[0], seed=len(hits))
+    return result
+
+
+def write_convergence_report(run_dir: Path, output_dir: Path) -> dict:
+    """Analyse a run folder's logs and write plots, report.md and analysis.json into `output_dir`.
+
+    Args:
+        run_dir: runs/<run>, as train.py wrote it.
+        output_dir: where the report goes (created).
+
+    Returns:
+        The analysis (verdicts and the numbers behind them).
+
+    Raises:
+        SystemExit: the run folder or its logs are missing.
+    """
+    try:
+        logs = load_run_logs(run_dir)
+    except ReportError as err:
+        sys.exit(f"evaluate.py: error: {err}")
+    analysis = analyze_run(logs)
+    plots = plot_run(logs, output_dir)  # creates output_dir
+    (output_dir / "report.md").write_text(render_report(analysis, plots))
+    write_json(output_dir / "analysis.json", analysis)
+    logger.info(
+        "convergence: %s | overfitting: %s | report: %s",
+        analysis["convergence"]["verdict"],
+        analysis["overfitting"].get("overfitting"),
+        output_dir / "report.md",
+    )
+    return analysis
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Run the evaluation (or the report).
+
+    Args:
+        argv: command-line arguments (default: sys.argv[1:]).
+
+    Returns:
+        What was written to metrics.json (or, with --report, to analysis.json).
+
+    Raises:
+        SystemExit: with a one-line message for a mismatched base model, missing data or model.
+    """
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.report:
+        return write_convergence_report(Path(args.report), Path(args.output_dir or Path(args.report) / "report"))
+
+    # --- resolve the model(s) and check that the adapter belongs to the base ---
+    adapter_dir = Path(args.adapter) if args.adapter else None
+    model_name = args.model or DEFAULT_MODEL
+    if adapter_dir is not None:
+        adapter_base = read_adapter_base(adapter_dir)
+        if args.model and not same_model(args.model, adapter_base):
+            sys.exit(
+                f"evaluate.py: error: adapter {adapter_dir} was trained on '{adapter_base}', not on --model "
+                f"'{args.model}'; drop --model or pass the matching base model"
+            )
+        model_name = adapter_base
+    output_dir = Path(args.output_dir or (adapter_dir.parent / "eval" if adapter_dir else "runs/base-eval"))
+    data_file = Path(args.data_file or REPO / "data" / f"{args.split}.jsonl")
+    seed_everything(args.seed)
+    start = time.perf_counter()
+
+    try:
+        model, tokenizer = load_model_and_tokenizer(model_name, trust_remote_code=args.trust_remote_code)
+        records = load_records(data_file)[: args.limit]
+        examples, stats = tokenize_records(records, tokenizer, args.max_seq_len)
+    except (ModelLoadError, DataError) as err:
+        sys.exit(f"evaluate.py: error: {err}")
+    if not examples:
+        sys.exit(f"evaluate.py: error: no example of {data_file} fits --max-seq-len {args.max_seq_len}")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if adapter_dir is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(adapter_dir))
+    model.to(device).eval()
+    autocast_dtype = resolve_autocast_dtype(args.dtype, device)
+
+    # Generation targets: the final assistant turn of each chat record; the prompt is everything before it.
+    chat_rows = [i for i, r in enumerate(records) if "messages" in r]
+    chats = [records[i] for i in chat_rows]
+    prompts = [prompt_messages(r["messages"]) for r in chats]
+    references = [r["messages"][len(p)]["content"] for r, p in zip(chats, prompts)]
+    # The dataset stores the reference decision; for other files, parse it from the reference reply.
+    reference_decisions = [
+        r["decision"]
+        if isinstance(r.get("decision"), dict) and "outcome" in r["decision"]
+        else parse_decision_line(ref)
+        for r, ref in zip(chats, references)
+    ]
+    lobs = [r.get("line_of_business", "all") for r in chats]
+    indices = bootstrap_indices(len(examples), args.bootstrap, args.seed)
+
+    # --- the same examples through both models: adapter on, then adapter off (the base) ---
+    results, per_model = {}, {}
+    for name in ["base", "finetuned"] if adapter_dir is not None else ["base"]:
+        logger.info("%s: scoring %d examples, generating %d replies", name, len(examples), len(prompts))
+        adapter_off = adapter_dir is not None and name == "base"
+        with model.disable_adapter() if adapter_off else contextlib.nullcontext():
+            loss_sums, counts = compute_example_losses(
+                model, examples, tokenizer.pad_token_id, args.batch_size, autocast_dtype
+            )
+            with autocast(device, autocast_dtype):
+                replies = generate_replies(model, tokenizer, prompts, args.batch_size, args.max_new_tokens)
+        per_model[name] = (loss_sums, counts, replies)
+        results[name] = score_model(loss_sums, counts, indices, replies, references, reference_decisions, lobs)
+        logger.info(
+            "%s: loss %.4f | ppl %.3f", name, results[name]["loss"]["mean"], results[name]["perplexity"]["value"]
+        )
+
+    metrics = {
+        "mode": "adapter" if adapter_dir is not None else "base",
+        "adapter": str(adapter_dir) if adapter_dir else None,
+        "model": model_name,
+        "data_file": str(data_file),
+        "examples": len(records),
+        "loss_examples": len(examples),
+        "truncated_history": stats.truncated_history,
+        "dropped_overlong": stats.dropped_overlong,
+        "generation_examples": len(prompts),
+        "decision_examples": sum(d is not None for d in reference_decisions),
+        "settings": {
+            "max_new_tokens": args.max_new_tokens,
+            "batch_size": args.batch_size,
+            "bootstrap": args.bootstrap,
+            "seed": args.seed,
+            "dtype": str(autocast_dtype or torch.float32).replace("torch.", ""),
+            "max_seq_len": args.max_seq_len,
+            "device": str(device),
+        },
+        "models": results,
+    }
+    if "finetuned" in per_model:
+        base_sums, counts, _ = per_model["base"]
+        tuned_sums = per_model["finetuned"][0]
+        delta = bootstrap_ratio_ci(tuned_sums - base_sums, counts, indices=indices)
+        metrics["comparison"] = {
+            "loss_delta": delta,  # finetuned minus base, paired on the same resamples
+            "perplexity_ratio": results["finetuned"]["perplexity"]["value"] / results["base"]["perplexity"]["value"],
+            "significant": delta["high"] < 0 or delta["low"] > 0,
+        }
+    metrics["eval_time_s"] = time.perf_counter() - start
+
+    # --- write the outputs ---
+    output_dir.mkdir(parents=True, exist_ok=True)
+    example_of = {e["index"]: row for row, e in enumerate(examples)}
+    predictions = []
+    for k, record in enumerate(chats):
+        row = example_of.get(chat_rows[k])  # None when the example was dropped as overlong
+        line = {"id": record.get("id", record["_line"]), "line_of_business": lobs[k], "reference": references[k]}
+        line["reference_decision"] = reference_decisions[k]
+        for name, (loss_sums, counts, replies) in per_model.items():
+            line[f"generated_{name}"] = replies[k]
+            line[f"decision_{name}"] = parse_decision_line(replies[k])
+            line[f"loss_{name}"] = None if row is None else loss_sums[row] / max(counts[row], 1)
+        predictions.append(line)
+    (output_dir / "predictions.jsonl").write_text("".join(json.dumps(p) + "\n" for p in predictions))
+    write_json(output_dir / "metrics.json", metrics)
+    (output_dir / "report.md").write_text(render_eval_report(metrics, predictions[:3]))
+    logger.info("wrote %s", output_dir)
+    return metrics
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,316 @@
+"""Export a run's adapter as a versioned, self-describing folder (and optionally push it to the hub).
+
+    python export.py --run runs/demo --version 1.0                       # -> exports/demo-v1.0/
+    python export.py --run runs/demo --version 1.1 --name underwrite --output-dir /shared/exports
+    python export.py --run runs/demo --version 1.0 --checkpoint runs/demo/checkpoints/step_000120 --force
+    python export.py --run runs/demo --version 1.0 --push-to-hub my-org/underwrite-lora --private
+
+What is written to <output-dir>/<name>-v<version>/:
+    adapter_model.safetensors   the checkpoint's adapter, byte for byte
+    adapter_config.json         PEFT config; base_model_name_or_path = the base the run trained on
+    tokenizer files             tokenizer.json, tokenizer_config.json, chat_template.jinja, ...
+    generation_config.json      eos_token_id = the end-of-turn token (<|im_end|> for the default), pad set
+    training_args.json          the run's resolved config.json (secrets redacted)
+    metrics.json                {"checkpoint", "validation", "baseline", "test" (evaluate.py, if run)}
+    README.md                   model card (base, data + sha256, hyperparameters, time, hardware,
+                                metrics vs baseline, samples, use and limits, memory, how to load, lineage)
+    VERSION
+
+Safety: the checkpoint must have its COMPLETE marker and finite weights (the run's best/ by
+default). Names and versions are single folder names (no "/", no ".."), so an export cannot land
+outside --output-dir. Secrets (HF_TOKEN, WANDB_API_KEY, any config key named like token/key/secret/
+password) are redacted, and the finished folder is scanned for them before it is published. The
+folder is written under a temporary name and renamed into place; an existing version is replaced
+only with --force. Only safetensors are written; `trust_remote_code` stays off unless asked for.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import NoReturn
+
+from safetensors.torch import load_file
+from transformers import AutoTokenizer, GenerationConfig
+
+from common.artifacts import (
+    build_generation_config,
+    collect_secret_values,
+    count_base_parameters,
+    estimate_inference_memory,
+    find_secrets_in_folder,
+    publish_dir,
+    redact_secrets,
+    render_model_card,
+    secret_env_values,
+    validate_export_name,
+)
+from common.model import ModelLoadError, load_config, load_tokenizer, resolve_model_path
+from common.training import CheckpointError, assert_finite, check_checkpoint
+
+ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
+UNSAFE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse and validate the command line (see the module docstring)."""
+    parser = argparse.ArgumentParser(description="Export a run's adapter with a model card, metrics and lineage.")
+    # --- what to export ---
+    parser.add_argument("--run", required=True, help="run folder written by train.py (runs/<run>)")
+    parser.add_argument("--checkpoint", help="adapter folder to export (default: <run>/best, the lowest val ppl)")
+    parser.add_argument("--version", required=True, help="export version, e.g. 1.0 (folder <name>-v<version>)")
+    parser.add_argument("--name", help="export name (default: the run folder's name)")
+    # --- where ---
+    parser.add_argument("--output-dir", default="exports", help="folder that holds all exports")
+    parser.add_argument("--force", action="store_true", help="replace an existing export of this version")
+    parser.add_argument("--num-samples", type=int, default=3, help="sample generations shown in the model card")
+    # --- hub ---
+    parser.add_argument(
+        "--push-to-hub", metavar="REPO", help="also upload the export to this hub repo (needs HF_TOKEN)"
+    )
+    parser.add_argument("--private", action="store_true", help="create the hub repo as private")
+    parser.add_argument("--trust-remote-code", action="store_true", help="allow custom tokenizer/model code")
+    args = parser.parse_args(argv)
+
+    run_dir = Path(args.run)
+    if not (run_dir / "config.json").is_file():
+        parser.error(f"--run {run_dir}: no config.json; pass a run folder written by train.py (runs/<run>)")
+    args.name = args.name if args.name is not None else run_dir.resolve().name
+    try:
+        validate_export_name(args.name, "--name")
+        validate_export_name(args.version, "--version")
+    except ValueError as err:
+        parser.error(str(err))
+    if args.num_samples < 0:
+        parser.error("--num-samples must be >= 0")
+    if args.push_to_hub:
+        from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+        try:
+            validate_repo_id(args.push_to_hub)
+        except HFValidationError as err:
+            parser.error(f"--push-to-hub {args.push_to_hub!r}: {err}")
+    return args
+
+
+def fail(message: str) -> NoReturn:
+    """Stop with one actionable line on stderr and exit status 1."""
+    raise SystemExit(f"export.py: error: {message}")
+
+
+def read_json(path: Path, default: object = None) -> object:
+    """Read a JSON file, or return `default` when it does not exist."""
+    return json.loads(path.read_text()) if path.is_file() else default
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """Read a JSONL file (empty list when missing)."""
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+
+def write_json(path: Path, data: object) -> None:
+    """Write pretty, sorted JSON."""
+    path.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def load_checked_adapter(checkpoint: Path) -> dict:
+    """Refuse incomplete, non-safetensors or non-finite checkpoints; return the adapter tensors."""
+    if not checkpoint.is_dir():
+        fail(f"checkpoint {checkpoint} does not exist; pass --checkpoint <run>/checkpoints/step_XXXXXX")
+    missing = [name for name in ADAPTER_FILES if not (checkpoint / name).is_file()]
+    if missing:
+        fail(f"{checkpoint} has no {', '.join(missing)} (only safetensors adapters are exported)")
+    try:
+        check_checkpoint(checkpoint)
+        tensors = load_file(checkpoint / "adapter_model.safetensors")
+        assert_finite(tensors, str(checkpoint))
+    except CheckpointError as err:
+        fail(str(err))
+    return tensors
+
+
+def checkpoint_step(checkpoint: Path, checkpoint_metrics: dict | None) -> int | None:
+    """The optimizer step of a checkpoint: from its metrics.json, else from its step_XXXXXX name."""
+    if checkpoint_metrics and checkpoint_metrics.get("step") is not None:
+        return int(checkpoint_metrics["step"])
+    if checkpoint.name.startswith("step_") and checkpoint.name[5:].isdigit():
+        return int(checkpoint.name[5:])
+    return None
+
+
+def build_metrics(run_dir: Path, checkpoint: Path, is_best: bool) -> dict:
+    """metrics.json: validation at the checkpoint's step, the baseline, and evaluate.py's metrics."""
+    checkpoint_metrics = read_json(checkpoint / "metrics.json")
+    step = checkpoint_step(checkpoint, checkpoint_metrics)
+    eval_log = read_jsonl(run_dir / "eval_log.jsonl")
+    baseline = next((entry for entry in eval_log if entry.get("baseline")), {})
+    at_step = next((e for e in eval_log if e.get("step") == step and not e.get("baseline")), {})
+    validation = checkpoint_metrics or at_step
+    keys = ("val_loss", "val_ppl", "val_tokens")
+    metrics = {
+        "checkpoint": {"path": str(checkpoint), "step": step, "epoch": validation.get("epoch", at_step.get("epoch"))},
+        "validation": {k: validation[k] for k in keys if k in validation},
+        "baseline": {k: baseline[k] for k in keys if k in baseline},
+    }
+    # evaluate.py's numbers (runs/<run>/eval/) belong to the adapter it scored, usually best/.
+    evaluation = read_json(run_dir / "eval" / "metrics.json")
+    if isinstance(evaluation, dict):
+        scored = evaluation.get("adapter")
+        if (Path(scored).resolve() == checkpoint.resolve()) if scored else is_best:
+            split = Path(evaluation.get("data_file") or "test").stem
+            metrics["test" if split == "test" else f"evaluate_{split}"] = evaluation
+    return metrics
+
+
+def load_samples(run_dir: Path, step: int | None, limit: int) -> list[dict]:
+    """Sample generations recorded at `step` (else the latest step before it)."""
+    files = sorted((run_dir / "samples").glob("step_*.jsonl"))
+    if step is not None:
+        files = [f for f in files if f.stem[5:].isdigit() and int(f.stem[5:]) <= step]
+    return read_jsonl(files[-1])[:limit] if files and limit else []
+
+
+def load_export_tokenizer(checkpoint: Path, run_dir: Path, base_model: str, trust_remote_code: bool):
+    """The run's tokenizer (checkpoint, then best/ and final/, then the base model's)."""
+    for folder in (checkpoint, run_dir / "best", run_dir / "final"):
+        if (folder / "tokenizer_config.json").is_file():
+            tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+            break
+    else:
+        tokenizer = load_tokenizer(base_model, trust_remote_code=trust_remote_code)
+    if not tokenizer.chat_template:
+        fail(f"the tokenizer of {checkpoint} has no chat template; cannot export a chat adapter without one")
+    return tokenizer
+
+
+def load_base_generation_config(base_model: str) -> GenerationConfig | None:
+    """The base model's generation config if it is available locally (its sampling defaults are kept)."""
+    try:
+        return GenerationConfig.from_pretrained(resolve_model_path(base_model), local_files_only=True)
+    except (OSError, ValueError, ModelLoadError):
+        return None
+
+
+def estimate_memory(base_model: str, run_config: dict, adapter_bytes: int, trust_remote_code: bool):
+    """Inference memory per base dtype and a note saying how the base was counted."""
+    try:
+        counts = count_base_parameters(load_config(base_model, trust_remote_code=trust_remote_code))
+        note = (
+            f"Base: {counts['total']:,} parameters ({counts['quantizable']:,} in the linear layers NF4 quantizes), "
+            f"counted from its config; adapter: {adapter_bytes:,} bytes."
+        )
+    except (OSError, ValueError, ModelLoadError):
+        derived = run_config.get("derived", {})
+        if "total_params" not in derived:
+            return {}, "The base model's size is unknown (config not available and not recorded by the run)."
+        total = int(derived["total_params"]) - int(derived.get("trainable_params", 0))
+        counts = {"quantizable": total, "other": 0}
+        note = f"Base: {total:,} parameters from the run's config.json, all counted as NF4-quantizable (a lower bound)."
+    return estimate_inference_memory(counts["quantizable"], counts["other"], adapter_bytes), note
+
+
+def push_to_hub(folder: Path, repo_id: str, private: bool, commit_message: str) -> str:
+    """Create the hub repo if needed and upload the folder; returns the commit URL."""
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
+    return str(api.upload_folder(folder_path=str(folder), repo_id=repo_id, commit_message=commit_message))
+
+
+def main(argv: list[str] | None = None) -> Path:
+    """Export the adapter; returns the published export folder."""
+    args = parse_args(argv)
+    run_dir = Path(args.run)
+    checkpoint = Path(args.checkpoint) if args.checkpoint else run_dir / "best"
+    output_dir = Path(args.output_dir)
+    final_dir = output_dir / f"{args.name}-v{args.version}"
+    if final_dir.exists() and not args.force:
+        fail(f"{final_dir} already exists; choose a new --version, or pass --force to replace it")
+    if (run_dir / ".lock").exists():
+        print(f"warning: {run_dir} is locked by a training process; exporting its current files", file=sys.stderr)
+
+    adapter_tensors = load_checked_adapter(checkpoint)
+    run_config = read_json(run_dir / "config.json")
+    adapter_config = read_json(checkpoint / "adapter_config.json")
+    secrets = sorted({*secret_env_values(), *collect_secret_values(run_config)}, key=len, reverse=True)
+    base_model = str(run_config.get("args", {}).get("model") or adapter_config["base_model_name_or_path"])
+    recorded_base = str(adapter_config.get("base_model_name_or_path") or base_model)
+    if Path(recorded_base).exists():  # a local folder: make it absolute so the export reloads from anywhere
+        adapter_config["base_model_name_or_path"] = str(Path(recorded_base).resolve())
+    is_best = checkpoint.resolve() == (run_dir / "best").resolve()
+    metrics = build_metrics(run_dir, checkpoint, is_best)
+
+    output_dir.mkdir(parents=True, exist_ok=True)
+    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{final_dir.name}.tmp-", dir=output_dir))
+    tmp_dir.chmod(0o755)  # mkdtemp makes it private; the published export should be readable like any folder
+    try:
+        shutil.copyfile(checkpoint / "adapter_model.safetensors", tmp_dir / "adapter_model.safetensors")
+        write_json(tmp_dir / "adapter_config.json", redact_secrets(adapter_config, secrets))
+        tokenizer = load_export_tokenizer(checkpoint, run_dir, recorded_base, args.trust_remote_code)
+        tokenizer.save_pretrained(tmp_dir)
+        build_generation_config(tokenizer, load_base_generation_config(recorded_base)).save_pretrained(tmp_dir)
+        write_json(tmp_dir / "training_args.json", redact_secrets(run_config, secrets))
+        write_json(tmp_dir / "metrics.json", redact_secrets(metrics, secrets))
+        (tmp_dir / "VERSION").write_text(f"{args.version}\n")
+
+        adapter_bytes = sum(t.numel() * t.element_size() for t in adapter_tensors.values())
+        memory, memory_note = estimate_memory(recorded_base, run_config, adapter_bytes, args.trust_remote_code)
+        card = render_model_card(
+            name=args.name,
+            version=args.version,
+            base_model=base_model,
+            adapter_config=redact_secrets(adapter_config, secrets),
+            run_config=redact_secrets(run_config, secrets),
+            summary=redact_secrets(read_json(run_dir / "summary.json"), secrets),
+            metrics=redact_secrets(metrics, secrets),
+            samples=redact_secrets(load_samples(run_dir, metrics["checkpoint"]["step"], args.num_samples), secrets),
+            memory=memory,
+            memory_note=memory_note,
+            lineage={
+                "run": str(run_dir),
+                "checkpoint": str(checkpoint),
+                "git_commit": run_config.get("git_commit") or "not recorded",
+                "run_created": run_config.get("created") or "not recorded",
+                "exported": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            },
+        )
+        (tmp_dir / "README.md").write_text(redact_secrets(card, secrets))
+
+        # Last line of defence: nothing unsafe or secret leaves this machine.
+        unsafe = [p.name for p in tmp_dir.rglob("*") if p.suffix in UNSAFE_SUFFIXES]
+        leaks = find_secrets_in_folder(tmp_dir, secrets)
+        if unsafe or leaks:
+            fail(f"refusing to publish: pickle files {unsafe} or secrets in {[p.name for p in leaks]}")
+        publish_dir(tmp_dir, final_dir, overwrite=args.force)
+    except FileExistsError as err:
+        fail(f"{err}; choose a new --version, or pass --force to replace it")
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+
+    files = list(final_dir.iterdir())
+    size_mb = sum(p.stat().st_size for p in files) / 2**20
+    val_ppl = metrics["validation"].get("val_ppl", float("nan"))
+    step = metrics["checkpoint"]["step"]
+    print(f"exported {checkpoint} (step {step}, val_ppl {val_ppl:.4g}) -> {final_dir}")
+    print(f"{len(files)} files, {size_mb:.1f} MiB: {', '.join(sorted(p.name for p in files))}")
+    if args.push_to_hub:
+        try:
+            url = push_to_hub(final_dir, args.push_to_hub, args.private, f"Export {args.name} v{args.version}")
+        except Exception as err:  # offline, no token, no permission: huggingface_hub raises many types
+            reason = redact_secrets(str(err).strip().splitlines()[0] if str(err).strip() else "", secrets)
+            fail(
+                f"pushing to the hub repo {args.push_to_hub} failed ({type(err).__name__}: {reason}). The local "
+                f"export {final_dir} is intact; retry when online with `hf upload {args.push_to_hub} {final_dir}`"
+            )
+        print(f"pushed {final_dir} -> {url}")
+    return final_dir
+
+
+if __name__ == "__main__":
+    main()

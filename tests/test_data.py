@@ -1,0 +1,179 @@
+"""common.data: validation messages, assistant-only label masks, overlong policy, batching."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from common.data import (
+    IGNORE_INDEX,
+    DataError,
+    LengthGroupedBatchSampler,
+    collate_batch,
+    load_records,
+    tokenize_messages,
+    tokenize_records,
+)
+
+CONVERSATION = [
+    {"role": "system", "content": "You are an underwriting assistant."},
+    {"role": "user", "content": "Term life, age 42, 500k, non-smoker."},
+    {"role": "assistant", "content": "What is the applicant's BMI?"},
+    {"role": "user", "content": "27.5"},
+    {"role": "assistant", "content": "Standard class applies.\nDECISION: approve | CLASS: standard | RULES: L-8"},
+]
+
+
+def trained_text(tokenizer, example: dict) -> str:
+    """Decode only the tokens whose label is trained."""
+    return tokenizer.decode([t for t, label in zip(example["input_ids"], example["labels"]) if label != IGNORE_INDEX])
+
+
+def test_only_assistant_replies_and_their_end_of_turn_are_trained(default_tokenizer):
+    example = tokenize_messages(default_tokenizer, CONVERSATION)
+    eot = default_tokenizer.eos_token
+    assert eot == "<|im_end|>"
+    expected = f"{CONVERSATION[2]['content']}{eot}{CONVERSATION[4]['content']}{eot}"
+    assert trained_text(default_tokenizer, example) == expected
+    # labels equal input ids wherever trained (no shift here; the loss shifts)
+    for token, label in zip(example["input_ids"], example["labels"]):
+        assert label in (IGNORE_INDEX, token)
+    # no system/user token is trained: every trained run lies inside an assistant reply
+    untrained = default_tokenizer.decode([t for t, lab in zip(example["input_ids"], example["labels"]) if lab == -100])
+    assert "underwriting assistant" in untrained and "non-smoker" in untrained and "27.5" in untrained
+    assert "BMI" not in untrained and "DECISION" not in untrained
+
+
+def test_role_headers_and_newline_after_end_of_turn_are_not_trained(default_tokenizer):
+    example = tokenize_messages(default_tokenizer, CONVERSATION)
+    tokens = default_tokenizer.convert_ids_to_tokens(example["input_ids"])
+    for i, token in enumerate(tokens):
+        if token == "<|im_start|>" or (i > 0 and tokens[i - 1] == "<|im_start|>"):
+            assert example["labels"][i] == IGNORE_INDEX
+    last_eot = max(i for i, t in enumerate(tokens) if t == "<|im_end|>")
+    assert example["labels"][last_eot] != IGNORE_INDEX
+    assert all(label == IGNORE_INDEX for label in example["labels"][last_eot + 1 :])
+
+
+def test_record_without_assistant_turn_is_rejected(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
+    with pytest.raises(DataError, match=r"d\.jsonl:1: no assistant turn"):
+        load_records(path)
+
+
+BAD_FILES = [
+    ("bad json", '{"messages": [\n', ".jsonl", r":1: invalid JSON"),
+    ("missing messages", '{"id": 1}\n', ".jsonl", r":1: missing field 'messages'"),
+    (
+        "unknown role",
+        '{"messages": [{"role": "user", "content": "a"}, {"role": "assistent", "content": "b"}]}\n',
+        ".jsonl",
+        r":1: messages\[1\]\.role is 'assistent'; expected one of system, user, assistant",
+    ),
+    (
+        "empty content",
+        '{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "  "}]}\n',
+        ".jsonl",
+        r":1: messages\[1\]\.content is empty",
+    ),
+    (
+        "non-string content",
+        '{"messages": [{"role": "user", "content": 5}, {"role": "assistant", "content": "b"}]}\n',
+        ".jsonl",
+        r":1: messages\[0\]\.content must be a string, got int",
+    ),
+    ("empty file", "", ".jsonl", r"no records; the file is empty"),
+    ("wrong extension", "hello", ".txt", r"unsupported file type '\.txt'"),
+    ("second line bad", '{"text": "ok"}\n{"messages": 3}\n', ".jsonl", r":2: 'messages' must be a non-empty list"),
+    (
+        "late system turn",
+        '{"messages": [{"role": "user", "content": "a"}, {"role": "system", "content": "s"}, {"role": "assistant", "content": "b"}]}\n',
+        ".jsonl",
+        r":1: messages\[1\] is a system turn; only messages\[0\] may be system",
+    ),
+]
+
+
+@pytest.mark.parametrize(("name", "content", "suffix", "message"), BAD_FILES, ids=[b[0] for b in BAD_FILES])
+def test_malformed_files_name_line_and_field(tmp_path, name, content, suffix, message):
+    path = tmp_path / f"data{suffix}"
+    path.write_text(content)
+    with pytest.raises(DataError, match=message) as excinfo:
+        load_records(path)
+    assert str(path) in str(excinfo.value)
+
+
+def test_invalid_utf8_names_the_line(tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(b'{"text": "ok"}\n{"text": "caf\xe9"}\n')
+    with pytest.raises(DataError, match=r"latin1\.jsonl:2: not valid UTF-8"):
+        load_records(path)
+
+
+def test_prompt_completion_text_csv_and_parquet_are_accepted(tmp_path, default_tokenizer):
+    (tmp_path / "pc.jsonl").write_text(json.dumps({"prompt": "Quote?", "completion": "Refer."}) + "\n")
+    (tmp_path / "t.json").write_text(json.dumps([{"text": "plain text"}]))
+    (tmp_path / "c.csv").write_text('prompt,completion\n"Quote?","Refer."\n')
+    import datasets
+
+    datasets.Dataset.from_list([{"messages": CONVERSATION}]).to_parquet(str(tmp_path / "p.parquet"))
+    pc = load_records(tmp_path / "pc.jsonl")[0]
+    assert pc["messages"] == [{"role": "user", "content": "Quote?"}, {"role": "assistant", "content": "Refer."}]
+    assert load_records(tmp_path / "c.csv")[0]["messages"] == pc["messages"]
+    assert load_records(tmp_path / "p.parquet")[0]["messages"] == CONVERSATION
+    text = load_records(tmp_path / "t.json")
+    examples, _ = tokenize_records(text, default_tokenizer, 64)
+    assert examples[0]["labels"] == examples[0]["input_ids"]  # plain text: every token trained
+
+
+def test_overlong_history_is_truncated_from_the_left_and_final_reply_kept(default_tokenizer):
+    long_turn = "word " * 300
+    messages = [
+        CONVERSATION[0],
+        {"role": "user", "content": long_turn},
+        {"role": "assistant", "content": "First reply."},
+        {"role": "user", "content": "Short follow-up."},
+        {"role": "assistant", "content": "Final reply.\nDECISION: decline | CLASS: n/a | RULES: L-1"},
+    ]
+    full = len(tokenize_messages(default_tokenizer, messages)["input_ids"])
+    examples, stats = tokenize_records([{"messages": messages}], default_tokenizer, max_seq_len=100)
+    assert full > 100 and stats.truncated_history == 1 and stats.dropped_overlong == 0
+    assert len(examples[0]["input_ids"]) <= 100
+    kept = default_tokenizer.decode(examples[0]["input_ids"])
+    assert "Final reply." in kept and "First reply." not in kept and "underwriting assistant" in kept
+    # a final exchange that alone exceeds the limit is dropped, never cut
+    examples, stats = tokenize_records([{"messages": messages}], default_tokenizer, max_seq_len=30)
+    assert examples == [] and stats.dropped_overlong == 1
+    examples, stats = tokenize_records([{"messages": messages}], default_tokenizer, 100, overlong="drop")
+    assert examples == [] and stats.dropped_overlong == 1
+
+
+def test_collate_pads_right_and_never_trains_padding(default_tokenizer):
+    examples, _ = tokenize_records([{"messages": CONVERSATION}, {"messages": CONVERSATION[:3]}], default_tokenizer, 512)
+    batch = collate_batch(examples, default_tokenizer.pad_token_id, pad_to_multiple_of=8)
+    assert batch["input_ids"].shape[1] % 8 == 0
+    short = len(examples[1]["input_ids"])
+    assert batch["attention_mask"][1, :short].all() and not batch["attention_mask"][1, short:].any()
+    # pad id == end-of-turn id here: padding must still be untrained while the real <|im_end|> is trained
+    assert default_tokenizer.pad_token_id == default_tokenizer.eos_token_id
+    assert (batch["labels"][1, short:] == IGNORE_INDEX).all()
+    assert (batch["labels"][1, :short] == default_tokenizer.eos_token_id).sum() == 1
+    assert batch["labels"].dtype == torch.long
+
+
+def test_length_grouped_sampler_is_deterministic_complete_and_grouped():
+    lengths = [(i * 37) % 101 + 5 for i in range(50)]
+    sampler = LengthGroupedBatchSampler(lengths, batch_size=4, seed=3, mega_batch_factor=4)
+    first = sampler.batches()
+    assert first == LengthGroupedBatchSampler(lengths, 4, seed=3, mega_batch_factor=4).batches()
+    assert sorted(i for b in first for i in b) == list(range(50))
+    assert len(first) == len(sampler) == 13 and all(len(b) == 4 for b in first[:-1]) and len(first[-1]) == 2
+    sampler.set_epoch(1)
+    assert sampler.batches() != first
+    # grouping: padding waste is far below random batching
+    waste = sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in first)
+    random_waste = sum(max(lengths[i] for i in range(s, s + 4)) * 4 - sum(lengths[s : s + 4]) for s in range(0, 48, 4))
+    assert waste < random_waste / 2

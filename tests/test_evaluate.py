@@ -1,0 +1,136 @@
+"""evaluate.py on the tiny model: base vs finetuned in one run, files written, wrong base refused."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import pytest
+import torch
+
+import evaluate
+
+
+@pytest.fixture(scope="module")
+def adapter_dir(tmp_path_factory, tiny_model_dir):
+    """A LoRA adapter on the tiny model whose lora_B is perturbed, so it changes the logits."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)
+    path = tmp_path_factory.mktemp("runs") / "demo" / "best"  # laid out like a run's best/ folder
+    model.save_pretrained(path)
+    (path / "COMPLETE").write_text("done\n")
+    config = json.loads((path / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(tiny_model_dir)
+    return path
+
+
+@pytest.fixture(scope="module")
+def evaluated(adapter_dir, tiny_model_dir, toy_data_dir):
+    """Run evaluate.main once for the module (default output folder); returns (metrics, output folder)."""
+    argv = ["--adapter", str(adapter_dir), "--model", str(tiny_model_dir), "--data-file"]
+    argv += [str(toy_data_dir / "test.jsonl"), "--limit", "4", "--max-new-tokens", "8", "--batch-size", "3"]
+    argv += ["--bootstrap", "200", "--dtype", "fp32"]
+    return evaluate.main(argv), adapter_dir.parent / "eval"  # runs/<run>/best -> runs/<run>/eval
+
+
+def test_metrics_cover_both_models(evaluated):
+    metrics, output_dir = evaluated
+    written = json.loads((output_dir / "metrics.json").read_text())
+    assert written["models"].keys() == {"base", "finetuned"}
+    assert written["loss_examples"] == written["generation_examples"] == 4
+    base, tuned = written["models"]["base"], written["models"]["finetuned"]
+    for result in (base, tuned):
+        assert result["loss"]["low"] <= result["loss"]["mean"] <= result["loss"]["high"]
+        assert math.isclose(result["perplexity"]["value"], math.exp(result["loss"]["mean"]), rel_tol=1e-9)
+        assert set(result["rouge"]) == {"rouge1", "rouge2", "rougeL"}
+        assert set(result["decision"]["overall"]) >= {
+            "parse_rate",
+            "outcome_accuracy",
+            "risk_class_accuracy",
+            "rule_f1",
+        }
+        assert list(result["decision"]["by_line_of_business"]) == ["term_life"]
+        assert result["trained_tokens"] == base["trained_tokens"] > 0  # same examples for both
+    # the perturbed adapter changes the model, so the two perplexities differ
+    assert abs(base["perplexity"]["value"] - tuned["perplexity"]["value"]) > 1e-3
+    delta = written["comparison"]["loss_delta"]
+    assert math.isclose(delta["mean"], tuned["loss"]["mean"] - base["loss"]["mean"], rel_tol=1e-6, abs_tol=1e-9)
+    assert written["settings"]["dtype"] == "float32"
+    assert metrics["comparison"]["significant"] == (delta["high"] < 0 or delta["low"] > 0)
+
+
+def test_predictions_and_report(evaluated):
+    metrics, output_dir = evaluated
+    lines = [json.loads(line) for line in (output_dir / "predictions.jsonl").read_text().splitlines()]
+    assert [line["id"] for line in lines] == ["toy-200", "toy-201", "toy-202", "toy-203"]
+    for line in lines:
+        assert line["reference"].splitlines()[-1].startswith("DECISION:")
+        assert line["reference_decision"]["outcome"] in ("approve", "refer", "decline")
+        assert isinstance(line["generated_base"], str) and isinstance(line["generated_finetuned"], str)
+        assert line["loss_base"] > 0 and line["loss_finetuned"] > 0
+    for name in ("base", "finetuned"):  # the parse rate in metrics.json matches the predictions file
+        parsed = sum(line[f"decision_{name}"] is not None for line in lines) / len(lines)
+        assert metrics["models"][name]["decision"]["overall"]["parse_rate"] == parsed
+    report = (output_dir / "report.md").read_text()
+    assert "| metric | base | finetuned | finetuned - base |" in report
+    assert "| perplexity |" in report and "| outcome accuracy |" in report and "How sure" in report
+    assert "| term_life | 4 |" in report
+
+
+def test_model_mismatch_exits_with_message(adapter_dir, toy_data_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.main(
+            [
+                "--adapter",
+                str(adapter_dir),
+                "--model",
+                "some-org/other-model",
+                "--data-file",
+                str(toy_data_dir / "test.jsonl"),
+                "--output-dir",
+                str(tmp_path),
+            ]
+        )
+    assert exit_info.value.code not in (0, None)
+    assert "was trained on" in str(exit_info.value.code) and "some-org/other-model" in str(exit_info.value.code)
+    assert not (tmp_path / "metrics.json").exists()
+
+
+def test_incomplete_checkpoint_is_refused(adapter_dir, toy_data_dir, tmp_path):
+    broken = tmp_path / "run" / "best"
+    shutil.copytree(adapter_dir, broken)
+    (broken / "COMPLETE").unlink()
+    (broken / "trainer_state.json").write_text("{}")  # a run folder's adapter, but never marked complete
+    with pytest.raises(SystemExit, match="COMPLETE"):
+        evaluate.main(["--adapter", str(broken), "--data-file", str(toy_data_dir / "test.jsonl")])
+
+
+def test_base_only_mode(tiny_model_dir, toy_data_dir, tmp_path):
+    metrics = evaluate.main(
+        [
+            "--model",
+            str(tiny_model_dir),
+            "--data-file",
+            str(toy_data_dir / "test.jsonl"),
+            "--limit",
+            "2",
+            "--max-new-tokens",
+            "4",
+            "--bootstrap",
+            "50",
+            "--output-dir",
+            str(tmp_path),
+        ]
+    )
+    assert list(metrics["models"]) == ["base"] and "comparison" not in metrics
+    assert (tmp_path / "predictions.jsonl").read_text().count("\n") == 2
+    assert "| metric | base |" in (tmp_path / "report.md").read_text()

@@ -1,0 +1,78 @@
+"""common.lora: adapters on exactly the target modules, only adapters trainable, clear errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from common.lora import (
+    LoraSetupError,
+    apply_lora,
+    assert_only_adapters_trainable,
+    count_parameters,
+    lora_parameter_key,
+)
+from common.model import load_model_and_tokenizer
+
+
+@pytest.fixture
+def tiny(tiny_model_dir):
+    model, _ = load_model_and_tokenizer(str(tiny_model_dir))
+    return model
+
+
+def test_adapters_exist_on_exactly_the_target_modules_of_every_layer(tiny):
+    model = apply_lora(tiny, rank=4, alpha=8, dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj"])
+    with_adapter = {name for name, module in model.named_modules() if hasattr(module, "lora_A")}
+    expected = {
+        f"base_model.model.model.layers.{layer}.self_attn.{proj}"
+        for layer in range(2)
+        for proj in ("q_proj", "k_proj", "v_proj")
+    }
+    assert with_adapter == expected
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {f"{m}.lora_{ab}.default.weight" for m in expected for ab in "AB"}
+    assert {lora_parameter_key(n) for n in trainable} == {f"{lay}.{p}.{ab}" for lay in (0, 1) for p in ("q_proj", "k_proj", "v_proj") for ab in "AB"}  # fmt: skip
+    counts = count_parameters(model)
+    # hidden 64, q: 64->64, k/v: 64->32 (2 kv heads x 16): r*(in+out) per module
+    per_layer = 4 * (64 + 64) + 4 * (64 + 32) * 2
+    assert counts["trainable"] == 2 * per_layer
+    assert counts["trainable_pct"] < 1.0
+
+
+def test_all_linear_targets_mlp_too(tiny):
+    model = apply_lora(tiny, rank=2, alpha=4, dropout=0.0, target_modules="all-linear")
+    names = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if hasattr(m, "lora_A")}
+    assert names == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+
+
+def test_unknown_target_module_names_the_alternatives(tiny):
+    with pytest.raises(LoraSetupError, match=r"qkv_proj not found in this model; linear layers are: .*q_proj"):
+        apply_lora(tiny, rank=4, alpha=8, dropout=0.0, target_modules=["qkv_proj"])
+
+
+def test_a_trainable_base_weight_is_refused(tiny):
+    model = apply_lora(tiny, rank=4, alpha=8, dropout=0.0, target_modules=["q_proj"])
+    model.base_model.model.model.norm.weight.requires_grad_(True)
+    with pytest.raises(LoraSetupError, match="base parameters are trainable"):
+        assert_only_adapters_trainable(model)
+
+
+def test_base_weights_are_bit_identical_after_training_steps(tiny):
+    before = {n: p.detach().clone() for n, p in tiny.named_parameters()}
+    model = apply_lora(tiny, rank=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"])
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    ids = torch.randint(0, 1000, (2, 16))
+    for _ in range(3):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    after = dict(model.get_base_model().named_parameters())
+    changed_adapters = [n for n, p in model.named_parameters() if "lora_B" in n and p.abs().sum() > 0]
+    assert changed_adapters  # the adapters did train
+    for name, value in before.items():
+        key = name.replace("q_proj.weight", "q_proj.base_layer.weight").replace(
+            "v_proj.weight", "v_proj.base_layer.weight"
+        )
+        assert torch.equal(after[key], value), name
