@@ -111,6 +111,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--log-every", type=int, default=1, help="console line every N optimizer steps")
     parser.add_argument("--grad-log-every", type=int, default=5, help="per-layer LoRA gradient norms every N steps")
     parser.add_argument("--report-to", choices=["tensorboard", "wandb", "none"], default="tensorboard")
+    parser.add_argument("--log-examples", action="store_true", help="each rank logs the example indices it trains on")
     parser.add_argument("--strict-memory", action="store_true", help="refuse to start if the estimate won't fit")
     parser.add_argument("--fault-inject", default="", help="tests only: loss:3,grad:5,stop:11")
     pre, _ = parser.parse_known_args(argv)
@@ -163,13 +164,16 @@ def validate_args(args: argparse.Namespace, num_processes: int) -> int:
 def main(argv: list[str] | None = None) -> dict:
     """Train and return the run summary (also written to summary.json)."""
     args = parse_args(argv)
-    num_processes = PartialState().num_processes
+    # cpu=True on a machine without CUDA lets `torchrun --nproc_per_node N` run as MULTI_CPU (gloo).
+    use_cpu = not torch.cuda.is_available()
+    num_processes = PartialState(cpu=use_cpu).num_processes
     grad_accum = validate_args(args, num_processes)
     faults = run_utils.parse_fault_injection(args.fault_inject)
     output_dir = Path(args.output_dir)
     logger = run_utils.setup_logging(None, PartialState().is_main_process)
     precision = run_utils.resolve_mixed_precision(args.mixed_precision, logger)
     accelerator = Accelerator(
+        cpu=use_cpu,
         mixed_precision=precision,
         gradient_accumulation_steps=grad_accum,
         log_with=None if args.report_to == "none" else args.report_to,
@@ -252,10 +256,15 @@ def main(argv: list[str] | None = None) -> dict:
     def collate(batch: list[dict]) -> dict:
         return collate_batch(batch, tokenizer.pad_token_id, pad_to_multiple_of=8)
 
+    def collate_with_index(batch: list[dict]) -> dict:  # the index lets --log-examples audit the sharding
+        return collate(batch) | {"index": torch.tensor([e["index"] for e in batch])}
+
     # Own generator: making a DataLoader iterator then never draws from the global torch RNG, so the
     # dropout masks after a resume are the ones an uninterrupted run would have used.
     generator = torch.Generator().manual_seed(args.seed)
-    train_dataloader = DataLoader(train_examples, batch_sampler=train_sampler, collate_fn=collate, generator=generator)
+    train_dataloader = DataLoader(
+        train_examples, batch_sampler=train_sampler, collate_fn=collate_with_index, generator=generator
+    )
     val_sorted = sorted(val_examples, key=lambda e: len(e["input_ids"]))  # similar lengths share a batch
     eval_dataloader = DataLoader(val_sorted, batch_size=args.eval_batch_size, collate_fn=collate)
     loss_model, optimizer, train_dataloader, eval_dataloader = accelerator.prepare(
@@ -343,6 +352,10 @@ def main(argv: list[str] | None = None) -> dict:
         train_sampler.set_epoch(epoch)
         step_start = time.perf_counter()
         for batch in epoch_dataloader:
+            example_index = batch.pop("index")
+            if args.log_examples:
+                record = {"micro_step": state["micro_step"] + 1, "epoch": epoch, "index": example_index.tolist()}
+                run_utils.append_jsonl(output_dir / f"examples_rank{accelerator.process_index}.jsonl", record)
             with accelerator.accumulate(loss_model):
                 loss_sum, n_trained = loss_model(**batch)
                 if state["global_step"] + 1 in faults["loss"]:
@@ -445,10 +458,13 @@ def main(argv: list[str] | None = None) -> dict:
     progress.close()
 
     # --- final adapter and summary ---
+    in_sync = run_utils.check_ranks_in_sync(trainable, accelerator)
+    if num_processes > 1:
+        logger.info(f"adapter weights identical on all {num_processes} ranks: {in_sync}")
     if accelerator.is_main_process and status != "stopped_bad_steps":
         run_utils.save_adapter_folder(model, tokenizer, output_dir / "final", args.model, {"trainer_state.json": state, "config.json": config})  # fmt: skip
         write_json(output_dir / "update_ratios.json", lora_update_ratios(model))
-    summary = run_utils.write_summary(output_dir, status, stop_reason, state, params, accelerator)
+    summary = run_utils.write_summary(output_dir, status, stop_reason, state, params, accelerator, in_sync)
     logger.info(
         f"done: {status}{f' ({stop_reason})' if stop_reason else ''} | best val ppl {summary['best_val_ppl']} "
         f"at step {summary['best_step']} (baseline {summary['baseline_val_ppl']}) | {summary['train_time_s']:.0f}s"

@@ -545,7 +545,21 @@ def new_trainer_state() -> dict:
     }
 
 
-def write_summary(output_dir: Path, status: str, stop_reason: str, state: dict, params: dict, accelerator) -> dict:
+def check_ranks_in_sync(parameters: list, accelerator) -> bool:
+    """True when every rank holds the same trainable weights (data parallel kept them in lockstep).
+
+    Compares a float64 fingerprint (sum and sum of squares of every tensor) gathered from all ranks.
+    """
+    fingerprint = torch.stack(
+        [torch.stack([p.detach().double().sum(), p.detach().double().pow(2).sum()]) for p in parameters]
+    )
+    gathered = accelerator.gather(fingerprint.flatten().unsqueeze(0))
+    return bool((gathered == gathered[0]).all())
+
+
+def write_summary(
+    output_dir: Path, status: str, stop_reason: str, state: dict, params: dict, accelerator, ranks_in_sync: bool = True
+) -> dict:
     """Summarize the run from its logs into summary.json (main process writes; every rank returns it)."""
     log = output_dir / "train_log.jsonl"
     steps = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
@@ -566,6 +580,8 @@ def write_summary(output_dir: Path, status: str, stop_reason: str, state: dict, 
         "mfu": sum(s["mfu"] for s in steps) / len(steps) if steps else None,
         "peak_mem_mb": peak_memory_mb(accelerator.device),
         "trainable_pct": params["trainable_pct"],
+        "num_processes": accelerator.num_processes,
+        "ranks_in_sync": ranks_in_sync,
     }
     if accelerator.is_main_process:
         write_json(output_dir / "summary.json", summary)

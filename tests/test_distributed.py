@@ -1,0 +1,112 @@
+"""Two-process data parallel on this CPU (torchrun + gloo) against a single-process run.
+
+`accelerate launch --cpu --num_processes 2` starts only one process here, so the test launches
+`torchrun --nproc_per_node 2 train.py ...`; Accelerate then runs as MULTI_CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import train
+from tests.conftest import REPO, make_conversation, write_jsonl
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def run_args(model_dir: Path, data_dir: Path, output_dir: Path, *extra: str) -> list[str]:
+    return [
+        "--model", str(model_dir), "--train-file", str(data_dir / "train.jsonl"),
+        "--validation-file", str(data_dir / "validation.jsonl"), "--output-dir", str(output_dir),
+        "--batch-size", "2", "--effective-batch-size", "4", "--epochs", "2", "--rank", "4", "--dropout", "0",
+        "--mixed-precision", "no", "--report-to", "none", "--num-samples", "1", "--max-new-tokens", "4",
+        "--eval-batch-size", "2", "--log-examples", "--save-every", "2", *extra,
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    """16 training examples of varied length, 7 validation examples (odd: ranks get unequal shards)."""
+    path = tmp_path_factory.mktemp("ddp-data")
+    records = [make_conversation(i) for i in range(16)]
+    for i, record in enumerate(records):
+        record["messages"][-1]["content"] += " Details follow." * (i % 5)
+    write_jsonl(path / "train.jsonl", records)
+    write_jsonl(path / "validation.jsonl", [make_conversation(100 + i) for i in range(7)])
+    return path
+
+
+@pytest.fixture(scope="module")
+def two_process_run(tmp_path_factory, tiny_model_dir, data_dir) -> tuple[Path, subprocess.CompletedProcess]:
+    output = tmp_path_factory.mktemp("ddp") / "two"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+               str(REPO / "train.py"), *run_args(tiny_model_dir, data_dir, output)]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, cwd=output.parent)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return output, result
+
+
+@pytest.fixture(scope="module")
+def one_process_run(tmp_path_factory, tiny_model_dir, data_dir) -> Path:
+    output = tmp_path_factory.mktemp("single") / "one"
+    train.main(run_args(tiny_model_dir, data_dir, output))
+    return output
+
+
+def test_ranks_train_on_disjoint_shards_and_stay_in_sync(two_process_run):
+    run, result = two_process_run
+    config = json.loads((run / "config.json").read_text())
+    assert config["derived"]["num_processes"] == 2 and config["derived"]["grad_accum"] == 1
+    assert "MULTI_CPU" in config["derived"]["distributed_type"]
+    seen = {rank: read_jsonl(run / f"examples_rank{rank}.jsonl") for rank in (0, 1)}
+    for epoch in (0, 1):
+        shard = {rank: [i for r in seen[rank] if r["epoch"] == epoch for i in r["index"]] for rank in (0, 1)}
+        assert not set(shard[0]) & set(shard[1])  # different examples on each rank
+        assert sorted(shard[0] + shard[1]) == list(range(16))  # together: the whole epoch, once
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["ranks_in_sync"] is True and summary["num_processes"] == 2
+    assert "adapter weights identical on all 2 ranks: True" in result.stdout
+    # only the main process writes logs: one line per step, no duplicates
+    steps = [r["step"] for r in read_jsonl(run / "train_log.jsonl") if r["type"] == "step"]
+    assert steps == list(range(1, 9))
+    assert result.stdout.count("step 8 | loss") == 1
+
+
+def test_validation_metrics_equal_single_process(two_process_run, one_process_run):
+    two = read_jsonl(two_process_run[0] / "eval_log.jsonl")
+    one = read_jsonl(one_process_run / "eval_log.jsonl")
+    assert two[0]["baseline"] and two[0]["val_examples"] == one[0]["val_examples"] == 7  # nothing duplicated
+    assert two[0]["val_tokens"] == one[0]["val_tokens"]
+    assert two[0]["val_loss"] == pytest.approx(one[0]["val_loss"], abs=1e-6)
+
+
+def test_loss_curve_matches_single_process_with_same_effective_batch(two_process_run, one_process_run):
+    """1 process x batch 2 x accum 2 sees the same micro-batches per update as 2 processes x batch 2."""
+    two = [r for r in read_jsonl(two_process_run[0] / "train_log.jsonl") if r["type"] == "step"]
+    one = [r for r in read_jsonl(one_process_run / "train_log.jsonl") if r["type"] == "step"]
+    assert [r["trained_tokens"] for r in two] == [r["trained_tokens"] for r in one]
+    for a, b in zip(two, one, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-4)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-3)
+    final_two = load_file(two_process_run[0] / "final" / "adapter_model.safetensors")
+    final_one = load_file(one_process_run / "final" / "adapter_model.safetensors")
+    for name, tensor in final_one.items():
+        torch.testing.assert_close(final_two[name], tensor, atol=1e-5, rtol=1e-4)
+
+
+def test_two_process_checkpoint_has_every_rank_rng(two_process_run):
+    checkpoint = two_process_run[0] / "checkpoints" / "step_000008"
+    assert (checkpoint / "COMPLETE").exists()
+    states = [json.loads((checkpoint / f"rng_state_rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert all({"python", "numpy", "torch"} <= set(s) for s in states)
