@@ -293,7 +293,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     def evaluate(epoch: float, baseline: bool = False) -> None:
         step = state["global_step"]
-        metrics = evaluate_loss(model, eval_dataloader, accelerator, seed=args.seed)
+        metrics = evaluate_loss(loss_model, eval_dataloader, accelerator, seed=args.seed)
         best = state["best_val_loss"]
         improved = not baseline and (best is None or metrics["val_loss"] < best - args.early_stopping_min_delta)
         record = {"step": step, "epoch": epoch, "baseline": baseline, "is_best": improved, **metrics}
@@ -357,7 +357,8 @@ def main(argv: list[str] | None = None) -> dict:
                 record = {"micro_step": state["micro_step"] + 1, "epoch": epoch, "index": example_index.tolist()}
                 run_utils.append_jsonl(output_dir / f"examples_rank{accelerator.process_index}.jsonl", record)
             with accelerator.accumulate(loss_model):
-                loss_sum, n_trained = loss_model(**batch)
+                row_losses, row_counts = loss_model(**batch)
+                loss_sum, n_trained = row_losses.sum(), row_counts.sum()
                 if state["global_step"] + 1 in faults["loss"]:
                     loss_sum = loss_sum * float("nan")
                 # Backward the summed token loss (scaled by a constant that keeps fp16 in range). At the

@@ -62,9 +62,10 @@ def compute_token_losses(
 
 
 class TrainedTokenLoss(torch.nn.Module):
-    """Wrap a causal LM so `forward(batch)` returns (summed loss, trained tokens).
+    """Wrap a causal LM so `forward(batch)` returns per-example (summed loss, trained tokens).
 
-    The wrapper is what Accelerate prepares, so DDP/FSDP and autocast see the whole computation.
+    The wrapper is what Accelerate prepares, so DDP/FSDP and autocast see the whole computation,
+    for training (sum the rows) and for evaluation (gather the rows) alike.
     """
 
     def __init__(self, model: torch.nn.Module):
@@ -73,9 +74,8 @@ class TrainedTokenLoss(torch.nn.Module):
         self.model = model
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor):
-        """Return (loss summed over trained tokens, number of trained tokens) for the batch."""
-        loss_sum, counts = compute_token_losses(self.model, input_ids, attention_mask, labels)
-        return loss_sum.sum(), counts.sum()
+        """Return (loss summed over each row's trained tokens, trained tokens per row), shape (batch,)."""
+        return compute_token_losses(self.model, input_ids, attention_mask, labels)
 
 
 @torch.no_grad()
@@ -86,7 +86,7 @@ def evaluate_loss(model: torch.nn.Module, dataloader, accelerator, bootstrap: in
     repeats to even out the last batch across ranks, so every validation example counts once.
 
     Args:
-        model: the unwrapped (PEFT) causal LM.
+        model: the prepared `TrainedTokenLoss` (or anything returning per-row loss sums and counts).
         dataloader: a prepared dataloader; each rank sees its shard.
         accelerator: for autocast and gathering.
         bootstrap: resamples of examples for the 95% interval of the mean loss (0 to skip).
@@ -102,7 +102,7 @@ def evaluate_loss(model: torch.nn.Module, dataloader, accelerator, bootstrap: in
     losses, counts = [], []
     for batch in dataloader:
         with accelerator.autocast():
-            loss_sum, count = compute_token_losses(model, **batch)
+            loss_sum, count = model(**batch)
         loss_sum, count = accelerator.gather_for_metrics((loss_sum, count))
         losses.append(loss_sum.double().cpu())
         counts.append(count.double().cpu())
