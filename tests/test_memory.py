@@ -1,0 +1,263 @@
+"""Memory estimator: component formulas by hand, NF4 bytes, the LoRA/QLoRA decision, and the
+estimate against measured peak memory of real training steps on CPU (default and tiny model)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from transformers import LlamaConfig
+
+from common.memory import (
+    CPU_ALLOCATOR_FRACTION,
+    CPU_RUNTIME_BYTES,
+    CUDA_ALLOCATOR_FRACTION,
+    CUDA_CONTEXT_BYTES,
+    GIB,
+    NF4_BITS_PER_PARAM,
+    NF4_CONSTANT_BYTES_PER_MATRIX,
+    MemoryEstimateError,
+    check_fits,
+    compare_to_measurement,
+    count_parameters,
+    describe_architecture,
+    estimate_memory,
+    measure_in_subprocess,
+    nf4_bytes,
+    recommend,
+)
+from common.model import load_config
+
+REPO = Path(__file__).resolve().parents[1]
+TOLERANCE = 0.25
+
+
+@pytest.fixture
+def tiny_config() -> LlamaConfig:
+    """hidden 64, MLP 128, 2 layers, 4 heads of 16, 2 kv heads, vocab 1000, tied embeddings."""
+    return LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=1000,
+        tie_word_embeddings=True,
+    )
+
+
+def test_parameter_counts_by_hand(tiny_config):
+    params = count_parameters(describe_architecture(tiny_config))
+    # per layer: q 64x64, k 64x32, v 64x32, o 64x64, gate/up/down 64x128
+    assert params["linear"] == 2 * (4096 + 2048 + 2048 + 4096 + 3 * 8192)
+    assert params["embedding"] == 1000 * 64
+    assert params["head"] == 0  # tied
+    assert params["other"] == 2 * 2 * 64 + 64  # two RMSNorms per layer + the final norm
+    assert params["total"] == 73728 + 64000 + 320
+
+
+def test_components_by_hand_cuda_fp16(tiny_config):
+    """Batch 2 x 8 tokens, LoRA r=4 on q,v, fp16 weights and autocast, dropout (bool mask on CUDA)."""
+    estimate = estimate_memory(
+        tiny_config, 2, 8, 4, ["q_proj", "v_proj"], None, "fp16", False, 0.5, device="cuda", lora_dropout=0.05
+    )
+    c = estimate["components"]
+    tokens, c16 = 16, 2
+    assert c["weights"] == 138048 * 2
+    lora = 2 * (4 * (64 + 64) + 4 * (64 + 32))  # r * (in + out) for q and v, 2 layers
+    assert (c["lora_params"], c["lora_grads"], c["optimizer_states"]) == (4 * lora, 4 * lora, 8 * lora)
+    norms = 2 * (4 * tokens * 64 + 4 * tokens)  # fp32 norm input + 1/rms per token, twice per layer
+    attention = c16 * tokens * (64 + 64 + 64 + 64)  # q, k, v (repeated to 4 heads: padding mask), output
+    attention += 4 * tokens * 4 + c16 * 2 * 8 * 8  # fp32 log-sum-exp per head, fp16 b x s x s mask
+    mlp = 3 * tokens * 128 * c16  # gate out, up out, SiLU out
+    lora_q = (
+        (c16 + 1) * tokens * 64 + c16 * tokens * 4 + c16 * 4 * (64 + 64)
+    )  # input copy + bool mask, A out, A/B casts
+    lora_v = (c16 + 1) * tokens * 64 + c16 * tokens * 4 + c16 * 4 * (64 + 32)
+    layer = norms + attention + mlp + lora_q + lora_v
+    assert estimate["details"]["activations_per_layer"] == layer == 37504
+    final_norm = 4 * tokens * 64 + 4 * tokens
+    assert c["activations"] == 2 * layer + final_norm
+    assert c["weight_copies"] == 0  # weights already in the compute dtype
+    assert c["logits"] == 12 * 8 * 1000  # 8 trained tokens x vocab x (4 + 4 + 4) bytes
+    kept = c["activations"] + c["logits"]
+    assert c["overhead"] == round(CUDA_CONTEXT_BYTES + CUDA_ALLOCATOR_FRACTION * kept)
+    assert estimate["total"] == sum(c.values())
+
+    checkpointed = estimate_memory(tiny_config, 2, 8, 4, "q_proj,v_proj", None, "fp16", True, 0.5, device="cuda")
+    # only each layer's fp16 input is kept, plus one layer live again in its backward
+    assert checkpointed["components"]["activations"] == 2 * c16 * tokens * 64 + layer + final_norm
+
+
+def test_components_cpu_fp32_weights_keep_autocast_copies(tiny_config):
+    estimate = estimate_memory(tiny_config, 2, 8, 4, ["q_proj"], None, "fp32", False, 0.5, device="cpu")
+    c = estimate["components"]
+    assert estimate["details"]["compute_dtype"] == "bf16"
+    assert c["weights"] == 138048 * 4
+    # bf16 copy of every decoder linear and of the (tied) LM head, kept for backward
+    assert c["weight_copies"] == 2 * 73728 + 2 * 1000 * 64
+    kept = c["activations"] + c["weight_copies"] + c["logits"]
+    assert c["overhead"] == round(CPU_RUNTIME_BYTES + CPU_ALLOCATOR_FRACTION * kept)
+
+
+def test_qlora_weights_and_fp32_mlp(tiny_config):
+    lora = estimate_memory(tiny_config, 2, 8, 4, ["q_proj"], None, "fp16", False, device="cuda")
+    qlora = estimate_memory(tiny_config, 2, 8, 4, ["q_proj"], "nf4", "fp16", False, device="cuda")
+    shapes = [4096, 2048, 2048, 4096, 8192, 8192, 8192]
+    # 4-bit decoder linears + fp32 embedding and norms (prepare_model_for_kbit_training upcasts them)
+    assert qlora["components"]["weights"] == round(2 * sum(nf4_bytes(n) for n in shapes) + 4 * (64000 + 320))
+    # 4-bit linears return fp32 here, so the three MLP intermediates take 4 bytes instead of 2
+    extra = qlora["details"]["activations_per_layer"] - lora["details"]["activations_per_layer"]
+    assert extra == 3 * 16 * 128 * (4 - 2)
+
+
+def test_nf4_bytes_per_parameter_with_double_quantization():
+    assert round(NF4_BITS_PER_PARAM, 3) == 4.127
+    n = 4096 * 4096
+    assert 8 * nf4_bytes(n) / n == pytest.approx(4 + 8 / 64 + 32 / (64 * 256), abs=1e-3)
+    assert 8 * nf4_bytes(n) / n < 4.5  # what NF4 costs with fp32 absmax (no double quantization)
+
+
+def test_nf4_bytes_match_bitsandbytes():
+    torch = pytest.importorskip("torch")
+    functional = pytest.importorskip("bitsandbytes.functional")
+    weight = torch.randn(1536, 576)
+    packed, state = functional.quantize_4bit(weight, quant_type="nf4", compress_statistics=True)
+    stored = sum(
+        t.numel() * t.element_size()
+        for t in (packed, state.absmax, state.state2.absmax, state.code, state.state2.code, state.offset)
+    )
+    assert (state.blocksize, state.state2.blocksize) == (64, 256)
+    assert nf4_bytes(weight.numel()) == stored
+    tables_and_offset = (state.code.numel() + state.state2.code.numel() + 1) * 4
+    assert tables_and_offset == NF4_CONSTANT_BYTES_PER_MATRIX
+
+
+def test_recommendation_flips_from_lora_to_qlora_as_budget_shrinks():
+    config = load_config(str(REPO / "configs/llama-3.2-1b-instruct.json"))
+    methods = []
+    for budget in (24, 16, 8, 6, 5, 4, 3, 2.5, 2, 1):
+        decision = recommend(config, budget, batch_size=4, seq_len=1024, rank=16, target_modules="all-linear")
+        methods.append(decision["method"])
+        if decision["method"] != "none":
+            assert decision["estimated_gb"] <= decision["usable_gb"]
+            assert decision["micro_batch_size"] * decision["gradient_accumulation_steps"] == 4
+    order = {"lora": 0, "qlora": 1, "none": 2}
+    assert methods == sorted(methods, key=order.get), methods  # never back to LoRA on a smaller budget
+    assert methods[0] == "lora" and "qlora" in methods and methods[-1] == "none"
+
+
+def test_recommendation_reduces_micro_batch_and_keeps_effective_batch():
+    config = load_config(str(REPO / "configs/qwen2.5-0.5b-instruct.json"))
+    big = recommend(config, 16, batch_size=16, seq_len=2048)
+    small = recommend(config, 6, batch_size=16, seq_len=2048)
+    assert big["micro_batch_size"] >= small["micro_batch_size"] >= 1
+    assert small["micro_batch_size"] < 16 and small["effective_batch_size"] == 16
+    assert small["gradient_accumulation_steps"] * small["micro_batch_size"] == 16
+    assert small["max_micro_batch_size"] >= small["micro_batch_size"]
+
+
+def test_check_fits_and_bad_settings(tiny_config):
+    args = (tiny_config, "cuda", 2, 64, 4, "q_proj", None, "fp16", False)
+    fits, message = check_fits(*args, budget_bytes=GIB)
+    assert fits and "GiB" in message
+    fits, message = check_fits(*args, budget_bytes=100 * 2**20)
+    assert not fits and "--batch-size" in message
+    assert check_fits(tiny_config, "mps", 2, 64, 4, "q_proj", None, "fp16", False)[0]  # not modelled: no verdict
+    with pytest.raises(MemoryEstimateError, match="qkv_proj"):
+        estimate_memory(tiny_config, 2, 64, 4, "qkv_proj", None, "fp16", False)
+    with pytest.raises(MemoryEstimateError, match="quantization"):
+        estimate_memory(tiny_config, 2, 64, 4, "q_proj", "int8", "fp16", False)
+
+
+@pytest.mark.parametrize(
+    ("name", "billions"),
+    [
+        ("smollm2-135m-instruct", 0.1345),
+        ("qwen2.5-0.5b-instruct", 0.494),
+        ("llama-3.2-1b-instruct", 1.236),
+        ("qwen2.5-3b-instruct", 3.086),
+        ("llama-3.2-3b-instruct", 3.213),
+        ("mistral-7b-instruct-v0.3", 7.248),
+        ("qwen2.5-7b-instruct", 7.616),
+    ],
+)
+def test_shipped_configs_match_published_parameter_counts(name, billions):
+    params = count_parameters(describe_architecture(load_config(str(REPO / f"configs/{name}.json"))))
+    assert params["total"] / 1e9 == pytest.approx(billions, rel=0.005)
+
+
+def test_script_writes_table_and_recommendation(tmp_path, capsys):
+    from profile_memory import main
+
+    report = main(["--model", str(REPO / "configs/mistral-7b-instruct-v0.3.json"), "--run-dir", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "| **total** |" in out and "QLoRA+GC" in out and "recommendation: QLoRA" in out
+    saved = json.loads((tmp_path / "memory_profile.json").read_text())
+    assert saved["recommendation"]["method"] == report["recommendation"]["method"] == "qlora"
+    assert set(saved["estimates"]) == {"LoRA", "LoRA+GC", "QLoRA", "QLoRA+GC"}
+
+
+# --- estimate vs measured: real training steps in a fresh process, peak RSS minus the bare import ---
+
+
+def _measured_ratio(model: str, quantization: str | None, batch_size: int, seq_len: int) -> tuple[float, dict]:
+    measurement = measure_in_subprocess(
+        model=model,
+        quantization=quantization,
+        batch_size=batch_size,
+        seq_len=seq_len,
+        rank=16,
+        target_modules="q_proj,k_proj,v_proj",
+        gradient_checkpointing=False,
+        device="cpu",
+        steps=2,
+    )
+    estimate = estimate_memory(
+        load_config(model),
+        batch_size,
+        seq_len,
+        16,
+        "q_proj,k_proj,v_proj",
+        quantization,
+        "bf16" if quantization else "fp32",
+        False,
+        measurement["trained_tokens"] / (batch_size * seq_len),
+        device="cpu",
+    )
+    return compare_to_measurement(estimate, measurement)["ratio"], measurement
+
+
+@pytest.mark.parametrize("quantization", [None, "nf4"])
+@pytest.mark.parametrize("seq_len", [256, 512])
+def test_estimate_within_tolerance_of_measured_default_model(quantization, seq_len):
+    ratio, measurement = _measured_ratio("smollm2-135m-instruct", quantization, 2, seq_len)
+    assert measurement["peak_reset"]  # the peak is the training steps', not the loading's
+    assert 1 - TOLERANCE <= ratio <= 1 + TOLERANCE, (ratio, measurement["measured_bytes"] / 2**20)
+
+
+def test_measure_flag_on_tiny_model(tiny_model_dir, tmp_path, capsys):
+    from profile_memory import main
+
+    report = main(
+        [
+            "--model",
+            str(tiny_model_dir),
+            "--measure",
+            "--device",
+            "cpu",
+            "--method",
+            "lora",
+            "--batch-size",
+            "2",
+            "--seq-len",
+            "128",
+            "--output",
+            str(tmp_path / "profile.json"),
+        ]
+    )
+    measured = report["measurement"]
+    assert measured["device"] == "cpu" and measured["measured_bytes"] > 0 and len(measured["losses"]) == 2
+    assert 1 - TOLERANCE <= measured["ratio"] <= 1 + TOLERANCE, measured["ratio"]
+    assert "ratio" in capsys.readouterr().out
