@@ -136,13 +136,19 @@ def validate_args(args: argparse.Namespace, num_processes: int) -> int:
         (args.max_seq_len >= 16, f"--max-seq-len must be >= 16, got {args.max_seq_len}"),
         (0 <= args.warmup_ratio < 1, f"--warmup-ratio must be in [0, 1), got {args.warmup_ratio}"),
         (args.weight_decay >= 0 and args.max_grad_norm > 0, "--weight-decay must be >= 0, --max-grad-norm > 0"),
-        (min(args.max_steps, args.subset, args.save_every, args.eval_every) >= 0, "step counts must be >= 0"),
+        (args.max_steps >= 0, f"--max-steps must be >= 0, got {args.max_steps}"),
+        (args.subset >= 0, f"--subset must be >= 0, got {args.subset}"),
+        (args.save_every >= 0, f"--save-every must be >= 0, got {args.save_every}"),
+        (args.eval_every >= 0, f"--eval-every must be >= 0, got {args.eval_every}"),
     ]:
         if not ok:
             sys.exit(f"error: {message}")
     if args.gradient_checkpointing is None:
         args.gradient_checkpointing = args.quantization == "nf4"
     args.run_name = args.run_name or time.strftime("%Y%m%d-%H%M%S")
+    if args.run_name in (".", "..") or any(c in args.run_name for c in "/\\") or not args.run_name.isprintable():
+        sys.exit(f"error: --run-name {args.run_name!r} must be a folder name (no '/', '\\' or '..'); "
+                 "for a path use --output-dir")  # fmt: skip
     args.output_dir = str(args.output_dir or REPO / "runs" / args.run_name)
     per_update = args.batch_size * num_processes
     if args.grad_accum is not None:
@@ -184,6 +190,9 @@ def main(argv: list[str] | None = None) -> dict:
     # --- everything that can fail on bad input happens before the run folder is touched ---
     try:
         run_utils.check_resume_flags(output_dir, args.resume_from, args.overwrite)
+        checkpoint = None
+        if args.resume_from:  # look now: "nothing to resume" must not leave a run folder behind
+            checkpoint = run_utils.find_resume_checkpoint(output_dir, args.resume_from, logger)
         compute_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
         model, tokenizer = load_model_and_tokenizer(
             args.model,
@@ -278,9 +287,8 @@ def main(argv: list[str] | None = None) -> dict:
     sample_records = [val_records[e["index"]] for e in val_examples[: args.num_samples]]
 
     state = run_utils.new_trainer_state()
-    if args.resume_from:
+    if checkpoint is not None:
         try:
-            checkpoint = run_utils.find_resume_checkpoint(output_dir, args.resume_from, logger)
             state = run_utils.load_checkpoint(accelerator, model, optimizer, lr_scheduler, checkpoint)
         except CheckpointError as err:
             sys.exit(f"error: {err}")
@@ -345,8 +353,10 @@ def main(argv: list[str] | None = None) -> dict:
     clock = time.perf_counter() - state["train_time_s"]
     window = torch.zeros(5, dtype=torch.float64, device=accelerator.device)  # loss, trained, tokens, sum len^2, -
     for epoch in range(state["epoch"], args.epochs):
-        epoch_start, epoch_losses = time.perf_counter(), []
+        epoch_start = time.perf_counter()
         skip = state["batches_done_in_epoch"]  # > 0 only when resuming mid-epoch
+        if not skip:  # a new epoch; a mid-epoch resume keeps the sums of the steps before its checkpoint
+            state.update(epoch_loss_sum=0.0, epoch_loss_steps=0)
         epoch_dataloader = accelerator.skip_first_batches(train_dataloader, skip) if skip else train_dataloader
         # Both calls matter: iter() re-applies Accelerate's own epoch counter to the sampler (a fresh
         # skip-dataloader would restart it at 0), and a multi-process shard does not forward set_epoch.
@@ -410,7 +420,8 @@ def main(argv: list[str] | None = None) -> dict:
                         break
                 else:
                     state["consecutive_bad_steps"] = 0
-                    epoch_losses.append(loss)
+                    state["epoch_loss_sum"] += loss
+                    state["epoch_loss_steps"] += 1
                 seconds, step_start = time.perf_counter() - step_start, time.perf_counter()
                 record = {
                     "type": "step", "step": state["global_step"], "epoch": epoch + state["batches_done_in_epoch"] / len(train_dataloader),
@@ -442,7 +453,7 @@ def main(argv: list[str] | None = None) -> dict:
         # --- end of the epoch (or of --max-steps): evaluate, checkpoint, maybe stop early ---
         if status != "max_steps":
             state.update(epoch=epoch + 1, batches_done_in_epoch=0)
-            mean_loss = sum(epoch_losses) / max(len(epoch_losses), 1)
+            mean_loss = state["epoch_loss_sum"] / max(state["epoch_loss_steps"], 1)
             seconds = time.perf_counter() - epoch_start
             log_jsonl("train_log.jsonl", {"type": "epoch", "epoch": epoch + 1, "step": state["global_step"],
                                           "mean_train_loss": mean_loss, "epoch_time_s": seconds})  # fmt: skip

@@ -59,7 +59,9 @@ def _read_raw_records(path: Path) -> Iterator[tuple[int, object]]:
         except UnicodeDecodeError as err:
             line = path.read_bytes()[: err.start].count(b"\n") + 1
             raise DataError(f"{path}:{line}: not valid UTF-8 ({err.reason}); re-save the file as UTF-8") from None
-        for number, line in enumerate(text.splitlines(), start=1):
+        # split on "\n" only: str.splitlines() also breaks at U+2028, U+2029 and NEL, which JSON
+        # allows raw inside strings (json.dumps(..., ensure_ascii=False) writes them that way)
+        for number, line in enumerate(text.split("\n"), start=1):
             if not line.strip():
                 continue
             try:
@@ -69,6 +71,11 @@ def _read_raw_records(path: Path) -> Iterator[tuple[int, object]]:
                     f"{path}:{number}: invalid JSON ({err.msg} at column {err.colno}); "
                     "each line must be one JSON object"
                 ) from None
+            except (ValueError, RecursionError) as err:  # a 5000-digit number, nesting deeper than ~1000
+                raise DataError(
+                    f"{path}:{number}: invalid JSON ({type(err).__name__}: {str(err)[:80]}); "
+                    "each line must be one JSON object"
+                ) from None
     elif suffix == ".json":
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
@@ -76,6 +83,8 @@ def _read_raw_records(path: Path) -> Iterator[tuple[int, object]]:
             raise DataError(f"{path}: not valid UTF-8 ({err.reason}); re-save the file as UTF-8") from None
         except json.JSONDecodeError as err:
             raise DataError(f"{path}:{err.lineno}: invalid JSON ({err.msg}); fix the file") from None
+        except (ValueError, RecursionError) as err:
+            raise DataError(f"{path}: invalid JSON ({type(err).__name__}: {str(err)[:80]}); fix the file") from None
         if isinstance(data, dict) and isinstance(data.get("data"), list):
             data = data["data"]
         if not isinstance(data, list):
@@ -144,7 +153,8 @@ def normalize_record(raw: object, where: str) -> dict:
     if raw.get("text") is not None:
         if not isinstance(raw["text"], str) or not raw["text"].strip():
             raise DataError(f"{where}: 'text' must be a non-empty string")
-        return dict(raw)
+        # a null "messages" (mixed-schema CSV/parquet rows) must not make tokenize_records treat it as chat
+        return {key: value for key, value in raw.items() if key != "messages"}
     raise DataError(f"{where}: missing field 'messages' (or 'prompt'+'completion', or 'text'); found {sorted(raw)[:8]}")
 
 

@@ -287,7 +287,8 @@ def find_resume_checkpoint(output_dir: Path, resume_from: str, logger: logging.L
         except CheckpointError as err:
             logger.warning(f"skipping checkpoint: {err}")
     raise CheckpointError(
-        f"no complete checkpoint under {output_dir / 'checkpoints'}; start a new run without --resume-from"
+        f"no complete checkpoint under {output_dir / 'checkpoints'}: nothing to resume; run without --resume-from "
+        "(add --overwrite if the folder already holds a run's files)"
     )
 
 
@@ -321,7 +322,8 @@ def load_checkpoint(accelerator, model, optimizer, lr_scheduler, folder: Path) -
             f"{rng_file} missing: the checkpoint was saved with fewer processes; resume with the same number"
         )
     set_rng_state(json.loads(rng_file.read_text()))
-    return json.loads((folder / "trainer_state.json").read_text())
+    # defaults first: a checkpoint written before a counter existed still resumes
+    return new_trainer_state() | json.loads((folder / "trainer_state.json").read_text())
 
 
 def rotate_checkpoints(checkpoint_dir: Path, keep: int) -> None:
@@ -543,6 +545,8 @@ def new_trainer_state() -> dict:
         "evals_without_improvement": 0,
         "consecutive_bad_steps": 0,
         "bad_steps_total": 0,
+        "epoch_loss_sum": 0.0,
+        "epoch_loss_steps": 0,
         "train_time_s": 0.0,
         "baseline_val_ppl": None,
     }

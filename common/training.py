@@ -8,6 +8,7 @@ trained tokens of the whole effective batch.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -250,6 +251,15 @@ def list_checkpoints(checkpoint_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.split("_")[1]))
 
 
+def sha256_of(path: Path) -> str:
+    """Hex sha256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def check_checkpoint(path: Path) -> None:
     """Verify a checkpoint folder: COMPLETE marker present, every safetensors file readable.
 
@@ -261,6 +271,16 @@ def check_checkpoint(path: Path) -> None:
         raise CheckpointError(
             f"{path} has no {COMPLETE_MARKER} marker: it was not fully written; use another checkpoint"
         )
+    try:  # COMPLETE holds {"sha256": {file: digest}}; older checkpoints hold only a timestamp
+        expected = json.loads((path / COMPLETE_MARKER).read_text()).get("sha256", {})
+    except (json.JSONDecodeError, AttributeError):
+        expected = {}
+    for name, digest in sorted(expected.items()):
+        if not (path / name).is_file() or sha256_of(path / name) != digest:
+            raise CheckpointError(
+                f"{path / name} is corrupted (sha256 differs from the one recorded in {COMPLETE_MARKER}); "
+                "use an earlier checkpoint"
+            )
     for file in sorted(path.glob("*.safetensors")):
         try:
             load_file(file)
@@ -291,12 +311,15 @@ def save_file_atomic(tensors: dict, path: Path) -> None:
 def publish_folder(tmp_dir: Path, final_dir: Path) -> None:
     """Atomically replace `final_dir` by `tmp_dir` and write its COMPLETE marker last."""
     final_dir = Path(final_dir)
+    # hash before the rename: the marker then vouches for exactly the bytes that were written
+    digests = {p.name: sha256_of(p) for p in sorted(Path(tmp_dir).glob("*.safetensors"))}
     old = final_dir.with_name(f".{final_dir.name}.old")
     if old.exists():
         shutil.rmtree(old)
     if final_dir.exists():
         os.replace(final_dir, old)
     os.replace(tmp_dir, final_dir)
-    (final_dir / COMPLETE_MARKER).write_text(time.strftime("%Y-%m-%dT%H:%M:%S") + "\n")
+    marker = {"created": time.strftime("%Y-%m-%dT%H:%M:%S"), "sha256": digests}
+    (final_dir / COMPLETE_MARKER).write_text(json.dumps(marker, indent=2, sort_keys=True) + "\n")
     if old.exists():
         shutil.rmtree(old)
