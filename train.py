@@ -220,6 +220,8 @@ def main(argv: list[str] | None = None) -> dict:
     total_steps = min(args.max_steps or math.inf, steps_per_epoch * args.epochs)
     warmup_steps = math.ceil(args.warmup_ratio * total_steps)
 
+    peak_flops = measure_peak_flops(accelerator.device, compute_dtype, repeats=5)
+
     # --- run folder: lock, write test, the resolved configuration before the first step ---
     lock = None
     if accelerator.is_main_process:
@@ -239,6 +241,7 @@ def main(argv: list[str] | None = None) -> dict:
         "trainable_params": params["trainable"], "total_params": params["total"], "trainable_pct": params["trainable_pct"],
         "train_examples": len(train_examples), "validation_examples": len(val_examples),
         "tokenize_stats": {"train": vars(train_stats), "validation": vars(val_stats)},
+        "peak_flops": peak_flops,  # measured dense matmul rate in the compute dtype: the MFU denominator
     }  # fmt: skip
     config = redact_secrets(run_utils.build_run_config(args, derived, model, REPO), secret_env_values())
     if accelerator.is_main_process:
@@ -283,7 +286,6 @@ def main(argv: list[str] | None = None) -> dict:
     )
     trainable = [p for p in model.parameters() if p.requires_grad]
     matmul_params = count_matmul_params(model)
-    peak_flops = measure_peak_flops(accelerator.device, compute_dtype)
     sample_records = [val_records[e["index"]] for e in val_examples[: args.num_samples]]
 
     state = run_utils.new_trainer_state()

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import hashlib
 import importlib.metadata
 import importlib.util
 import json
@@ -209,11 +210,15 @@ def render_markdown(result: dict) -> str:
             f"- **ours / TRL**: tokens/s x{s['ratio_tokens_per_s']:.2f}, peak RSS x{s['ratio_peak_rss']:.2f}, "
             f"final loss {s['ours']['final_loss']:.4f} vs {s['trl']['final_loss']:.4f}"
         )
+    dtypes = ", ".join(f"{r['arm']} {r.get('base_dtype', '?')}" for r in result["runs"])
+    shas = ", ".join(result.get("code_shas", [])) or "-"
     lines += [
         f"- Trained tokens per step (plan): {result['plan_trained_tokens']}; every run matched: "
         f"{'yes' if result['masks_match'] else 'NO'}. Non-padding tokens per step: {result['plan_tokens']}.",
         f"- Loss normalization: {result['loss_normalization']}",
         *([f"- TRL as run: {result['trl_checks']}."] if result.get("trl_checks") else []),
+        f"- Frozen base dtype per run: {dtypes}. train.py + common/*.py sha256 of the ours runs: {shas}"
+        + (" (CHANGED between runs: compare with care)." if len(result.get("code_shas", [])) > 1 else "."),
         f"- MFU: {FLOP_FORMULA}; N_body {result['matmul_params']['body']:,}, N_lora {result['matmul_params']['lora']:,}, "
         f"N_head {result['matmul_params']['head']:,}.",
         f"- Versions: {', '.join(f'{k} {v}' for k, v in result['versions'].items())}.",
@@ -276,8 +281,17 @@ def run_child(script_and_args: list[str], log_path: Path) -> tuple[int, float]:
     return code, int(peak_file.read_text()) / 1024 if peak_file.is_file() else float("nan")
 
 
-def run_ours(args: argparse.Namespace, run_dir: Path, validation_file: Path) -> tuple[list[dict], float]:
-    """One train.py run; returns (step records from train_log.jsonl, peak RSS MiB)."""
+def hash_training_code() -> str:
+    """Short sha256 of train.py and common/*.py, to tell whether our code changed between runs."""
+    digest = hashlib.sha256()
+    for path in [REPO / "train.py", *sorted((REPO / "common").glob("*.py"))]:
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:12]
+
+
+def run_ours(args: argparse.Namespace, run_dir: Path, validation_file: Path) -> tuple[list[dict], float, dict]:
+    """One train.py run; returns (step records from train_log.jsonl, peak RSS MiB, {"code_sha", "base_dtype"})."""
+    code_sha = hash_training_code()
     command = [
         str(REPO / "train.py"), "--output-dir", str(run_dir), "--model", args.model,
         "--train-file", args.train_file, "--validation-file", str(validation_file), "--max-steps", str(args.steps),
@@ -292,7 +306,9 @@ def run_ours(args: argparse.Namespace, run_dir: Path, validation_file: Path) -> 
     code, peak_rss = run_child(command, run_dir.with_suffix(".log"))
     if code != 0:
         sys.exit(f"error: train.py failed (exit {code}); see {run_dir.with_suffix('.log')}")
-    return read_train_log(run_dir / "train_log.jsonl"), peak_rss
+    derived = json.loads((run_dir / "config.json").read_text())["derived"]
+    info = {"code_sha": code_sha, "base_dtype": derived.get("base_dtype", "float32")}  # older train.py: fp32 base
+    return read_train_log(run_dir / "train_log.jsonl"), peak_rss, info
 
 
 def run_trl(args: argparse.Namespace, run_dir: Path, spec: dict) -> tuple[list[dict], float, dict]:
@@ -330,6 +346,7 @@ def train_trl_child(spec_file: str) -> None:
         activation_checkpointing=False,  # TRL's default is on; train.py's LoRA default is off
         dataloader_num_workers=0, report_to="none", logging_steps=1,
         save_strategy="no", eval_strategy="no", disable_tqdm=True,
+        model_init_kwargs={"dtype": spec["base_dtype"]},  # the frozen base in the dtype train.py stores it in
     )  # fmt: skip
     lora = LoraConfig(r=LORA["rank"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
                       target_modules=LORA["target_modules"], bias="none", task_type="CAUSAL_LM")  # fmt: skip
@@ -375,6 +392,8 @@ def train_trl_child(spec_file: str) -> None:
         "mixed_precision": str(trainer.accelerator.mixed_precision),
         "activation_checkpointing": bool(trainer.model.get_base_model().is_activation_checkpointing),
         "optimizer": type(getattr(trainer.optimizer, "optimizer", trainer.optimizer)).__name__,
+        "base_dtype": str(next(p for p in trainer.model.parameters() if not p.requires_grad).dtype),
+        "adapter_dtype": str(next(p for p in trainer.model.parameters() if p.requires_grad).dtype),
     }
     (Path(spec["output_dir"]) / "result.json").write_text(json.dumps(result))
 
@@ -431,7 +450,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     ))  # fmt: skip
     spec = {"model_path": model_path, "data_file": str(data_file), "batch_size": args.batch_size,
             "grad_accum": args.grad_accum, "steps": args.steps, "lr": args.lr, "warmup_steps": warmup_steps,
-            "precision": args.precision, "seed": args.seed, "max_seq_len": args.max_seq_len}  # fmt: skip
+            "precision": args.precision, "seed": args.seed, "max_seq_len": args.max_seq_len,
+            "base_dtype": "float32"}  # fmt: skip
 
     runs, trl_info = [], {}
     for repeat in range(1, args.repeats + 1):
@@ -439,14 +459,16 @@ def main(argv: list[str] | None = None) -> dict | None:
             print(f"run {repeat} {arm} ...", flush=True)
             run_dir = work / f"{arm}_{repeat}"
             if arm == "ours":
-                steps, peak_rss = run_ours(args, run_dir, validation_file)
+                steps, peak_rss, info = run_ours(args, run_dir, validation_file)
+                spec["base_dtype"] = info["base_dtype"]  # the next TRL run follows this train.py
                 for record, planned in zip(steps, plan):  # train.py does not log sum(len^2); the plan has it
                     record["sum_sq_len"] = planned["sum_sq_len"]
             else:
                 steps, peak_rss, trl_info = run_trl(args, run_dir, spec)
+                info = {"base_dtype": trl_info["base_dtype"].removeprefix("torch.")}
             stats = summarize_steps(steps)
             stats["mfu_timed_steps"] = steps[1:]
-            runs.append({"repeat": repeat, "arm": arm, "peak_rss_mib": peak_rss, **stats})
+            runs.append({"repeat": repeat, "arm": arm, "peak_rss_mib": peak_rss, **info, **stats})
             print(f"  {stats['tokens_per_s']:.0f} tokens/s | peak RSS {peak_rss:.0f} MiB | "
                   f"final loss {stats['final_loss']:.4f} | trained tokens/step {stats['trained_tokens_per_step']}",
                   flush=True)  # fmt: skip
@@ -482,6 +504,7 @@ def main(argv: list[str] | None = None) -> dict | None:
         "masks_match": masks_match,
         "loss_normalization": normalization,
         "trl_checks": trl_checks,
+        "code_shas": sorted({r["code_sha"] for r in runs if "code_sha" in r}),
         "runs": runs,
         "summary": summarize_arms(runs),
         "versions": package_versions(),

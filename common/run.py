@@ -7,7 +7,6 @@ is ever read back with `torch.load`.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import importlib.metadata
 import json
 import logging
@@ -35,21 +34,13 @@ from common.training import (
     optimizer_state_to_files,
     publish_folder,
     save_file_atomic,
+    sha256_of,
     write_json,
 )
 
 
 class RunFolderError(RuntimeError):
     """The output folder cannot be used; the message says why and what to do."""
-
-
-def sha256_file(path: str | Path) -> str:
-    """Hex sha256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def git_commit(repo: Path) -> str:
@@ -523,9 +514,9 @@ def build_run_config(args: argparse.Namespace, derived: dict, model, repo: Path)
         "git_commit": git_commit(repo),
         "dataset": {
             "train_file": args.train_file,
-            "train_sha256": sha256_file(args.train_file),
+            "train_sha256": sha256_of(Path(args.train_file)),
             "validation_file": args.validation_file,
-            "validation_sha256": sha256_file(args.validation_file),
+            "validation_sha256": sha256_of(Path(args.validation_file)),
         },
         "seed": args.seed,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),

@@ -102,12 +102,14 @@ def test_summarize_arms_and_markdown_table(bench):
         "plan_trained_tokens": [5, 6], "plan_tokens": [10, 12], "masks_match": True,
         "loss_normalization": "same", "trl_checks": "mixed_precision bf16",
         "matmul_params": {"body": 100, "lora": 2, "head": 10}, "versions": {"trl": "1.16.0"},
+        "code_shas": ["aaaaaaaaaaaa", "bbbbbbbbbbbb"],
     }  # fmt: skip
     markdown = bench.render_markdown(result)
     assert "| run | arm | tokens/s | timed s | peak RSS MiB | loss step 1 | final loss | MFU |" in markdown
     assert "| 1 | ours | 300 | 10.0 | 2000 | 4.0000 | 3.0000 | 10.0% |" in markdown
     assert "| 1 | trl | 200 | 15.0 | 2500 | 4.0000 | 3.1000 | 5.0% |" in markdown
     assert "tokens/s x2.00" in markdown and "every run matched: yes" in markdown
+    assert "aaaaaaaaaaaa, bbbbbbbbbbbb (CHANGED between runs" in markdown  # train.py edited mid-benchmark
     assert "at start 1.00/0.50/0.25, at end 2.00/1.00/0.50" in markdown and "1.90 TFLOP/s" in markdown
 
 
