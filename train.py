@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -143,6 +144,12 @@ def validate_args(args: argparse.Namespace, num_processes: int) -> int:
     ]:
         if not ok:
             sys.exit(f"error: {message}")
+    if args.report_to == "wandb" and os.environ.get("WANDB_MODE", "online") not in ("offline", "disabled"):
+        netrc = Path("~/.netrc").expanduser()
+        has_login = os.environ.get("WANDB_API_KEY") or (netrc.exists() and "api.wandb.ai" in netrc.read_text())
+        if not has_login:
+            sys.exit("error: --report-to wandb needs a login: set WANDB_API_KEY (or run `wandb login`), "
+                     "or set WANDB_MODE=offline to log locally, or use --report-to tensorboard")  # fmt: skip
     if args.gradient_checkpointing is None:
         args.gradient_checkpointing = args.quantization == "nf4"
     args.run_name = args.run_name or time.strftime("%Y%m%d-%H%M%S")

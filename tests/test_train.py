@@ -242,3 +242,20 @@ def test_accelerate_launch_subprocess(tiny_model_dir, toy_data_dir, tmp_path):
     assert "step 2 | loss" in result.stdout and "done: max_steps" in result.stdout
     assert (run / "final" / "adapter_model.safetensors").exists()
     shutil.rmtree(run)
+
+
+def test_wandb_online_without_login_is_refused_and_offline_works(tiny_model_dir, toy_data_dir, tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc login
+    monkeypatch.setenv("WANDB_MODE", "online")
+    run = tmp_path / "wandb_online"
+    with pytest.raises(SystemExit, match="--report-to wandb needs a login: set WANDB_API_KEY"):
+        train.main(base_args(tiny_model_dir, toy_data_dir, run, "--report-to", "wandb"))
+    assert not run.exists()
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    run = tmp_path / "wandb_offline"
+    summary = train.main(base_args(tiny_model_dir, toy_data_dir, run, "--report-to", "wandb", "--max-steps", "1",
+                                   "--num-samples", "0", "--no-baseline"))  # fmt: skip
+    assert summary["status"] == "max_steps"
+    assert list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
