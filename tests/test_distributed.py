@@ -6,13 +6,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-import signal
+import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -47,21 +50,54 @@ def data_dir(tmp_path_factory) -> Path:
     return path
 
 
+def free_port() -> int:
+    """A port no one listens on now (a fixed port may still be held by a stale rendezvous)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process and all its descendants: torchrun starts each rank in a session of its own,
+    so killing torchrun's process group would leave the ranks holding our pipes open forever."""
+    try:
+        parent = psutil.Process(pid)
+    except psutil.NoSuchProcess:
+        return
+    for process in [*parent.children(recursive=True), parent]:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.kill()
+
+
+def run_torchrun(args: list[str], cwd: Path, timeout: float) -> subprocess.CompletedProcess | None:
+    """Run `torchrun --nproc_per_node 2 train.py ARGS`; None when it hung past `timeout` (then killed)."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+               "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(REPO / "train.py"), *args]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        # Files, not pipes: a rank that outlives a kill can never block this process on a full pipe.
+        process = subprocess.Popen(command, stdout=out, stderr=err, stdin=subprocess.DEVNULL, text=True, env=env,
+                                   cwd=cwd, start_new_session=True)  # fmt: skip
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            kill_tree(process.pid)
+            process.wait(timeout=30)
+            return None
+        out.seek(0), err.seek(0)
+        return subprocess.CompletedProcess(command, process.returncode, out.read(), err.read())
+
+
 @pytest.fixture(scope="module")
 def two_process_run(tmp_path_factory, tiny_model_dir, data_dir) -> tuple[Path, subprocess.CompletedProcess]:
-    output = tmp_path_factory.mktemp("ddp") / "two"
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
-               str(REPO / "train.py"), *run_args(tiny_model_dir, data_dir, output)]  # fmt: skip
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    # Own process group: on a timeout, kill torchrun AND its ranks (a lone rank would wait forever in gloo).
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                               cwd=output.parent, start_new_session=True)  # fmt: skip
-    try:
-        stdout, stderr = process.communicate(timeout=600)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        stdout, stderr = process.communicate()
-    result = subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+    # The run takes ~15 s; a rendezvous that hangs (seen once in CI on this sandbox's loopback) gets one
+    # retry on a fresh port and folder, so one stuck socket cannot hold the whole suite.
+    for attempt in range(2):
+        output = tmp_path_factory.mktemp(f"ddp-{attempt}") / "two"
+        result = run_torchrun(run_args(tiny_model_dir, data_dir, output), cwd=output.parent, timeout=240)
+        if result is not None:
+            break
+    assert result is not None, "torchrun hung twice (240 s each); every process was killed"
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return output, result
 
