@@ -97,6 +97,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--mixed-precision", choices=["auto", "no", "fp16", "bf16"], default="auto",
                         help="auto: bf16 where supported (this CPU, Ampere+), fp16 on older GPUs (T4)")  # fmt: skip
     parser.add_argument("--seed", type=int, default=1234, help="seed for init, data order and dropout")
+    parser.add_argument("--attn-implementation", choices=["auto", "eager", "sdpa"], default="auto",
+                        help="auto: eager on CPU when every example is <= 512 tokens (15%% faster here), else sdpa")  # fmt: skip
     parser.add_argument("--max-bad-steps", type=int, default=3, help="stop after more non-finite steps in a row")
     # --- evaluation, checkpoints, early stopping ---
     parser.add_argument("--eval-every", type=int, default=0, help="also evaluate every N steps (0 = epoch ends)")
@@ -174,6 +176,17 @@ def validate_args(args: argparse.Namespace, num_processes: int) -> int:
     return args.effective_batch_size // per_update
 
 
+def choose_attention(requested: str, device: torch.device, examples: list[dict]) -> str:
+    """Resolve --attn-implementation: "auto" is eager on CPU while the longest example is <= 512
+    tokens, sdpa otherwise. Both compute the same attention. Measured on the default model, bf16, batch 4,
+    this 2-core CPU: eager 794 vs sdpa 680 tok/s at 256 tokens, 749 vs 651 at 384, equal at 512, and
+    205 vs 464 at 1024 (eager materializes the batch x heads x len^2 probabilities)."""
+    if requested != "auto":
+        return requested
+    longest = max(len(e["input_ids"]) for e in examples)
+    return "eager" if device.type == "cpu" and longest <= 512 else "sdpa"
+
+
 def main(argv: list[str] | None = None) -> dict:
     """Train and return the run summary (also written to summary.json)."""
     args = parse_args(argv)
@@ -215,6 +228,8 @@ def main(argv: list[str] | None = None) -> dict:
         train_examples, train_stats = tokenize_records(train_records, tokenizer, args.max_seq_len)
         val_examples, val_stats = tokenize_records(val_records, tokenizer, args.max_seq_len)
         run_utils.check_splits(args.train_file, train_examples, args.validation_file, val_examples, args.max_seq_len)
+        attn_implementation = choose_attention(args.attn_implementation, accelerator.device, train_examples)
+        model.set_attn_implementation(attn_implementation)
         target_modules = parse_target_modules(args.target_modules)
         model = apply_lora(model, args.rank, args.alpha, args.dropout, target_modules,
                            quantized=bool(args.quantization), gradient_checkpointing=args.gradient_checkpointing)  # fmt: skip
@@ -244,6 +259,7 @@ def main(argv: list[str] | None = None) -> dict:
     derived = {
         "grad_accum": grad_accum, "num_processes": num_processes, "steps_per_epoch": steps_per_epoch,
         "total_steps": total_steps, "warmup_steps": warmup_steps, "mixed_precision": precision, "base_dtype": str(compute_dtype).removeprefix("torch."),
+        "attn_implementation": attn_implementation,
         "device": str(accelerator.device), "distributed_type": str(accelerator.distributed_type),
         "trainable_params": params["trainable"], "total_params": params["total"], "trainable_pct": params["trainable_pct"],
         "train_examples": len(train_examples), "validation_examples": len(val_examples),

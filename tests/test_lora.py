@@ -7,8 +7,10 @@ import torch
 
 from common.lora import (
     LoraSetupError,
+    SampledGapDropout,
     apply_lora,
     assert_only_adapters_trainable,
+    bernoulli_drop_positions,
     count_parameters,
     lora_parameter_key,
 )
@@ -76,3 +78,67 @@ def test_base_weights_are_bit_identical_after_training_steps(tiny):
             "v_proj.weight", "v_proj.base_layer.weight"
         )
         assert torch.equal(after[key], value), name
+
+
+# --- SampledGapDropout: same distribution as nn.Dropout, far fewer random draws on CPU ---
+
+
+@pytest.mark.parametrize("n, p, draws", [(200_000, 0.05, None), (50_000, 0.5, None), (20_000, 0.05, 7)])
+def test_drop_positions_are_iid_bernoulli(n, p, draws):
+    """Drop rate, independence of neighbours and per-position rate match i.i.d. Bernoulli(p) within 5 sigma
+    (draws=7 forces the refill loop: hundreds of batches of Geometric gaps)."""
+    generator = torch.Generator().manual_seed(0)
+    trials = 10
+    hits = torch.zeros(n)
+    for _ in range(trials):
+        positions = bernoulli_drop_positions(n, p, generator=generator, draws=draws)
+        assert positions.dtype == torch.int64 and bool((positions[1:] > positions[:-1]).all())
+        assert int(positions.min()) >= 0 and int(positions.max()) < n
+        hits[positions] += 1
+    total = trials * n
+    rate = float(hits.sum()) / total
+    assert abs(rate - p) < 5 * (p * (1 - p) / total) ** 0.5
+    # neighbours both dropped: p^2 if independent
+    mask = torch.zeros(n, dtype=torch.bool)
+    mask[bernoulli_drop_positions(n, p, generator=generator, draws=draws)] = True
+    pairs = float((mask[1:] & mask[:-1]).float().mean())
+    assert abs(pairs - p * p) < 5 * (p * p * (1 - p * p) / (n - 1)) ** 0.5 + 1e-9
+    # the first and last positions are dropped at rate p too (no edge effect from the gap sampling)
+    small = torch.zeros(5)
+    for _ in range(4000):
+        small[bernoulli_drop_positions(5, p, generator=generator, draws=draws)] += 1
+    assert torch.allclose(small / 4000, torch.full((5,), p), atol=5 * (p * (1 - p) / 4000) ** 0.5)
+
+
+def test_sampled_gap_dropout_scales_survivors_and_matches_its_gradient():
+    torch.manual_seed(1)
+    x = torch.randn(3, 50, 64, requires_grad=True)
+    layer = SampledGapDropout(p=0.1)
+    y = layer(x)
+    dropped = y == 0
+    assert 0.05 < float(dropped.float().mean()) < 0.15
+    torch.testing.assert_close(y[~dropped], x[~dropped] / 0.9, rtol=0, atol=1e-6)
+    y.sum().backward()
+    expected = torch.where(dropped, torch.zeros_like(x), torch.full_like(x, 1 / 0.9))
+    torch.testing.assert_close(x.grad, expected, rtol=0, atol=1e-7)
+    layer.eval()
+    assert torch.equal(layer(x), x)
+    assert torch.equal(SampledGapDropout(p=0.0)(x), x)
+
+
+def test_sampled_gap_dropout_follows_the_global_seed():
+    x = torch.ones(10_000)
+    layer = SampledGapDropout(p=0.05)
+    torch.manual_seed(7)
+    first = layer(x)
+    torch.manual_seed(7)
+    assert torch.equal(layer(x), first)
+    assert not torch.equal(layer(x), first)
+
+
+def test_apply_lora_swaps_every_adapter_dropout(tiny):
+    model = apply_lora(tiny, rank=4, alpha=8, dropout=0.05, target_modules=["q_proj", "k_proj", "v_proj"])
+    dropouts = [m for m in model.modules() if isinstance(m, torch.nn.Dropout) and "lora" not in type(m).__name__]
+    swapped = [m for m in dropouts if isinstance(m, SampledGapDropout)]
+    assert len(swapped) == 3 * tiny.config.num_hidden_layers and all(m.p == 0.05 for m in swapped)
+    assert not any(type(m) is torch.nn.Dropout for m in swapped)

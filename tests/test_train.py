@@ -57,6 +57,7 @@ def test_run_folder_files_logs_and_config(reference_run, toy_data_dir):
     derived = config["derived"]
     assert derived["grad_accum"] == 3 and derived["steps_per_epoch"] == 4 and derived["total_steps"] == 8
     assert derived["warmup_steps"] == 1 and derived["mixed_precision"] == "no"
+    assert derived["attn_implementation"] == "eager"  # CPU, every example <= 512 tokens
     # rank 4 on q/k/v of 2 layers: 4*(64+64) + 2*4*(64+32) per layer
     assert derived["trainable_params"] == 2 * (4 * 128 + 2 * 4 * 96)
     assert derived["trainable_pct"] < 1.0
@@ -259,3 +260,39 @@ def test_wandb_online_without_login_is_refused_and_offline_works(tiny_model_dir,
                                    "--num-samples", "0", "--no-baseline"))  # fmt: skip
     assert summary["status"] == "max_steps"
     assert list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
+
+
+@pytest.mark.parametrize(
+    "requested, device, longest, expected",
+    [("auto", "cpu", 512, "eager"), ("auto", "cpu", 513, "sdpa"), ("auto", "cuda", 100, "sdpa"),
+     ("sdpa", "cpu", 100, "sdpa"), ("eager", "cuda", 2000, "eager")],
+)  # fmt: skip
+def test_attention_choice(requested, device, longest, expected):
+    examples = [{"input_ids": [1] * 10}, {"input_ids": [1] * longest}]
+    assert train.choose_attention(requested, torch.device(device), examples) == expected
+
+
+def test_eager_and_sdpa_attention_give_the_same_losses_and_gradients(tiny_model_dir):
+    """The auto choice is a speed choice only: padded, variable-length batch, fp32."""
+    from common.data import collate_batch, tokenize_records
+    from common.lora import apply_lora
+    from common.model import load_model_and_tokenizer
+    from common.training import compute_token_losses
+
+    results = {}
+    for attn in ("eager", "sdpa"):
+        torch.manual_seed(0)
+        model, tokenizer = load_model_and_tokenizer(str(tiny_model_dir))
+        model.set_attn_implementation(attn)
+        model = apply_lora(model, rank=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"])
+        records = [make_conversation(i) for i in range(3)]
+        records[0]["messages"][-1]["content"] += " More words here." * 6
+        examples, _ = tokenize_records(records, tokenizer, 256)
+        batch = collate_batch(examples, tokenizer.pad_token_id, pad_to_multiple_of=8)
+        loss_sum, _ = compute_token_losses(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+        loss_sum.sum().backward()
+        grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+        results[attn] = (loss_sum.detach(), grads)
+    torch.testing.assert_close(results["eager"][0], results["sdpa"][0], rtol=1e-5, atol=1e-5)
+    for eager_grad, sdpa_grad in zip(results["eager"][1], results["sdpa"][1]):
+        torch.testing.assert_close(eager_grad, sdpa_grad, rtol=1e-4, atol=1e-6)
