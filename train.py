@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import os
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -176,6 +178,9 @@ def validate_args(args: argparse.Namespace, num_processes: int) -> int:
     return args.effective_batch_size // per_update
 
 
+KEEP_UNTIL_EXIT: list = []  # torchrun ranks: objects that must not be freed before os._exit
+
+
 def choose_attention(requested: str, device: torch.device, examples: list[dict]) -> str:
     """Resolve --attn-implementation: "auto" is eager on CPU while the longest example is <= 512
     tokens, sdpa otherwise. Both compute the same attention. Measured on the default model, bf16, batch 4,
@@ -307,6 +312,8 @@ def main(argv: list[str] | None = None) -> dict:
     loss_model, optimizer, train_dataloader, eval_dataloader = accelerator.prepare(
         TrainedTokenLoss(model), optimizer, train_dataloader, eval_dataloader
     )
+    if num_processes > 1:
+        KEEP_UNTIL_EXIT.extend([accelerator, loss_model])  # the DDP model must outlive main(): see exit_distributed
     trainable = [p for p in model.parameters() if p.requires_grad]
     matmul_params = count_matmul_params(model)
     sample_records = [val_records[e["index"]] for e in val_examples[: args.num_samples]]
@@ -515,5 +522,37 @@ def main(argv: list[str] | None = None) -> dict:
     return summary
 
 
+def exit_distributed(code: int | str | None) -> None:
+    """End a torchrun rank without freeing the DDP model or tearing the interpreter down.
+
+    Freeing the DDP reducer destroys the gloo process group, whose destructor joins the gloo worker
+    threads while holding the GIL; a worker whose last job was an all-gather needs the GIL to free
+    that job's tensors: deadlock (py-spy, torch 2.13: ~1 in 4 two-process runs hung after "done",
+    and the CI run that never finished). So main() keeps the prepared model alive in KEEP_UNTIL_EXIT
+    and the rank leaves with os._exit; logs, checkpoints and trackers are closed by then.
+
+    Args:
+        code: the exit status, or a message for stderr (exit status 1), as `sys.exit` takes it.
+    """
+    if isinstance(code, str):
+        print(code, file=sys.stderr)
+        code = 1
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code or 0)
+
+
 if __name__ == "__main__":
-    main()
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        main()
+    else:
+        try:
+            main()
+            exit_code = 0
+        except SystemExit as stop:
+            exit_code = stop.code
+        except BaseException:
+            traceback.print_exc()
+            exit_code = 1
+        exit_distributed(exit_code)

@@ -55,6 +55,22 @@ FLOP_FORMULA = (
 )
 
 
+def describe_machine() -> str:
+    """CPU model, cores, its bf16 matmul unit (AMX, AVX512-BF16 or none) and memory, e.g.
+    "AMD EPYC, 2 cores, AVX512-BF16, 24 GiB" (the bf16 peak differs ~2x between AMX and AVX512-BF16)."""
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return f"{os.cpu_count()} cores"
+    model = next(
+        (line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")), "CPU"
+    )
+    flags = set(next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines() if line.startswith("flags")), []))
+    unit = "AMX-BF16" if "amx_bf16" in flags else "AVX512-BF16" if "avx512_bf16" in flags else "no bf16 unit"
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return f"{model}, {os.cpu_count()} cores, {unit}, {memory:.0f} GiB"
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parse the command line."""
     from common.model import DEFAULT_MODEL
@@ -74,7 +90,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=2, help="A/B pairs, alternating ours, trl, ours, trl")
     parser.add_argument("--skip-trl", action="store_true", help="run only our train.py")
     parser.add_argument("--output", default=str(REPO / "benchmarks/results/throughput.md"), help="markdown to append")
-    parser.add_argument("--machine", default="2-core CPU (AMX bf16), 24 GiB", help="machine description")
+    parser.add_argument("--machine", default=None, help="machine description (default: read from /proc/cpuinfo)")
     parser.add_argument("--keep-runs", action="store_true", help="keep the temporary run folders (path printed)")
     parser.add_argument("--trl-child", default=None, help=argparse.SUPPRESS)  # internal: one TRL run
     return parser.parse_args(argv)
@@ -491,7 +507,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     trl_checks = ", ".join(f"{k} {v}" for k, v in trl_info.items() if k != "model_accepts_loss_kwargs")
     result = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        "machine": args.machine,
+        "machine": args.machine or describe_machine(),
         "load_avg_start": load_avg_start,
         "load_avg_end": list(os.getloadavg()),
         "config": {k: v for k, v in vars(args).items() if k not in ("trl_child", "keep_runs")} | {"warmup_steps": warmup_steps},
