@@ -238,7 +238,10 @@ def main(argv: list[str] | None = None) -> dict:
         target_modules = parse_target_modules(args.target_modules)
         model = apply_lora(model, args.rank, args.alpha, args.dropout, target_modules,
                            quantized=bool(args.quantization), gradient_checkpointing=args.gradient_checkpointing)  # fmt: skip
-        run_utils.check_memory(model.config, args, accelerator.device, compute_dtype, logger)
+        longest = max(len(e["input_ids"]) for e in train_examples)
+        memory_preflight = run_utils.check_memory(
+            model.config, args, accelerator.device, compute_dtype, logger, seq_len=-(-longest // 8) * 8
+        )
     except (DataError, ModelLoadError, LoraSetupError, CheckpointError, run_utils.RunFolderError) as err:
         sys.exit(f"error: {err}")
     params = count_parameters(model)
@@ -264,7 +267,7 @@ def main(argv: list[str] | None = None) -> dict:
     derived = {
         "grad_accum": grad_accum, "num_processes": num_processes, "steps_per_epoch": steps_per_epoch,
         "total_steps": total_steps, "warmup_steps": warmup_steps, "mixed_precision": precision, "base_dtype": str(compute_dtype).removeprefix("torch."),
-        "attn_implementation": attn_implementation,
+        "attn_implementation": attn_implementation, "memory_preflight": memory_preflight,
         "device": str(accelerator.device), "distributed_type": str(accelerator.distributed_type),
         "trainable_params": params["trainable"], "total_params": params["total"], "trainable_pct": params["trainable_pct"],
         "train_examples": len(train_examples), "validation_examples": len(val_examples),

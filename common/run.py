@@ -454,9 +454,25 @@ def check_splits(
 
 
 def check_memory(
-    model_config, args: argparse.Namespace, device: torch.device, dtype: torch.dtype, logger: logging.Logger
-) -> None:
+    model_config,
+    args: argparse.Namespace,
+    device: torch.device,
+    dtype: torch.dtype,
+    logger: logging.Logger,
+    seq_len: int | None = None,
+) -> str:
     """Memory pre-flight: warn (or with --strict-memory refuse) when the estimate does not fit the device.
+
+    Args:
+        model_config: the model's config (its attention implementation is read from it).
+        args: train.py's flags.
+        device: where training runs.
+        dtype: the frozen base's and the compute dtype.
+        logger: where the verdict goes.
+        seq_len: the longest padded training row (default --max-seq-len); a batch is never longer.
+
+    Returns:
+        The verdict line (also logged); train.py records it in config.json.
 
     Raises:
         RunFolderError: with --strict-memory, when the configuration will not fit.
@@ -468,7 +484,7 @@ def check_memory(
         model_config,
         device.type,
         args.batch_size,
-        args.max_seq_len,
+        min(seq_len or args.max_seq_len, args.max_seq_len),
         args.rank,
         parse_target_modules(args.target_modules),
         args.quantization,
@@ -483,6 +499,7 @@ def check_memory(
         raise RunFolderError(message)
     else:
         logger.warning(f"warning: {message}")
+    return message
 
 
 def clear_run_logs(output_dir: Path) -> None:

@@ -58,6 +58,17 @@ def test_run_folder_files_logs_and_config(reference_run, toy_data_dir):
     assert derived["grad_accum"] == 3 and derived["steps_per_epoch"] == 4 and derived["total_steps"] == 8
     assert derived["warmup_steps"] == 1 and derived["mixed_precision"] == "no"
     assert derived["attn_implementation"] == "eager"  # CPU, every example <= 512 tokens
+    # the memory pre-flight sizes the longest padded row, not --max-seq-len (1024): eager attention's
+    # len^2 probabilities made a 1024-token estimate 4x too big for the default data
+    estimate_line = derived["memory_preflight"]
+    from common.data import load_records, tokenize_records
+    from common.model import load_tokenizer
+
+    examples, _ = tokenize_records(
+        load_records(toy_data_dir / "train.jsonl"), load_tokenizer(config["args"]["model"]), 1024
+    )
+    longest = max(len(e["input_ids"]) for e in examples)
+    assert f"x {-(-longest // 8) * 8} tokens" in estimate_line, (longest, estimate_line)
     # rank 4 on q/k/v of 2 layers: 4*(64+64) + 2*4*(64+32) per layer
     assert derived["trainable_params"] == 2 * (4 * 128 + 2 * 4 * 96)
     assert derived["trainable_pct"] < 1.0
