@@ -84,7 +84,8 @@ def run_torchrun(args: list[str], cwd: Path, timeout: float) -> subprocess.Compl
             kill_tree(process.pid)
             process.wait(timeout=30)
             return None
-        out.seek(0), err.seek(0)
+        out.seek(0)
+        err.seek(0)
         return subprocess.CompletedProcess(command, process.returncode, out.read(), err.read())
 
 

@@ -279,8 +279,7 @@ def test_wandb_online_without_login_is_refused_and_offline_works(tiny_model_dir,
      ("sdpa", "cpu", 100, "sdpa"), ("eager", "cuda", 2000, "eager")],
 )  # fmt: skip
 def test_attention_choice(requested, device, longest, expected):
-    examples = [{"input_ids": [1] * 10}, {"input_ids": [1] * longest}]
-    assert train.choose_attention(requested, torch.device(device), examples) == expected
+    assert train.choose_attention(requested, torch.device(device), longest) == expected
 
 
 def test_eager_and_sdpa_attention_give_the_same_losses_and_gradients(tiny_model_dir):
@@ -290,14 +289,14 @@ def test_eager_and_sdpa_attention_give_the_same_losses_and_gradients(tiny_model_
     from common.model import load_model_and_tokenizer
     from common.training import compute_token_losses
 
+    records = [make_conversation(i) for i in range(3)]
+    records[0]["messages"][-1]["content"] += " More words here." * 6
     results = {}
     for attn in ("eager", "sdpa"):
         torch.manual_seed(0)
         model, tokenizer = load_model_and_tokenizer(str(tiny_model_dir))
         model.set_attn_implementation(attn)
         model = apply_lora(model, rank=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"])
-        records = [make_conversation(i) for i in range(3)]
-        records[0]["messages"][-1]["content"] += " More words here." * 6
         examples, _ = tokenize_records(records, tokenizer, 256)
         batch = collate_batch(examples, tokenizer.pad_token_id, pad_to_multiple_of=8)
         loss_sum, _ = compute_token_losses(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
