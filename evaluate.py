@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from common.data import DataError, collate_batch, load_records, tokenize_records
 from common.decision import parse_decision_line
@@ -45,7 +46,8 @@ from common.metrics import (
     render_eval_report,
     rouge_scores,
 )
-from common.model import DEFAULT_MODEL, ModelLoadError, load_model_and_tokenizer, resolve_model_path
+from common.model import DEFAULT_MODEL, ModelLoadError, load_config, load_model_and_tokenizer, resolve_model_path
+from common.precision import PrecisionChoice, resolve_precision
 from common.report import ReportError, analyze_run, load_run_logs, plot_run, render_report
 from common.seed import seed_everything
 from common.training import CheckpointError, check_checkpoint, compute_token_losses, write_json
@@ -81,7 +83,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # --- generation ---
     parser.add_argument("--batch-size", type=int, default=8, help="examples per forward / generate call")
     parser.add_argument("--max-new-tokens", type=int, default=128, help="generation budget per reply")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help="autocast dtype")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                        help="model and autocast dtype (auto: the fastest measured on this CPU, bf16/fp16 on a GPU)")  # fmt: skip
     # --- statistics and output ---
     parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% intervals")
     parser.add_argument("--seed", type=int, default=1234, help="seeds the bootstrap and torch")
@@ -138,30 +141,10 @@ def same_model(a: str, b: str) -> bool:
         return False
 
 
-def resolve_autocast_dtype(name: str, device: torch.device) -> torch.dtype | None:
-    """Map --dtype to an autocast dtype; "auto" picks bf16 where the hardware runs it fast.
-
-    Args:
-        name: auto, fp32, bf16 or fp16.
-        device: where the model runs.
-
-    Returns:
-        The autocast dtype, or None for plain fp32 (no autocast).
-    """
-    if name == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else None
-    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
-
-
-def autocast(device: torch.device, dtype: torch.dtype | None):
-    """Autocast context for `dtype` on `device`; a no-op when dtype is None (fp32)."""
-    return torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
-
-
 @torch.no_grad()
-def compute_example_losses(model, examples: list[dict], pad_token_id: int, batch_size: int, autocast_dtype):
+def compute_example_losses(
+    model, examples: list[dict], pad_token_id: int, batch_size: int, precision: PrecisionChoice, progress=None
+):
     """Summed assistant-token loss and trained-token count of every example (batched by length).
 
     Args:
@@ -169,7 +152,8 @@ def compute_example_losses(model, examples: list[dict], pad_token_id: int, batch
         examples: from `tokenize_records` (input_ids, labels with -100 outside assistant turns).
         pad_token_id: id used for right padding (labels are padded with -100).
         batch_size: examples per forward pass.
-        autocast_dtype: from `resolve_autocast_dtype`.
+        precision: from `common.precision.resolve_precision` (its autocast is used).
+        progress: label of a tqdm bar with the scored tokens/s (None: no bar).
 
     Returns:
         (loss_sums, token_counts) as float64 numpy arrays aligned with `examples`.
@@ -177,13 +161,19 @@ def compute_example_losses(model, examples: list[dict], pad_token_id: int, batch
     device = next(model.parameters()).device
     order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))
     loss_sums, counts = np.zeros(len(examples)), np.zeros(len(examples))
+    bar = tqdm(total=len(order), desc=progress, unit="example", disable=progress is None)
+    tokens, start_time = 0, time.perf_counter()
     for start in range(0, len(order), batch_size):
         rows = order[start : start + batch_size]
         batch = {k: v.to(device) for k, v in collate_batch([examples[i] for i in rows], pad_token_id).items()}
-        with autocast(device, autocast_dtype):
+        with precision.autocast():
             loss_sum, count = compute_token_losses(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
         loss_sums[rows] = loss_sum.double().cpu().numpy()
         counts[rows] = count.double().cpu().numpy()
+        tokens += sum(len(examples[i]["input_ids"]) for i in rows)
+        bar.update(len(rows))
+        bar.set_postfix_str(f"{tokens / (time.perf_counter() - start_time):.0f} tok/s")
+    bar.close()
     return loss_sums, counts
 
 
@@ -280,21 +270,26 @@ def main(argv: list[str] | None = None) -> dict:
     seed_everything(args.seed)
     start = time.perf_counter()
 
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        model, tokenizer = load_model_and_tokenizer(model_name, trust_remote_code=args.trust_remote_code)
+        # The rule every script shares (common/precision.py); the base is loaded in the chosen dtype.
+        config = load_config(model_name, trust_remote_code=args.trust_remote_code)
+        precision = resolve_precision(args.dtype, device, config, measure_peak=False, logger=logger)
+        logger.info(precision.describe())
+        model, tokenizer = load_model_and_tokenizer(
+            model_name, dtype=precision.dtype, trust_remote_code=args.trust_remote_code
+        )
         records = load_records(data_file)[: args.limit]
         examples, stats = tokenize_records(records, tokenizer, args.max_seq_len)
     except (ModelLoadError, DataError) as err:
         sys.exit(f"evaluate.py: error: {err}")
     if not examples:
         sys.exit(f"evaluate.py: error: no example of {data_file} fits --max-seq-len {args.max_seq_len}")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if adapter_dir is not None:
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, str(adapter_dir))
     model.to(device).eval()
-    autocast_dtype = resolve_autocast_dtype(args.dtype, device)
 
     # Generation targets: the final assistant turn of each chat record; the prompt is everything before it.
     chat_rows = [i for i, r in enumerate(records) if "messages" in r]
@@ -318,10 +313,12 @@ def main(argv: list[str] | None = None) -> dict:
         adapter_off = adapter_dir is not None and name == "base"
         with model.disable_adapter() if adapter_off else contextlib.nullcontext():
             loss_sums, counts = compute_example_losses(
-                model, examples, tokenizer.pad_token_id, args.batch_size, autocast_dtype
+                model, examples, tokenizer.pad_token_id, args.batch_size, precision, progress=f"{name}: scoring"
             )
-            with autocast(device, autocast_dtype):
-                replies = generate_replies(model, tokenizer, prompts, args.batch_size, args.max_new_tokens)
+            with precision.autocast():
+                replies = generate_replies(
+                    model, tokenizer, prompts, args.batch_size, args.max_new_tokens, progress=f"{name}: generating"
+                )
         per_model[name] = (loss_sums, counts, replies)
         results[name] = score_model(loss_sums, counts, indices, replies, references, reference_decisions, lobs)
         logger.info(
@@ -344,7 +341,8 @@ def main(argv: list[str] | None = None) -> dict:
             "batch_size": args.batch_size,
             "bootstrap": args.bootstrap,
             "seed": args.seed,
-            "dtype": str(autocast_dtype or torch.float32).replace("torch.", ""),
+            "dtype": str(precision.dtype).replace("torch.", ""),
+            "precision": precision.to_json(),
             "max_seq_len": args.max_seq_len,
             "device": str(device),
         },
