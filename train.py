@@ -6,6 +6,7 @@
     python train.py --output-dir runs/demo --resume-from latest      # continue exactly where it stopped
     python train.py --config runs/demo/config.json --output-dir runs/again   # reproduce a run
     torchrun --nproc_per_node 2 train.py --max-steps 20               # 2-process data parallel (CPU: gloo)
+    python train.py --train-file my.jsonl              # your data; 10% of it held out (--validation-split)
 
 In order: validate flags; load the model and tokenize the data (assistant-only labels) before the
 run folder is touched, so bad input never leaves a half-written run; create the run folder (lock,
@@ -36,7 +37,16 @@ from transformers import get_cosine_schedule_with_warmup
 
 from common import run as run_utils
 from common.artifacts import redact_secrets, secret_env_values
-from common.data import DataError, LengthGroupedBatchSampler, collate_batch, load_records, tokenize_records
+from common.data import (
+    DEFAULT_VALIDATION_SPLIT,
+    DataError,
+    LengthGroupedBatchSampler,
+    collate_batch,
+    hold_out_validation,
+    load_records,
+    read_recorded_split,
+    tokenize_records,
+)
 from common.generation import generate_replies, prompt_messages
 from common.lora import (
     LoraSetupError,
@@ -46,7 +56,8 @@ from common.lora import (
     lora_update_ratios,
     parse_target_modules,
 )
-from common.model import DEFAULT_MODEL, ModelLoadError, load_model_and_tokenizer
+from common.model import DEFAULT_MODEL, ModelLoadError, load_config, load_model_and_tokenizer
+from common.precision import enable_cpu_fp16, resolve_precision_on_main
 from common.seed import seed_everything
 from common.training import (
     CheckpointError,
@@ -54,7 +65,6 @@ from common.training import (
     count_matmul_params,
     estimate_train_flops,
     evaluate_loss,
-    measure_peak_flops,
     write_json,
 )
 
@@ -68,7 +78,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # --- data and model ---
     parser.add_argument("--model", default=DEFAULT_MODEL, help="embedded alias, local folder or hub id")
     parser.add_argument("--train-file", default=str(REPO / "data/train.jsonl"), help="jsonl/json/csv/parquet")
-    parser.add_argument("--validation-file", default=str(REPO / "data/validation.jsonl"), help="validation data")
+    parser.add_argument("--validation-file", default=None,
+                        help="validation data (default: data/validation.jsonl for the demo data, else --validation-split)")  # fmt: skip
+    parser.add_argument("--validation-split", type=float, default=DEFAULT_VALIDATION_SPLIT,
+                        help="share of your --train-file held out for validation when no --validation-file is given")  # fmt: skip
+    parser.add_argument("--validation-split-seed", type=int, default=None, help="seed of that split (default --seed)")
     parser.add_argument("--subset", type=int, default=0, help="use only the first N training examples (0 = all)")
     parser.add_argument("--max-seq-len", type=int, default=1024, help="longer examples lose their oldest turns")
     parser.add_argument("--trust-remote-code", action="store_true", help="allow custom model code from the hub")
@@ -97,7 +111,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--adam-betas", type=float, nargs=2, default=(0.9, 0.999), help="AdamW betas")
     parser.add_argument("--max-grad-norm", type=float, default=1.0, help="clip the global gradient norm")
     parser.add_argument("--mixed-precision", choices=["auto", "no", "fp16", "bf16"], default="auto",
-                        help="auto: bf16 where supported (this CPU, Ampere+), fp16 on older GPUs (T4)")  # fmt: skip
+                        help="auto: CPU the fastest dtype measured at startup; GPU bf16 on Ampere+, fp16 below (T4)")  # fmt: skip
     parser.add_argument("--seed", type=int, default=1234, help="seed for init, data order and dropout")
     parser.add_argument("--attn-implementation", choices=["auto", "eager", "sdpa"], default="auto",
                         help="auto: eager on CPU when every example is <= 512 tokens (15%% faster here), else sdpa")  # fmt: skip
@@ -143,6 +157,7 @@ def validate_args(args: argparse.Namespace, num_processes: int) -> int:
         (args.weight_decay >= 0 and args.max_grad_norm > 0, "--weight-decay must be >= 0, --max-grad-norm > 0"),
         (args.max_steps >= 0, f"--max-steps must be >= 0, got {args.max_steps}"),
         (args.subset >= 0, f"--subset must be >= 0, got {args.subset}"),
+        (0 < args.validation_split < 1, f"--validation-split must be in (0, 1), got {args.validation_split}"),
         (args.save_every >= 0, f"--save-every must be >= 0, got {args.save_every}"),
         (args.eval_every >= 0, f"--eval-every must be >= 0, got {args.eval_every}"),
     ]:
@@ -201,7 +216,15 @@ def main(argv: list[str] | None = None) -> dict:
     faults = run_utils.parse_fault_injection(args.fault_inject)
     output_dir = Path(args.output_dir)
     logger = run_utils.setup_logging(None, PartialState().is_main_process)
-    precision = run_utils.resolve_mixed_precision(args.mixed_precision, logger)
+    try:
+        model_config = load_config(args.model, trust_remote_code=args.trust_remote_code)
+    except ModelLoadError as err:
+        sys.exit(f"error: {err}")
+    # CPU "auto" times fp32/bf16/fp16 matmuls at this model's shapes (~1 s); rank 0's choice holds on every rank.
+    precision_choice = resolve_precision_on_main(
+        args.mixed_precision, torch.device("cpu" if use_cpu else "cuda"), model_config, logger
+    )
+    precision = precision_choice.precision
     accelerator = Accelerator(
         cpu=use_cpu,
         mixed_precision=precision,
@@ -209,6 +232,7 @@ def main(argv: list[str] | None = None) -> dict:
         log_with=None if args.report_to == "none" else args.report_to,
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir)),
     )
+    enable_cpu_fp16(accelerator, precision_choice)  # Accelerate's fp16 is a silent no-op on a CPU
     seed_everything(args.seed)
 
     # --- everything that can fail on bad input happens before the run folder is touched ---
@@ -217,7 +241,7 @@ def main(argv: list[str] | None = None) -> dict:
         checkpoint = None
         if args.resume_from:  # look now: "nothing to resume" must not leave a run folder behind
             checkpoint = run_utils.find_resume_checkpoint(output_dir, args.resume_from, logger)
-        compute_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+        compute_dtype = precision_choice.dtype
         model, tokenizer = load_model_and_tokenizer(
             args.model,
             quantization=args.quantization,
@@ -227,11 +251,29 @@ def main(argv: list[str] | None = None) -> dict:
             device_map={"": accelerator.device} if args.quantization else None,
             trust_remote_code=args.trust_remote_code,
         )
-        train_records = load_records(args.train_file)[: args.subset or None]
-        val_records = load_records(args.validation_file)
+        # The demo's data keeps its validation file; a user's own --train-file alone is split, because
+        # validating (best/, early stopping) on the unrelated underwriting set would say nothing.
+        demo_data = Path(args.train_file).resolve() == (REPO / "data/train.jsonl").resolve()
+        validation_given = args.validation_file is not None
+        if not validation_given and demo_data:
+            args.validation_file = str(REPO / "data/validation.jsonl")
+        train_records, split = load_records(args.train_file), None
+        if args.validation_file is None:
+            recorded = read_recorded_split(output_dir / "config.json") if args.resume_from else None
+            split_seed = args.seed if args.validation_split_seed is None else args.validation_split_seed
+            train_records, val_records, split = hold_out_validation(
+                train_records, args.validation_split, split_seed, args.train_file, recorded
+            )
+        else:
+            val_records = load_records(args.validation_file)
+        train_records = train_records[: args.subset or None]  # after the split: --subset never moves it
         train_examples, train_stats = tokenize_records(train_records, tokenizer, args.max_seq_len)
         val_examples, val_stats = tokenize_records(val_records, tokenizer, args.max_seq_len)
-        run_utils.check_splits(args.train_file, train_examples, args.validation_file, val_examples, args.max_seq_len)
+        validation_name = args.validation_file or f"the validation split held out of {args.train_file}"
+        both_given = validation_given and not demo_data  # only then can the user have swapped the two files
+        run_utils.check_splits(
+            args.train_file, train_examples, validation_name, val_examples, args.max_seq_len, both_given
+        )
         longest = max(len(e["input_ids"]) for e in train_examples)
         attn_implementation = choose_attention(args.attn_implementation, accelerator.device, longest)
         model.set_attn_implementation(attn_implementation)
@@ -249,7 +291,8 @@ def main(argv: list[str] | None = None) -> dict:
     total_steps = min(args.max_steps or math.inf, steps_per_epoch * args.epochs)
     warmup_steps = math.ceil(args.warmup_ratio * total_steps)
 
-    peak_flops = measure_peak_flops(accelerator.device, compute_dtype, repeats=5)
+    # The MFU denominator: the FASTEST probed dtype's matmul rate here, not the chosen one's (a slow choice shows).
+    peak_flops = precision_choice.peak_flops
 
     # --- run folder: lock, write test, the resolved configuration before the first step ---
     lock = None
@@ -271,9 +314,11 @@ def main(argv: list[str] | None = None) -> dict:
         "trainable_params": params["trainable"], "total_params": params["total"], "trainable_pct": params["trainable_pct"],
         "train_examples": len(train_examples), "validation_examples": len(val_examples),
         "tokenize_stats": {"train": vars(train_stats), "validation": vars(val_stats)},
-        "peak_flops": peak_flops,  # measured dense matmul rate in the compute dtype: the MFU denominator
+        "peak_flops": peak_flops, "peak_flops_dtype": precision_choice.peak_dtype, "precision": precision_choice.to_json(),
     }  # fmt: skip
-    config = redact_secrets(run_utils.build_run_config(args, derived, model, REPO), secret_env_values())
+    run_config = run_utils.build_run_config(args, derived, model, REPO)
+    run_config["dataset"]["validation_split"] = split  # None when a --validation-file was used
+    config = redact_secrets(run_config, secret_env_values())
     if accelerator.is_main_process:
         write_json(output_dir / "config.json", config)
     logger.info(
@@ -286,6 +331,13 @@ def main(argv: list[str] | None = None) -> dict:
         f"{args.effective_batch_size} | {steps_per_epoch} steps/epoch, {total_steps} total, {warmup_steps} warmup "
         f"| {precision} on {accelerator.device}"
     )
+    logger.info(precision_choice.describe())  # the probe's figures, the choice and the MFU denominator
+    if split is not None:
+        logger.info(
+            f"validation: {split['validation_examples']} of the {split['source_examples']} examples of {args.train_file} "
+            f"held out (--validation-split {split['fraction']}, seed {split['seed']}; recorded in config.json); "
+            "pass --validation-file to validate on a file of your own"
+        )
 
     # --- optimizer, schedule, data ---
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]  # LoRA A/B matrices

@@ -1,12 +1,17 @@
 """Throughput of our train.py against TRL's SFTTrainer on the same LoRA job (A/B, a fresh process per run).
 
     .venv/bin/pip install -r requirements-bench.txt          # TRL, for this benchmark only
-    python benchmarks/throughput.py                          # 6 steps; ours, trl, ours, trl
+    python benchmarks/throughput.py                          # TRL's best precision probed; ours, trl, ours, trl
     python benchmarks/throughput.py --steps 2 --repeats 1    # quick check of the harness
     python benchmarks/throughput.py --skip-trl --precision no
+    python benchmarks/throughput.py --trl-precision bf16     # skip TRL's precision probe
 
-The same job on both arms: `--model` (default SmolLM2-135M-Instruct, fp32 weights under bf16 autocast),
-LoRA r=16, alpha=32, dropout 0.05 on q_proj,k_proj,v_proj, micro-batch 4 x grad accum 4, AdamW
+Precision: each arm at its best on this machine. Ours: train.py's `--mixed-precision auto` (it times
+fp32/bf16/fp16 matmuls at the model's shapes and stores the frozen base in the fastest dtype;
+`--precision` forces one). TRL: a short probe run (`--trl-probe-steps`) in fp32 and in bf16 (bf16=True,
+base stored in bf16 as train.py stores it), and the faster one is kept for the timed runs.
+
+The same job on both arms: `--model` (default SmolLM2-135M-Instruct), LoRA r=16, alpha=32, dropout 0.05 on q_proj,k_proj,v_proj, micro-batch 4 x grad accum 4, AdamW
 (lr 2e-4, betas 0.9/0.999, weight decay 0.01, clipping 1.0), cosine schedule with train.py's warmup
 (ceil(0.1 x steps)), seed 1234, no packing, no gradient checkpointing.
 
@@ -22,7 +27,8 @@ Measured per run, in a fresh subprocess: non-padding tokens/s over the optimizer
 (warm-up, excluded) from each arm's own step clock (ours: train_log.jsonl; TRL: a callback at each step
 end); train.py's end-of-run validation and saving are not timed. Peak memory: the child's peak RSS
 (its VmHWM, Linux). MFU: `common.training.estimate_train_flops` of the timed steps / their seconds / the
-bf16 matmul rate this script measures (`measure_peak_flops`; the better of a measurement before and after).
+FASTEST dtype's matmul rate at the model's shapes (`common.precision.resolve_precision`'s probe; the better
+of a measurement before and after), whatever dtype either arm ran in.
 Results: a markdown section appended to --output and the JSON next to it (throughput.json).
 """
 
@@ -56,8 +62,8 @@ FLOP_FORMULA = (
 
 
 def describe_machine() -> str:
-    """CPU model, cores, its bf16 matmul unit (AMX, AVX512-BF16 or none) and memory, e.g.
-    "AMD EPYC, 2 cores, AVX512-BF16, 24 GiB" (the bf16 peak differs ~2x between AMX and AVX512-BF16)."""
+    """CPU model, cores, its bf16 / fp16 matmul units and memory, e.g. "AMD EPYC, 2 cores, AVX512-BF16,
+    no fp16 unit, 24 GiB" (the fastest dtype differs between AMX, AVX512-BF16 and AVX512-FP16 CPUs)."""
     try:
         cpuinfo = Path("/proc/cpuinfo").read_text()
     except OSError:
@@ -67,8 +73,9 @@ def describe_machine() -> str:
     )
     flags = set(next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines() if line.startswith("flags")), []))
     unit = "AMX-BF16" if "amx_bf16" in flags else "AVX512-BF16" if "avx512_bf16" in flags else "no bf16 unit"
+    fp16 = "AMX-FP16" if "amx_fp16" in flags else "AVX512-FP16" if "avx512_fp16" in flags else "no fp16 unit"
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return f"{model}, {os.cpu_count()} cores, {unit}, {memory:.0f} GiB"
+    return f"{model}, {os.cpu_count()} cores, {unit}, {fp16}, {memory:.0f} GiB"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -82,7 +89,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=6, help="optimizer steps per run (the first is warm-up)")
     parser.add_argument("--batch-size", type=int, default=4, help="examples per micro-batch")
     parser.add_argument("--grad-accum", type=int, default=4, help="micro-batches per optimizer step")
-    parser.add_argument("--precision", choices=["bf16", "no"], default="bf16", help="bf16 autocast, or fp32")
+    parser.add_argument("--precision", choices=["auto", "bf16", "no", "fp16"], default="auto",
+                        help="train.py's --mixed-precision (auto: the fastest dtype it measures)")  # fmt: skip
+    parser.add_argument("--trl-precision", choices=["best", "bf16", "no"], default="best",
+                        help="TRL's precision (best: probe fp32 and bf16, keep the faster)")  # fmt: skip
+    parser.add_argument("--trl-probe-steps", type=int, default=3, help="steps of each TRL probe run (1st untimed)")
     parser.add_argument("--lr", type=float, default=2e-4, help="peak learning rate")
     parser.add_argument("--max-seq-len", type=int, default=1024, help="as train.py's --max-seq-len")
     parser.add_argument("--seed", type=int, default=1234, help="seed of both arms (init, data order, dropout)")
@@ -100,6 +111,8 @@ def validate_args(args: argparse.Namespace) -> None:
     """Fail early with a message the user can act on."""
     if args.steps < 2:
         sys.exit(f"error: --steps must be >= 2 (the first step is warm-up and not timed), got {args.steps}")
+    if not 2 <= args.trl_probe_steps <= args.steps:
+        sys.exit(f"error: --trl-probe-steps must be in [2, --steps {args.steps}], got {args.trl_probe_steps}")
     if min(args.repeats, args.batch_size, args.grad_accum) < 1:
         sys.exit("error: --repeats, --batch-size and --grad-accum must be >= 1")
     if not args.skip_trl and importlib.util.find_spec("trl") is None:
@@ -199,11 +212,12 @@ def render_markdown(result: dict) -> str:
     c, s = result["config"], result["summary"]
     lines = [
         f"## {result['date']}: {c['model']}, {c['steps']} steps, batch {c['batch_size']} x accum {c['grad_accum']}, "
-        f"{c['precision']}",
+        f"ours {c['precision']}, TRL {c.get('trl_precision_kept', c.get('trl_precision', c['precision']))}",
         "",
         f"Machine: {result['machine']}. Load average (1/5/15 min) at start {fmt_load(result['load_avg_start'])}, "
-        f"at end {fmt_load(result['load_avg_end'])}. Measured bf16 matmul peak: {result['peak_flops'] / 1e12:.2f} "
-        f"TFLOP/s. Step 1 (warm-up) is not timed; tokens are non-padding tokens.",
+        f"at end {fmt_load(result['load_avg_end'])}. MFU denominator: the fastest dtype's measured matmul rate "
+        f"at the model's shapes{fmt_probe(result.get('probe_flops'))}: {result['peak_flops'] / 1e12:.2f} TFLOP/s. "
+        "Step 1 (warm-up) is not timed; tokens are non-padding tokens.",
         "",
         "| run | arm | tokens/s | timed s | peak RSS MiB | loss step 1 | final loss | MFU |",
         "|---:|---|---:|---:|---:|---:|---:|---:|",
@@ -226,14 +240,15 @@ def render_markdown(result: dict) -> str:
             f"- **ours / TRL**: tokens/s x{s['ratio_tokens_per_s']:.2f}, peak RSS x{s['ratio_peak_rss']:.2f}, "
             f"final loss {s['ours']['final_loss']:.4f} vs {s['trl']['final_loss']:.4f}"
         )
-    dtypes = ", ".join(f"{r['arm']} {r.get('base_dtype', '?')}" for r in result["runs"])
+    dtypes = ", ".join(f"{r['arm']} {r.get('precision', '?')} / {r.get('base_dtype', '?')}" for r in result["runs"])
     shas = ", ".join(result.get("code_shas", [])) or "-"
     lines += [
         f"- Trained tokens per step (plan): {result['plan_trained_tokens']}; every run matched: "
         f"{'yes' if result['masks_match'] else 'NO'}. Non-padding tokens per step: {result['plan_tokens']}.",
         f"- Loss normalization: {result['loss_normalization']}",
         *([f"- TRL as run: {result['trl_checks']}."] if result.get("trl_checks") else []),
-        f"- Frozen base dtype per run: {dtypes}. train.py + common/*.py sha256 of the ours runs: {shas}"
+        *([f"- TRL precision probe: {fmt_trl_probe(result['trl_probe'])}."] if result.get("trl_probe") else []),
+        f"- Precision / frozen base dtype per run: {dtypes}. train.py + common/*.py sha256 of the ours runs: {shas}"
         + (" (CHANGED between runs: compare with care)." if len(result.get("code_shas", [])) > 1 else "."),
         f"- MFU: {FLOP_FORMULA}; N_body {result['matmul_params']['body']:,}, N_lora {result['matmul_params']['lora']:,}, "
         f"N_head {result['matmul_params']['head']:,}.",
@@ -246,6 +261,30 @@ def render_markdown(result: dict) -> str:
 def fmt_load(load: list[float]) -> str:
     """Format a `os.getloadavg()` triple."""
     return "/".join(f"{x:.2f}" for x in load)
+
+
+def fmt_probe(figures: dict | None) -> str:
+    """Format the precision probe's FLOP/s per dtype as ' (fp32 0.25, bf16 0.98 TFLOP/s)'; '' without one."""
+    if not figures:
+        return ""
+    return " (" + ", ".join(f"{name} {rate / 1e12:.2f}" for name, rate in figures.items()) + " TFLOP/s)"
+
+
+def fmt_trl_probe(probe: dict) -> str:
+    """Format a TRL precision probe ({"runs": {precision: tokens/s}, "kept": precision}) for the table."""
+    runs = ", ".join(f"{name} {rate:.0f} tokens/s" for name, rate in probe["runs"].items())
+    return f"{runs}: {probe['kept']} kept"
+
+
+def pick_faster(tokens_per_s: dict[str, float]) -> str:
+    """The precision with the most tokens/s (the first one listed on a tie)."""
+    return max(tokens_per_s, key=tokens_per_s.get)
+
+
+def trl_spec(spec: dict, precision: str) -> dict:
+    """The TRL child's spec for `precision` ("no" or "bf16"): bf16 autocast with the frozen base stored in
+    bf16, as train.py stores it (TRL's fastest bf16 setting), or everything in fp32."""
+    return spec | {"precision": precision, "base_dtype": "bfloat16" if precision == "bf16" else "float32"}
 
 
 def summarize_arms(runs: list[dict]) -> dict:
@@ -306,7 +345,7 @@ def hash_training_code() -> str:
 
 
 def run_ours(args: argparse.Namespace, run_dir: Path, validation_file: Path) -> tuple[list[dict], float, dict]:
-    """One train.py run; returns (step records from train_log.jsonl, peak RSS MiB, {"code_sha", "base_dtype"})."""
+    """One train.py run; returns (step records, peak RSS MiB, {"code_sha", "base_dtype", "precision"})."""
     code_sha = hash_training_code()
     command = [
         str(REPO / "train.py"), "--output-dir", str(run_dir), "--model", args.model,
@@ -323,7 +362,8 @@ def run_ours(args: argparse.Namespace, run_dir: Path, validation_file: Path) -> 
     if code != 0:
         sys.exit(f"error: train.py failed (exit {code}); see {run_dir.with_suffix('.log')}")
     derived = json.loads((run_dir / "config.json").read_text())["derived"]
-    info = {"code_sha": code_sha, "base_dtype": derived.get("base_dtype", "float32")}  # older train.py: fp32 base
+    info = {"code_sha": code_sha, "base_dtype": derived.get("base_dtype", "float32"),  # older train.py: fp32 base
+            "precision": derived.get("mixed_precision", "?")}  # fmt: skip
     return read_train_log(run_dir / "train_log.jsonl"), peak_rss, info
 
 
@@ -436,13 +476,15 @@ def main(argv: list[str] | None = None) -> dict | None:
 
     from common.data import DataError, load_records, tokenize_records
     from common.lora import apply_lora
-    from common.model import ModelLoadError, load_model_and_tokenizer, resolve_model_path
-    from common.training import count_matmul_params, measure_peak_flops
+    from common.model import ModelLoadError, load_config, load_model_and_tokenizer, resolve_model_path
+    from common.precision import resolve_precision
+    from common.training import count_matmul_params
 
     load_avg_start = list(os.getloadavg())
-    peak_before = measure_peak_flops(torch.device("cpu"), torch.bfloat16, repeats=10)
     try:
         model_path = resolve_model_path(args.model)
+        # the same probe train.py runs, with a longer budget: every dtype's rate at the model's shapes
+        probe_before = resolve_precision("auto", torch.device("cpu"), load_config(model_path), budget_s=4.0).probe
         model, tokenizer = load_model_and_tokenizer(model_path)
         examples, _ = tokenize_records(load_records(args.train_file), tokenizer, args.max_seq_len)
         plan = plan_steps([len(e["input_ids"]) for e in examples], [e["n_trained"] for e in examples],
@@ -466,8 +508,21 @@ def main(argv: list[str] | None = None) -> dict | None:
     ))  # fmt: skip
     spec = {"model_path": model_path, "data_file": str(data_file), "batch_size": args.batch_size,
             "grad_accum": args.grad_accum, "steps": args.steps, "lr": args.lr, "warmup_steps": warmup_steps,
-            "precision": args.precision, "seed": args.seed, "max_seq_len": args.max_seq_len,
+            "precision": "no", "seed": args.seed, "max_seq_len": args.max_seq_len,
             "base_dtype": "float32"}  # fmt: skip
+
+    trl_precision, trl_probe = args.trl_precision, {}
+    if not args.skip_trl and args.trl_precision == "best":  # TRL at its best here too: fp32 vs bf16, short runs
+        rates = {}
+        for precision in ("no", "bf16"):
+            print(f"TRL precision probe: {precision}, {args.trl_probe_steps} steps ...", flush=True)
+            probe_spec = trl_spec(spec, precision) | {"steps": args.trl_probe_steps}
+            steps, _, _ = run_trl(args, work / f"trl_probe_{precision}", probe_spec)
+            rates[precision] = summarize_steps(steps)["tokens_per_s"]
+        trl_precision = pick_faster(rates)
+        trl_probe = {"runs": rates, "kept": trl_precision}
+        print(f"  {fmt_trl_probe(trl_probe)}", flush=True)
+    spec = trl_spec(spec, trl_precision if trl_precision != "best" else "no")
 
     runs, trl_info = [], {}
     for repeat in range(1, args.repeats + 1):
@@ -476,12 +531,11 @@ def main(argv: list[str] | None = None) -> dict | None:
             run_dir = work / f"{arm}_{repeat}"
             if arm == "ours":
                 steps, peak_rss, info = run_ours(args, run_dir, validation_file)
-                spec["base_dtype"] = info["base_dtype"]  # the next TRL run follows this train.py
                 for record, planned in zip(steps, plan):  # train.py does not log sum(len^2); the plan has it
                     record["sum_sq_len"] = planned["sum_sq_len"]
             else:
                 steps, peak_rss, trl_info = run_trl(args, run_dir, spec)
-                info = {"base_dtype": trl_info["base_dtype"].removeprefix("torch.")}
+                info = {"base_dtype": trl_info["base_dtype"].removeprefix("torch."), "precision": spec["precision"]}
             stats = summarize_steps(steps)
             stats["mfu_timed_steps"] = steps[1:]
             runs.append({"repeat": repeat, "arm": arm, "peak_rss_mib": peak_rss, **info, **stats})
@@ -489,8 +543,10 @@ def main(argv: list[str] | None = None) -> dict | None:
                   f"final loss {stats['final_loss']:.4f} | trained tokens/step {stats['trained_tokens_per_step']}",
                   flush=True)  # fmt: skip
 
-    peak_after = measure_peak_flops(torch.device("cpu"), torch.bfloat16, repeats=10)
-    peak_flops = max(peak_before, peak_after)  # the least disturbed measurement
+    probe_after = resolve_precision("auto", torch.device("cpu"), load_config(model_path), budget_s=4.0).probe
+    probe_flops = {name: max(rate, probe_after.get(name, 0.0)) for name, rate in probe_before.items()}
+    peak_dtype = max(probe_flops, key=probe_flops.get)  # the fastest dtype, whichever arm used it
+    peak_flops = probe_flops[peak_dtype]  # the least disturbed of the two measurements
     for run in runs:
         run["mfu"] = compute_mfu(matmul_params, run.pop("mfu_timed_steps"), run["timed_seconds"], peak_flops)
     plan_trained = [p["trained_tokens"] for p in plan]
@@ -510,9 +566,13 @@ def main(argv: list[str] | None = None) -> dict | None:
         "machine": args.machine or describe_machine(),
         "load_avg_start": load_avg_start,
         "load_avg_end": list(os.getloadavg()),
-        "config": {k: v for k, v in vars(args).items() if k not in ("trl_child", "keep_runs")} | {"warmup_steps": warmup_steps},
+        "config": {k: v for k, v in vars(args).items() if k not in ("trl_child", "keep_runs")}
+                  | {"warmup_steps": warmup_steps, "trl_precision_kept": spec["precision"]},
         "peak_flops": peak_flops,
-        "peak_flops_measurements": [peak_before, peak_after],
+        "peak_dtype": peak_dtype,
+        "probe_flops": probe_flops,
+        "probe_flops_measurements": [probe_before, probe_after],
+        "trl_probe": trl_probe,
         "flop_formula": FLOP_FORMULA,
         "matmul_params": matmul_params,
         "plan_trained_tokens": plan_trained,

@@ -360,39 +360,6 @@ def load_config_defaults(path: str, parser: argparse.ArgumentParser) -> dict:
     return defaults
 
 
-def resolve_mixed_precision(requested: str, logger: logging.Logger) -> str:
-    """Pick the autocast precision: "auto" = bf16 where supported (CPU with AVX512-BF16/AMX, Ampere+
-    GPUs), fp16 on older GPUs such as a T4 (with loss scaling); "no" = fp32.
-
-    On a GPU, "auto" follows `accelerate launch`'s mixed precision when one was configured.
-
-    Args:
-        requested: "auto", "no", "fp16" or "bf16".
-        logger: warnings about fallbacks go here.
-
-    Returns:
-        "no", "fp16" or "bf16".
-    """
-    if torch.cuda.is_available():
-        bf16_ok = torch.cuda.is_bf16_supported()
-        if requested == "bf16" and not bf16_ok:
-            logger.warning("warning: bf16 is not supported on this GPU; falling back to fp16 with loss scaling")
-            return "fp16"
-        if requested == "auto":
-            launcher = os.environ.get("ACCELERATE_MIXED_PRECISION")
-            return launcher if launcher in ("fp16", "bf16") else ("bf16" if bf16_ok else "fp16")
-        return requested
-    if requested == "fp16":
-        logger.warning("warning: fp16 autocast is slow on CPU; using bf16 instead")
-        requested = "bf16"
-    if requested in ("auto", "bf16"):
-        cpu_bf16 = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-        if requested == "bf16" and not cpu_bf16:
-            logger.warning("warning: this CPU has no bf16 support; training in fp32")
-        return "bf16" if cpu_bf16 else "no"
-    return requested
-
-
 def parse_fault_injection(spec: str) -> dict[str, set[int]]:
     """Parse the test-only `--fault-inject` flag: "loss:3,grad:5,stop:11" -> {"loss": {3}, "grad": {5}, "stop": {11}}.
 
@@ -429,9 +396,23 @@ def check_resume_flags(output_dir: Path, resume_from: str | None, overwrite: boo
 
 
 def check_splits(
-    train_file: str, train_examples: list, validation_file: str, val_examples: list, max_seq_len: int
+    train_file: str,
+    train_examples: list,
+    validation_file: str,
+    val_examples: list,
+    max_seq_len: int,
+    both_given: bool = True,
 ) -> None:
-    """Refuse empty splits and a validation split larger than the training split.
+    """Refuse empty splits and, when the user gave both files, a validation file larger than the training file.
+
+    Args:
+        train_file: --train-file.
+        train_examples: its tokenized examples.
+        validation_file: --validation-file, or a description of the split held out of the training file.
+        val_examples: the validation examples.
+        max_seq_len: --max-seq-len, named in the messages.
+        both_given: the user passed both --train-file and --validation-file; only then can a larger
+            validation set mean swapped files (a default or a held-out split is never the user's mistake).
 
     Raises:
         DataError: naming the file and what to do.
@@ -446,10 +427,11 @@ def check_splits(
         raise DataError(
             f"{validation_file}: no example is left after dropping those longer than --max-seq-len {max_seq_len}"
         )
-    if len(val_examples) > len(train_examples):
+    if both_given and len(val_examples) > len(train_examples):
         raise DataError(
-            f"{validation_file} has more examples ({len(val_examples)}) than {train_file} ({len(train_examples)}); "
-            "the files may be swapped, or use a smaller validation split"
+            f"--validation-file {validation_file} has more examples ({len(val_examples)}) than --train-file "
+            f"{train_file} ({len(train_examples)}); the files may be swapped: exchange the values of --train-file "
+            "and --validation-file, or pass a smaller --validation-file"
         )
 
 
@@ -533,7 +515,7 @@ def build_run_config(args: argparse.Namespace, derived: dict, model, repo: Path)
             "train_file": args.train_file,
             "train_sha256": sha256_of(Path(args.train_file)),
             "validation_file": args.validation_file,
-            "validation_sha256": sha256_of(Path(args.validation_file)),
+            "validation_sha256": sha256_of(Path(args.validation_file)) if args.validation_file else None,
         },
         "seed": args.seed,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),

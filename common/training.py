@@ -179,33 +179,6 @@ def estimate_train_flops(params: dict, tokens: int, trained_tokens: int, sum_sq_
     return 4 * params["body"] * tokens + 6 * params["lora"] * tokens + 4 * params["head"] * trained_tokens + attention
 
 
-def measure_peak_flops(device: torch.device, dtype: torch.dtype, size: int = 2048, repeats: int = 3) -> float:
-    """Measure this device's dense matmul rate (FLOP/s) for `dtype`; the MFU denominator.
-
-    Args:
-        device: where to measure.
-        dtype: bf16/fp16/fp32 (the training compute dtype).
-        size: square matrix size.
-        repeats: timed repetitions (the best is kept).
-
-    Returns:
-        FLOP/s of the fastest repetition.
-    """
-    a = torch.randn(size, size, device=device, dtype=dtype)
-    b = torch.randn(size, size, device=device, dtype=dtype)
-    torch.matmul(a, b)  # warm-up (kernel selection, allocation)
-    best = float("inf")
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        torch.matmul(a, b)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - start)
-    return 2 * size**3 / best
-
-
 # --- checkpoints: safetensors for tensors, JSON for everything else (no pickle anywhere) ---
 
 

@@ -24,8 +24,8 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import train
-from common import run as run_utils
 from common.data import VALID_ROLES, DataError, load_records, normalize_record
+from common.precision import resolve_precision
 from tests.conftest import make_conversation
 
 TRAIN = [make_conversation(i) for i in range(24)]
@@ -108,8 +108,6 @@ DATA_CASES = [
      ["{file}:3: not valid UTF-8 (", "re-save the file as UTF-8"]),
     ("UTF-16 encoded file", "train", jsonl(TRAIN).encode("utf-16"),
      ["{file}:1: not valid UTF-8 (", "re-save the file as UTF-8"]),
-    ("UTF-8 with a byte-order mark", "train", ("\ufeff" + jsonl(TRAIN)).encode(),
-     ["{file}:1: invalid JSON (Unexpected UTF-8 BOM"]),
     ("turn without a role", "train", with_turn(1, role=None),
      ["{file}:3: messages[1].role is None; expected one of system, user, assistant"]),
     ("unknown role 'bot'", "train", with_turn(2, role="bot"),
@@ -176,16 +174,26 @@ def test_train_file_empty_after_length_filtering_is_refused(tiny_model_dir, tmp_
 
 
 def test_validation_split_larger_than_training_is_refused(tiny_model_dir, tmp_path, record_property):
-    """Validation split (8) larger than the training set (4): refused as probably swapped files"""
+    """--validation-file (8) larger than --train-file (4), both given: refused as probably swapped, naming the flags"""
     small = tmp_path / "small_train.jsonl"
     small.write_text(jsonl(TRAIN[:4]))
     message = refused(tmp_path, tiny_model_dir, train_file=small)
     record_property("observed", message.replace(str(tmp_path), "<tmp>"))
     validation = tmp_path / "data" / "validation.jsonl"
     assert message == (
-        f"error: {validation} has more examples (8) than {small} (4); "
-        "the files may be swapped, or use a smaller validation split"
+        f"error: --validation-file {validation} has more examples (8) than --train-file {small} (4); the files may "
+        "be swapped: exchange the values of --train-file and --validation-file, or pass a smaller --validation-file"
     )
+
+
+def test_bom_and_crlf_files_train_as_given(tiny_model_dir, tmp_path, record_property):
+    """JSONL with a UTF-8 byte-order mark (Notepad, Excel) and CRLF line ends (Windows): trained as given"""
+    bom_crlf = tmp_path / "windows.jsonl"
+    bom_crlf.write_bytes(b"\xef\xbb\xbf" + jsonl(TRAIN[:12]).replace("\n", "\r\n").encode())
+    summary = run(tmp_path, tiny_model_dir, "--max-steps", "1", train_file=bom_crlf)
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert summary["status"] == "max_steps" and config["derived"]["train_examples"] == 12
+    record_property("observed", "12 examples read from a BOM + CRLF file; 1 step trained")
 
 
 def test_overlong_conversations_are_truncated_or_dropped_and_reported(tiny_model_dir, tmp_path, record_property):
@@ -338,14 +346,15 @@ class ListHandler(logging.Handler):
 def test_unsupported_precision_falls_back_with_a_warning(monkeypatch, gpu, bf16_ok, requested, expected, warning, record_property):  # fmt: skip
     """Mixed precision the hardware lacks: falls back (bf16 -> fp16 on GPU, fp32 on CPU) with a warning"""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: gpu)
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16_ok)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, **k: (8, 0) if bf16_ok else (7, 5))
     monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: bf16_ok)
     monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
     logger = logging.getLogger(f"test-precision-{requested}-{gpu}")
     handler = ListHandler()
     logger.addHandler(handler)
     try:
-        assert run_utils.resolve_mixed_precision(requested, logger) == expected
+        device = torch.device("cuda" if gpu else "cpu")
+        assert resolve_precision(requested, device, measure_peak=False, logger=logger).precision == expected
     finally:
         logger.removeHandler(handler)
     if warning:
@@ -442,6 +451,8 @@ def test_load_records_names_the_first_bad_line_or_returns_every_record(file_line
     """Property (hypothesis): any JSONL file loads completely or raises DataError naming file:line of its first bad line"""
     expected_lines, first_bad = [], None
     for number, line in enumerate(file_lines, start=1):
+        if number == 1:
+            line = line.removeprefix("\ufeff")  # a byte-order mark opening the file is not data
         if not line.strip() or "\n" in line or "\r" in line:
             continue
         try:

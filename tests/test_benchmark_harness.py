@@ -123,3 +123,38 @@ def test_run_child_reports_each_childs_own_peak_rss(bench, tmp_path):
     assert (code_big, code_small) == (0, 3)  # the exit code comes through, and the peak is written anyway
     # Each child's own peak: neither this (large) pytest process's nor the previous child's.
     assert 300 < peak_big < 400 and peak_small < 100
+
+
+def test_trl_runs_at_its_faster_precision_and_the_table_says_so(bench):
+    assert bench.pick_faster({"no": 210.0, "bf16": 380.0}) == "bf16"  # an AMX CPU
+    assert bench.pick_faster({"no": 245.0, "bf16": 160.0}) == "no"  # the 2026-12-01 Xeon without AMX
+    spec = {"precision": "no", "base_dtype": "float32", "steps": 6}
+    assert bench.trl_spec(spec, "bf16") == {"precision": "bf16", "base_dtype": "bfloat16", "steps": 6}
+    assert bench.trl_spec(spec, "no")["base_dtype"] == "float32"
+    runs = [
+        {"repeat": 1, "arm": "ours", "tokens_per_s": 600.0, "timed_seconds": 5.0, "peak_rss_mib": 2000.0,
+         "first_loss": 4.0, "final_loss": 3.0, "mfu": 0.4, "precision": "bf16", "base_dtype": "bfloat16"},
+        {"repeat": 1, "arm": "trl", "tokens_per_s": 380.0, "timed_seconds": 8.0, "peak_rss_mib": 2500.0,
+         "first_loss": 4.0, "final_loss": 3.0, "mfu": 0.25, "precision": "bf16", "base_dtype": "bfloat16"},
+    ]  # fmt: skip
+    result = {
+        "date": "2026-01-01 00:00:00 UTC", "machine": "test box", "load_avg_start": [0.0] * 3,
+        "load_avg_end": [0.0] * 3, "peak_flops": 0.98e12, "probe_flops": {"fp32": 0.25e12, "bf16": 0.98e12},
+        "runs": runs, "summary": bench.summarize_arms(runs), "trl_probe": {"runs": {"no": 210.0, "bf16": 380.0}, "kept": "bf16"},
+        "config": {"model": "m", "steps": 6, "batch_size": 4, "grad_accum": 4, "precision": "auto",
+                   "trl_precision": "best", "trl_precision_kept": "bf16"},
+        "plan_trained_tokens": [5], "plan_tokens": [10], "masks_match": True, "loss_normalization": "same",
+        "trl_checks": "", "matmul_params": {"body": 100, "lora": 2, "head": 10}, "versions": {}, "code_shas": ["a"],
+    }  # fmt: skip
+    markdown = bench.render_markdown(result)
+    assert "ours auto, TRL bf16" in markdown.splitlines()[0]
+    assert "at the model's shapes (fp32 0.25, bf16 0.98 TFLOP/s): 0.98 TFLOP/s" in markdown
+    assert "TRL precision probe: no 210 tokens/s, bf16 380 tokens/s: bf16 kept." in markdown
+    assert "ours bf16 / bfloat16, trl bf16 / bfloat16" in markdown
+
+
+def test_describe_machine_names_the_cpu_and_its_matmul_units(bench):
+    description = bench.describe_machine()
+    assert "cores" in description and "GiB" in description
+    assert any(unit in description for unit in ("AMX-BF16", "AVX512-BF16", "no bf16 unit"))
+    assert any(unit in description for unit in ("AMX-FP16", "AVX512-FP16", "no fp16 unit"))
