@@ -35,7 +35,14 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from common.data import DataError, collate_batch, load_records, tokenize_records
+from common.data import (
+    DataError,
+    collate_batch,
+    hold_out_validation,
+    load_records,
+    read_recorded_split,
+    tokenize_records,
+)
 from common.decision import parse_decision_line
 from common.generation import generate_replies, prompt_messages
 from common.metrics import (
@@ -76,7 +83,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--report", metavar="RUN_DIR", help="write the convergence report of runs/<run> from its logs")
     # --- data ---
-    parser.add_argument("--split", default="test", choices=["train", "validation", "test"], help="data/<split>.jsonl")
+    parser.add_argument("--split", choices=["train", "validation", "test"],
+                        help="data/<split>.jsonl (default test); for a run that held out a validation split of its "
+                        "--train-file: that part of the file (default validation)")  # fmt: skip
     parser.add_argument("--data-file", help="evaluate this file instead of --split")
     parser.add_argument("--limit", type=int, help="evaluate only the first N examples")
     parser.add_argument("--max-seq-len", type=int, default=2048, help="longer examples lose their oldest turns")
@@ -122,6 +131,26 @@ def read_adapter_base(adapter_dir: Path) -> str:
         except CheckpointError as err:
             sys.exit(f"evaluate.py: error: {err}")
     return json.loads(config_file.read_text())["base_model_name_or_path"]
+
+
+def find_recorded_split(adapter_dir: Path) -> dict | None:
+    """The validation split the adapter's run held out of its --train-file, if it held one out.
+
+    Args:
+        adapter_dir: runs/<run>/best (its config.json), a checkpoint, or an export (training_args.json).
+
+    Returns:
+        The split record from the run's config.json (see `common.data.hold_out_validation`), or None.
+    """
+    for config_file in (
+        adapter_dir / "config.json",
+        adapter_dir / "training_args.json",
+        adapter_dir.parent / "config.json",
+    ):
+        split = read_recorded_split(config_file)
+        if split is not None:
+            return split
+    return None
 
 
 def same_model(a: str, b: str) -> bool:
@@ -266,7 +295,16 @@ def main(argv: list[str] | None = None) -> dict:
             )
         model_name = adapter_base
     output_dir = Path(args.output_dir or (adapter_dir.parent / "eval" if adapter_dir else "runs/base-eval"))
-    data_file = Path(args.data_file or REPO / "data" / f"{args.split}.jsonl")
+    # A run given only its own --train-file validated on a held-out split of it: evaluate that same split.
+    held_out = find_recorded_split(adapter_dir) if adapter_dir is not None and not args.data_file else None
+    if held_out is not None and args.split == "test":
+        sys.exit(
+            f"evaluate.py: error: {adapter_dir}'s run held out its validation split from {held_out['source']} and "
+            "has no test file; pass --data-file FILE, or --split validation (the held-out examples)"
+        )
+    data_file = Path(
+        held_out["source"] if held_out else args.data_file or REPO / "data" / f"{args.split or 'test'}.jsonl"
+    )
     seed_everything(args.seed)
     start = time.perf_counter()
 
@@ -279,7 +317,18 @@ def main(argv: list[str] | None = None) -> dict:
         model, tokenizer = load_model_and_tokenizer(
             model_name, dtype=precision.dtype, trust_remote_code=args.trust_remote_code
         )
-        records = load_records(data_file)[: args.limit]
+        records = load_records(data_file)
+        if held_out is not None:
+            fraction, split_seed = held_out["fraction"], held_out["seed"]
+            train_part, validation_part, _ = hold_out_validation(
+                records, fraction, split_seed, str(data_file), held_out
+            )
+            records = train_part if args.split == "train" else validation_part
+            part = "training" if args.split == "train" else "held-out validation"
+            logger.info(
+                "%s: the %d %s examples of the run's split (seed %d)", data_file, len(records), part, split_seed
+            )
+        records = records[: args.limit]
         examples, stats = tokenize_records(records, tokenizer, args.max_seq_len)
     except (ModelLoadError, DataError) as err:
         sys.exit(f"evaluate.py: error: {err}")
@@ -330,6 +379,7 @@ def main(argv: list[str] | None = None) -> dict:
         "adapter": str(adapter_dir) if adapter_dir else None,
         "model": model_name,
         "data_file": str(data_file),
+        "held_out_split": (args.split or "validation") if held_out else None,  # a part of the run's --train-file
         "examples": len(records),
         "loss_examples": len(examples),
         "truncated_history": stats.truncated_history,

@@ -7,6 +7,9 @@
 Every `key=v1,v2` is a train.py flag (`--key v`, underscores become dashes); the grid is their
 Cartesian product. Arguments after `--` go unchanged to every run (e.g. `--model`, `--train-file`,
 `--max-steps`); `--subset N` trains each configuration on the first N training examples.
+Your own `--train-file` without a `--validation-file`: as in train.py, each run holds out a seeded
+share of it (`--validation-split`, default 0.1) for validation; the sweep passes the same
+`--validation-split-seed` to every configuration, so all of them validate on the same examples.
 
 Each configuration trains into `sweeps/<name>/<config>` (e.g. `sweeps/lr-probe/lr=1e-4_rank=8`) via
 `python train.py --output-dir sweeps/<name>/<config> --run-name <config> ...`, with its console
@@ -35,12 +38,14 @@ import sys
 import time
 from pathlib import Path
 
+from common.data import DEFAULT_VALIDATION_SPLIT, DataError, hold_out_validation, load_records
 from common.report import read_jsonl
 
 REPO = Path(__file__).resolve().parent
 logger = logging.getLogger("sweep")
 FINISHED = ("completed", "early_stopped", "max_steps")
-RESERVED_FLAGS = ("output-dir", "run-name", "resume-from", "overwrite", "config", "subset")
+RESERVED_FLAGS = ("output-dir", "run-name", "resume-from", "overwrite", "config", "subset", "validation-split-seed")
+TRAIN_DEFAULT_SEED = 1234  # train.py's --seed default
 COLUMNS = [
     "config",
     "status",
@@ -144,7 +149,63 @@ def is_finished(run_dir: Path) -> bool:
         return False
 
 
-def build_command(train_script: str, run_dir: Path, slug: str, config: dict, subset: int | None, extra: list[str]):
+def flag_value(arguments: list[str], flag: str) -> str | None:
+    """The value of `--flag V` or `--flag=V` in a train.py argument list (the last one wins), else None."""
+    value = None
+    for i, argument in enumerate(arguments):
+        if argument == flag and i + 1 < len(arguments):
+            value = arguments[i + 1]
+        elif argument.startswith(f"{flag}="):
+            value = argument.split("=", 1)[1]
+    return value
+
+
+def check_validation_split(train_args: list[str], grid: list[tuple[str, list[str]]]) -> int | None:
+    """train.py's rule for a user's own --train-file given without --validation-file, checked once for the sweep.
+
+    train.py then holds out a seeded share of the file for validation. Every configuration must
+    validate on the same examples, even when the grid sweeps --seed, so the sweep fixes the split
+    seed (the fixed --seed, else train.py's default) and checks here, before anything trains, that
+    the file is large enough to split.
+
+    Args:
+        train_args: the arguments given after `--`.
+        grid: from `parse_grid`.
+
+    Returns:
+        The split seed to pass as --validation-split-seed, or None when the rule does not apply.
+
+    Raises:
+        SystemExit: the file cannot be read or is too small to split (the message names it).
+    """
+    train_file = flag_value(train_args, "--train-file")
+    keys = {key for key, _ in grid}
+    if train_file is None or flag_value(train_args, "--validation-file") or keys & {"train-file", "validation-file"}:
+        return None
+    if Path(train_file).resolve() == (REPO / "data" / "train.jsonl").resolve():
+        return None  # the demo's data keeps its validation file
+    seed = int(flag_value(train_args, "--seed") or TRAIN_DEFAULT_SEED)
+    fractions = dict(grid).get("validation-split") or [flag_value(train_args, "--validation-split")]
+    try:
+        records = load_records(train_file)
+        for fraction in fractions:
+            _, _, split = hold_out_validation(records, float(fraction or DEFAULT_VALIDATION_SPLIT), seed, train_file)
+            held_out = f"{split['validation_examples']} of the {split['source_examples']} examples of {train_file}"
+            logger.info("validation: every configuration holds out the same %s (seed %d)", held_out, seed)
+    except (DataError, ValueError) as err:
+        sys.exit(f"sweep.py: error: {err}")
+    return seed
+
+
+def build_command(
+    train_script: str,
+    run_dir: Path,
+    slug: str,
+    config: dict,
+    subset: int | None,
+    extra: list[str],
+    split_seed: int | None = None,
+):
     """The train.py command for one configuration; an interrupted run resumes or restarts.
 
     Args:
@@ -154,6 +215,7 @@ def build_command(train_script: str, run_dir: Path, slug: str, config: dict, sub
         config: {flag: value} of this grid point.
         subset: train on the first N examples, or None for all.
         extra: the arguments given after `--`, appended unchanged.
+        split_seed: --validation-split-seed, the same for every configuration (`check_validation_split`).
 
     Returns:
         The argv list, starting with this interpreter.
@@ -163,6 +225,8 @@ def build_command(train_script: str, run_dir: Path, slug: str, config: dict, sub
         command += [f"--{key}", value]
     if subset:
         command += ["--subset", str(subset)]
+    if split_seed is not None:
+        command += ["--validation-split-seed", str(split_seed)]
     if any((run_dir / "checkpoints").glob("step_*/COMPLETE")):
         command += ["--resume-from", "latest"]
     elif (run_dir / "config.json").exists():
@@ -280,10 +344,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     sweep_dir = Path(args.sweeps_dir) / name
     keys = [key for key, _ in args.grid]
     configs = [dict(zip(keys, values)) for values in itertools.product(*(v for _, v in args.grid))]
+    split_seed = None if args.summary_only else check_validation_split(args.train_args, args.grid)
     if args.dry_run:
         for i, config in enumerate(configs, start=1):
             slug = config_slug(config)
-            command = build_command(args.train_script, sweep_dir / slug, slug, config, args.subset, args.train_args)
+            command = build_command(
+                args.train_script, sweep_dir / slug, slug, config, args.subset, args.train_args, split_seed
+            )
             status = "finished, not rerun" if is_finished(sweep_dir / slug) else " ".join(command)
             logger.info("[%d/%d] %s: %s", i, len(configs), slug, status)
         return []
@@ -305,7 +372,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         if is_finished(run_dir):
             logger.info("%s: finished earlier, not rerun", prefix)
             continue
-        command = build_command(args.train_script, run_dir, slug, config, args.subset, args.train_args)
+        command = build_command(args.train_script, run_dir, slug, config, args.subset, args.train_args, split_seed)
         log_file = sweep_dir / "logs" / f"{slug}.log"
         logger.info("%s: training (log: %s)", prefix, log_file)
         start = time.perf_counter()

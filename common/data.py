@@ -32,6 +32,7 @@ from torch.utils.data import BatchSampler
 VALID_ROLES = ("system", "user", "assistant")
 IGNORE_INDEX = -100
 SUPPORTED_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+DEFAULT_VALIDATION_SPLIT = 0.1  # share of a user's training file held out when no validation file is given
 
 
 class DataError(ValueError):
@@ -50,18 +51,30 @@ class TokenizeStats:
     dropped_ids: list = field(default_factory=list)
 
 
+def _read_utf8(path: Path) -> str:
+    """Decode a text data file as UTF-8, accepting the byte-order mark many Windows tools write.
+
+    Raises:
+        DataError: the bytes are not UTF-8, naming the line of the first bad byte.
+    """
+    data = path.read_bytes()
+    data = data.removeprefix(b"\xef\xbb\xbf")  # Notepad, Excel's "CSV UTF-8": the data after it is fine
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: not valid UTF-8 ({err.reason}); re-save the file as UTF-8") from None
+
+
 def _read_raw_records(path: Path) -> Iterator[tuple[int, object]]:
     """Yield (line_or_row_number, raw record) pairs; numbers are 1-based as an editor shows them."""
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
-        try:
-            text = path.read_text(encoding="utf-8")
-        except UnicodeDecodeError as err:
-            line = path.read_bytes()[: err.start].count(b"\n") + 1
-            raise DataError(f"{path}:{line}: not valid UTF-8 ({err.reason}); re-save the file as UTF-8") from None
+        text = _read_utf8(path)
         # split on "\n" only: str.splitlines() also breaks at U+2028, U+2029 and NEL, which JSON
         # allows raw inside strings (json.dumps(..., ensure_ascii=False) writes them that way)
         for number, line in enumerate(text.split("\n"), start=1):
+            line = line.removesuffix("\r")  # CRLF line ends (Windows editors)
             if not line.strip():
                 continue
             try:
@@ -77,10 +90,9 @@ def _read_raw_records(path: Path) -> Iterator[tuple[int, object]]:
                     "each line must be one JSON object"
                 ) from None
     elif suffix == ".json":
+        text = _read_utf8(path)
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except UnicodeDecodeError as err:
-            raise DataError(f"{path}: not valid UTF-8 ({err.reason}); re-save the file as UTF-8") from None
+            data = json.loads(text)
         except json.JSONDecodeError as err:
             raise DataError(f"{path}:{err.lineno}: invalid JSON ({err.msg}); fix the file") from None
         except (ValueError, RecursionError) as err:
@@ -95,6 +107,8 @@ def _read_raw_records(path: Path) -> Iterator[tuple[int, object]]:
     elif suffix in (".csv", ".parquet"):
         import datasets  # heavy import, only when needed
 
+        if suffix == ".csv":
+            _read_utf8(path)  # the same one-line encoding error as JSONL; pandas itself skips a BOM
         builder = "csv" if suffix == ".csv" else "parquet"
         dataset = datasets.load_dataset(builder, data_files=str(path), split="train")
         for number, row in enumerate(dataset, start=1):
@@ -183,6 +197,86 @@ def load_records(path: str | Path) -> list[dict]:
     if not records:
         raise DataError(f"{path}: no records; the file is empty")
     return records
+
+
+def hold_out_validation(
+    records: Sequence[dict], fraction: float, seed: int, source: str, recorded: dict | None = None
+) -> tuple[list[dict], list[dict], dict]:
+    """Split one data file into disjoint training and validation records (seeded, reproducible).
+
+    Used when a user gives only their own training file: validating on unrelated data would pick
+    `best/` and stop early for the wrong reasons. `round(fraction * n)` records (at least 1) are
+    drawn with `random.Random(seed)`; both parts keep the file's order.
+
+    Args:
+        records: every record of the file, from `load_records`.
+        fraction: share held out for validation, in (0, 1).
+        seed: seeds the draw.
+        source: the file's path, for messages and the record.
+        recorded: the split a run already recorded in its config.json (`dataset.validation_split`):
+            its held-out indices are reused as they are, so a resume or evaluate.py sees the same split.
+
+    Returns:
+        (train records, validation records, split record for config.json: source, sizes, fraction,
+        seed, held-out indices (0-based positions in the file) and ids (when every record has one)).
+
+    Raises:
+        DataError: the file is too small to hold out a split and still train, or it no longer matches
+            the recorded split.
+    """
+    if not 0 < fraction < 1:
+        raise DataError(f"--validation-split must be between 0 and 1, got {fraction}")
+    if recorded is not None:
+        if recorded.get("source_examples") != len(records):
+            raise DataError(
+                f"{source} has {len(records)} records, but the run held out its validation split from "
+                f"{recorded.get('source_examples')}; the file changed since training: restore it or pass --validation-file"
+            )
+        held_out = sorted(recorded["held_out_indices"])
+        fraction, seed = recorded["fraction"], recorded["seed"]
+    else:
+        count = max(1, round(fraction * len(records)))
+        if len(records) - count < 1:
+            raise DataError(
+                f"{source} has {len(records)} example(s): too few to hold out --validation-split {fraction} for "
+                "validation and still train; add examples or pass --validation-file"
+            )
+        held_out = sorted(random.Random(seed).sample(range(len(records)), count))
+    chosen = set(held_out)
+    train = [record for i, record in enumerate(records) if i not in chosen]
+    validation = [records[i] for i in held_out]
+    ids = [record.get("id") for record in validation]
+    split = {
+        "source": str(source),
+        "source_examples": len(records),
+        "fraction": fraction,
+        "seed": seed,
+        "train_examples": len(train),
+        "validation_examples": len(validation),
+        "held_out_indices": held_out,
+        "held_out_ids": ids if all(i is not None for i in ids) else None,
+    }
+    return train, validation, split
+
+
+def read_recorded_split(config_file: Path) -> dict | None:
+    """The held-out validation split a run recorded (`dataset.validation_split` of its config.json).
+
+    Args:
+        config_file: a run's config.json, or an export's training_args.json (same content).
+
+    Returns:
+        The split record from `hold_out_validation`, or None (no such file, or the run used a
+        validation file of its own).
+    """
+    if not Path(config_file).is_file():
+        return None
+    try:
+        config = json.loads(Path(config_file).read_text())
+    except json.JSONDecodeError:
+        return None
+    dataset = config.get("dataset") if isinstance(config, dict) else None
+    return dataset.get("validation_split") if isinstance(dataset, dict) else None
 
 
 def _render(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:

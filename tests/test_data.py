@@ -12,6 +12,7 @@ from common.data import (
     DataError,
     LengthGroupedBatchSampler,
     collate_batch,
+    hold_out_validation,
     load_records,
     tokenize_messages,
     tokenize_records,
@@ -177,3 +178,80 @@ def test_length_grouped_sampler_is_deterministic_complete_and_grouped():
     waste = sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in first)
     random_waste = sum(max(lengths[i] for i in range(s, s + 4)) * 4 - sum(lengths[s : s + 4]) for s in range(0, 48, 4))
     assert waste < random_waste / 2
+
+
+# --- files as editors write them: byte-order mark, CRLF line ends ---
+
+
+def test_every_text_reader_accepts_a_bom_and_crlf_line_ends(tmp_path):
+    chat = {"messages": CONVERSATION[1:3]}
+    bom = b"\xef\xbb\xbf"
+    (tmp_path / "a.jsonl").write_bytes(bom + (json.dumps(chat) + "\r\n" + json.dumps(chat) + "\r\n").encode())
+    (tmp_path / "a.json").write_bytes(bom + json.dumps([chat, chat], indent=2).replace("\n", "\r\n").encode())
+    (tmp_path / "a.csv").write_bytes(bom + b'prompt,completion\r\n"Quote?","Refer."\r\n"Age 40?","Approve."\r\n')
+    for name in ("a.jsonl", "a.json"):
+        records = load_records(tmp_path / name)
+        assert [r["messages"] for r in records] == [CONVERSATION[1:3]] * 2, name
+    rows = load_records(tmp_path / "a.csv")
+    assert [r["prompt"] for r in rows] == [
+        "Quote?",
+        "Age 40?",
+    ]  # the header's first name is "prompt", not "\ufeffprompt"
+    assert rows[1]["messages"][1]["content"] == "Approve."  # no stray "\r"
+    assert [r["_line"] for r in load_records(tmp_path / "a.jsonl")] == [1, 2]
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json", ".csv"])
+def test_other_encodings_keep_the_one_line_utf8_error(tmp_path, suffix):
+    text = {
+        ".jsonl": '{"text": "ok"}\n{"text": "café"}\n',
+        ".json": '[{"text": "ok"},\n {"text": "café"}]\n',
+        ".csv": "text\nok\ncafé\n",
+    }[suffix]
+    for encoding, line in (("latin-1", 2 if suffix != ".csv" else 3), ("utf-16", 1)):
+        path = tmp_path / f"{encoding}{suffix}"
+        path.write_bytes(text.encode(encoding))
+        with pytest.raises(DataError) as excinfo:
+            load_records(path)
+        message = str(excinfo.value)
+        assert message.startswith(f"{path}:{line}: not valid UTF-8 (") and message.endswith("re-save the file as UTF-8")
+        assert "\n" not in message
+
+
+# --- a held-out validation split of the user's own training file ---
+
+
+def test_hold_out_validation_is_seeded_disjoint_and_reproducible():
+    records = [{"id": f"r{i}", "text": f"example {i}"} for i in range(50)]
+    train, validation, split = hold_out_validation(records, 0.1, seed=7, source="my.jsonl")
+    assert len(validation) == 5 and len(train) == 45
+    assert {r["id"] for r in train}.isdisjoint(r["id"] for r in validation)
+    assert {r["id"] for r in train} | {r["id"] for r in validation} == {r["id"] for r in records}
+    assert split == {
+        "source": "my.jsonl", "source_examples": 50, "fraction": 0.1, "seed": 7, "train_examples": 45,
+        "validation_examples": 5, "held_out_indices": split["held_out_indices"],
+        "held_out_ids": [f"r{i}" for i in split["held_out_indices"]],
+    }  # fmt: skip
+    assert split["held_out_indices"] == sorted(split["held_out_indices"])
+    assert hold_out_validation(records, 0.1, 7, "my.jsonl")[2] == split  # same seed, same split
+    assert hold_out_validation(records, 0.1, 8, "my.jsonl")[2]["held_out_indices"] != split["held_out_indices"]
+    # a recorded split is reused as it is (resume, evaluate.py), whatever fraction and seed are passed
+    again = hold_out_validation(records, 0.5, 99, "my.jsonl", recorded=split)
+    assert again[1] == validation and again[2] == split
+    with pytest.raises(DataError, match=r"my\.jsonl has 49 records, but the run held out its validation split from 50"):
+        hold_out_validation(records[:49], 0.1, 7, "my.jsonl", recorded=split)
+
+
+def test_hold_out_validation_keeps_at_least_one_example_each_side():
+    records = [{"text": f"example {i}"} for i in range(8)]
+    train, validation, split = hold_out_validation(records, 0.1, seed=1234, source="my.jsonl")
+    assert len(validation) == 1 and len(train) == 7 and split["held_out_ids"] is None  # no ids: indices only
+    assert len(hold_out_validation(records[:2], 0.01, 1, "my.jsonl")[1]) == 1
+    with pytest.raises(DataError) as excinfo:
+        hold_out_validation(records[:1], 0.1, 1, "my.jsonl")
+    assert str(excinfo.value) == (
+        "my.jsonl has 1 example(s): too few to hold out --validation-split 0.1 for validation and still train; "
+        "add examples or pass --validation-file"
+    )
+    with pytest.raises(DataError, match=r"--validation-split must be between 0 and 1, got 1\.0"):
+        hold_out_validation(records, 1.0, 1, "my.jsonl")
