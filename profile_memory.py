@@ -15,17 +15,20 @@ What it does:
   QLoRA, with and without checkpointing. The formulas are in `common/memory.py`.
 - Decide: LoRA or QLoRA for the budget (`--gpu-memory`, default a 16 GiB T4, minus
   `--safety-margin`), the largest micro-batch and sequence length that fit, and the gradient
-  accumulation that keeps the effective batch (`--batch-size`). Printed, and saved as JSON
-  (`--output`, or `<run-dir>/memory_profile.json`).
+  accumulation that keeps the effective batch (`--batch-size`). An option fits only when its
+  estimate plus the estimator's measured error (`--error-band`, 11%) fits; LoRA that fits only
+  micro-batch 1 loses to QLoRA that fits a larger one (see `common.memory.recommend`). Printed, and
+  saved as JSON (`--output`, or `<run-dir>/memory_profile.json`).
 - Measure (`--measure`): a few real training steps of that configuration in a fresh process (the
   same loss, autocast and AdamW as train.py) and the measured peak next to the estimate: CUDA peak
   reserved (and allocated) on a GPU; on CPU the peak RSS of the steps minus the RSS of a bare
   `import torch, transformers`.
 
 Device (`--device`): the estimate follows the device: on a GPU the LoRA base is stored in fp16
-(`--dtype`) and autocast runs in fp16 (a T4 has no bf16); on CPU train.py keeps fp32 weights under
-bf16 autocast, so weights cost 4 bytes and autocast keeps bf16 copies of them for backward.
-`auto` plans for a GPU unless `--measure` runs on a machine without one.
+(`--dtype`) and autocast runs in fp16 (a T4 has no bf16); on a CPU both are what train.py's
+`--mixed-precision auto` picks on this machine (`common.precision`: the fastest dtype measured at
+the model's shapes; train.py stores the frozen base in it). `auto` plans for a GPU unless
+`--measure` runs on a machine without one.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from common.memory import (
     DEFAULT_GPU_MEMORY_GB,
     DEFAULT_SAFETY_MARGIN,
     DEFAULT_TRAINED_FRACTION,
+    ESTIMATE_ERROR_BAND,
     GIB,
     NF4_BITS_PER_PARAM,
     MemoryEstimateError,
@@ -50,6 +54,7 @@ from common.memory import (
     recommend,
 )
 from common.model import DEFAULT_MODEL, ModelLoadError, load_config
+from common.precision import PROBE_NAMES, resolve_precision
 from common.training import write_json
 
 REPO = Path(__file__).resolve().parent
@@ -95,13 +100,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--safety-margin", type=float, default=DEFAULT_SAFETY_MARGIN, help="fraction of the budget kept free"
     )
     parser.add_argument(
-        "--dtype", choices=["fp32", "fp16", "bf16"], default=None, help="LoRA base dtype (default fp16 GPU, fp32 CPU)"
+        "--error-band", type=float, default=ESTIMATE_ERROR_BAND, help="the estimate's own relative error, counted"
+    )
+    parser.add_argument(
+        "--dtype", choices=["fp32", "fp16", "bf16"], default=None, help="LoRA base dtype (default fp16 GPU, CPU: auto)"
     )
     parser.add_argument(
         "--compute-dtype",
         choices=["fp32", "fp16", "bf16"],
         default=None,
-        help="autocast dtype, also QLoRA's compute dtype (default fp16 on GPU (T4), bf16 on CPU)",
+        help="autocast dtype, also QLoRA's compute dtype (default fp16 on GPU (T4); CPU: train.py's auto)",
     )
     # --- measurement ---
     parser.add_argument("--measure", action="store_true", help="run real training steps and report measured peak")
@@ -130,6 +138,7 @@ def validate_args(args: argparse.Namespace) -> None:
         (0 < args.trained_fraction <= 1, f"--trained-fraction must be in (0, 1], got {args.trained_fraction}"),
         (args.gpu_memory > 0, f"--gpu-memory must be > 0 GiB, got {args.gpu_memory}"),
         (0 <= args.safety_margin < 1, f"--safety-margin must be in [0, 1), got {args.safety_margin}"),
+        (0 <= args.error_band < 1, f"--error-band must be in [0, 1), got {args.error_band}"),
         (args.measure_steps >= 1, f"--measure-steps must be >= 1, got {args.measure_steps}"),
         (
             not (args.device == "cuda" and args.measure and not torch.cuda.is_available()),
@@ -162,8 +171,9 @@ def format_recommendation(decision: dict, batch_size: int) -> str:
     flags += f"--max-seq-len {decision['seq_len']}"
     lines = [
         f"recommendation: {'LoRA' if decision['method'] == 'lora' else 'QLoRA'} - {decision['reason']}",
-        f"  estimated {decision['estimated_gb']:.2f} GiB of {decision['usable_gb']:.2f} GiB usable "
-        f"({decision['budget_gb']:g} GiB, {decision['safety_margin']:.0%} margin)",
+        f"  estimated {decision['estimated_gb']:.2f} GiB, {decision['estimated_with_band_gb']:.2f} with the "
+        f"{decision['error_band']:.0%} estimate error, of {decision['usable_gb']:.2f} GiB usable "
+        f"({decision['budget_gb']:g} GiB, {decision['safety_margin']:.0%} margin): {decision['headroom_gb']:.2f} GiB spare",
         f"  micro-batch {decision['micro_batch_size']} x accumulation {decision['gradient_accumulation_steps']} "
         f"= effective batch {decision['effective_batch_size']} (asked {batch_size}); "
         f"largest micro-batch at this length {decision['max_micro_batch_size']}, "
@@ -227,6 +237,26 @@ def measure_configuration(args: argparse.Namespace, config, decision: dict, sett
     return {**measurement, "estimate": estimate, **comparison}
 
 
+def plan_dtypes(dtype: str | None, compute_dtype: str | None, device: str, config) -> tuple[str, str]:
+    """The LoRA base dtype and the compute dtype to plan for, as train.py would pick them.
+
+    Args:
+        dtype, compute_dtype: --dtype / --compute-dtype (None: the default).
+        device: "cuda" (plans for a T4: fp16 and fp16) or "cpu" (train.py's `--mixed-precision auto` on
+            this machine, which stores the frozen base in its compute dtype).
+        config: the model's config (the CPU probe runs at its shapes).
+
+    Returns:
+        (dtype, compute_dtype) as "fp32" / "fp16" / "bf16".
+    """
+    if device == "cuda":
+        return dtype or "fp16", compute_dtype or "fp16"
+    if dtype is None or compute_dtype is None:
+        chosen = PROBE_NAMES[resolve_precision("auto", torch.device("cpu"), config, measure_peak=False).precision]
+        return dtype or chosen, compute_dtype or chosen
+    return dtype, compute_dtype
+
+
 def main(argv: list[str] | None = None) -> dict:
     """Estimate, decide, optionally measure; print the report and save it as JSON. Returns the report."""
     args = parse_args(argv)
@@ -234,14 +264,13 @@ def main(argv: list[str] | None = None) -> dict:
     device = args.device
     if device == "auto":
         device = "cpu" if args.measure and not torch.cuda.is_available() else "cuda"
-    dtype = args.dtype or ("fp16" if device == "cuda" else "fp32")
-    compute_dtype = args.compute_dtype or ("fp16" if device == "cuda" else "bf16")
     output = Path(
         args.output
         or (Path(args.run_dir) / "memory_profile.json" if args.run_dir else REPO / "runs/memory_profile.json")
     )
     try:
         config = load_config(args.model, trust_remote_code=args.trust_remote_code)
+        dtype, compute_dtype = plan_dtypes(args.dtype, args.compute_dtype, device, config)
         settings = {
             "rank": args.rank,
             "target_modules": args.target_modules,
@@ -268,6 +297,7 @@ def main(argv: list[str] | None = None) -> dict:
             args.batch_size,
             args.seq_len,
             safety_margin=args.safety_margin,
+            error_band=args.error_band,
             lora_dtype=dtype,
             **settings,
         )

@@ -24,6 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from common.memory import (  # noqa: E402  (the repo root must be on sys.path first)
+    ESTIMATE_ERROR_BAND,
     GIB,
     MIB,
     compare_to_measurement,
@@ -180,8 +181,10 @@ def main(argv: list[str] | None = None) -> str:
         header.append(
             f"Estimated peak GPU memory (fp16 autocast, as on a T4) at batch {args.batch_size}, r={args.rank} on "
             f"{args.target_modules}, half of the tokens trained; in parentheses with gradient checkpointing (GC). "
-            f"Max micro-batch: the largest that fits the budget minus a 10% margin, with or without GC (at most "
-            f"{args.batch_size}). Recommendation: method, micro-batch x gradient accumulation. "
+            f"Max micro-batch: the largest whose estimate + {ESTIMATE_ERROR_BAND:.0%} (the estimator's measured error) "
+            f"fits the budget minus a 10% margin, with or without GC (at most {args.batch_size}). Recommendation: "
+            "method, micro-batch x gradient accumulation (LoRA that fits only micro-batch 1 loses to QLoRA that fits "
+            "more). "
             "Estimates only (no weights loaded); the formulas are in common/memory.py."
         )
         body = build_fit_table(args)

@@ -14,6 +14,7 @@ from common.memory import (
     CPU_RUNTIME_BYTES,
     CUDA_ALLOCATOR_FRACTION,
     CUDA_CONTEXT_BYTES,
+    ESTIMATE_ERROR_BAND,
     GIB,
     NF4_BITS_PER_PARAM,
     NF4_CONSTANT_BYTES_PER_MATRIX,
@@ -158,6 +159,52 @@ def test_recommendation_reduces_micro_batch_and_keeps_effective_batch():
     assert small["max_micro_batch_size"] >= small["micro_batch_size"]
 
 
+def test_error_band_is_the_measured_cpu_error():
+    # table 1 of memory_profile_cpu.md: estimated / measured of every configuration (default glibc malloc)
+    text = (REPO / "benchmarks/results/memory_profile_cpu.md").read_text()
+    table = text.split("## Table 1")[1].split("## Table 2")[0]
+    ratios = [float(row.split("|")[7]) for row in table.splitlines() if row.startswith(("| LoRA", "| QLoRA"))]
+    assert len(ratios) == 8
+    assert max(abs(r - 1) for r in ratios) == pytest.approx(ESTIMATE_ERROR_BAND, abs=0.005)
+
+
+def test_a_7b_model_on_a_t4_is_sent_to_qlora():
+    config = load_config(str(REPO / "configs/mistral-7b-instruct-v0.3.json"))
+    # Short sequences: the old rule sent it to fp16 LoRA at micro-batch 1, 14.3 of 14.4 GiB usable. Even without
+    # the estimator's own error, the micro-batch rule now picks QLoRA, which fits the asked batch of 4.
+    unbanded = recommend(config, 16, batch_size=4, seq_len=256, error_band=0.0)
+    lora = next(c for c in unbanded["candidates"] if c["method"] == "lora" and c["gradient_checkpointing"])
+    assert lora["max_micro_batch_size"] == 1
+    assert unbanded["method"] == "qlora" and unbanded["micro_batch_size"] == 4
+    assert "LoRA on the fp16 base fits only micro-batch 1 of 4" in unbanded["reason"]
+    for seq_len in (256, 1024):
+        decision = recommend(config, 16, batch_size=4, seq_len=seq_len)
+        assert decision["method"] == "qlora" and decision["micro_batch_size"] == 4, decision["reason"]
+        assert decision["gradient_accumulation_steps"] == 1 and decision["headroom_gb"] > 3
+        assert decision["estimated_with_band_gb"] == pytest.approx(decision["estimated_gb"] * 1.11)
+        assert "LoRA does not fit one sequence" in decision["reason"] and "11% estimate error" in decision["reason"]
+
+
+def test_lora_at_micro_batch_1_loses_to_qlora_at_the_asked_batch():
+    config = load_config(str(REPO / "configs/mistral-7b-instruct-v0.3.json"))
+    decision = recommend(config, 19, batch_size=4, seq_len=1024)  # LoRA+GC fits 1 sequence (16.5 of 17.1 GiB)
+    lora = max(c["max_micro_batch_size"] for c in decision["candidates"] if c["method"] == "lora")
+    assert lora == 1
+    assert (decision["method"], decision["micro_batch_size"], decision["gradient_accumulation_steps"]) == (
+        "qlora",
+        4,
+        1,
+    )
+    assert "LoRA on the fp16 base fits only micro-batch 1 of 4" in decision["reason"]
+    assert "GiB to spare" in decision["reason"] and decision["headroom_gb"] > 5
+    # LoRA that fits the asked batch still wins: no quantization error, faster steps
+    roomy = recommend(config, 24, batch_size=4, seq_len=1024)
+    assert roomy["method"] == "lora" and roomy["micro_batch_size"] == 4
+    # and QLoRA must do better than micro-batch 1 to take over
+    single = recommend(config, 19, batch_size=1, seq_len=1024)
+    assert single["method"] == "lora" and single["micro_batch_size"] == 1
+
+
 def test_check_fits_and_bad_settings(tiny_config):
     args = (tiny_config, "cuda", 2, 64, 4, "q_proj", None, "fp16", False)
     fits, message = check_fits(*args, budget_bytes=GIB)
@@ -165,6 +212,11 @@ def test_check_fits_and_bad_settings(tiny_config):
     fits, message = check_fits(*args, budget_bytes=100 * 2**20)
     assert not fits and "--batch-size" in message
     assert check_fits(tiny_config, "mps", 2, 64, 4, "q_proj", None, "fp16", False)[0]  # not modelled: no verdict
+    total = estimate_memory(*args[:1], 2, 64, 4, "q_proj", None, "fp16", False, device="cuda")["total"]
+    budget = round(total * 1.05 / 0.9)  # fits the usable memory only without the 11% estimate error
+    assert check_fits(*args, budget_bytes=budget, error_band=0.0)[0]
+    fits, message = check_fits(*args, budget_bytes=budget)
+    assert not fits and "+11% estimate error" in message
     with pytest.raises(MemoryEstimateError, match="qkv_proj"):
         estimate_memory(tiny_config, 2, 64, 4, "qkv_proj", None, "fp16", False)
     with pytest.raises(MemoryEstimateError, match="quantization"):
