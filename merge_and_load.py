@@ -29,6 +29,8 @@ Parity check (on by default; `--no-verify` skips it)
   merge) vs the merged folder reloaded from disk with plain transformers. Max |logit difference| must be
   <= `--atol` (default 1e-3; float32 merges differ by ~1e-6, from summation order) and greedy generations
   of `--max-new-tokens` tokens must be identical. On a mismatch nothing is published and the exit status is 1.
+  The forwards run in fp32 (`--dtype`; `auto` = the dtype common/precision.py measures fastest here,
+  which needs a larger --atol: bf16 rounding alone moves the 135M model's logits by ~0.1).
 - QLoRA: the gated comparison above uses the de-quantized base (the like-for-like check of the merge). A
   second line compares the merged model with the adapter on the real NF4 base (4-bit matmuls in the run's
   compute dtype); it is printed for information, not gated, because it measures bf16/fp16 compute noise,
@@ -57,6 +59,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, 
 from common.artifacts import build_generation_config, publish_dir, round_trip_nf4
 from common.data import DataError, load_records
 from common.model import ModelLoadError, load_model_and_tokenizer
+from common.precision import PrecisionChoice, resolve_precision
 
 BUILTIN_PROMPTS = [
     "Applicant is 34, non-smoker, wants 250k term life. BMI is 23.",
@@ -84,6 +87,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # --- parity check ---
     parser.add_argument("--no-verify", action="store_true", help="skip the merged-vs-adapter parity check")
     parser.add_argument("--atol", type=float, default=1e-3, help="max allowed |logit difference|")
+    parser.add_argument("--dtype", default="fp32", choices=["fp32", "auto", "bf16", "fp16"],
+                        help="autocast dtype of the parity forwards (auto: the fastest measured here; raise --atol)")  # fmt: skip
     parser.add_argument("--num-prompts", type=int, default=3, help="validation prompts used for parity")
     parser.add_argument("--data-file", default="data/validation.jsonl", help="prompts (built-in ones if missing)")
     parser.add_argument(
@@ -132,11 +137,17 @@ def read_training_config(adapter_dir: Path) -> dict:
 
 
 def resolve_nf4_dtype(flag: str, training_config: dict) -> torch.dtype:
-    """The dtype the QLoRA run loaded (and so quantized) its base in; mirrors train.py."""
+    """The dtype the QLoRA run loaded (and so quantized) its base in: what the run recorded, not a new choice.
+
+    train.py records the frozen base's dtype (`derived.base_dtype`, the dtype common.precision chose);
+    older runs only recorded `derived.mixed_precision`, from which train.py derived it.
+    """
     if flag != "auto":
         return NF4_DTYPES[flag]
-    mixed_precision = training_config.get("derived", {}).get("mixed_precision")
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision, torch.float32)
+    derived = training_config.get("derived", {})
+    if derived.get("base_dtype") in NF4_DTYPES:
+        return NF4_DTYPES[derived["base_dtype"]]
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(derived.get("mixed_precision"), torch.float32)
 
 
 def build_prompts(data_file: Path, num_prompts: int) -> list[list[dict]]:
@@ -158,20 +169,24 @@ def build_prompts(data_file: Path, num_prompts: int) -> list[list[dict]]:
 
 
 @torch.no_grad()
-def run_prompts(model, prompt_ids: list[torch.Tensor], max_new_tokens: int, eos_ids: list[int]) -> tuple[list, list]:
-    """Per prompt: float32 logits of the prompt (one forward, no padding) and the greedy continuation."""
+def run_prompts(
+    model, prompt_ids: list[torch.Tensor], max_new_tokens: int, eos_ids: list[int], precision: PrecisionChoice
+) -> tuple[list, list]:
+    """Per prompt: float32 logits of the prompt (one forward, no padding) and the greedy continuation,
+    under `precision`'s autocast (none for fp32)."""
     model.eval()
     logits, generations = [], []
     for ids in prompt_ids:
-        logits.append(model(input_ids=ids).logits.float())
-        output = model.generate(
-            input_ids=ids,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            eos_token_id=eos_ids,
-            pad_token_id=eos_ids[0],
-        )
+        with precision.autocast():
+            logits.append(model(input_ids=ids).logits.float())
+            output = model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                eos_token_id=eos_ids,
+                pad_token_id=eos_ids[0],
+            )
         generations.append(output[0, ids.shape[1] :].tolist())
     return logits, generations
 
@@ -264,6 +279,9 @@ def main(argv: list[str] | None = None) -> dict:
     )
     eos_ids = generation_config.eos_token_id
     eos_ids = [eos_ids] if isinstance(eos_ids, int) else list(eos_ids)
+    # The parity forwards' dtype comes from the one rule (common/precision.py); fp32 by default, so the
+    # gate compares the merge itself, not bf16/fp16 rounding noise (~0.1 logits on the 135M model).
+    precision = resolve_precision(args.dtype, torch.device("cpu"), model.config, measure_peak=False)
     model = PeftModel.from_pretrained(model, str(adapter_dir))
 
     prompt_ids = []
@@ -275,7 +293,7 @@ def main(argv: list[str] | None = None) -> dict:
         for messages in prompts:
             text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
             prompt_ids.append(tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"])
-        adapter_outputs = run_prompts(model, prompt_ids, args.max_new_tokens, eos_ids)
+        adapter_outputs = run_prompts(model, prompt_ids, args.max_new_tokens, eos_ids, precision)
 
     # --- merge and save to a temporary sibling folder; published only if parity holds ---
     merged = merge_adapter(model)
@@ -293,12 +311,13 @@ def main(argv: list[str] | None = None) -> dict:
             "base_quantization": quantization,
             "nf4_dtype": str(nf4_dtype).replace("torch.", "") if nf4_dtype else None,
             "saved_dtype": "float32",
+            "parity_precision": precision.to_json(),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }
         if not args.no_verify:
             # Reload from disk with plain transformers: this also checks what was saved.
             reloaded, _ = load_merged(tmp_dir, trust_remote_code=args.trust_remote_code, dtype=torch.float32)
-            merged_outputs = run_prompts(reloaded, prompt_ids, args.max_new_tokens, eos_ids)
+            merged_outputs = run_prompts(reloaded, prompt_ids, args.max_new_tokens, eos_ids, precision)
             del reloaded
             parity = compare(adapter_outputs, merged_outputs)
             parity["atol"] = args.atol
@@ -313,7 +332,7 @@ def main(argv: list[str] | None = None) -> dict:
                 )
                 nf4_model = PeftModel.from_pretrained(nf4_model, str(adapter_dir))
                 info["nf4_reference"] = compare(
-                    run_prompts(nf4_model, prompt_ids, args.max_new_tokens, eos_ids), merged_outputs
+                    run_prompts(nf4_model, prompt_ids, args.max_new_tokens, eos_ids, precision), merged_outputs
                 )
                 print(
                     format_parity(

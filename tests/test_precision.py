@@ -275,3 +275,13 @@ def test_evaluate_uses_the_resolver_and_shows_progress(fake_cpu, tiny_model_dir,
     err = capsys.readouterr().err
     assert "base: scoring" in err and " tok/s" in err
     assert "base: generating" in err and "new tok/s" in err
+
+
+def test_merge_rounds_qlora_bases_in_the_dtype_the_run_recorded():
+    from merge_and_load import resolve_nf4_dtype
+
+    # train.py records the frozen base's dtype (what common.precision chose), e.g. fp32 on a CPU without AMX
+    assert resolve_nf4_dtype("auto", {"derived": {"base_dtype": "float32", "mixed_precision": "no"}}) == torch.float32
+    assert resolve_nf4_dtype("auto", {"derived": {"base_dtype": "float16", "mixed_precision": "fp16"}}) == torch.float16
+    assert resolve_nf4_dtype("auto", {"derived": {"mixed_precision": "bf16"}}) == torch.bfloat16  # older runs
+    assert resolve_nf4_dtype("bfloat16", {"derived": {"base_dtype": "float32"}}) == torch.bfloat16  # the flag wins
