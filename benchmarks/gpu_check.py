@@ -1,0 +1,327 @@
+"""The one command to run when a GPU is available: speed, MFU and memory of the T4 settings, in < 8 minutes.
+
+    python benchmarks/gpu_check.py                              # writes benchmarks/results/gpu.md (+ gpu.json)
+    python benchmarks/gpu_check.py --runs lora-fp16,qlora-fp16  # only the T4 configurations
+    python benchmarks/gpu_check.py --model Qwen/Qwen2.5-0.5B-Instruct --output /tmp/gpu.md
+
+Without CUDA it prints one line and exits 0 (nothing is measured or written).
+
+What it runs, each in a fresh process, on the default model unless `--model`:
+1. The card's own dense matmul peak (`common.precision.resolve_precision` on CUDA: fp16, and bf16 from
+   compute capability 8.0): the MFU denominator, as train.py measures it.
+2. Training speed with train.py itself (`--max-steps --steps`, micro-batch 4 x accumulation 4, no
+   baseline evaluation, no sample generation): LoRA under fp16 autocast + GradScaler (a T4's settings),
+   LoRA under bf16 (compute capability >= 8.0 only), and QLoRA (4-bit NF4 + double quantization
+   through bitsandbytes on CUDA, gradient checkpointing as train.py defaults) in fp16 and bf16.
+   Non-padding tokens/s over the steps after the first, train.py's MFU (against the fastest dtype's
+   peak), its peak `torch.cuda.max_memory_allocated`, and the GradScaler's scale after the run.
+3. Memory: `common.memory.measure_in_subprocess` (2 AdamW steps of train.py's loss on a random
+   batch of `--memory-batch-size` x `--memory-seq-len`) against `common.memory.estimate_memory`
+   for exactly those settings, the estimate profile_memory.py prints: max reserved vs the estimate
+   without the CUDA context, and `max_memory_allocated` vs the estimate without the context and the
+   caching-allocator allowance. The largest |ratio - 1| is the GPU's error band for
+   `common.memory.ESTIMATE_ERROR_BAND`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402  (the repo root must be on sys.path first)
+
+from common.model import DEFAULT_MODEL  # noqa: E402
+
+# run name -> (train.py --mixed-precision, --quantization, needs bf16 tensor cores)
+RUNS = {
+    "lora-fp16": ("fp16", None, False),  # a T4's settings: fp16 autocast + GradScaler
+    "lora-bf16": ("bf16", None, True),
+    "qlora-fp16": ("fp16", "nf4", False),
+    "qlora-bf16": ("bf16", "nf4", True),
+}
+TIME_BUDGET_S = 7 * 60  # a run starts only if it would end by then (as long as the slowest so far): < 8 min
+LORA_FLAGS = ["--rank", "16", "--alpha", "32", "--dropout", "0.05", "--target-modules", "q_proj,k_proj,v_proj"]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse the command line."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # --- what to run ---
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="embedded alias, local folder or hub id")
+    parser.add_argument("--runs", default=",".join(RUNS), help=f"comma-separated subset of {', '.join(RUNS)}")
+    parser.add_argument("--train-file", default=str(REPO / "data/train.jsonl"), help="chat jsonl for train.py")
+    parser.add_argument("--validation-file", default=str(REPO / "data/validation.jsonl"), help="its first 8 rows")
+    # --- training speed ---
+    parser.add_argument("--steps", type=int, default=6, help="optimizer steps per train.py run (the first untimed)")
+    parser.add_argument("--batch-size", type=int, default=4, help="train.py micro-batch")
+    parser.add_argument("--grad-accum", type=int, default=4, help="train.py gradient accumulation")
+    parser.add_argument("--max-seq-len", type=int, default=1024, help="train.py --max-seq-len")
+    # --- memory ---
+    parser.add_argument("--memory-batch-size", type=int, default=4, help="batch of the memory measurement")
+    parser.add_argument("--memory-seq-len", type=int, default=1024, help="padded length of the memory measurement")
+    # --- output ---
+    parser.add_argument("--output", default=str(REPO / "benchmarks/results/gpu.md"), help="markdown (JSON next to it)")
+    parser.add_argument("--timeout", type=float, default=240, help="seconds per subprocess before it is stopped")
+    parser.add_argument("--allow-cpu", action="store_true", help=argparse.SUPPRESS)  # tests: the plumbing on a CPU
+    args = parser.parse_args(argv)
+    unknown = [name for name in args.runs.split(",") if name not in RUNS]
+    if unknown:
+        parser.error(f"--runs {','.join(unknown)}: unknown; choose from {', '.join(RUNS)}")
+    if min(args.steps - 1, args.batch_size, args.grad_accum, args.memory_batch_size) < 1:
+        parser.error("--steps must be >= 2 and the batch sizes and --grad-accum >= 1")
+    return args
+
+
+def describe_card(device: torch.device) -> dict:
+    """Name, compute capability, memory and CUDA version of the card (or of the CPU in a smoke run)."""
+    if device.type != "cuda":
+        return {"name": "CPU (smoke run, not a GPU result)", "capability": None, "memory_gib": None, "cuda": None}
+    props = torch.cuda.get_device_properties(device)
+    return {
+        "name": props.name,
+        "capability": list(torch.cuda.get_device_capability(device)),
+        "memory_gib": props.total_memory / 2**30,
+        "cuda": torch.version.cuda,
+    }
+
+
+def summarize_train_run(run_dir: Path) -> dict:
+    """train.py's numbers from a run folder: tokens/s after the first step, MFU, peak memory, loss, scaler.
+
+    Args:
+        run_dir: a train.py --output-dir.
+
+    Returns:
+        {"tokens_per_s", "mfu", "peak_mem_mb", "final_loss", "steps", "precision", "base_dtype",
+         "peak_flops", "peak_flops_dtype", "loss_scale"}
+
+    Raises:
+        ValueError: fewer than 2 step records (nothing left to time after the first).
+    """
+    records = [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
+    steps = [r for r in records if r.get("type") == "step"]
+    if len(steps) < 2:
+        raise ValueError(f"{run_dir}: {len(steps)} step(s) logged; need 2 or more")
+    timed = steps[1:]  # the first step pays allocation and kernel selection
+    seconds = sum(s["tokens"] / s["tokens_per_s"] for s in timed)
+    derived = json.loads((run_dir / "config.json").read_text())["derived"]
+    checkpoints = sorted((run_dir / "checkpoints").glob("step_*/scaler.json"))
+    scaler = json.loads(checkpoints[-1].read_text()) if checkpoints else None
+    return {
+        "tokens_per_s": sum(s["tokens"] for s in timed) / seconds,
+        "mfu": sum(s["mfu"] for s in timed) / len(timed),
+        "peak_mem_mb": max(s["peak_mem_mb"] for s in steps),
+        "final_loss": steps[-1]["loss"],
+        "steps": len(steps),
+        "precision": derived.get("mixed_precision"),
+        "base_dtype": derived.get("base_dtype"),
+        "peak_flops": derived.get("peak_flops"),
+        "peak_flops_dtype": derived.get("peak_flops_dtype"),
+        "loss_scale": scaler.get("scale") if scaler else None,
+    }
+
+
+def run_train(args: argparse.Namespace, precision: str, quantization: str | None, run_dir: Path, val: Path) -> dict:
+    """One train.py run in a fresh process; its summary, or {"error": ...} with the end of its log."""
+    command = [
+        sys.executable, str(REPO / "train.py"), "--model", args.model, "--output-dir", str(run_dir),
+        "--train-file", args.train_file, "--validation-file", str(val), "--max-steps", str(args.steps),
+        "--subset", str(args.steps * args.batch_size * args.grad_accum), "--batch-size", str(args.batch_size),
+        "--grad-accum", str(args.grad_accum), "--max-seq-len", str(args.max_seq_len), "--mixed-precision", precision,
+        "--no-baseline", "--num-samples", "0", "--report-to", "none", "--early-stopping-patience", "0", *LORA_FLAGS,
+    ]  # fmt: skip
+    if quantization:
+        command += ["--quantization", quantization]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false"}
+    log = run_dir.with_suffix(".log")
+    try:
+        with open(log, "w") as handle:
+            code = subprocess.run(command, cwd=REPO, stdout=handle, stderr=subprocess.STDOUT, env=env,
+                                  timeout=args.timeout, check=False).returncode  # fmt: skip
+    except subprocess.TimeoutExpired:
+        return {"error": f"train.py did not finish within {args.timeout:.0f} s"}
+    if code != 0:
+        return {"error": f"train.py exit {code}: " + " | ".join(log.read_text().splitlines()[-3:])}
+    return summarize_train_run(run_dir)
+
+
+def measure_memory(args: argparse.Namespace, precision: str, quantization: str | None, device: str) -> dict:
+    """Measured peak of 2 training steps next to the estimate for exactly those settings.
+
+    Returns:
+        {"estimated_gib", "reserved_gib", "reserved_ratio", "allocated_gib", "allocated_ratio",
+         "gradient_checkpointing", ...} (allocated figures only on CUDA), or {"error": ...}.
+    """
+    from common.memory import CUDA_CONTEXT_BYTES, GIB, estimate_memory, measure_in_subprocess
+    from common.model import load_config
+
+    gc = quantization == "nf4"  # train.py's default: checkpointing on for QLoRA, off for LoRA
+    settings = {"rank": 16, "target_modules": "q_proj,k_proj,v_proj", "gradient_checkpointing": gc}
+    try:
+        measured = measure_in_subprocess(
+            timeout_s=args.timeout, model=args.model, quantization=quantization, batch_size=args.memory_batch_size,
+            seq_len=args.memory_seq_len, device=device, dtype=precision, compute_dtype=precision, steps=2, **settings,
+        )  # fmt: skip
+    except (RuntimeError, subprocess.TimeoutExpired) as err:
+        return {"error": str(err).splitlines()[-1] if str(err) else type(err).__name__}
+    estimate = estimate_memory(
+        load_config(args.model), args.memory_batch_size, args.memory_seq_len, settings["rank"],
+        settings["target_modules"], quantization, precision, gc,
+        measured["trained_tokens"] / (args.memory_batch_size * args.memory_seq_len), device=device,
+        compute_dtype=precision,
+    )  # fmt: skip
+    context = CUDA_CONTEXT_BYTES if device == "cuda" else 0  # outside the allocator: not in its counters
+    result = {
+        "gradient_checkpointing": gc,
+        "estimated_gib": estimate["total"] / GIB,
+        "reserved_gib": measured["measured_bytes"] / GIB,  # CUDA: max reserved; CPU: peak RSS above the import
+        "reserved_ratio": (estimate["total"] - context) / measured["measured_bytes"],
+    }
+    if "max_allocated_bytes" in measured:
+        live = estimate["total"] - context - estimate["details"]["allocator_allowance"]
+        result["allocated_gib"] = measured["max_allocated_bytes"] / GIB
+        result["allocated_ratio"] = live / measured["max_allocated_bytes"]
+    return result
+
+
+def render_markdown(result: dict) -> str:
+    """The gpu.md section: card, peaks, one row per training run, one per memory measurement."""
+    card, c = result["card"], result["config"]
+    peaks = ", ".join(f"{name} {rate / 1e12:.1f}" for name, rate in result["peak_flops"].items()) or "not measured"
+    capability = ".".join(map(str, card["capability"])) if card["capability"] else "-"
+    memory = f"{card['memory_gib']:.1f} GiB" if card["memory_gib"] else "-"
+    lines = [
+        f"## {result['date']}: {card['name']} (compute capability {capability}, {memory}, CUDA {card['cuda']})",
+        "",
+        f"Model {c['model']}. Measured dense matmul peak ({result['peak_shape']}): {peaks} TFLOP/s; MFU is against "
+        "the fastest of them. Versions: " + ", ".join(f"{k} {v}" for k, v in result["versions"].items()) + ".",
+        "",
+        f"### Training: train.py, {c['steps']} steps of micro-batch {c['batch_size']} x accumulation {c['grad_accum']}"
+        f" (step 1 untimed), LoRA r=16 on q,k,v",
+        "",
+        "| run | precision | base | tokens/s | MFU | peak allocated MiB | final loss | loss scale |",
+        "|---|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for name, run in result["train"].items():
+        if "error" in run:
+            lines.append(f"| {name} | - | - | - | - | - | - | {run['error']} |")
+            continue
+        scale = f"{run['loss_scale']:g}" if run["loss_scale"] else "-"
+        lines.append(
+            f"| {name} | {run['precision']} | {run['base_dtype']} | {run['tokens_per_s']:.0f} | {run['mfu']:.1%} | "
+            f"{run['peak_mem_mb']:.0f} | {run['final_loss']:.4f} | {scale} |"
+        )
+    lines += [
+        "",
+        f"### Memory: 2 steps at {c['memory_batch_size']} x {c['memory_seq_len']} tokens vs profile_memory's estimate",
+        "",
+        "| run | GC | estimate GiB | max reserved GiB | estimate / reserved | max allocated GiB | estimate / allocated |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for name, memory_row in result["memory"].items():
+        if "error" in memory_row:
+            lines.append(f"| {name} | - | - | - | - | - | {memory_row['error']} |")
+            continue
+        allocated = memory_row.get("allocated_gib")
+        lines.append(
+            f"| {name} | {'on' if memory_row['gradient_checkpointing'] else 'off'} | {memory_row['estimated_gib']:.2f} | "
+            f"{memory_row['reserved_gib']:.2f} | {memory_row['reserved_ratio']:.2f} | "
+            + (f"{allocated:.2f} | {memory_row['allocated_ratio']:.2f} |" if allocated else "- | - |")
+        )
+    lines += [
+        "",
+        "Estimate / reserved leaves out the CUDA context (outside the allocator); estimate / allocated also the "
+        "caching-allocator allowance. GPU error band of the estimate (largest |ratio - 1| above): "
+        + (f"{result['error_band']:.2f}." if result["error_band"] is not None else "-."),
+        *([f"Skipped: {'; '.join(result['skipped'])}."] if result["skipped"] else []),
+        f"Wall time {result['wall_s']:.0f} s.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def error_band(memory: dict) -> float | None:
+    """Largest |ratio - 1| over the memory rows (reserved and allocated ratios), None without a row."""
+    ratios = [row[key] for row in memory.values() for key in ("reserved_ratio", "allocated_ratio") if key in row]
+    return max(abs(r - 1) for r in ratios) if ratios else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the check; print and write the markdown (and JSON next to it). Returns the exit status."""
+    args = parse_args(argv)
+    if not torch.cuda.is_available() and not args.allow_cpu:
+        print("gpu_check.py: no CUDA device here, nothing to check; run it on a machine with a GPU")
+        return 0
+    import importlib.metadata
+
+    from common.model import load_config
+    from common.precision import resolve_precision
+
+    start = time.perf_counter()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    card = describe_card(device)
+    bf16_ok = device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
+    peak = resolve_precision("auto", device, load_config(args.model))  # train.py's MFU denominator
+    work = Path(tempfile.mkdtemp(prefix="gpu-check-"))
+    # A few records keep train.py's end-of-run evaluation short (never more than the training subset).
+    validation = work / "validation.jsonl"
+    records = min(8, args.steps * args.batch_size * args.grad_accum)
+    validation.write_text("".join(Path(args.validation_file).read_text().splitlines(True)[:records]))
+    train, memory, skipped, durations = {}, {}, [], [0.0]
+    for name in args.runs.split(","):
+        precision, quantization, needs_bf16 = RUNS[name]
+        if needs_bf16 and not bf16_ok:
+            skipped.append(f"{name} (no bf16 below compute capability 8.0)")
+            continue
+        if time.perf_counter() - start + max(durations) > TIME_BUDGET_S:
+            skipped.append(f"{name} (it would end past the {TIME_BUDGET_S // 60}-minute budget)")
+            continue
+        run_start = time.perf_counter()
+        print(f"{name}: train.py ...", flush=True)
+        train[name] = run_train(args, precision, quantization, work / name, validation)
+        print(f"{name}: memory ...", flush=True)
+        memory[name] = measure_memory(args, precision, quantization, device.type)
+        durations.append(time.perf_counter() - run_start)
+    shutil.rmtree(work, ignore_errors=True)
+    versions = {}
+    for package in ("torch", "transformers", "peft", "accelerate", "bitsandbytes"):
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            versions[package] = "not installed"
+    result = {
+        "date": time.strftime("%Y-%m-%d %H:%M %Z"),
+        "card": card,
+        "config": vars(args),
+        "peak_flops": peak.probe,
+        "peak_shape": " x ".join(map(str, peak.shapes[0])) if peak.shapes else "-",
+        "train": train,
+        "memory": memory,
+        "error_band": error_band(memory),
+        "skipped": skipped,
+        "versions": versions,
+        "wall_s": time.perf_counter() - start,
+    }
+    markdown = render_markdown(result)
+    print(markdown)
+    output = Path(args.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with open(output, "a") as handle:
+        handle.write(("" if output.stat().st_size else "# GPU check (benchmarks/gpu_check.py)\n\n") + markdown + "\n")
+    output.with_suffix(".json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+    failed = any("error" in row for row in [*train.values(), *memory.values()])
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
