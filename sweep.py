@@ -197,6 +197,43 @@ def check_validation_split(train_args: list[str], grid: list[tuple[str, list[str
     return seed
 
 
+def pin_precision(train_args: list[str], grid: list[tuple[str, list[str]]], recorded: str | None) -> str | None:
+    """One mixed precision for every configuration of the sweep, measured once.
+
+    train.py's `--mixed-precision auto` times the dtypes on a CPU at each start; two dtypes within the
+    measurement noise could then differ between configurations, and a sweep would compare dtypes
+    instead of its grid. So the sweep resolves it once (common/precision.py), records it in
+    sweep.json, and a resumed sweep reuses the recorded one.
+
+    Args:
+        train_args: the arguments given after `--`.
+        grid: from `parse_grid`.
+        recorded: the precision sweeps/<name>/sweep.json holds from an earlier start, if any.
+
+    Returns:
+        "no", "bf16" or "fp16" to pass as --mixed-precision, or None when the user sets it (or sweeps
+        --model, where each model gets its own).
+    """
+    keys = {key for key, _ in grid}
+    if flag_value(train_args, "--mixed-precision") or keys & {"mixed-precision", "model"}:
+        return None
+    if recorded:
+        return recorded
+    import torch
+
+    from common.model import DEFAULT_MODEL, ModelLoadError, load_config
+    from common.precision import resolve_precision
+
+    try:
+        config = load_config(flag_value(train_args, "--model") or DEFAULT_MODEL)
+    except ModelLoadError as err:
+        sys.exit(f"sweep.py: error: {err}")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    choice = resolve_precision("auto", device, config, measure_peak=False)
+    logger.info("precision: every configuration trains with --mixed-precision %s (%s)", choice.precision, choice.reason)
+    return choice.precision
+
+
 def build_command(
     train_script: str,
     run_dir: Path,
@@ -362,7 +399,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
         previous = json.loads(record_file.read_text())["fixed"]
         sys.exit(f"sweep.py: error: sweep '{name}' was run with {previous}, not {fixed}; use another --name")
     (sweep_dir / "logs").mkdir(parents=True, exist_ok=True)
-    record_file.write_text(json.dumps({"name": name, "grid": args.grid, "fixed": fixed}, indent=2) + "\n")
+    recorded = json.loads(record_file.read_text()).get("mixed_precision") if record_file.is_file() else None
+    precision = recorded if args.summary_only else pin_precision(args.train_args, args.grid, recorded)
+    record = {"name": name, "grid": args.grid, "fixed": fixed, "mixed_precision": precision}
+    record_file.write_text(json.dumps(record, indent=2) + "\n")
 
     failed = []
     for i, config in enumerate([] if args.summary_only else configs, start=1):
@@ -373,6 +413,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
             logger.info("%s: finished earlier, not rerun", prefix)
             continue
         command = build_command(args.train_script, run_dir, slug, config, args.subset, args.train_args, split_seed)
+        if precision:  # right after --run-name: the arguments after `--` stay last
+            at = command.index("--run-name") + 2
+            command[at:at] = ["--mixed-precision", precision]
         log_file = sweep_dir / "logs" / f"{slug}.log"
         logger.info("%s: training (log: %s)", prefix, log_file)
         start = time.perf_counter()

@@ -8,6 +8,7 @@ with AVX512-BF16 + AVX512-FP16 but no AMX (fp32 0.24, bf16 0.135, fp16 0.23 TFLO
 from __future__ import annotations
 
 import json
+import shutil
 import time
 
 import pytest
@@ -285,3 +286,31 @@ def test_merge_rounds_qlora_bases_in_the_dtype_the_run_recorded():
     assert resolve_nf4_dtype("auto", {"derived": {"base_dtype": "float16", "mixed_precision": "fp16"}}) == torch.float16
     assert resolve_nf4_dtype("auto", {"derived": {"mixed_precision": "bf16"}}) == torch.bfloat16  # older runs
     assert resolve_nf4_dtype("bfloat16", {"derived": {"base_dtype": "float32"}}) == torch.bfloat16  # the flag wins
+
+
+def test_a_sweep_measures_once_and_every_configuration_uses_that_precision(fake_cpu, tmp_path, monkeypatch):
+    import sweep
+    from tests.test_sweep import FAKE_TRAIN
+
+    script = tmp_path / "fake_train.py"
+    script.write_text(FAKE_TRAIN)
+    calls = tmp_path / "calls.jsonl"
+    monkeypatch.setenv("FAKE_TRAIN_CALLS", str(calls))
+    argv = ["--grid", "lr=1e-4,2e-4", "--name", "p", "--sweeps-dir", str(tmp_path / "sweeps"), "--train-script"]
+    argv += [str(script), "--", "--max-steps", "2"]
+    probed = fake_cpu({torch.float32: 1e11, torch.bfloat16: 4e11})
+    sweep.main(argv)
+    commands = [json.loads(line) for line in calls.read_text().splitlines()]
+    assert len(commands) == 2 and all(c[c.index("--mixed-precision") + 1] == "bf16" for c in commands)
+    assert all(c[-2:] == ["--max-steps", "2"] for c in commands)  # the arguments after `--` stay last
+    assert len(probed) == 2  # fp32 and bf16, timed once for the whole sweep
+    record = json.loads((tmp_path / "sweeps/p/sweep.json").read_text())
+    assert record["mixed_precision"] == "bf16"
+
+    # resumed on a machine where fp32 would now win: the sweep keeps its recorded precision
+    shutil.rmtree(tmp_path / "sweeps/p/lr=1e-4")
+    probed = fake_cpu({torch.float32: 4e11, torch.bfloat16: 1e11})
+    sweep.main(argv)
+    commands = [json.loads(line) for line in calls.read_text().splitlines()]
+    assert len(commands) == 3 and commands[-1][commands[-1].index("--mixed-precision") + 1] == "bf16"
+    assert probed == []
