@@ -24,6 +24,30 @@ DECISION_LINE = re.compile(
     re.IGNORECASE,
 )
 RULE_ID = re.compile(r"^([A-Za-z])\s*-\s*(\d+)$")
+# What the assistant calls each fact when it asks for it (the dataset writes these words; evaluation
+# reads them back to score the asking turns).
+FACT_ASK_NAMES = {
+    "age": "the applicant's age",
+    "face_amount": "the face amount",
+    "bmi": "the BMI",
+    "smoker": "smoking status",
+    "medical_history": "the medical history",
+    "occupation": "the occupation",
+    "construction": "the construction type",
+    "roof_age": "the roof age",
+    "fire_station_miles": "the fire station distance",
+    "hydrant_feet": "the hydrant distance",
+    "prior_claims": "the 5-year claims count",
+    "wind_zone": "the wind zone",
+    "dwelling_value": "the dwelling value",
+    "occupancy": "the occupancy",
+    "sprinklered": "sprinkler status",
+    "building_age": "the building age",
+    "wiring_updated": "wiring status",
+    "annual_revenue": "the annual revenue",
+    "tiv": "the total insured value",
+    "prior_losses": "the 5-year loss count",
+}
 
 
 def format_decision_line(outcome: str, risk_class: str, rules: list[str]) -> str:
@@ -91,3 +115,17 @@ def parse_decision_line(text: str) -> dict | None:
         if outcome in OUTCOMES and risk_class in RISK_CLASSES and rules:
             return {"outcome": outcome, "risk_class": risk_class, "rules": rules}
     return None
+
+
+def parse_asked_facts(text: str) -> set[str]:
+    """The facts a reply asks for, by the names the dataset's assistant uses for them.
+
+    Args:
+        text: an assistant reply, e.g. "Thanks. I still need the BMI and smoking status.".
+
+    Returns:
+        The fact keys named (e.g. {"bmi", "smoker"}); matching ignores case. Empty when the reply
+        names none (a decision, a refusal, small talk).
+    """
+    lowered = text.lower()
+    return {key for key, name in FACT_ASK_NAMES.items() if name.lower() in lowered}

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from common.decision import OUTCOMES, RISK_CLASSES, parse_decision_line
+from common.decision import OUTCOMES, RISK_CLASSES, parse_asked_facts, parse_decision_line
 
 UNPARSED = "unparsed"
 # exp() of a mean cross-entropy above this overflows float64; a model that bad is reported as inf.
@@ -285,6 +285,11 @@ def _cell(values: list[float | None], digits: int = 3) -> str:
     return " / ".join("n/a" if v is None else f"{v:.{digits}f}" for v in values)
 
 
+def _value_with_interval(value: float, interval: dict | None) -> str:
+    """ "0.930 [0.880, 0.970]", or the bare value when there is no interval."""
+    return f"{value:.3f}" if not interval else f"{value:.3f} [{interval['low']:.3f}, {interval['high']:.3f}]"
+
+
 def render_eval_report(metrics: dict, samples: Sequence[dict] = ()) -> str:
     """Render report.md of evaluate.py: the base-vs-finetuned table, per line of business, confusions.
 
@@ -343,12 +348,40 @@ def render_eval_report(metrics: dict, samples: Sequence[dict] = ()) -> str:
         if group not in results[names[0]]:
             continue
         values = [results[n][group]["overall"][key] if group == "decision" else results[n][group][key] for n in names]
-        if key == "outcome_accuracy":
+        intervals = [results[n].get("decision_ci", {}).get(key) for n in names]
+        if key == "outcome_accuracy" and not all(intervals):  # metrics.json written before decision_ci existed
             intervals = [results[n]["outcome_accuracy_ci"] for n in names]
-            cells = [f"{v:.3f} [{ci['low']:.3f}, {ci['high']:.3f}]" for v, ci in zip(values, intervals)]
-        else:
-            cells = [f"{v:.3f}" for v in values]
+        cells = [_value_with_interval(v, ci) for v, ci in zip(values, intervals)]
         row(label, cells, f"{values[-1] - values[0]:+.3f}" if comparison else "")
+    if all("asks_at_decision_rate" in results[n] for n in names):
+        values = [results[n]["asks_at_decision_rate"] for n in names]
+        row(
+            "decision turn asks again instead",
+            [f"{v:.3f}" for v in values],
+            f"{values[-1] - values[0]:+.3f}" if comparison else "",
+        )
+    asks = {n: results[n].get("asks") for n in names}
+    if all(a and a["n_turns"] for a in asks.values()):
+        lines += [
+            "",
+            f"Asking turns: {asks[names[0]]['n_turns']} intermediate assistant turns, each generated from the "
+            "conversation before it and scored on the facts it asks for (the names the dataset uses) against "
+            "the facts still missing there.",
+            "",
+        ]
+        lines += [
+            "| asking-turn metric | " + " | ".join(names) + (" | finetuned - base |" if comparison else " |"),
+            "|---" * (len(names) + 1 + bool(comparison)) + "|",
+        ]
+        for label, key in [
+            ("ask precision (asked facts that are missing)", "ask_precision"),
+            ("ask recall (missing facts asked for)", "ask_recall"),
+            ("asks for exactly the missing facts", "exact_rate"),
+            ("decides too early (DECISION at an asking turn)", "early_decision_rate"),
+        ]:
+            values = [asks[n][key] for n in names]
+            cells = [_value_with_interval(v, asks[n][f"{key}_ci"]) for v, n in zip(values, names)]
+            row(label, cells, f"{values[-1] - values[0]:+.3f}" if comparison else "")
 
     if comparison:
         delta = comparison["loss_delta"]
@@ -411,3 +444,119 @@ def render_eval_report(metrics: dict, samples: Sequence[dict] = ()) -> str:
                 lines += [f"{n}:", "```", sample.get(f"generated_{n}", ""), "```"]
             lines.append("")
     return "\n".join(lines) + "\n"
+
+
+def decision_intervals(parsed: Sequence[dict | None], reference: Sequence[dict], indices: np.ndarray) -> dict:
+    """95% bootstrap intervals of the decision metrics, resampling examples.
+
+    Args:
+        parsed: per example, `parse_decision_line` of the reply (None when unparsable).
+        reference: per example, the reference decision {"outcome", "risk_class", "rules"}.
+        indices: `bootstrap_indices(len(reference), ...)`; share them between models to pair them.
+
+    Returns:
+        {"parse_rate", "outcome_accuracy", "risk_class_accuracy", "rule_f1"}, each a
+        `bootstrap_ratio_ci` dict. Rule F1 is resampled as the ratio of sums 2TP / (2TP + FP + FN),
+        which is the micro F1 of `rule_citation_f1` on every resample.
+
+    Raises:
+        ValueError: the inputs differ in length or are empty.
+    """
+    if len(parsed) != len(reference) or not reference:
+        raise ValueError("parsed and reference must be non-empty and of the same length")
+    hits = {"parse_rate": [], "outcome_accuracy": [], "risk_class_accuracy": []}
+    f1_num, f1_den = [], []
+    for guess, truth in zip(parsed, reference):
+        hits["parse_rate"].append(float(guess is not None))
+        hits["outcome_accuracy"].append(float(guess is not None and guess["outcome"] == truth["outcome"]))
+        hits["risk_class_accuracy"].append(float(guess is not None and guess["risk_class"] == truth["risk_class"]))
+        counts = rule_citation_f1([guess["rules"] if guess else None], [truth.get("rules", [])])
+        f1_num.append(2.0 * counts["tp"])
+        f1_den.append(2.0 * counts["tp"] + counts["fp"] + counts["fn"])
+    intervals = {key: bootstrap_ratio_ci(values, indices=indices) for key, values in hits.items()}
+    intervals["rule_f1"] = bootstrap_ratio_ci(f1_num, f1_den, indices=indices)
+    return intervals
+
+
+def ask_metrics(
+    generated: Sequence[str], expected: Sequence[Sequence[str]], n_resamples: int = 1000, seed: int = 0
+) -> dict:
+    """Score the asking turns: does each reply ask for exactly the facts still missing?
+
+    Asked facts are read with `parse_asked_facts` (the names the dataset's assistant uses). A reply
+    that contains a DECISION line at an asking turn has decided too early.
+
+    Args:
+        generated: one generated reply per asking turn.
+        expected: per turn, the fact keys still missing there (the record's `ask_facts`).
+        n_resamples: bootstrap resamples for the intervals (turns are resampled).
+        seed: seed of the resamples.
+
+    Returns:
+        {"n_turns", "ask_precision", "ask_recall", "exact_rate", "early_decision_rate", and the
+        same four with an "_ci" suffix (`bootstrap_ratio_ci` dicts)}; precision and recall are
+        micro-averaged over fact names (asked and right / asked, asked and right / missing).
+        {"n_turns": 0} when there are no asking turns.
+
+    Raises:
+        ValueError: the inputs differ in length.
+    """
+    if len(generated) != len(expected):
+        raise ValueError("generated and expected must have the same length")
+    if not generated:
+        return {"n_turns": 0}
+    right, asked, missing, exact, early = [], [], [], [], []
+    for reply, wanted in zip(generated, expected):
+        got, wanted = parse_asked_facts(reply), set(wanted)
+        right.append(float(len(got & wanted)))
+        asked.append(float(len(got)))
+        missing.append(float(len(wanted)))
+        exact.append(float(got == wanted))
+        early.append(float(parse_decision_line(reply) is not None))
+    indices = bootstrap_indices(len(generated), n_resamples, seed)
+    intervals = {
+        "ask_precision": bootstrap_ratio_ci(right, asked, indices=indices),
+        "ask_recall": bootstrap_ratio_ci(right, missing, indices=indices),
+        "exact_rate": bootstrap_ratio_ci(exact, indices=indices),
+        "early_decision_rate": bootstrap_ratio_ci(early, indices=indices),
+    }
+    result: dict = {"n_turns": len(generated)}
+    for key, interval in intervals.items():
+        result[key] = interval["mean"]
+        result[f"{key}_ci"] = interval
+    return result
+
+
+def asks_at_decision_rate(generated: Sequence[str]) -> float:
+    """Share of final (decision) replies that ask for facts instead of deciding: no DECISION line
+    parses and at least one fact is asked for. Each such reply fails twice: no decision, a wrong ask.
+
+    Args:
+        generated: the generated final replies.
+
+    Returns:
+        The share in [0, 1] (0.0 for no replies).
+    """
+    asking = [parse_decision_line(t) is None and bool(parse_asked_facts(t)) for t in generated]
+    return sum(asking) / len(asking) if asking else 0.0
+
+
+def score_samples(replies: Sequence[str], reference: Sequence[dict | None]) -> dict:
+    """Score the few sample replies train.py generates at each validation, as evaluate.py would.
+
+    Args:
+        replies: the generated final replies.
+        reference: per reply, the record's reference decision, or None (a record without one).
+
+    Returns:
+        {"sample_n": replies with a reference decision, "sample_parse_rate", "sample_outcome_accuracy"};
+        the rates are None when no reply has a reference decision.
+    """
+    pairs = [(parse_decision_line(r), d) for r, d in zip(replies, reference) if d]
+    if not pairs:
+        return {"sample_n": 0, "sample_parse_rate": None, "sample_outcome_accuracy": None}
+    return {
+        "sample_n": len(pairs),
+        "sample_parse_rate": sum(p is not None for p, _ in pairs) / len(pairs),
+        "sample_outcome_accuracy": sum(p is not None and p["outcome"] == d["outcome"] for p, d in pairs) / len(pairs),
+    }

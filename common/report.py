@@ -37,6 +37,8 @@ THRESHOLDS = {
     "vanish_ratio": 0.01,
     "vanish_abs": 1e-6,
     "dead_adapter": 1e-3,
+    "task_parse_rate": 0.8,
+    "task_outcome_accuracy": 0.6,
     "min_steps": 10,
 }
 THRESHOLD_NOTES = {
@@ -54,6 +56,8 @@ THRESHOLD_NOTES = {
     "vanish_ratio": "vanishing if the last-quarter median norm is below this fraction of the first-quarter one",
     "vanish_abs": "... or below this absolute value",
     "dead_adapter": "dead if a LoRA matrix's median grad norm is below this fraction of the median of all",
+    "task_parse_rate": "'decisions learned' needs at least this share of the last sample replies to parse ...",
+    "task_outcome_accuracy": "... and at least this share to have the right outcome (else 'partly learned')",
     "min_steps": "fewer logged steps than this give no convergence verdict",
 }
 
@@ -396,6 +400,42 @@ def compare_with_baseline(baseline: dict | None, evals: list[dict]) -> dict | No
     }
 
 
+def check_task_learned(evals: list[dict], baseline: dict | None) -> dict:
+    """Did the run learn the task, not only the language? Judged on the scored sample replies.
+
+    train.py scores the sample replies of every validation (`sample_parse_rate`,
+    `sample_outcome_accuracy`, see `common.metrics.score_samples`). Validation loss can fall for a
+    long time while the model still writes no decision at all: that is the failure flagged here.
+
+    Args:
+        evals: the non-baseline evaluation records, in order.
+        baseline: the step-0 evaluation record, or None.
+
+    Returns:
+        {"verdict": "decisions learned" | "loss falling but no decision learned" | "partly learned" |
+         "not scored", "reason", "last_parse_rate", "last_outcome_accuracy"}.
+    """
+    scored = [e for e in evals if e.get("sample_parse_rate") is not None]
+    if not scored:
+        return {"verdict": "not scored", "reason": "no scored sample replies in eval_log.jsonl (--num-samples 0?)"}
+    last = scored[-1]
+    parse, accuracy = last["sample_parse_rate"], last["sample_outcome_accuracy"]
+    first_loss = (baseline or scored[0]).get("val_loss", float("nan"))
+    loss_fell = math.isfinite(first_loss) and last.get("val_loss", float("nan")) < first_loss
+    numbers = (
+        f"last validation (step {last['step']}): {parse:.0%} of {last['sample_n']} sample replies parse, "
+        f"{accuracy:.0%} have the right outcome"
+    )
+    if parse == 0 and loss_fell:
+        verdict = "loss falling but no decision learned"
+        numbers += f"; validation loss fell {first_loss:.3f} -> {last['val_loss']:.3f}"
+    elif parse >= THRESHOLDS["task_parse_rate"] and accuracy >= THRESHOLDS["task_outcome_accuracy"]:
+        verdict = "decisions learned"
+    else:
+        verdict = "partly learned"
+    return {"verdict": verdict, "reason": numbers, "last_parse_rate": parse, "last_outcome_accuracy": accuracy}
+
+
 def recommend(analysis: dict) -> tuple[list[str], list[str]]:
     """Derive recommendations and failure modes from the computed numbers.
 
@@ -447,6 +487,15 @@ def recommend(analysis: dict) -> tuple[list[str], list[str]]:
         tips.append(
             "the gain over the base is within the validation noise: evaluate on more examples before trusting it"
         )
+    task = analysis.get("task", {})
+    if task.get("verdict") == "loss falling but no decision learned":
+        failures.append(f"loss falling but no decision learned: {task['reason']}")
+        tips.append(
+            "the model learns the language but not the task: raise the learning rate or the number of updates, "
+            "target all-linear modules, and check that the final replies are trained (see samples/)"
+        )
+    elif task.get("verdict") == "partly learned":
+        tips.append(f"decisions only partly learned ({task['reason']}): evaluate.py on the validation split tells more")
     if not tips:
         tips.append("no change needed: the run converged cleanly; keep the best checkpoint")
     return tips, failures
@@ -476,6 +525,7 @@ def analyze_run(logs: dict) -> dict:
         "gradients": check_gradients(steps, logs["bad_steps"]),
         "dead_adapters": find_dead_adapters(logs["grads"]),
         "baseline": compare_with_baseline(logs["baseline"], logs["evals"]),
+        "task": check_task_learned(logs["evals"], logs["baseline"]),
         "update_ratios": logs["update_ratios"],
         "thresholds": THRESHOLDS,
     }
@@ -634,6 +684,7 @@ def render_report(analysis: dict, plots: dict[str, Path]) -> str:
         f"| gradients | **{grad['verdict']}** | {grad['reason']} |",
         f"| dead adapters | **{len(dead['dead'])}** | threshold {_fmt(dead['threshold'])} "
         f"(1e-3 x median {_fmt(dead['reference_median'])}) |",
+        f"| task (sample decisions) | **{analysis['task']['verdict']}** | {analysis['task']['reason']} |",
     ]
     if base is not None:
         noise = "" if base["val_loss_ci95"] is None else f", validation noise ±{base['val_loss_ci95']:.4f}"

@@ -33,7 +33,7 @@ if str(REPO_ROOT) not in sys.path:
     # `python data/generate.py` puts data/ on sys.path, but the imports below live under the root.
     sys.path.insert(0, str(REPO_ROOT))
 
-from common.decision import format_decision_line  # noqa: E402
+from common.decision import FACT_ASK_NAMES, format_decision_line  # noqa: E402
 from data import rulebook  # noqa: E402
 
 SPLITS = ("train", "validation", "test")
@@ -212,29 +212,6 @@ PHRASES = {
         "form": ["Losses (5 yrs): {n}"],
     },
 }
-# What the assistant calls each fact when it asks for it.
-ASK_NAMES = {
-    "age": "the applicant's age",
-    "face_amount": "the face amount",
-    "bmi": "the BMI",
-    "smoker": "smoking status",
-    "medical_history": "the medical history",
-    "occupation": "the occupation",
-    "construction": "the construction type",
-    "roof_age": "the roof age",
-    "fire_station_miles": "the fire station distance",
-    "hydrant_feet": "the hydrant distance",
-    "prior_claims": "the 5-year claims count",
-    "wind_zone": "the wind zone",
-    "dwelling_value": "the dwelling value",
-    "occupancy": "the occupancy",
-    "sprinklered": "sprinkler status",
-    "building_age": "the building age",
-    "wiring_updated": "wiring status",
-    "annual_revenue": "the annual revenue",
-    "tiv": "the total insured value",
-    "prior_losses": "the 5-year loss count",
-}
 CONDITION_EXAMPLES = {
     "controlled": [
         "hypertension controlled with medication",
@@ -391,7 +368,7 @@ def format_money_varied(amount: int, rng: random.Random) -> str:
     return rng.choice(options)
 
 
-def render_fact(key: str, value: object, style: str, rng: random.Random) -> str:
+def render_fact(key: str, value: object, style: str, rng: random.Random, year_keys: set[str]) -> str:
     """Say one fact with a random template and number format.
 
     Args:
@@ -399,6 +376,8 @@ def render_fact(key: str, value: object, style: str, rng: random.Random) -> str:
         value: its value, e.g. 250000.
         style: "prose" (sentences), "terse" (bullet notes) or "form" ("Label: value").
         rng: the split's random generator.
+        year_keys: an age fact said as a year ("born 1983") is added to it, so the worksheet of the
+            final reply can write the subtraction out.
 
     Returns:
         e.g. "they want a quarter million of cover", "face 250k" or "Face amount: $250,000".
@@ -424,7 +403,10 @@ def render_fact(key: str, value: object, style: str, rng: random.Random) -> str:
         year = rng.randint(rulebook.REFERENCE_YEAR - 4, rulebook.REFERENCE_YEAR - 1)
         fields["cond"] = rng.choice(CONDITION_EXAMPLES[value]).format(year=year)
         fields["verb"] = "has" if value == "controlled" else "had"
-    return rng.choice(templates[style]).format(**fields)
+    template = rng.choice(templates[style])
+    if "{year}" in template and key in ("age", "roof_age", "building_age"):
+        year_keys.add(key)
+    return template.format(**fields)
 
 
 def join_items(items: list[str]) -> str:
@@ -437,7 +419,9 @@ def capitalize(text: str) -> str:
     return text[:1].upper() + text[1:]
 
 
-def write_user_turn(lob: str, keys: list[str], facts: dict, family: str, rng: random.Random, opening: bool) -> str:
+def write_user_turn(
+    lob: str, keys: list[str], facts: dict, family: str, rng: random.Random, opening: bool, year_keys: set[str]
+) -> str:
     """Write a broker turn that states some facts in the style of a phrasing family.
 
     Args:
@@ -447,13 +431,14 @@ def write_user_turn(lob: str, keys: list[str], facts: dict, family: str, rng: ra
         family: one of SEEN_FAMILIES + HELD_OUT_FAMILIES.
         rng: the split's random generator.
         opening: True for the submission that opens the chat, False for an answer to a question.
+        year_keys: collects the age facts said as a year (see `render_fact`).
 
     Returns:
         The message content.
     """
     lob_name = rng.choice(LOB_NAMES[lob])
     if family == "broker_email":
-        sentences = [capitalize(render_fact(k, facts[k], "prose", rng)) + "." for k in keys]
+        sentences = [capitalize(render_fact(k, facts[k], "prose", rng, year_keys)) + "." for k in keys]
         if opening:
             head = rng.choice(
                 [
@@ -465,45 +450,164 @@ def write_user_turn(lob: str, keys: list[str], facts: dict, family: str, rng: ra
             return f"{head} {' '.join(sentences)}{tail}"
         return f"{rng.choice(['Certainly.', 'Of course.', 'Thank you.'])} {' '.join(sentences)}"
     if family == "bullet_notes":
-        lines = [render_fact(k, facts[k], "terse", rng) for k in keys]
+        lines = [render_fact(k, facts[k], "terse", rng, year_keys) for k in keys]
         if opening:
             head = rng.choice([f"{lob_name} sub:", f"New {lob_name} risk", f"{lob_name.upper()} - quote req"])
             return head + "\n- " + "\n- ".join(lines)
         return "- " + "\n- ".join(lines) if rng.random() < 0.5 else "; ".join(lines)
     if family == "chatty_agent":
-        clauses = capitalize(join_items([render_fact(k, facts[k], "prose", rng) for k in keys])) + "."
+        clauses = capitalize(join_items([render_fact(k, facts[k], "prose", rng, year_keys) for k in keys])) + "."
         if opening:
             head = rng.choice([f"Hi! Got a {lob_name} one for you.", f"Hey, quick {lob_name} quote.", "Morning!"])
             return f"{head} {clauses}"
         return f"{rng.choice(['Sure!', 'Yep.', 'Just checked.', 'Oh, right.'])} {clauses}"
-    fields = " | ".join(render_fact(k, facts[k], "form", rng) for k in keys)  # form_fields
+    fields = " | ".join(render_fact(k, facts[k], "form", rng, year_keys) for k in keys)  # form_fields
     return f"SUBMISSION | Line: {lob_name} | {fields}" if opening else f"UPDATE | {fields}"
 
 
-def write_decision_turn(facts: dict, decision: dict, rng: random.Random) -> str:
-    """Write the final assistant turn.
+# --- the worksheet of the final reply: facts restated in a fixed order, then every rule checked ---
+# A 135M model cannot hold a whole rulebook decision in one token. Writing each fact once, in the
+# rulebook's order and units, and then each rule's comparison next to its answer turns the decision
+# into short local steps (copy a number, compare it with the threshold beside it, list the yeses).
+# The yes/no of every check comes from `rule.applies`, so rulebook.decide() stays the only source
+# of labels; the texts below only say what each rule looks at.
+
+
+def _money(amount: int) -> str:
+    """Dollars in thousands ("$825k", "$17500k"): every amount here is a whole number of thousands,
+    and the short form keeps comparisons to a few digit tokens (the tokenizer splits every digit)."""
+    return f"${amount // 1000}k"
+
+
+def _yes(flag: bool) -> str:
+    return "yes" if flag else "no"
+
+
+def _years(key: str, facts: dict, stated_as_year: bool) -> str:
+    """An age in years, with the subtraction written out when the broker gave a year."""
+    if stated_as_year:
+        return f"{rulebook.REFERENCE_YEAR}-{rulebook.REFERENCE_YEAR - facts[key]}={facts[key]}"
+    return str(facts[key])
+
+
+def worksheet_facts(lob: str, facts: dict, year_keys: set[str]) -> str:
+    """The facts line: every fact the rulebook reads, in REQUIRED_FACTS order and canonical units.
 
     Args:
-        facts: the case facts (quoted in the reasons).
+        lob: line of business.
+        facts: the case facts.
+        year_keys: the age facts the broker stated as a year ("born 1983"), written as 2025-1983=42.
+
+    Returns:
+        e.g. "Facts: age 42; face $500,000; BMI 27.1; smoker no; medical history none; occupation
+        teacher, not hazardous."
+    """
+    f = facts
+    if lob == "term_life":
+        hazardous = "hazardous" if rulebook.LIFE_OCCUPATIONS[f["occupation"]] else "not hazardous"
+        items = [
+            f"age {_years('age', f, 'age' in year_keys)}",
+            f"face {_money(f['face_amount'])}",
+            f"BMI {f['bmi']}",
+            f"smoker {_yes(f['smoker'])}",
+            f"medical history {f['medical_history']}",
+            f"occupation {f['occupation']}, {hazardous}",
+        ]
+    elif lob == "homeowners":
+        items = [
+            f"construction {f['construction'].replace('_', '-')}",
+            f"roof {_years('roof_age', f, 'roof_age' in year_keys)} years",
+            f"fire station {f['fire_station_miles']:g} miles",
+            f"hydrant {f['hydrant_feet']} ft",
+            f"claims {f['prior_claims']}",
+            f"wind zone {f['wind_zone']}",
+            f"dwelling {_money(f['dwelling_value'])}",
+        ]
+    else:
+        items = [
+            f"occupancy {f['occupancy']}, {rulebook.OCCUPANCY_HAZARD[f['occupancy']]} hazard",
+            f"sprinklered {_yes(f['sprinklered'])}",
+            f"building {_years('building_age', f, 'building_age' in year_keys)} years",
+            f"wiring updated {_yes(f['wiring_updated'])}",
+            f"revenue {_money(f['annual_revenue'])}",
+            f"TIV {_money(f['tiv'])}",
+            f"losses {f['prior_losses']}",
+        ]
+    return "Facts: " + "; ".join(items) + "."
+
+
+# What each rule compares, written with the case's numbers; the answer is appended from `applies`.
+CHECK_TEXTS = {
+    "L-1": lambda f: f"age {f['age']} > 70",
+    "L-2": lambda f: "serious history",
+    "L-3": lambda f: f"BMI {f['bmi']} >= 40",
+    "L-4": lambda f: f"age {f['age']} >= 50 and face {_money(f['face_amount'])} > $1000k",
+    "L-5": lambda f: f"smoker and BMI {f['bmi']} >= 35",
+    "L-6": lambda f: "smoker",
+    "L-7": lambda f: "hazardous occupation",
+    "L-8": lambda f: f"BMI {f['bmi']} from 30 to 39.9",
+    "L-9": lambda f: "controlled condition",
+    "H-1": lambda f: f"claims {f['prior_claims']} >= 3",
+    "H-2": lambda f: f"station {f['fire_station_miles']:g} > 5 and hydrant {f['hydrant_feet']} > 1000",
+    "H-3": lambda f: f"roof {f['roof_age']} > {rulebook.roof_age_limit(f['construction'])}",
+    "H-4": lambda f: f"coastal and dwelling {_money(f['dwelling_value'])} > $1000k",
+    "H-5": lambda f: f"claims {f['prior_claims']} = 2",
+    "H-6": lambda f: "coastal",
+    "H-7": lambda f: f"roof {f['roof_age']} from 15 to {rulebook.roof_age_limit(f['construction'])}",
+    "H-8": lambda f: "exactly one of station > 5, hydrant > 1000",
+    "B-1": lambda f: "high hazard and not sprinklered",
+    "B-2": lambda f: f"losses {f['prior_losses']} >= 3",
+    "B-3": lambda f: f"building {f['building_age']} > 50 and wiring not updated",
+    "B-4": lambda f: f"TIV {_money(f['tiv'])} > 5 x {_money(f['annual_revenue'])} = {_money(5 * f['annual_revenue'])}",
+    "B-5": lambda f: "high hazard and sprinklered",
+    "B-6": lambda f: f"losses {f['prior_losses']} = 2",
+    "B-7": lambda f: f"building {f['building_age']} from 31 to 50 and wiring not updated",
+    "B-8": lambda f: "moderate hazard and not sprinklered",
+}
+
+
+def worksheet_checks(lob: str, facts: dict) -> str:
+    """The checks line: every rule of the line (the grant rule aside) with its comparison and answer."""
+    checks = [
+        f"{rule.rule_id} {CHECK_TEXTS[rule.rule_id](facts)}: {_yes(rule.applies(facts))}"
+        for rule in rulebook.RULES[lob]
+        if rule.applies is not None
+    ]
+    return "Checks: " + "; ".join(checks) + "."
+
+
+def write_decision_turn(lob: str, facts: dict, decision: dict, year_keys: set[str], rng: random.Random) -> str:
+    """Write the final assistant turn: worksheet, fired rules, outcome sentence, DECISION line.
+
+    Args:
+        lob: line of business.
+        facts: the case facts.
         decision: `rulebook.decide()` output for the case.
+        year_keys: the age facts the broker said as a year.
         rng: the split's random generator.
 
     Returns:
-        Outcome sentence, "L-6 (tobacco use); ..." rationale, conditions, then the DECISION line.
+        "Facts: ...", "Checks: ...", "Fired: L-6 substandard, L-8 standard." (each rule with its
+        effect, most severe first, so the outcome is the first effect), the outcome sentence with
+        any conditions, then the DECISION line; one line each.
     """
-    reasons = "; ".join(f"{rule_id} ({rulebook.get_rule(rule_id).reason(facts)})" for rule_id in decision["rules"])
-    parts = [
-        rng.choice(["", "", "Thanks, that's everything.", "Thanks, I have all I need."]),
-        rng.choice(OUTCOME_SENTENCES[decision["outcome"]]).format(risk_class=decision["risk_class"]),
-        rng.choice(["Rules applied: {r}.", "Reason: {r}.", "Basis: {r}."]).format(r=reasons),
-    ]
+    fired = ", ".join(f"{rule_id} {rulebook.get_rule(rule_id).effect}" for rule_id in decision["rules"])
+    outcome = rng.choice(OUTCOME_SENTENCES[decision["outcome"]]).format(risk_class=decision["risk_class"])
     if decision["conditions"]:
-        parts.append(rng.choice(["Condition: {c}.", "Subject to: {c}."]).format(c="; ".join(decision["conditions"])))
-    line = format_decision_line(decision["outcome"], decision["risk_class"], decision["rules"])
-    return " ".join(part for part in parts if part) + "\n" + line
+        outcome += " " + rng.choice(["Condition: {c}.", "Subject to: {c}."]).format(c="; ".join(decision["conditions"]))
+    lines = [
+        worksheet_facts(lob, facts, year_keys),
+        worksheet_checks(lob, facts),
+        f"Fired: {fired}.",
+        outcome,
+        format_decision_line(decision["outcome"], decision["risk_class"], decision["rules"]),
+    ]
+    return "\n".join(lines)
 
 
-def build_conversation(lob: str, facts: dict, decision: dict, family: str, rng: random.Random) -> list[dict]:
+def build_conversation(
+    lob: str, facts: dict, decision: dict, family: str, rng: random.Random
+) -> tuple[list[dict], list[list[str]]]:
     """Build the chat: system, opening submission, 1-3 ask/answer exchanges, final decision.
 
     Args:
@@ -514,7 +618,9 @@ def build_conversation(lob: str, facts: dict, decision: dict, family: str, rng: 
         rng: the split's random generator.
 
     Returns:
-        [{"role", "content"}, ...] starting with system and ending with the assistant's decision.
+        (messages, ask_facts): [{"role", "content"}, ...] starting with system and ending with the
+        assistant's decision; and for each asking assistant turn, in order, the fact names (keys of
+        REQUIRED_FACTS) still missing at that point, which that turn asks for.
     """
     keys = list(rulebook.REQUIRED_FACTS[lob])
     rng.shuffle(keys)
@@ -524,18 +630,22 @@ def build_conversation(lob: str, facts: dict, decision: dict, family: str, rng: 
     cuts = sorted(rng.sample(range(1, len(missing)), user_turns - 2)) if user_turns > 2 else []
     groups = [missing[a:b] for a, b in zip([0, *cuts], [*cuts, len(missing)], strict=True)]
 
+    year_keys: set[str] = set()
+    ask_facts: list[list[str]] = []
     messages = [
         {"role": "system", "content": rng.choice(SYSTEM_PROMPTS)},
-        {"role": "user", "content": write_user_turn(lob, keys[:first_count], facts, family, rng, opening=True)},
+        {"role": "user", "content": write_user_turn(lob, keys[:first_count], facts, family, rng, True, year_keys)},
     ]
     for index, group in enumerate(groups):
         # The assistant always asks for everything still missing; the broker may answer only part.
-        still_missing = [ASK_NAMES[k] for g in groups[index:] for k in g]
+        still_missing = [k for g in groups[index:] for k in g]
+        ask_facts.append(still_missing)
         template = rng.choice(ASK_FIRST if index == 0 else ASK_AGAIN)
-        messages.append({"role": "assistant", "content": template.format(items=join_items(still_missing))})
-        messages.append({"role": "user", "content": write_user_turn(lob, group, facts, family, rng, opening=False)})
-    messages.append({"role": "assistant", "content": write_decision_turn(facts, decision, rng)})
-    return messages
+        ask = template.format(items=join_items([FACT_ASK_NAMES[k] for k in still_missing]))
+        messages.append({"role": "assistant", "content": ask})
+        messages.append({"role": "user", "content": write_user_turn(lob, group, facts, family, rng, False, year_keys)})
+    messages.append({"role": "assistant", "content": write_decision_turn(lob, facts, decision, year_keys, rng)})
+    return messages, ask_facts
 
 
 def build_split(split: str, size: int, seed: int, seen_profiles: set[str]) -> list[dict]:
@@ -575,6 +685,7 @@ def build_split(split: str, size: int, seed: int, seen_profiles: set[str]) -> li
         else:
             raise RuntimeError(f"could not sample a {lob} case for {cell} in {MAX_SAMPLING_TRIES} tries")
         seen_profiles.add(profile_id)
+        messages, ask_facts = build_conversation(lob, facts, decision, family, rng)
         records.append(
             {
                 "id": f"{split}-{number:04d}",
@@ -582,7 +693,8 @@ def build_split(split: str, size: int, seed: int, seen_profiles: set[str]) -> li
                 "profile_id": profile_id,
                 "phrasing_family": family,
                 "facts": facts,
-                "messages": build_conversation(lob, facts, decision, family, rng),
+                "messages": messages,
+                "ask_facts": ask_facts,
                 "decision": decision,
             }
         )

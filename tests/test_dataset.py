@@ -5,12 +5,13 @@ python -m pytest -q tests/test_dataset.py
 
 import hashlib
 import json
+import re
 from collections import Counter
 from pathlib import Path
 
 import pytest
 
-from common.decision import parse_decision_line
+from common.decision import FACT_ASK_NAMES, parse_asked_facts, parse_decision_line
 from data import generate, rulebook
 
 DATA_DIR = Path(__file__).resolve().parents[1] / "data"
@@ -125,6 +126,54 @@ def test_final_turn_decision_line_matches_record(splits):
             expected = {key: record["decision"][key] for key in ("outcome", "risk_class", "rules")}
             assert parsed == expected, record["id"]
             assert record["messages"][-1]["content"].splitlines()[-1].startswith("DECISION: ")
+
+
+def test_worksheet_checks_match_the_rulebook(splits):
+    # Every rule of the line (the grant rule aside) is checked once, in rule order, with the answer
+    # rulebook's predicate gives; "Fired:" lists the decision's rules with their effects.
+    for records in splits.values():
+        for record in records:
+            lob, facts = record["line_of_business"], record["facts"]
+            lines = record["messages"][-1]["content"].splitlines()
+            assert [line.split(":")[0] for line in lines[:3]] == ["Facts", "Checks", "Fired"], record["id"]
+            checks = re.findall(r"([LHB]-\d+) [^;]*: (yes|no)[;.]", lines[1])
+            rules = [rule for rule in rulebook.RULES[lob] if rule.applies is not None]
+            assert checks == [(r.rule_id, "yes" if r.applies(facts) else "no") for r in rules], record["id"]
+            effects = ", ".join(f"{r} {rulebook.get_rule(r).effect}" for r in record["decision"]["rules"])
+            assert lines[2] == f"Fired: {effects}.", record["id"]
+
+
+def test_worksheet_facts_restate_every_fact():
+    facts = {**LIFE, "age": 42, "face_amount": 1_250_000, "bmi": 31.5, "smoker": True, "occupation": "logger"}
+    facts["medical_history"] = "controlled"
+    line = generate.worksheet_facts("term_life", facts, year_keys={"age"})
+    assert line == (
+        "Facts: age 2025-1983=42; face $1250k; BMI 31.5; smoker yes; medical history controlled; "
+        "occupation logger, hazardous."
+    )
+    assert "age 42;" in generate.worksheet_facts("term_life", facts, year_keys=set())
+    business = generate.worksheet_checks("small_business_property", {**BUSINESS, "tiv": 5_050_000})
+    assert "B-4 TIV $5050k > 5 x $1000k = $5000k: yes" in business
+
+
+def test_asking_turns_name_exactly_the_missing_facts(splits):
+    # ask_facts[i] is what the i-th asking turn asks for: every fact not yet given, and it shrinks.
+    for records in splits.values():
+        for record in records:
+            asks = [m["content"] for m in record["messages"] if m["role"] == "assistant"][:-1]
+            assert len(asks) == len(record["ask_facts"]) >= 1, record["id"]
+            for text, missing in zip(asks, record["ask_facts"], strict=True):
+                assert parse_asked_facts(text) == set(missing), (record["id"], text)
+                assert parse_decision_line(text) is None
+            assert all(set(b) < set(a) for a, b in zip(record["ask_facts"], record["ask_facts"][1:])), record["id"]
+
+
+def test_asked_fact_names_do_not_overlap():
+    # parse_asked_facts reads names by substring: no name may contain another.
+    names = list(FACT_ASK_NAMES.values())
+    assert not [(a, b) for a in names for b in names if a != b and a.lower() in b.lower()]
+    assert parse_asked_facts("Thanks. I still need THE BMI and smoking status.") == {"bmi", "smoker"}
+    assert parse_asked_facts("DECISION: approve | CLASS: preferred | RULES: L-10") == set()
 
 
 def test_rulebook_rederives_every_decision(splits):

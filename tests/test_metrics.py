@@ -9,9 +9,12 @@ import pytest
 import torch
 
 from common.metrics import (
+    ask_metrics,
+    asks_at_decision_rate,
     bootstrap_indices,
     bootstrap_ratio_ci,
     confusion_matrix,
+    decision_intervals,
     decision_metrics,
     perplexity,
     perplexity_from_loss_ci,
@@ -19,6 +22,7 @@ from common.metrics import (
     rouge_scores,
     rule_citation_f1,
     score_decisions,
+    score_samples,
 )
 
 
@@ -181,3 +185,44 @@ def test_render_eval_report_table():
     assert "| a | 4 | 0.750 / 0.750 |" in report
     assert "| decline | 1 / 1 | 0 / 0 | 0 / 0 | 1 / 1 |" in report
     assert "lower than the base's by 0.2000" in report and "not resampling noise" in report
+
+
+def test_ask_metrics_precision_recall_exact_and_early():
+    replies = [
+        "Thanks. I still need the BMI and smoking status.",  # exactly right
+        "Got it. And the BMI?",  # misses smoking status
+        "Please send the BMI, the occupation and the face amount.",  # one right, two not missing
+        "Facts: ...\nDECISION: approve | CLASS: preferred | RULES: L-10",  # decided too early
+    ]
+    expected = [["bmi", "smoker"], ["bmi", "smoker"], ["bmi"], ["occupation"]]
+    result = ask_metrics(replies, expected, n_resamples=200)
+    assert result["n_turns"] == 4
+    assert result["ask_precision"] == pytest.approx((2 + 1 + 1) / (2 + 1 + 3))
+    assert result["ask_recall"] == pytest.approx((2 + 1 + 1) / (2 + 2 + 1 + 1))
+    assert result["exact_rate"] == 0.25 and result["early_decision_rate"] == 0.25
+    ci = result["ask_recall_ci"]
+    assert ci["low"] <= result["ask_recall"] <= ci["high"]
+    assert ask_metrics([], []) == {"n_turns": 0}
+    with pytest.raises(ValueError):
+        ask_metrics(["x"], [])
+
+
+def test_asks_at_decision_rate_and_sample_scores():
+    final = ["I still need the BMI.", "DECISION: refer | CLASS: n/a | RULES: L-4", "Sorry, I cannot help."]
+    assert asks_at_decision_rate(final) == pytest.approx(1 / 3)
+    reference = [{"outcome": "refer"}, {"outcome": "approve"}, None]
+    scores = score_samples(final, reference)
+    assert scores == {"sample_n": 2, "sample_parse_rate": 0.5, "sample_outcome_accuracy": 0.0}
+    assert score_samples(final, [None] * 3)["sample_parse_rate"] is None
+
+
+def test_decision_intervals_match_the_point_metrics():
+    reference = [{"outcome": "approve", "risk_class": "standard", "rules": ["L-8"]}] * 6
+    parsed = [{"outcome": "approve", "risk_class": "standard", "rules": ["L-8"]}] * 3
+    parsed += [{"outcome": "approve", "risk_class": "preferred", "rules": ["L-8", "L-6"]}, None, None]
+    intervals = decision_intervals(parsed, reference, bootstrap_indices(6, 300, seed=1))
+    point = score_decisions(parsed, reference)
+    for key in ("parse_rate", "outcome_accuracy", "risk_class_accuracy", "rule_f1"):
+        assert intervals[key]["mean"] == pytest.approx(point[key]), key
+        assert intervals[key]["low"] <= point[key] <= intervals[key]["high"], key
+    assert intervals["parse_rate"]["low"] < intervals["parse_rate"]["high"]  # it varies across resamples

@@ -13,6 +13,7 @@ from common.report import (
     THRESHOLDS,
     analyze_run,
     check_gradients,
+    check_task_learned,
     detect_convergence,
     detect_overfitting,
     find_dead_adapters,
@@ -232,3 +233,32 @@ def test_skipped_bad_steps_are_reported_not_plotted_as_divergence(tmp_path):
     assert analysis["convergence"]["verdict"] == "smooth decline"  # judged on the updates that happened
     assert analysis["gradients"]["verdict"] == "exploding" and analysis["gradients"]["bad_steps"] == 1
     assert "run status stopped_bad_steps: 4 in a row" in analysis["failure_modes"]
+
+
+def test_loss_falling_without_decisions_is_flagged():
+    baseline = {"step": 0, "val_loss": 3.7, "baseline": True}
+    evals = [
+        {"step": 19, "val_loss": 3.0, "sample_n": 5, "sample_parse_rate": 0.0, "sample_outcome_accuracy": 0.0},
+        {"step": 38, "val_loss": 2.7, "sample_n": 5, "sample_parse_rate": 0.0, "sample_outcome_accuracy": 0.0},
+    ]
+    task = check_task_learned(evals, baseline)
+    assert task["verdict"] == "loss falling but no decision learned"
+    assert "0% of 5 sample replies parse" in task["reason"] and "3.700 -> 2.700" in task["reason"]
+    evals[-1] |= {"sample_parse_rate": 1.0, "sample_outcome_accuracy": 0.8}
+    assert check_task_learned(evals, baseline)["verdict"] == "decisions learned"
+    evals[-1] |= {"sample_outcome_accuracy": 0.4}
+    assert check_task_learned(evals, baseline)["verdict"] == "partly learned"
+    assert check_task_learned([{"step": 5, "val_loss": 1.0}], None)["verdict"] == "not scored"
+
+
+def test_report_names_the_task_failure(tmp_path):
+    run_dir = write_run(tmp_path / "run", decaying(), [1.8, 1.4, 1.2, 1.1])
+    lines = (run_dir / "eval_log.jsonl").read_text().splitlines()
+    zero = {"sample_n": 3, "sample_parse_rate": 0.0, "sample_outcome_accuracy": 0.0}
+    scored = [json.dumps(json.loads(line) | zero) for line in lines]
+    (run_dir / "eval_log.jsonl").write_text("\n".join(scored) + "\n")
+    analysis = evaluate.main(["--report", str(run_dir)])
+    assert analysis["task"]["verdict"] == "loss falling but no decision learned"
+    assert any(f.startswith("loss falling but no decision learned") for f in analysis["failure_modes"])
+    report = (run_dir / "report" / "report.md").read_text()
+    assert "| task (sample decisions) | **loss falling but no decision learned** |" in report
