@@ -53,7 +53,14 @@ from common.metrics import (
     render_eval_report,
     rouge_scores,
 )
-from common.model import DEFAULT_MODEL, ModelLoadError, load_config, load_model_and_tokenizer, resolve_model_path
+from common.model import (
+    DEFAULT_MODEL,
+    ModelLoadError,
+    load_config,
+    load_model_and_tokenizer,
+    resolve_model_path,
+    saved_chat_template,
+)
 from common.precision import PrecisionChoice, resolve_precision
 from common.report import ReportError, analyze_run, load_run_logs, plot_run, render_report
 from common.seed import seed_everything
@@ -99,6 +106,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=1234, help="seeds the bootstrap and torch")
     parser.add_argument("--output-dir", help="default: <adapter>/../eval, runs/base-eval, or <run>/report")
     parser.add_argument("--trust-remote-code", action="store_true", help="allow custom model code from the hub")
+    parser.add_argument("--chat-template", metavar="FILE", help="Jinja chat template (default: the adapter's own)")
     args = parser.parse_args(argv)
     if args.report and args.adapter:
         parser.error("--report reads a run's logs; do not combine it with --adapter")
@@ -314,8 +322,10 @@ def main(argv: list[str] | None = None) -> dict:
         config = load_config(model_name, trust_remote_code=args.trust_remote_code)
         precision = resolve_precision(args.dtype, device, config, measure_peak=False, logger=logger)
         logger.info(precision.describe())
+        # The template the adapter was trained with (saved next to it) unless --chat-template overrides it.
+        chat_template = args.chat_template or (saved_chat_template(adapter_dir) if adapter_dir else None)
         model, tokenizer = load_model_and_tokenizer(
-            model_name, dtype=precision.dtype, trust_remote_code=args.trust_remote_code
+            model_name, dtype=precision.dtype, trust_remote_code=args.trust_remote_code, chat_template=chat_template
         )
         records = load_records(data_file)
         if held_out is not None:

@@ -5,9 +5,14 @@
     python export.py --run runs/demo --version 1.0 --checkpoint runs/demo/checkpoints/step_000120 --force
     python export.py --run runs/demo --version 1.0 --push-to-hub my-org/underwrite-lora --private
 
+Load an export without this project: `peft.AutoPeftModelForCausalLM.from_pretrained("exports/demo-v1.0")`
+or `transformers.pipeline("text-generation", model="exports/demo-v1.0")`.
+
 What is written to <output-dir>/<name>-v<version>/:
     adapter_model.safetensors   the checkpoint's adapter, byte for byte
-    adapter_config.json         PEFT config; base_model_name_or_path = the base the run trained on
+    adapter_config.json         PEFT config; base_model_name_or_path = the base the run trained on, as
+                                plain PEFT/transformers open it: the hub id, an absolute folder, or for
+                                the embedded default its converted folder (the card says how to rebuild it)
     tokenizer files             tokenizer.json, tokenizer_config.json, chat_template.jinja, ...
     generation_config.json      eos_token_id = the end-of-turn token (<|im_end|> for the default), pad set
     training_args.json          the run's resolved config.json (secrets redacted)
@@ -50,7 +55,15 @@ from common.artifacts import (
     secret_env_values,
     validate_export_name,
 )
-from common.model import ModelLoadError, load_config, load_tokenizer, resolve_model_path
+from common.model import (
+    EMBEDDED_MODELS,
+    ModelLoadError,
+    load_config,
+    load_tokenizer,
+    prepare_chat_template,
+    recreate_command,
+    resolve_model_path,
+)
 from common.training import CheckpointError, assert_finite, check_checkpoint
 
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
@@ -75,6 +88,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--private", action="store_true", help="create the hub repo as private")
     parser.add_argument("--trust-remote-code", action="store_true", help="allow custom tokenizer/model code")
+    parser.add_argument("--chat-template", metavar="FILE", help="Jinja chat template replacing the run's own")
     args = parser.parse_args(argv)
 
     run_dir = Path(args.run)
@@ -175,17 +189,21 @@ def load_samples(run_dir: Path, step: int | None, limit: int) -> list[dict]:
     return read_jsonl(files[-1])[:limit] if files and limit else []
 
 
-def load_export_tokenizer(checkpoint: Path, run_dir: Path, base_model: str, trust_remote_code: bool):
-    """The run's tokenizer (checkpoint, then best/ and final/, then the base model's)."""
-    for folder in (checkpoint, run_dir / "best", run_dir / "final"):
-        if (folder / "tokenizer_config.json").is_file():
-            tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
-            break
-    else:
-        tokenizer = load_tokenizer(base_model, trust_remote_code=trust_remote_code)
-    if not tokenizer.chat_template:
-        fail(f"the tokenizer of {checkpoint} has no chat template; cannot export a chat adapter without one")
-    return tokenizer
+def load_export_tokenizer(
+    checkpoint: Path, run_dir: Path, base_model: str, trust_remote_code: bool, chat_template: str | None = None
+):
+    """The run's tokenizer (checkpoint, then best/ and final/, then the base model's); --chat-template replaces
+    its template."""
+    try:
+        for folder in (checkpoint, run_dir / "best", run_dir / "final"):
+            if (folder / "tokenizer_config.json").is_file():
+                tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+                if chat_template or not tokenizer.chat_template:
+                    prepare_chat_template(tokenizer, base_model, chat_template)
+                return tokenizer
+        return load_tokenizer(base_model, trust_remote_code=trust_remote_code, chat_template=chat_template)
+    except ModelLoadError as err:
+        fail(f"{err}; cannot export a chat adapter without a usable chat template")
 
 
 def load_base_generation_config(base_model: str) -> GenerationConfig | None:
@@ -241,8 +259,16 @@ def main(argv: list[str] | None = None) -> Path:
     secrets = sorted({*secret_env_values(), *collect_secret_values(run_config)}, key=len, reverse=True)
     base_model = str(run_config.get("args", {}).get("model") or adapter_config["base_model_name_or_path"])
     recorded_base = str(adapter_config.get("base_model_name_or_path") or base_model)
-    if Path(recorded_base).exists():  # a local folder: make it absolute so the export reloads from anywhere
-        adapter_config["base_model_name_or_path"] = str(Path(recorded_base).resolve())
+    # Plain PEFT (AutoPeftModelForCausalLM, pipeline) loads the base named in adapter_config.json: a hub id
+    # stays, a local folder becomes absolute, an embedded alias (only this project knows it) its converted folder.
+    try:
+        loadable_base = resolve_model_path(recorded_base)
+    except ModelLoadError as err:
+        fail(f"cannot find the base model '{recorded_base}': {err}")
+    if Path(loadable_base).exists():
+        loadable_base = str(Path(loadable_base).resolve())
+    adapter_config["base_model_name_or_path"] = loadable_base
+    base_recreate = recreate_command(recorded_base, loadable_base) if recorded_base in EMBEDDED_MODELS else None
     is_best = checkpoint.resolve() == (run_dir / "best").resolve()
     metrics = build_metrics(run_dir, checkpoint, is_best)
 
@@ -252,7 +278,9 @@ def main(argv: list[str] | None = None) -> Path:
     try:
         shutil.copyfile(checkpoint / "adapter_model.safetensors", tmp_dir / "adapter_model.safetensors")
         write_json(tmp_dir / "adapter_config.json", redact_secrets(adapter_config, secrets))
-        tokenizer = load_export_tokenizer(checkpoint, run_dir, recorded_base, args.trust_remote_code)
+        tokenizer = load_export_tokenizer(
+            checkpoint, run_dir, recorded_base, args.trust_remote_code, args.chat_template
+        )
         tokenizer.save_pretrained(tmp_dir)
         build_generation_config(tokenizer, load_base_generation_config(recorded_base)).save_pretrained(tmp_dir)
         write_json(tmp_dir / "training_args.json", redact_secrets(run_config, secrets))
@@ -272,6 +300,7 @@ def main(argv: list[str] | None = None) -> Path:
             samples=redact_secrets(load_samples(run_dir, metrics["checkpoint"]["step"], args.num_samples), secrets),
             memory=memory,
             memory_note=memory_note,
+            base_recreate=base_recreate,
             lineage={
                 "run": str(run_dir),
                 "checkpoint": str(checkpoint),

@@ -58,7 +58,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, 
 
 from common.artifacts import build_generation_config, publish_dir, round_trip_nf4
 from common.data import DataError, load_records
-from common.model import ModelLoadError, load_model_and_tokenizer
+from common.model import ModelLoadError, load_model_and_tokenizer, saved_chat_template
 from common.precision import PrecisionChoice, resolve_precision
 
 BUILTIN_PROMPTS = [
@@ -98,6 +98,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--load-only", metavar="PATH", help="load a merged folder and answer --prompt; no merge")
     parser.add_argument("--prompt", default=BUILTIN_PROMPTS[0], help="user message for --load-only")
     parser.add_argument("--trust-remote-code", action="store_true", help="allow custom model code from the hub")
+    parser.add_argument("--chat-template", metavar="FILE", help="Jinja chat template (default: the adapter's own)")
     args = parser.parse_args(argv)
 
     if bool(args.adapter) == bool(args.load_only):
@@ -261,13 +262,18 @@ def main(argv: list[str] | None = None) -> dict:
 
     # --- the base exactly as the adapter saw it, in full precision ---
     try:
+        # --chat-template FILE, else the template the adapter was trained with (saved next to it)
+        chat_template = args.chat_template or saved_chat_template(adapter_dir)
         model, tokenizer = load_model_and_tokenizer(
-            base_name, quantization=None, dtype=torch.float32, trust_remote_code=args.trust_remote_code
-        )
+            base_name, quantization=None, dtype=torch.float32, trust_remote_code=args.trust_remote_code,
+            chat_template=chat_template,
+        )  # fmt: skip
     except ModelLoadError as err:
         fail(f"cannot load the base model '{base_name}': {err}; pass --base-model")
-    if (adapter_dir / "tokenizer_config.json").is_file():  # the exported tokenizer and chat template win
+    if (adapter_dir / "tokenizer_config.json").is_file():  # the exported tokenizer wins, with the template above
+        template = tokenizer.chat_template
         tokenizer = AutoTokenizer.from_pretrained(adapter_dir, trust_remote_code=args.trust_remote_code)
+        tokenizer.chat_template = template
     nf4_dtype = resolve_nf4_dtype(args.nf4_dtype, training_config) if quantization == "nf4" else None
     if nf4_dtype is not None:
         rounded = round_trip_nf4(model, nf4_dtype)

@@ -7,6 +7,7 @@
     python train.py --config runs/demo/config.json --output-dir runs/again   # reproduce a run
     torchrun --nproc_per_node 2 train.py --max-steps 20               # 2-process data parallel (CPU: gloo)
     python train.py --train-file my.jsonl              # your data; 10% of it held out (--validation-split)
+    python train.py --model Qwen/Qwen2.5-0.5B-Instruct --chat-template my.jinja   # any chat model / template
 
 In order: validate flags; load the model and tokenize the data (assistant-only labels) before the
 run folder is touched, so bad input never leaves a half-written run; create the run folder (lock,
@@ -86,6 +87,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--subset", type=int, default=0, help="use only the first N training examples (0 = all)")
     parser.add_argument("--max-seq-len", type=int, default=1024, help="longer examples lose their oldest turns")
     parser.add_argument("--trust-remote-code", action="store_true", help="allow custom model code from the hub")
+    parser.add_argument("--chat-template", metavar="FILE", help="Jinja chat template replacing the tokenizer's own")
     # --- output ---
     parser.add_argument("--run-name", default=None, help="run name (default: a timestamp)")
     parser.add_argument("--output-dir", default=None, help="run folder (default: runs/<run-name>)")
@@ -250,6 +252,8 @@ def main(argv: list[str] | None = None) -> dict:
             dtype=compute_dtype,
             device_map={"": accelerator.device} if args.quantization else None,
             trust_remote_code=args.trust_remote_code,
+            chat_template=args.chat_template,
+            logger=logger,
         )
         # The demo's data keeps its validation file; a user's own --train-file alone is split, because
         # validating (best/, early stopping) on the unrelated underwriting set would say nothing.

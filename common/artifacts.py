@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 import yaml
 
+from common.data import end_of_turn_token_ids
+
 REDACTED = "<redacted>"
 # Environment variables whose values must never be written anywhere; any variable whose name looks
 # secret (see `is_secret_key`) is added to these.
@@ -171,33 +173,8 @@ def validate_export_name(value: str, what: str) -> str:
     return value
 
 
-def end_of_turn_token_ids(tokenizer) -> list[int]:
-    """The token(s) that end an assistant turn, found by rendering the chat template.
-
-    Args:
-        tokenizer: a tokenizer with a chat template.
-
-    Returns:
-        [end-of-turn id] followed by the eos id when different (e.g. [2] for `<|im_end|>`-style models,
-        [eot_id, eos_id] for Llama-3-style ones).
-    """
-    marker = "XYZZY"
-    text = tokenizer.apply_chat_template(
-        [{"role": "user", "content": "hi"}, {"role": "assistant", "content": marker}], tokenize=False
-    )
-    ids = []
-    after = text[text.rfind(marker) + len(marker) :]
-    if after.strip():
-        first = tokenizer(after, add_special_tokens=False)["input_ids"][:1]
-        if first and first[0] in tokenizer.all_special_ids:
-            ids.append(first[0])
-    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
-        ids.append(tokenizer.eos_token_id)
-    return ids
-
-
 def build_generation_config(tokenizer, base_generation_config=None):
-    """A generation config that stops at the end of an assistant turn.
+    """A generation config that stops at the end of an assistant turn (`common.data.end_of_turn_token_ids`).
 
     Args:
         tokenizer: the chat tokenizer.
@@ -382,6 +359,7 @@ def render_model_card(
     memory: Mapping[str, int],
     memory_note: str,
     lineage: Mapping[str, str],
+    base_recreate: str | None = None,
 ) -> str:
     """Render the export's README.md: YAML front matter + every section the issue asks for.
 
@@ -398,6 +376,8 @@ def render_model_card(
         memory: from `estimate_inference_memory`.
         memory_note: how the parameter counts were obtained.
         lineage: {"run", "checkpoint", "git_commit", "run_created", "exported"} (shown as listed).
+        base_recreate: for an embedded alias, the one command that rebuilds the converted base folder
+            recorded in adapter_config.json on another machine (`common.model.recreate_command`).
 
     Returns:
         The markdown text.
@@ -422,7 +402,19 @@ def render_model_card(
     )
     out += ["", "## Base model", ""]
     out.append(f"- Base: `{base_model}`" + (f" (Hugging Face: `{hub_id}`)" if hub_id != base_model else ""))
-    out.append(f"- Recorded in adapter_config.json: `{adapter_config.get('base_model_name_or_path')}`")
+    recorded = adapter_config.get("base_model_name_or_path")
+    out.append(f"- Recorded in adapter_config.json: `{recorded}` (plain PEFT and transformers load the base from it)")
+    if base_recreate:
+        out.append(
+            f"- `{recorded}` is `{base_model}` converted by this project: the de-quantized GGUF copy of `{hub_id}` "
+            "the adapter was trained on (its weights differ slightly from the hub model's). On another machine, "
+            f"recreate that folder with one command in a checkout of this project: `{base_recreate}`"
+        )
+    elif not is_hub_id:
+        out.append(
+            "- A local folder: on another machine put the same base at that path, or edit "
+            "`base_model_name_or_path` in adapter_config.json"
+        )
     precision = "4-bit NF4 + double quantization" if quantization == "nf4" else "not quantized"
     out.append(f"- Base precision during training: {precision}")
     out += ["", "## Dataset", ""]
@@ -431,6 +423,12 @@ def render_model_card(
         for split in ("train", "validation")
         if dataset.get(f"{split}_file")
     ]
+    split = dataset.get("validation_split")
+    if split:
+        dataset_lines.append(
+            f"- validation: {split['validation_examples']} examples held out of `{split['source']}` "
+            f"(--validation-split {split['fraction']}, seed {split['seed']}; their indices are in training_args.json)"
+        )
     dataset_lines += [
         f"- {k.replace('_', ' ')}: {derived[k]}" for k in ("train_examples", "validation_examples") if k in derived
     ]
@@ -532,8 +530,7 @@ def render_model_card(
         + ", ".join(f"{k} {v}" for k, v in versions.items())
         + "."
     )
-    out += ["", "## How to load", "", "```python"]
-    loader = hub_id if is_hub_id else base_model
+    out += ["", "## How to load", "", "With peft and transformers alone (no code from this project):", "", "```python"]
     nf4_hint = (
         [
             "# trained on a 4-bit base: add quantization_config=BitsAndBytesConfig(load_in_4bit=True,",
@@ -542,23 +539,27 @@ def render_model_card(
         if quantization == "nf4"
         else []
     )
+    folder = f"{name}-v{version}"
     out += [
         "import torch",
-        "from peft import PeftModel",
-        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "from peft import AutoPeftModelForCausalLM",
+        "from transformers import AutoTokenizer, pipeline",
         "",
         *nf4_hint,
-        f'base = AutoModelForCausalLM.from_pretrained("{loader}", dtype=torch.bfloat16)',
-        f'model = PeftModel.from_pretrained(base, "{name}-v{version}")  # this folder',
-        f'tokenizer = AutoTokenizer.from_pretrained("{name}-v{version}")',
+        f'model = AutoPeftModelForCausalLM.from_pretrained("{folder}", dtype=torch.bfloat16)  # base: adapter_config.json',
+        f'tokenizer = AutoTokenizer.from_pretrained("{folder}")  # with the chat template it was trained with',
         'messages = [{"role": "user", "content": "Applicant is 45, smoker, wants 500k term life."}]',
         "inputs = tokenizer.apply_chat_template(",
         "    messages, add_generation_prompt=True, return_tensors='pt', return_dict=True",
         ")",
         "print(tokenizer.decode(model.generate(**inputs, max_new_tokens=128)[0], skip_special_tokens=True))",
+        "",
+        f'chat = pipeline("text-generation", model="{folder}")  # the same in one line',
+        "print(chat(messages, max_new_tokens=128)[0]['generated_text'][-1]['content'])",
         "```",
         "",
-        f"Or merge it into the base: `python merge_and_load.py --adapter exports/{name}-v{version}`.",
+        f'`PeftModel.from_pretrained(base, "{folder}")` works as well on a base you loaded yourself. Or merge it '
+        f"into the base: `python merge_and_load.py --adapter exports/{folder}`.",
     ]
     out += ["", "## Lineage", ""]
     out += [f"- {key.replace('_', ' ')}: `{value}`" for key, value in lineage.items()]

