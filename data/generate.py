@@ -2,8 +2,8 @@
 
 Each record is a short chat: a broker presents a term life, homeowners or small-business
 property submission with some of the facts, the assistant asks for the rest (2-4 user turns in
-all), and the last assistant turn gives the decision of `data/rulebook.py`, a one-line rationale
-citing the rules that fired, and a machine-readable line such as
+all), and the last assistant turn works out the decision of `data/rulebook.py` on a worksheet
+(facts restated, every rule checked, the fired rules) and ends with a machine-readable line such as
 `DECISION: approve | CLASS: standard | RULES: L-8`.
 
 Sampling is stratified so every split holds ~40% approvals (split over three risk classes), 30%
@@ -828,11 +828,23 @@ def write_data_card(
 
 Short chat conversations between an insurance broker (user) and an underwriting assistant, for
 LoRA finetuning. The broker presents a term life, homeowners or small-business property
-submission with some facts; the assistant asks for the missing ones (2-4 user turns in all);
-the last assistant turn gives the decision of the rulebook in `data/rulebook.py`, a one-line
-rationale citing the rules that fired, and ends with one machine-readable line:
+submission with some facts; the assistant asks for exactly the missing ones (2-4 user turns in
+all); the last assistant turn works the case out on a short worksheet and ends with one
+machine-readable line:
 
-    DECISION: approve | CLASS: standard | RULES: L-8, L-9
+    Facts: age 2025-1971=54; face $1500k; BMI 31.2; smoker no; medical history none; occupation nurse, not hazardous.
+    Checks: L-1 age 54 > 70: no; L-2 serious history: no; L-3 BMI 31.2 >= 40: no; L-4 age 54 >= 50 and face $1500k > $1000k: yes; ...
+    Fired: L-4 refer, L-8 standard.
+    Refer to a senior underwriter.
+    DECISION: refer | CLASS: n/a | RULES: L-4, L-8
+
+Why a worksheet: a 135M-parameter model cannot make the whole rulebook decision in the tokens of
+one line. Restating every fact once, in the rulebook's order and units (years turned into ages,
+dollars in thousands), then writing each rule's comparison next to its yes/no, turns the decision
+into short local steps: copy a number, compare it with the threshold beside it, list the yeses.
+Rules are numbered from most to least severe, so the outcome is the effect of the first fired
+rule. Every yes/no comes from the rule's predicate in `data/rulebook.py`, so `decide()` stays
+the only source of labels.
 
 Everything is generated from seeded templates: the data tests rule-following and fact gathering,
 not real-world underwriting. Years ("born 1983") are read as of {rulebook.REFERENCE_YEAR}.
@@ -849,7 +861,10 @@ The same seed gives byte-identical files (see the sha256 below).
 One JSON object per line: `id`, `line_of_business`, `profile_id` (hash of the facts),
 `phrasing_family`, `facts` (every fact the rulebook reads), `messages` (system, then alternating
 user/assistant, ending with the assistant), `decision` (`outcome`, `risk_class`, `rules`,
-`conditions`). `rulebook.decide(line_of_business, facts) == decision` for every record.
+`conditions`), and `ask_facts`: for each asking assistant turn, the facts (keys of `facts`) still
+missing there, which that turn asks for by the names in `common/decision.py::FACT_ASK_NAMES`
+(evaluate.py scores generated asking turns against it). `rulebook.decide(line_of_business, facts)
+== decision` for every record.
 
 ## Rulebook
 
