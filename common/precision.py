@@ -261,6 +261,7 @@ def probe_cpu(config, budget_s: float = PROBE_BUDGET_S, flags: set[str] | None =
 
 
 def _resolve_cpu(requested: str, config, measure_peak: bool, budget_s: float, logger) -> PrecisionChoice:
+    """CPU: `auto` measures and takes the fastest; an explicit flag wins (bf16 falls back without support)."""
     figures, shapes, seconds = ({}, [], 0.0)
     if requested == "auto" or measure_peak:
         figures, shapes, seconds = probe_cpu(config, budget_s)
@@ -281,17 +282,16 @@ def _resolve_cpu(requested: str, config, measure_peak: bool, budget_s: float, lo
 
 
 def _resolve_cuda(requested: str, device: torch.device, measure_peak: bool, logger) -> PrecisionChoice:
+    """GPU: the fixed rule (bf16 from compute capability 8.0, else fp16); the card's peak is measured."""
     # Compute capability, not torch.cuda.is_bf16_supported(): that also says True on a T4 (emulated bf16).
     bf16_ok = torch.cuda.get_device_capability(device) >= (8, 0)
     if requested == "auto":
         launcher = os.environ.get("ACCELERATE_MIXED_PRECISION")
         if launcher in ("fp16", "bf16"):
-            requested_by = "accelerate launch's mixed precision"
-            precision = launcher
+            precision, reason = launcher, "auto: accelerate launch's mixed precision"
         else:
-            capability = ">= 8.0" if bf16_ok else "< 8.0 (fp16 with loss scaling)"
-            requested_by, precision = f"auto: compute capability {capability}", "bf16" if bf16_ok else "fp16"
-        reason = requested_by
+            precision = "bf16" if bf16_ok else "fp16"
+            reason = f"auto: compute capability {'>= 8.0' if bf16_ok else '< 8.0 (fp16 with loss scaling)'}"
     elif requested == "bf16" and not bf16_ok:
         logger.warning("warning: bf16 is not supported on this GPU; falling back to fp16 with loss scaling")
         precision, reason = "fp16", "bf16 requested, but this GPU (compute capability < 8.0) has no bf16"
@@ -300,15 +300,17 @@ def _resolve_cuda(requested: str, device: torch.device, measure_peak: bool, logg
     figures, seconds, shapes = {}, 0.0, []
     if measure_peak:
         start = time.perf_counter()
-        size = GPU_PEAK_SIZE
-        shapes = [(size, size, size, 1.0)]
+        shapes = [(GPU_PEAK_SIZE, GPU_PEAK_SIZE, GPU_PEAK_SIZE, 1.0)]
         for name, dtype in [("fp16", torch.float16)] + ([("bf16", torch.bfloat16)] if bf16_ok else []):
             figures[name] = measure_matmul_flops(device, dtype, shapes, budget_s=0.2)
         seconds = time.perf_counter() - start
     return _with_peak(requested, precision, "cuda", reason, figures, seconds, [s[:3] for s in shapes])
 
 
-def _with_peak(requested, precision, device_type, reason, figures, seconds, shapes) -> PrecisionChoice:
+def _with_peak(
+    requested: str, precision: str, device_type: str, reason: str, figures: dict, seconds: float, shapes: list
+) -> PrecisionChoice:
+    """Build the choice; the MFU denominator is the fastest of `figures`, whatever `precision` is."""
     peak_dtype = max(figures, key=figures.get) if figures else None
     return PrecisionChoice(
         requested=requested,
