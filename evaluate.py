@@ -46,8 +46,11 @@ from common.data import (
 from common.decision import parse_decision_line
 from common.generation import generate_replies, prompt_messages
 from common.metrics import (
+    ask_metrics,
+    asks_at_decision_rate,
     bootstrap_indices,
     bootstrap_ratio_ci,
+    decision_intervals,
     decision_metrics,
     perplexity_from_loss_ci,
     render_eval_report,
@@ -98,7 +101,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-seq-len", type=int, default=2048, help="longer examples lose their oldest turns")
     # --- generation ---
     parser.add_argument("--batch-size", type=int, default=8, help="examples per forward / generate call")
-    parser.add_argument("--max-new-tokens", type=int, default=128, help="generation budget per reply")
+    parser.add_argument("--max-new-tokens", type=int, default=320, help="generation budget per reply (worksheet ~250)")
+    parser.add_argument("--no-ask-turns", action="store_true", help="skip scoring the intermediate (asking) turns")
+    parser.add_argument("--no-base", action="store_true", help="with --adapter: score only the finetuned model")
     parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                         help="model and autocast dtype (auto: the fastest measured on this CPU, bf16/fp16 on a GPU)")  # fmt: skip
     # --- statistics and output ---
@@ -214,7 +219,33 @@ def compute_example_losses(
     return loss_sums, counts
 
 
-def score_model(loss_sums, counts, indices, replies, references, reference_decisions, lobs) -> dict:
+def build_ask_turns(chats: list[dict]) -> tuple[list[list[dict]], list[tuple], list[list[str]]]:
+    """The intermediate (asking) assistant turns of records that say which facts each one asks for.
+
+    The dataset stores, per asking turn, the facts still missing there (`ask_facts`); a reply for
+    that turn is generated from the conversation before it and scored by `ask_metrics`.
+
+    Args:
+        chats: chat records; those without `ask_facts` (other datasets) contribute nothing.
+
+    Returns:
+        (prompts, ids, expected): the conversation before each asking turn, (record id, turn number)
+        of each, and the fact keys each should ask for.
+    """
+    prompts, ids, expected = [], [], []
+    for record in chats:
+        asks = record.get("ask_facts")
+        if not isinstance(asks, list):
+            continue
+        turns = [i for i, m in enumerate(record["messages"]) if m["role"] == "assistant"][:-1]
+        for number, (index, facts) in enumerate(zip(turns, asks), start=1):
+            prompts.append(record["messages"][:index])
+            ids.append((record.get("id", record.get("_line")), number))
+            expected.append(list(facts))
+    return prompts, ids, expected
+
+
+def score_model(loss_sums, counts, indices, replies, references, reference_decisions, lobs, seed: int) -> dict:
     """Every metric of one model: loss and perplexity with intervals, ROUGE, decision accuracy.
 
     Args:
@@ -222,9 +253,11 @@ def score_model(loss_sums, counts, indices, replies, references, reference_decis
         indices: shared `bootstrap_indices`, so both models are resampled identically.
         replies, references, reference_decisions, lobs: per generated example (decision None when
             the record has no reference decision; such examples are left out of decision metrics).
+        seed: seeds the decision metrics' bootstrap; the same for both models, so they are paired.
 
     Returns:
-        {"loss", "perplexity", "trained_tokens", "rouge", "decision", "outcome_accuracy_ci"}.
+        {"loss", "perplexity", "trained_tokens", "rouge", "decision", "decision_ci" (95% intervals of
+        parse rate, outcome and risk-class accuracy, rule F1), "outcome_accuracy_ci", "asks_at_decision_rate"}.
     """
     loss = bootstrap_ratio_ci(loss_sums, counts, indices=indices)
     result = {"loss": loss, "perplexity": perplexity_from_loss_ci(loss), "trained_tokens": int(counts.sum())}
@@ -235,12 +268,14 @@ def score_model(loss_sums, counts, indices, replies, references, reference_decis
         decisions = decision_metrics(
             [replies[i] for i in scored], [reference_decisions[i] for i in scored], [lobs[i] for i in scored]
         )
-        hits = [
-            p is not None and p["outcome"] == reference_decisions[i]["outcome"]
-            for p, i in zip(decisions.pop("parsed"), scored)
-        ]
+        decision_indices = bootstrap_indices(len(scored), indices.shape[0], seed)
+        intervals = decision_intervals(
+            decisions.pop("parsed"), [reference_decisions[i] for i in scored], decision_indices
+        )
         result["decision"] = decisions
-        result["outcome_accuracy_ci"] = bootstrap_ratio_ci(hits, n_resamples=indices.shape[0], seed=len(hits))
+        result["decision_ci"] = intervals
+        result["outcome_accuracy_ci"] = intervals["outcome_accuracy"]
+        result["asks_at_decision_rate"] = asks_at_decision_rate([replies[i] for i in scored])
     return result
 
 
@@ -363,11 +398,13 @@ def main(argv: list[str] | None = None) -> dict:
         for r, ref in zip(chats, references)
     ]
     lobs = [r.get("line_of_business", "all") for r in chats]
+    ask_prompts, ask_ids, ask_expected = ([], [], []) if args.no_ask_turns else build_ask_turns(chats)
     indices = bootstrap_indices(len(examples), args.bootstrap, args.seed)
 
     # --- the same examples through both models: adapter on, then adapter off (the base) ---
-    results, per_model = {}, {}
-    for name in ["base", "finetuned"] if adapter_dir is not None else ["base"]:
+    results, per_model, asked = {}, {}, {}
+    names = ["base", "finetuned"] if adapter_dir is not None else ["base"]
+    for name in names[1:] if args.no_base and adapter_dir is not None else names:
         logger.info("%s: scoring %d examples, generating %d replies", name, len(examples), len(prompts))
         adapter_off = adapter_dir is not None and name == "base"
         with model.disable_adapter() if adapter_off else contextlib.nullcontext():
@@ -378,8 +415,22 @@ def main(argv: list[str] | None = None) -> dict:
                 replies = generate_replies(
                     model, tokenizer, prompts, args.batch_size, args.max_new_tokens, progress=f"{name}: generating"
                 )
+            with precision.autocast():
+                ask_replies = generate_replies(
+                    model,
+                    tokenizer,
+                    ask_prompts,
+                    args.batch_size,
+                    args.max_new_tokens,
+                    progress=f"{name}: asking turns",
+                )
         per_model[name] = (loss_sums, counts, replies)
-        results[name] = score_model(loss_sums, counts, indices, replies, references, reference_decisions, lobs)
+        asked[name] = ask_replies
+        results[name] = score_model(
+            loss_sums, counts, indices, replies, references, reference_decisions, lobs, args.seed
+        )
+        if ask_prompts:
+            results[name]["asks"] = ask_metrics(ask_replies, ask_expected, args.bootstrap, args.seed)
         logger.info(
             "%s: loss %.4f | ppl %.3f", name, results[name]["loss"]["mean"], results[name]["perplexity"]["value"]
         )
@@ -395,6 +446,7 @@ def main(argv: list[str] | None = None) -> dict:
         "truncated_history": stats.truncated_history,
         "dropped_overlong": stats.dropped_overlong,
         "generation_examples": len(prompts),
+        "ask_turns": len(ask_prompts),
         "decision_examples": sum(d is not None for d in reference_decisions),
         "settings": {
             "max_new_tokens": args.max_new_tokens,
@@ -408,7 +460,7 @@ def main(argv: list[str] | None = None) -> dict:
         },
         "models": results,
     }
-    if "finetuned" in per_model:
+    if "finetuned" in per_model and "base" in per_model:
         base_sums, counts, _ = per_model["base"]
         tuned_sums = per_model["finetuned"][0]
         delta = bootstrap_ratio_ci(tuned_sums - base_sums, counts, indices=indices)
@@ -433,6 +485,11 @@ def main(argv: list[str] | None = None) -> dict:
             line[f"loss_{name}"] = None if row is None else loss_sums[row] / max(counts[row], 1)
         predictions.append(line)
     (output_dir / "predictions.jsonl").write_text("".join(json.dumps(p) + "\n" for p in predictions))
+    ask_lines = [
+        {"id": record_id, "turn": turn, "expected": expected, **{f"generated_{n}": asked[n][k] for n in asked}}
+        for k, ((record_id, turn), expected) in enumerate(zip(ask_ids, ask_expected, strict=True))
+    ]
+    (output_dir / "ask_predictions.jsonl").write_text("".join(json.dumps(line) + "\n" for line in ask_lines))
     write_json(output_dir / "metrics.json", metrics)
     (output_dir / "report.md").write_text(render_eval_report(metrics, predictions[:3]))
     logger.info("wrote %s", output_dir)

@@ -57,6 +57,7 @@ from common.lora import (
     lora_update_ratios,
     parse_target_modules,
 )
+from common.metrics import score_samples
 from common.model import DEFAULT_MODEL, ModelLoadError, load_config, load_model_and_tokenizer
 from common.precision import enable_cpu_fp16, resolve_precision_on_main
 from common.seed import seed_everything
@@ -123,7 +124,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--eval-batch-size", type=int, default=8, help="validation micro-batch size")
     parser.add_argument("--no-baseline", action="store_true", help="skip the step-0 evaluation of the base")
     parser.add_argument("--num-samples", type=int, default=5, help="sample replies generated per evaluation")
-    parser.add_argument("--max-new-tokens", type=int, default=96, help="tokens per sample reply")
+    parser.add_argument("--max-new-tokens", type=int, default=320, help="tokens per sample reply (a worksheet ~250)")
     parser.add_argument("--early-stopping-patience", type=int, default=2, help="evaluations without improvement")
     parser.add_argument("--early-stopping-min-delta", type=float, default=0.0, help="loss drop that counts")
     parser.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (and every epoch end)")
@@ -397,14 +398,9 @@ def main(argv: list[str] | None = None) -> dict:
         best = state["best_val_loss"]
         improved = not baseline and (best is None or metrics["val_loss"] < best - args.early_stopping_min_delta)
         record = {"step": step, "epoch": epoch, "baseline": baseline, "is_best": improved, **metrics}
-        log_jsonl("eval_log.jsonl", record)
-        accelerator.log({f"eval/{k}": v for k, v in metrics.items()}, step=step)
-        logger.info(
-            f"eval step {step} | val loss {metrics['val_loss']:.4f} ± {metrics['val_loss_ci95']:.4f} | "
-            f"ppl {metrics['val_ppl']:.3f} | {metrics['eval_time_s']:.1f}s"
-            + (" | baseline" if baseline else " | new best" if improved else "")
-        )
         if accelerator.is_main_process and sample_records:
+            # The samples are scored like evaluate.py scores the test split, so a run whose loss falls
+            # while it still writes no decision says so in its logs (and the convergence report flags it).
             prompts = [prompt_messages(r["messages"]) for r in sample_records]
             with accelerator.autocast():
                 replies = generate_replies(model, tokenizer, prompts, len(prompts), args.max_new_tokens)
@@ -416,6 +412,21 @@ def main(argv: list[str] | None = None) -> dict:
             (output_dir / "samples" / f"step_{step:06d}.jsonl").write_text(
                 "".join(json.dumps(s) + "\n" for s in samples)
             )
+            record |= score_samples(replies, [r.get("decision") for r in sample_records])
+        log_jsonl("eval_log.jsonl", record)
+        accelerator.log(
+            {f"eval/{k}": v for k, v in record.items() if isinstance(v, int | float) and k != "step"}, step=step
+        )
+        decided = (
+            f" | samples: {record['sample_parse_rate']:.0%} decide, {record['sample_outcome_accuracy']:.0%} right"
+            if record.get("sample_parse_rate") is not None
+            else ""
+        )
+        logger.info(
+            f"eval step {step} | val loss {metrics['val_loss']:.4f} ± {metrics['val_loss_ci95']:.4f} | "
+            f"ppl {metrics['val_ppl']:.3f} | {metrics['eval_time_s']:.1f}s{decided}"
+            + (" | baseline" if baseline else " | new best" if improved else "")
+        )
         if baseline:
             state["baseline_val_ppl"] = metrics["val_ppl"]
         elif improved:

@@ -43,6 +43,7 @@ def make_conversation(i: int) -> dict:
             },
         ],
         "decision": {"outcome": outcome, "risk_class": risk_class, "rules": [f"L-{1 + i % 3}"], "conditions": []},
+        "ask_facts": [["bmi"]],  # the asking turn asks for the BMI (see data/generate.py)
     }
 
 

@@ -84,6 +84,29 @@ def test_predictions_and_report(evaluated):
     assert "| metric | base | finetuned | finetuned - base |" in report
     assert "| perplexity |" in report and "| outcome accuracy |" in report and "How sure" in report
     assert "| term_life | 4 |" in report
+    assert "| outcome accuracy | " in report and "] | " in report  # values come with their intervals
+
+
+def test_asking_turns_are_generated_and_scored(evaluated):
+    metrics, output_dir = evaluated
+    assert metrics["ask_turns"] == 4  # one asking turn in each of the 4 conversations
+    lines = [json.loads(line) for line in (output_dir / "ask_predictions.jsonl").read_text().splitlines()]
+    assert [(line["id"], line["turn"], line["expected"]) for line in lines] == [
+        (f"toy-20{i}", 1, ["bmi"]) for i in range(4)
+    ]
+    for name in ("base", "finetuned"):
+        asks = metrics["models"][name]["asks"]
+        assert asks["n_turns"] == 4
+        # recomputed from the file: recall over the one missing fact of each turn
+        recall = sum("the bmi" in line[f"generated_{name}"].lower() for line in lines) / 4
+        assert asks["ask_recall"] == recall
+        assert 0.0 <= asks["early_decision_rate"] <= 1.0
+        ci = metrics["models"][name]["decision_ci"]
+        assert set(ci) == {"parse_rate", "outcome_accuracy", "risk_class_accuracy", "rule_f1"}
+        assert all(c["low"] <= c["mean"] <= c["high"] for c in ci.values())
+    report = (output_dir / "report.md").read_text()
+    assert "| ask recall (missing facts asked for) |" in report
+    assert "| decides too early (DECISION at an asking turn) |" in report
 
 
 def test_model_mismatch_exits_with_message(adapter_dir, toy_data_dir, tmp_path, capsys):
@@ -134,3 +157,19 @@ def test_base_only_mode(tiny_model_dir, toy_data_dir, tmp_path):
     assert list(metrics["models"]) == ["base"] and "comparison" not in metrics
     assert (tmp_path / "predictions.jsonl").read_text().count("\n") == 2
     assert "| metric | base |" in (tmp_path / "report.md").read_text()
+
+
+def test_no_base_scores_only_the_adapter(adapter_dir, tiny_model_dir, toy_data_dir, tmp_path):
+    argv = [
+        "--adapter",
+        str(adapter_dir),
+        "--model",
+        str(tiny_model_dir),
+        "--data-file",
+        str(toy_data_dir / "test.jsonl"),
+    ]
+    argv += ["--limit", "2", "--max-new-tokens", "4", "--bootstrap", "50", "--no-base", "--output-dir", str(tmp_path)]
+    metrics = evaluate.main(argv)
+    assert list(metrics["models"]) == ["finetuned"] and "comparison" not in metrics
+    assert metrics["models"]["finetuned"]["asks"]["n_turns"] == 2
+    assert "| metric | finetuned |" in (tmp_path / "report.md").read_text()

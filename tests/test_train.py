@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 import train
+from common.decision import parse_decision_line
 from tests.conftest import REPO, make_conversation, write_jsonl
 
 
@@ -101,6 +102,10 @@ def test_run_folder_files_logs_and_config(reference_run, toy_data_dir):
     assert "step 8 | loss " in log and " tok/s | mfu " in log and "eval step 0 | val loss" in log
     samples = read_jsonl(run / "samples" / "step_000008.jsonl")
     assert len(samples) == 2 and {"reference", "generated", "prompt_messages"} <= set(samples[0])
+    # the samples are scored at every validation; the tiny random model writes no decision line
+    parsed = [parse_decision_line(s["generated"]) is not None for s in samples]
+    assert evals[-1]["sample_n"] == 2 and evals[-1]["sample_parse_rate"] == sum(parsed) / 2
+    assert f"samples: {evals[-1]['sample_parse_rate']:.0%} decide" in log
     summary = json.loads((run / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["global_step"] == 8 and summary["epochs_completed"] == 2
     assert summary["baseline_val_ppl"] == pytest.approx(evals[0]["val_ppl"])
