@@ -262,10 +262,9 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available() and not args.allow_cpu:
         print("gpu_check.py: no CUDA device here, nothing to check; run it on a machine with a GPU")
         return 0
-    import importlib.metadata
-
     from common.model import load_config
     from common.precision import resolve_precision
+    from common.run import package_versions
 
     start = time.perf_counter()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -293,12 +292,7 @@ def main(argv: list[str] | None = None) -> int:
         memory[name] = measure_memory(args, precision, quantization, device.type)
         durations.append(time.perf_counter() - run_start)
     shutil.rmtree(work, ignore_errors=True)
-    versions = {}
-    for package in ("torch", "transformers", "peft", "accelerate", "bitsandbytes"):
-        try:
-            versions[package] = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            versions[package] = "not installed"
+    versions = package_versions()  # the same record every run folder keeps
     result = {
         "date": time.strftime("%Y-%m-%d %H:%M %Z"),
         "card": card,
