@@ -3,7 +3,8 @@
 Each record is a short chat: a broker presents a term life, homeowners or small-business
 property submission with some of the facts, the assistant asks for the rest (2-4 user turns in
 all), and the last assistant turn works out the decision of `data/rulebook.py` on a worksheet
-(facts restated, every rule checked, the fired rules) and ends with a machine-readable line such as
+(facts restated, every rule checked on its own line with the running result) and ends with a
+machine-readable line such as
 `DECISION: approve | CLASS: standard | RULES: L-8`.
 
 Sampling is stratified so every split holds ~40% approvals (split over three risk classes), 30%
@@ -554,7 +555,7 @@ CHECK_TEXTS = {
     "H-5": lambda f: f"claims {f['prior_claims']} = 2",
     "H-6": lambda f: "coastal",
     "H-7": lambda f: f"roof {f['roof_age']} from 15 to {rulebook.roof_age_limit(f['construction'])}",
-    "H-8": lambda f: "exactly one of station > 5, hydrant > 1000",
+    "H-8": lambda f: f"exactly one of station {f['fire_station_miles']:g} > 5, hydrant {f['hydrant_feet']} > 1000",
     "B-1": lambda f: "high hazard and not sprinklered",
     "B-2": lambda f: f"losses {f['prior_losses']} >= 3",
     "B-3": lambda f: f"building {f['building_age']} > 50 and wiring not updated",
@@ -566,18 +567,41 @@ CHECK_TEXTS = {
 }
 
 
-def worksheet_checks(lob: str, facts: dict) -> str:
-    """The checks line: every rule of the line (the grant rule aside) with its comparison and answer."""
-    checks = [
-        f"{rule.rule_id} {CHECK_TEXTS[rule.rule_id](facts)}: {_yes(rule.applies(facts))}"
-        for rule in rulebook.RULES[lob]
-        if rule.applies is not None
-    ]
-    return "Checks: " + "; ".join(checks) + "."
+def worksheet_checks(lob: str, facts: dict) -> list[str]:
+    """The check lines: every rule of the line (the grant rule aside), one per line, in rule order.
+
+    Each line writes the rule's comparison with the case's numbers, the answer of the rule's
+    predicate (with the rule's effect after a yes), and after "->" the running result: the effect
+    of the first fired rule (rules go from most to least severe, so the first fired one decides)
+    and every rule fired so far. Carrying the result from line to line keeps the decision a local
+    step: copy the previous result, and on a yes append the rule.
+
+    Args:
+        lob: line of business.
+        facts: the case facts.
+
+    Returns:
+        e.g. ["L-1 age 54 > 70: no -> none", ..., "L-4 age 54 >= 50 and face $1500k > $1000k: yes,
+        refer -> refer L-4", ...].
+    """
+    lines, first_effect, fired = [], None, []
+    for rule in rulebook.RULES[lob]:
+        if rule.applies is None:
+            continue
+        comparison = f"{rule.rule_id} {CHECK_TEXTS[rule.rule_id](facts)}"
+        if rule.applies(facts):
+            first_effect = first_effect or rule.effect
+            fired.append(rule.rule_id)
+            answer = f"yes, {rule.effect}"
+        else:
+            answer = "no"
+        result = f"{first_effect} {', '.join(fired)}" if fired else "none"
+        lines.append(f"{comparison}: {answer} -> {result}")
+    return lines
 
 
 def write_decision_turn(lob: str, facts: dict, decision: dict, year_keys: set[str], rng: random.Random) -> str:
-    """Write the final assistant turn: worksheet, fired rules, outcome sentence, DECISION line.
+    """Write the final assistant turn: the facts, one line per rule check, the outcome, the DECISION line.
 
     Args:
         lob: line of business.
@@ -587,18 +611,15 @@ def write_decision_turn(lob: str, facts: dict, decision: dict, year_keys: set[st
         rng: the split's random generator.
 
     Returns:
-        "Facts: ...", "Checks: ...", "Fired: L-6 substandard, L-8 standard." (each rule with its
-        effect, most severe first, so the outcome is the first effect), the outcome sentence with
-        any conditions, then the DECISION line; one line each.
+        "Facts: ...", the check lines of `worksheet_checks` (the last one's running result is the
+        decision), the outcome sentence with any conditions, then the DECISION line; one line each.
     """
-    fired = ", ".join(f"{rule_id} {rulebook.get_rule(rule_id).effect}" for rule_id in decision["rules"])
     outcome = rng.choice(OUTCOME_SENTENCES[decision["outcome"]]).format(risk_class=decision["risk_class"])
     if decision["conditions"]:
         outcome += " " + rng.choice(["Condition: {c}.", "Subject to: {c}."]).format(c="; ".join(decision["conditions"]))
     lines = [
         worksheet_facts(lob, facts, year_keys),
-        worksheet_checks(lob, facts),
-        f"Fired: {fired}.",
+        *worksheet_checks(lob, facts),
         outcome,
         format_decision_line(decision["outcome"], decision["risk_class"], decision["rules"]),
     ]
@@ -833,17 +854,25 @@ all); the last assistant turn works the case out on a short worksheet and ends w
 machine-readable line:
 
     Facts: age 2025-1971=54; face $1500k; BMI 31.2; smoker no; medical history none; occupation nurse, not hazardous.
-    Checks: L-1 age 54 > 70: no; L-2 serious history: no; L-3 BMI 31.2 >= 40: no; L-4 age 54 >= 50 and face $1500k > $1000k: yes; ...
-    Fired: L-4 refer, L-8 standard.
+    L-1 age 54 > 70: no -> none
+    L-2 serious history: no -> none
+    L-3 BMI 31.2 >= 40: no -> none
+    L-4 age 54 >= 50 and face $1500k > $1000k: yes, refer -> refer L-4
+    ... (one line per rule)
+    L-8 BMI 31.2 from 30 to 39.9: yes, standard -> refer L-4, L-8
+    L-9 controlled condition: no -> refer L-4, L-8
     Refer to a senior underwriter.
     DECISION: refer | CLASS: n/a | RULES: L-4, L-8
 
 Why a worksheet: a 135M-parameter model cannot make the whole rulebook decision in the tokens of
 one line. Restating every fact once, in the rulebook's order and units (years turned into ages,
 dollars in thousands), then writing each rule's comparison next to its yes/no, turns the decision
-into short local steps: copy a number, compare it with the threshold beside it, list the yeses.
-Rules are numbered from most to least severe, so the outcome is the effect of the first fired
-rule. Every yes/no comes from the rule's predicate in `data/rulebook.py`, so `decide()` stays
+into short local steps: copy a number, compare it with the threshold beside it. Rules are
+numbered from most to least severe, so the outcome is the effect of the first fired rule; each
+check line carries the running result after "->" (that first effect and every rule fired so far),
+so the decision is built one line at a time instead of by collecting the yeses at the end (a
+model trained with a separate "Fired:" line listed its own yeses right in 4 of 60 validation
+replies). Every yes/no comes from the rule's predicate in `data/rulebook.py`, so `decide()` stays
 the only source of labels.
 
 Everything is generated from seeded templates: the data tests rule-following and fact gathering,

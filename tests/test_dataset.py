@@ -129,18 +129,37 @@ def test_final_turn_decision_line_matches_record(splits):
 
 
 def test_worksheet_checks_match_the_rulebook(splits):
-    # Every rule of the line (the grant rule aside) is checked once, in rule order, with the answer
-    # rulebook's predicate gives; "Fired:" lists the decision's rules with their effects.
+    # Every rule of the line (the grant rule aside) is checked once, on its own line, in rule order,
+    # with the answer rulebook's predicate gives; the running result after "->" is the effect of the
+    # first fired rule plus every rule fired so far, and the last one is the decision.
     for records in splits.values():
         for record in records:
-            lob, facts = record["line_of_business"], record["facts"]
+            lob, facts, decision = record["line_of_business"], record["facts"], record["decision"]
             lines = record["messages"][-1]["content"].splitlines()
-            assert [line.split(":")[0] for line in lines[:3]] == ["Facts", "Checks", "Fired"], record["id"]
-            checks = re.findall(r"([LHB]-\d+) [^;]*: (yes|no)[;.]", lines[1])
             rules = [rule for rule in rulebook.RULES[lob] if rule.applies is not None]
-            assert checks == [(r.rule_id, "yes" if r.applies(facts) else "no") for r in rules], record["id"]
-            effects = ", ".join(f"{r} {rulebook.get_rule(r).effect}" for r in record["decision"]["rules"])
-            assert lines[2] == f"Fired: {effects}.", record["id"]
+            assert lines[0].startswith("Facts: "), record["id"]
+            check_lines = lines[1 : 1 + len(rules)]
+            checks = [re.fullmatch(r"([LHB]-\d+) .*: (yes, \w+|no) -> (.*)", line) for line in check_lines]
+            assert all(checks), (record["id"], check_lines)
+            expected = [(r.rule_id, f"yes, {r.effect}" if r.applies(facts) else "no") for r in rules]
+            assert [(m.group(1), m.group(2)) for m in checks] == expected, record["id"]
+            final = checks[-1].group(3)
+            if decision["outcome"] == "approve" and decision["risk_class"] == "preferred":
+                assert final == "none", record["id"]
+            else:
+                label = decision["outcome"] if decision["outcome"] != "approve" else decision["risk_class"]
+                assert final == f"{label} {', '.join(decision['rules'])}", record["id"]
+            assert len(lines) == len(rules) + 3, record["id"]
+
+
+def test_running_result_carries_from_line_to_line():
+    facts = {**LIFE, "age": 55, "face_amount": 1_500_000, "bmi": 31.2, "smoker": False, "occupation": "nurse"}
+    lines = generate.worksheet_checks("term_life", facts)
+    assert lines[0] == "L-1 age 55 > 70: no -> none"
+    assert lines[3] == "L-4 age 55 >= 50 and face $1500k > $1000k: yes, refer -> refer L-4"
+    assert lines[6] == "L-7 hazardous occupation: no -> refer L-4"
+    assert lines[7] == "L-8 BMI 31.2 from 30 to 39.9: yes, standard -> refer L-4, L-8"
+    assert rulebook.decide("term_life", facts)["rules"] == ["L-4", "L-8"]
 
 
 def test_worksheet_facts_restate_every_fact():
@@ -153,7 +172,7 @@ def test_worksheet_facts_restate_every_fact():
     )
     assert "age 42;" in generate.worksheet_facts("term_life", facts, year_keys=set())
     business = generate.worksheet_checks("small_business_property", {**BUSINESS, "tiv": 5_050_000})
-    assert "B-4 TIV $5050k > 5 x $1000k = $5000k: yes" in business
+    assert "B-4 TIV $5050k > 5 x $1000k = $5000k: yes, refer -> refer B-4" in business
 
 
 def test_asking_turns_name_exactly_the_missing_facts(splits):
