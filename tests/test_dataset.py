@@ -5,6 +5,7 @@ python -m pytest -q tests/test_dataset.py
 
 import hashlib
 import json
+import random
 import re
 from collections import Counter
 from pathlib import Path
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from common.decision import FACT_ASK_NAMES, parse_asked_facts, parse_decision_line
-from data import generate, rulebook
+from data import generate, rulebook, worksheet_errors
 
 DATA_DIR = Path(__file__).resolve().parents[1] / "data"
 SIZES = {"train": 300, "validation": 60, "test": 100}
@@ -160,6 +161,21 @@ def test_running_result_carries_from_line_to_line():
     assert lines[6] == "L-7 hazardous occupation: no -> refer L-4"
     assert lines[7] == "L-8 BMI 31.2 from 30 to 39.9: yes, standard -> refer L-4, L-8"
     assert rulebook.decide("term_life", facts)["rules"] == ["L-4", "L-8"]
+
+
+def test_worksheet_errors_counts_each_wrong_step():
+    facts = {**LIFE, "age": 55, "face_amount": 1_500_000, "bmi": 31.2, "occupation": "nurse"}
+    decision = rulebook.decide("term_life", facts)
+    reference = generate.write_decision_turn("term_life", facts, decision, set(), random.Random(0))
+    # The model says yes to L-1 (age 55 > 70) but carries "none" on, and copies BMI wrong.
+    wrong = reference.replace("L-1 age 55 > 70: no", "L-1 age 55 > 70: yes, decline").replace("BMI 31.2;", "BMI 32.1;")
+    record = {"reference": reference, "reference_decision": decision}
+    counts = worksheet_errors.score([{**record, "generated": reference}, {**record, "generated": wrong}], "generated")
+    assert counts["n_replies"] == 2 and counts["n_checks"] == 18
+    assert counts["facts line right"] == 1 and counts["fact BMI"] == 1 and counts["fact age"] == 2
+    assert counts["answer right"] == 17 and counts["result right"] == 18
+    assert counts["result follows own answer"] == 17 and counts["every result follows its answers"] == 1
+    assert counts["DECISION follows own last result"] == 2 and counts["outcome right"] == 2
 
 
 def test_worksheet_facts_restate_every_fact():
