@@ -20,6 +20,9 @@ stops improving; finally write final/ and summary.json. Files: docs/run_folder.m
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
+import itertools
 import json
 import logging
 import math
@@ -27,6 +30,8 @@ import os
 import sys
 import time
 import traceback
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -59,7 +64,7 @@ from common.lora import (
 )
 from common.metrics import score_samples
 from common.model import DEFAULT_MODEL, ModelLoadError, load_config, load_model_and_tokenizer
-from common.precision import enable_cpu_fp16, resolve_precision_on_main
+from common.precision import PrecisionChoice, enable_cpu_fp16, resolve_precision_on_main
 from common.seed import seed_everything
 from common.training import (
     CheckpointError,
@@ -77,13 +82,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parse flags; `--config FILE` (YAML/JSON, or a run's config.json) sets the defaults first."""
     parser = argparse.ArgumentParser(description="LoRA / QLoRA finetuning of a chat model.")
     parser.add_argument("--config", help="YAML/JSON file of flag defaults (a run's config.json works)")
+    add_data_flags(parser)
+    add_optimization_flags(parser)
+    add_evaluation_flags(parser)
+    pre, _ = parser.parse_known_args(argv)
+    if pre.config:
+        parser.set_defaults(**run_utils.load_config_defaults(pre.config, parser))
+    return parser.parse_args(argv)
+
+
+def add_data_flags(parser: argparse.ArgumentParser) -> None:
+    """The data, model, output and LoRA flags."""
     # --- data and model ---
     parser.add_argument("--model", default=DEFAULT_MODEL, help="embedded alias, local folder or hub id")
     parser.add_argument("--train-file", default=str(REPO / "data/train.jsonl"), help="jsonl/json/csv/parquet")
-    parser.add_argument("--validation-file", default=None,
-                        help="validation data (default: data/validation.jsonl for the demo data, else --validation-split)")  # fmt: skip
-    parser.add_argument("--validation-split", type=float, default=DEFAULT_VALIDATION_SPLIT,
-                        help="share of your --train-file held out for validation when no --validation-file is given")  # fmt: skip
+    parser.add_argument("--validation-file", default=None, help=VALIDATION_FILE_HELP)
+    parser.add_argument("--validation-split", type=float, default=DEFAULT_VALIDATION_SPLIT, help=SPLIT_HELP)
     parser.add_argument("--validation-split-seed", type=int, default=None, help="seed of that split (default --seed)")
     parser.add_argument("--subset", type=int, default=0, help="use only the first N training examples (0 = all)")
     parser.add_argument("--max-seq-len", type=int, default=1024, help="longer examples lose their oldest turns")
@@ -100,8 +114,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dropout", type=float, default=0.05, help="dropout on the LoRA input")
     parser.add_argument("--target-modules", default="q_proj,k_proj,v_proj", help="module names, or all-linear")
     parser.add_argument("--quantization", choices=["nf4"], default=None, help="nf4: QLoRA on a 4-bit base")
-    parser.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
-                        help="recompute activations in backward (default: on for QLoRA, off for LoRA)")  # fmt: skip
+    on_off = argparse.BooleanOptionalAction
+    parser.add_argument("--gradient-checkpointing", action=on_off, default=None, help=CHECKPOINTING_HELP)
+
+
+def add_optimization_flags(parser: argparse.ArgumentParser) -> None:
+    """The optimizer, batch, schedule and precision flags."""
     # --- optimization ---
     parser.add_argument("--lr", type=float, default=2e-4, help="peak learning rate")
     parser.add_argument("--batch-size", type=int, default=4, help="examples per device per micro-batch")
@@ -113,12 +131,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--weight-decay", type=float, default=0.01, help="AdamW decay, LoRA matrices only")
     parser.add_argument("--adam-betas", type=float, nargs=2, default=(0.9, 0.999), help="AdamW betas")
     parser.add_argument("--max-grad-norm", type=float, default=1.0, help="clip the global gradient norm")
-    parser.add_argument("--mixed-precision", choices=["auto", "no", "fp16", "bf16"], default="auto",
-                        help="auto: CPU the fastest dtype measured at startup; GPU bf16 on Ampere+, fp16 below (T4)")  # fmt: skip
+    precisions = ["auto", "no", "fp16", "bf16"]
+    parser.add_argument("--mixed-precision", choices=precisions, default="auto", help=PRECISION_HELP)
     parser.add_argument("--seed", type=int, default=1234, help="seed for init, data order and dropout")
-    parser.add_argument("--attn-implementation", choices=["auto", "eager", "sdpa"], default="auto",
-                        help="auto: eager on CPU when every example is <= 512 tokens (15%% faster here), else sdpa")  # fmt: skip
+    attentions = ["auto", "eager", "sdpa"]
+    parser.add_argument("--attn-implementation", choices=attentions, default="auto", help=ATTENTION_HELP)
     parser.add_argument("--max-bad-steps", type=int, default=3, help="stop after more non-finite steps in a row")
+
+
+def add_evaluation_flags(parser: argparse.ArgumentParser) -> None:
+    """The evaluation, checkpoint, early-stopping and logging flags."""
     # --- evaluation, checkpoints, early stopping ---
     parser.add_argument("--eval-every", type=int, default=0, help="also evaluate every N steps (0 = epoch ends)")
     parser.add_argument("--eval-batch-size", type=int, default=8, help="validation micro-batch size")
@@ -136,10 +158,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--log-examples", action="store_true", help="each rank logs the example indices it trains on")
     parser.add_argument("--strict-memory", action="store_true", help="refuse to start if the estimate won't fit")
     parser.add_argument("--fault-inject", default="", help="tests only: loss:3,grad:5,stop:11")
-    pre, _ = parser.parse_known_args(argv)
-    if pre.config:
-        parser.set_defaults(**run_utils.load_config_defaults(pre.config, parser))
-    return parser.parse_args(argv)
+
+
+VALIDATION_FILE_HELP = "validation data (default: data/validation.jsonl for the demo data, else --validation-split)"
+SPLIT_HELP = "share of your --train-file held out for validation when no --validation-file is given"
+CHECKPOINTING_HELP = "recompute activations in backward (default: on for QLoRA, off for LoRA)"
+PRECISION_HELP = "auto: CPU the fastest dtype measured at startup; GPU bf16 on Ampere+, fp16 below (T4)"
+ATTENTION_HELP = "auto: eager on CPU when every example is <= 512 tokens (15%% faster here), else sdpa"
 
 
 def validate_args(args: argparse.Namespace, num_processes: int) -> int:
@@ -166,19 +191,41 @@ def validate_args(args: argparse.Namespace, num_processes: int) -> int:
     ]:
         if not ok:
             sys.exit(f"error: {message}")
-    if args.report_to == "wandb" and os.environ.get("WANDB_MODE", "online") not in ("offline", "disabled"):
-        netrc = Path("~/.netrc").expanduser()
-        has_login = os.environ.get("WANDB_API_KEY") or (netrc.exists() and "api.wandb.ai" in netrc.read_text())
-        if not has_login:
-            sys.exit("error: --report-to wandb needs a login: set WANDB_API_KEY (or run `wandb login`), "
-                     "or set WANDB_MODE=offline to log locally, or use --report-to tensorboard")  # fmt: skip
+    check_wandb_login(args.report_to)
     if args.gradient_checkpointing is None:
         args.gradient_checkpointing = args.quantization == "nf4"
     args.run_name = args.run_name or time.strftime("%Y%m%d-%H%M%S")
     if args.run_name in (".", "..") or any(c in args.run_name for c in "/\\") or not args.run_name.isprintable():
-        sys.exit(f"error: --run-name {args.run_name!r} must be a folder name (no '/', '\\' or '..'); "
-                 "for a path use --output-dir")  # fmt: skip
+        sys.exit(
+            f"error: --run-name {args.run_name!r} must be a folder name (no '/', '\\' or '..'); "
+            "for a path use --output-dir"
+        )
     args.output_dir = str(args.output_dir or REPO / "runs" / args.run_name)
+    return resolve_grad_accum(args, num_processes)
+
+
+def check_wandb_login(report_to: str) -> None:
+    """Refuse `--report-to wandb` without a login (unless wandb runs offline).
+
+    Raises:
+        SystemExit: with the ways to log in or to log elsewhere.
+    """
+    if report_to != "wandb" or os.environ.get("WANDB_MODE", "online") in ("offline", "disabled"):
+        return
+    netrc = Path("~/.netrc").expanduser()
+    if not (os.environ.get("WANDB_API_KEY") or (netrc.exists() and "api.wandb.ai" in netrc.read_text())):
+        sys.exit(
+            "error: --report-to wandb needs a login: set WANDB_API_KEY (or run `wandb login`), "
+            "or set WANDB_MODE=offline to log locally, or use --report-to tensorboard"
+        )
+
+
+def resolve_grad_accum(args: argparse.Namespace, num_processes: int) -> int:
+    """Reconcile --grad-accum and --effective-batch-size (filled in); return the accumulation steps.
+
+    Raises:
+        SystemExit: the two disagree, or the effective batch is not a multiple of one micro-batch per process.
+    """
     per_update = args.batch_size * num_processes
     if args.grad_accum is not None:
         if args.grad_accum < 1 or args.effective_batch_size not in (None, per_update * args.grad_accum):
@@ -199,6 +246,40 @@ def validate_args(args: argparse.Namespace, num_processes: int) -> int:
 KEEP_UNTIL_EXIT: list = []  # torchrun ranks: objects that must not be freed before os._exit
 
 
+@dataclass
+class TrainState:
+    """Everything a resume needs besides tensors: saved as trainer_state.json in every checkpoint."""
+
+    global_step: int = 0  # optimizer updates done
+    micro_step: int = 0  # micro-batches done
+    epoch: int = 0  # epochs completed
+    batches_done_in_epoch: int = 0  # micro-batches of the current epoch (a resume skips them)
+    best_val_loss: float | None = None
+    best_step: int | None = None
+    best_epoch: int | None = None
+    evals_without_improvement: int = 0  # early stopping
+    consecutive_bad_steps: int = 0  # NaN guard
+    bad_steps_total: int = 0
+    epoch_loss_sum: float = 0.0  # mean train loss of the epoch, also across a mid-epoch resume
+    epoch_loss_steps: int = 0
+    train_time_s: float = 0.0
+    baseline_val_ppl: float | None = None
+
+
+@dataclass
+class Inputs:
+    """What load_inputs() read and checked before the run folder is touched."""
+
+    model: torch.nn.Module  # the PEFT model
+    tokenizer: object
+    train_examples: list[dict]
+    val_examples: list[dict]
+    val_records: list[dict]
+    checkpoint: Path | None  # the one --resume-from chose
+    split: dict | None  # the validation split held out of --train-file (None with --validation-file)
+    derived: dict  # tokenization stats, attention, memory verdict: recorded in config.json
+
+
 def choose_attention(requested: str, device: torch.device, longest: int) -> str:
     """Resolve --attn-implementation: "auto" is eager on CPU while the longest example (`longest`
     tokens) is <= 512, sdpa otherwise. Both compute the same attention. Measured on the default model,
@@ -207,6 +288,560 @@ def choose_attention(requested: str, device: torch.device, longest: int) -> str:
     if requested != "auto":
         return requested
     return "eager" if device.type == "cpu" and longest <= 512 else "sdpa"
+
+
+def make_accelerator(
+    args: argparse.Namespace, use_cpu: bool, grad_accum: int, logger: logging.Logger
+) -> tuple[Accelerator, PrecisionChoice]:
+    """Resolve the precision (CPU "auto" measures it) and create the Accelerator.
+
+    Raises:
+        SystemExit: the model's config cannot be read.
+    """
+    try:
+        model_config = load_config(args.model, trust_remote_code=args.trust_remote_code)
+    except ModelLoadError as err:
+        sys.exit(f"error: {err}")
+    # CPU "auto" times fp32/bf16/fp16 matmuls at this model's shapes (~1 s); rank 0's choice holds on every rank.
+    device = torch.device("cpu" if use_cpu else "cuda")
+    precision_choice = resolve_precision_on_main(args.mixed_precision, device, model_config, logger)
+    accelerator = Accelerator(
+        cpu=use_cpu,
+        mixed_precision=precision_choice.precision,
+        gradient_accumulation_steps=grad_accum,  # accelerator.backward divides each micro-batch's loss by it
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=args.output_dir),
+    )
+    enable_cpu_fp16(accelerator, precision_choice)  # Accelerate's fp16 is a silent no-op on a CPU
+    return accelerator, precision_choice
+
+
+def load_inputs(args: argparse.Namespace, accelerator: Accelerator, dtype: torch.dtype, logger) -> Inputs:
+    """Load the model, the tokenizer and the data and check them all, before the run folder is touched.
+
+    Raises:
+        SystemExit: bad input (data, model, LoRA flags, checkpoint, memory with --strict-memory), named.
+    """
+    output_dir = Path(args.output_dir)
+    try:
+        run_utils.check_resume_flags(output_dir, args.resume_from, args.overwrite)
+        checkpoint = None
+        if args.resume_from:  # look now: "nothing to resume" must not leave a run folder behind
+            checkpoint = run_utils.find_resume_checkpoint(output_dir, args.resume_from, logger)
+        model, tokenizer = load_model_and_tokenizer(
+            args.model,
+            quantization=args.quantization,
+            # The frozen base is stored in the compute dtype (autocast would cast it on every matmul
+            # anyway); the trainable adapters stay fp32, and so do their gradients and AdamW states.
+            dtype=dtype,
+            device_map={"": accelerator.device} if args.quantization else None,
+            trust_remote_code=args.trust_remote_code,
+            chat_template=args.chat_template,
+            logger=logger,
+        )
+        train_records, val_records, split, both_given = load_splits(args, output_dir)
+        train_examples, train_stats = tokenize_records(train_records, tokenizer, args.max_seq_len)
+        val_examples, val_stats = tokenize_records(val_records, tokenizer, args.max_seq_len)
+        validation_name = args.validation_file or f"the validation split held out of {args.train_file}"
+        run_utils.check_splits(
+            args.train_file, train_examples, validation_name, val_examples, args.max_seq_len, both_given
+        )
+        longest = max(len(e["input_ids"]) for e in train_examples)
+        attn_implementation = choose_attention(args.attn_implementation, accelerator.device, longest)
+        model.set_attn_implementation(attn_implementation)
+        target_modules = parse_target_modules(args.target_modules)
+        quantized, checkpointing = bool(args.quantization), args.gradient_checkpointing
+        model = apply_lora(
+            model, args.rank, args.alpha, args.dropout, target_modules, quantized, gradient_checkpointing=checkpointing
+        )
+        padded = -(-longest // 8) * 8  # the longest row as collate pads it
+        memory_preflight = run_utils.check_memory(model.config, args, accelerator.device, dtype, logger, padded)
+    except (DataError, ModelLoadError, LoraSetupError, CheckpointError, run_utils.RunFolderError) as err:
+        sys.exit(f"error: {err}")
+    derived = {
+        "attn_implementation": attn_implementation,
+        "memory_preflight": memory_preflight,
+        "tokenize_stats": {"train": vars(train_stats), "validation": vars(val_stats)},
+    }
+    return Inputs(model, tokenizer, train_examples, val_examples, val_records, checkpoint, split, derived)
+
+
+def load_splits(args: argparse.Namespace, output_dir: Path) -> tuple[list[dict], list[dict], dict | None, bool]:
+    """Read the training and validation records (a held-out split when no validation file applies).
+
+    Returns:
+        (train records, validation records, the split's description or None, whether the user gave
+        both files: only then can a larger validation set mean the two were swapped).
+    """
+    # The demo's data keeps its validation file; a user's own --train-file alone is split, because
+    # validating (best/, early stopping) on the unrelated underwriting set would say nothing.
+    demo_data = Path(args.train_file).resolve() == (REPO / "data/train.jsonl").resolve()
+    validation_given = args.validation_file is not None
+    if not validation_given and demo_data:
+        args.validation_file = str(REPO / "data/validation.jsonl")
+    train_records, split = load_records(args.train_file), None
+    if args.validation_file is None:
+        recorded = read_recorded_split(output_dir / "config.json") if args.resume_from else None
+        split_seed = args.seed if args.validation_split_seed is None else args.validation_split_seed
+        train_records, val_records, split = hold_out_validation(
+            train_records, args.validation_split, split_seed, args.train_file, recorded
+        )
+    else:
+        val_records = load_records(args.validation_file)
+    train_records = train_records[: args.subset or None]  # after the split: --subset never moves it
+    return train_records, val_records, split, validation_given and not demo_data
+
+
+def open_run_folder(args: argparse.Namespace, accelerator: Accelerator, trainable_params: int) -> Path | None:
+    """Main process: write test and free-space check, take the lock, clear old logs with --overwrite.
+
+    Returns:
+        The lock file (main process) or None (other ranks).
+
+    Raises:
+        SystemExit: the folder is not writable, too full, or in use by another run.
+    """
+    output_dir, lock = Path(args.output_dir), None
+    if accelerator.is_main_process:
+        # 12 bytes per trainable parameter in a checkpoint (weights + 2 AdamW moments), + logs
+        reserve_mb = 50 + 12 * trainable_params / 2**20 * (args.save_total_limit + 2)
+        try:
+            run_utils.preflight_write(output_dir, reserve_mb=reserve_mb)
+            lock = run_utils.acquire_lock(output_dir)
+        except run_utils.RunFolderError as err:
+            sys.exit(f"error: {err}")
+        if args.overwrite and not args.resume_from:
+            run_utils.clear_run_logs(output_dir)
+    accelerator.wait_for_everyone()
+    return lock
+
+
+def write_config(args, accelerator, precision_choice, inputs: Inputs, params: dict, schedule: dict) -> dict:
+    """Build the resolved configuration, write config.json (main process) and return it, secrets redacted."""
+    derived = schedule | {
+        "mixed_precision": precision_choice.precision,
+        "base_dtype": str(precision_choice.dtype).removeprefix("torch."),
+        **inputs.derived,
+        "device": str(accelerator.device),
+        "distributed_type": str(accelerator.distributed_type),
+        "trainable_params": params["trainable"],
+        "total_params": params["total"],
+        "trainable_pct": params["trainable_pct"],
+        "train_examples": len(inputs.train_examples),
+        "validation_examples": len(inputs.val_examples),
+        # The MFU denominator: the FASTEST probed dtype's matmul rate here, not the chosen one's (a slow choice shows).
+        "peak_flops": precision_choice.peak_flops,
+        "peak_flops_dtype": precision_choice.peak_dtype,
+        "precision": precision_choice.to_json(),
+    }
+    run_config = run_utils.build_run_config(args, derived, inputs.model, REPO)
+    run_config["dataset"]["validation_split"] = inputs.split  # None when a --validation-file was used
+    config = redact_secrets(run_config, secret_env_values())
+    if accelerator.is_main_process:
+        write_json(Path(args.output_dir) / "config.json", config)
+    return config
+
+
+def log_setup(logger: logging.Logger, args: argparse.Namespace, config: dict, inputs: Inputs, precision_choice) -> None:
+    """The run's shape in three or four lines of train.log."""
+    derived, stats = config["derived"], config["derived"]["tokenize_stats"]["train"]
+    logger.info(
+        f"trainable params {derived['trainable_params']:,} / {derived['total_params']:,} "
+        f"({derived['trainable_pct']:.3f}%) | {derived['train_examples']} train / {derived['validation_examples']} "
+        f"validation examples ({stats['truncated_history']} truncated, {stats['dropped_overlong']} dropped > "
+        f"{args.max_seq_len} tokens)"
+    )
+    logger.info(
+        f"{derived['num_processes']} process(es) x batch {args.batch_size} x grad accum {derived['grad_accum']} = "
+        f"effective batch {args.effective_batch_size} | {derived['steps_per_epoch']} steps/epoch, "
+        f"{derived['total_steps']} total, {derived['warmup_steps']} warmup | {derived['mixed_precision']} on "
+        f"{derived['device']}"
+    )
+    logger.info(precision_choice.describe())  # the probe's figures, the choice and the MFU denominator
+    split = inputs.split
+    if split is not None:
+        logger.info(
+            f"validation: {split['validation_examples']} of the {split['source_examples']} examples of "
+            f"{args.train_file} held out (--validation-split {split['fraction']}, seed {split['seed']}; recorded in "
+            "config.json); pass --validation-file to validate on a file of your own"
+        )
+
+
+def plan_schedule(num_examples: int, args: argparse.Namespace, num_processes: int, grad_accum: int) -> dict:
+    """Steps per epoch, total and warmup steps (recorded in config.json's "derived")."""
+    batches_per_epoch = math.ceil(num_examples / (args.batch_size * num_processes))
+    steps_per_epoch = math.ceil(batches_per_epoch / grad_accum)
+    total_steps = min(args.max_steps or math.inf, steps_per_epoch * args.epochs)
+    return {
+        "grad_accum": grad_accum,
+        "num_processes": num_processes,
+        "steps_per_epoch": steps_per_epoch,
+        "total_steps": total_steps,
+        "warmup_steps": math.ceil(args.warmup_ratio * total_steps),
+    }
+
+
+def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, betas) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters; weight decay on the LoRA matrices only."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]  # LoRA A/B matrices
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]  # biases, norms (if trainable)
+    param_groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(param_groups, lr=lr, betas=tuple(betas))
+
+
+def collate_with_index(batch: list[dict], pad_token_id: int) -> dict:
+    """Pad a training batch; the example indices let --log-examples audit the sharding."""
+    return collate_batch(batch, pad_token_id, pad_to_multiple_of=8) | {
+        "index": torch.tensor([e["index"] for e in batch])
+    }
+
+
+def make_dataloaders(
+    train_examples: list[dict], val_examples: list[dict], pad_token_id: int, args: argparse.Namespace
+) -> tuple[DataLoader, LengthGroupedBatchSampler, DataLoader]:
+    """Length-grouped shuffled training batches and length-sorted validation batches.
+
+    Returns:
+        (train dataloader, its batch sampler, validation dataloader), not yet prepared.
+    """
+    lengths = [len(e["input_ids"]) for e in train_examples]
+    train_sampler = LengthGroupedBatchSampler(lengths, args.batch_size, seed=args.seed)
+    # Own generator: making a DataLoader iterator then never draws from the global torch RNG, so the
+    # dropout masks after a resume are the ones an uninterrupted run would have used.
+    generator = torch.Generator().manual_seed(args.seed)
+    train_collate = functools.partial(collate_with_index, pad_token_id=pad_token_id)
+    train_dataloader = DataLoader(
+        train_examples, batch_sampler=train_sampler, collate_fn=train_collate, generator=generator
+    )
+    val_sorted = sorted(val_examples, key=lambda e: len(e["input_ids"]))  # similar lengths share a batch
+    val_collate = functools.partial(collate_batch, pad_token_id=pad_token_id, pad_to_multiple_of=8)
+    eval_dataloader = DataLoader(val_sorted, batch_size=args.eval_batch_size, collate_fn=val_collate)
+    return train_dataloader, train_sampler, eval_dataloader
+
+
+def resume(accelerator, model, optimizer, lr_scheduler, checkpoint: Path | None, logger) -> TrainState:
+    """A fresh TrainState, or the one saved in `checkpoint` with the weights, optimizer and RNGs restored.
+
+    Raises:
+        SystemExit: the checkpoint cannot be restored into this model/run.
+    """
+    if checkpoint is None:
+        return TrainState()
+    try:
+        saved = run_utils.load_checkpoint(accelerator, model, optimizer, lr_scheduler, checkpoint)
+    except CheckpointError as err:
+        sys.exit(f"error: {err}")
+    state = TrainState(**saved)
+    logger.info(
+        f"resumed from {checkpoint}: step {state.global_step}, epoch {state.epoch + 1}, "
+        f"batch {state.batches_done_in_epoch}"
+    )
+    return state
+
+
+def init_trackers(accelerator: Accelerator, args: argparse.Namespace) -> None:
+    """Start TensorBoard / wandb with the scalar flags as the run's hyperparameters."""
+    tracker_config = {k: v for k, v in vars(args).items() if isinstance(v, int | float | str | bool)}
+    accelerator.init_trackers("tensorboard" if args.report_to == "tensorboard" else args.run_name, tracker_config)
+
+
+def log_jsonl(accelerator: Accelerator, output_dir: Path, name: str, record: dict) -> None:
+    """Append `record` to output_dir/name on the main process."""
+    if accelerator.is_main_process:
+        run_utils.append_jsonl(output_dir / name, record)
+
+
+def start_epoch(state: TrainState, epoch: int, accelerator: Accelerator, train_dataloader, train_sampler):
+    """Reset the epoch's loss sums (unless resuming mid-epoch) and return its dataloader.
+
+    Returns:
+        The epoch's dataloader, past the batches a mid-epoch resume has already trained on.
+    """
+    skip = state.batches_done_in_epoch  # > 0 only when resuming mid-epoch
+    if not skip:  # a new epoch; a mid-epoch resume keeps the sums of the steps before its checkpoint
+        state.epoch_loss_sum, state.epoch_loss_steps = 0.0, 0
+    epoch_dataloader = accelerator.skip_first_batches(train_dataloader, skip) if skip else train_dataloader
+    # Both calls matter: iter() re-applies Accelerate's own epoch counter to the sampler (a fresh
+    # skip-dataloader would restart it at 0), and a multi-process shard does not forward set_epoch.
+    epoch_dataloader.set_epoch(epoch)
+    train_sampler.set_epoch(epoch)
+    return epoch_dataloader
+
+
+def update_batches(dataloader, grad_accum: int) -> Iterator[list[dict]]:
+    """Yield the micro-batches of one optimizer update at a time (the epoch's last window may be shorter)."""
+    batches = iter(dataloader)
+    while window := list(itertools.islice(batches, grad_accum)):
+        yield window
+
+
+def forward_backward(
+    accelerator: Accelerator, loss_model, batches: list[dict], state: TrainState, loss_scale: float, faults: dict, args
+) -> torch.Tensor:
+    """Forward and backward every micro-batch of one update; return the window's float64 sums.
+
+    Returns:
+        [summed token loss, trained tokens, tokens, sum of squared lengths] of this rank's window.
+
+    Raises:
+        SystemExit: --fault-inject stop:N, right after micro-batch N (nothing saved, as a crash).
+    """
+    sums = torch.zeros(4, dtype=torch.float64, device=accelerator.device)
+    for i, batch in enumerate(batches):
+        example_index = batch.pop("index")
+        if args.log_examples:
+            record = {"micro_step": state.micro_step + 1, "epoch": state.epoch, "index": example_index.tolist()}
+            run_utils.append_jsonl(Path(args.output_dir) / f"examples_rank{accelerator.process_index}.jsonl", record)
+        # DDP all-reduces the gradients in the backward of the window's last micro-batch only.
+        last = i == len(batches) - 1
+        with contextlib.nullcontext() if last else accelerator.no_sync(loss_model):
+            row_losses, row_counts = loss_model(**batch)
+            loss_sum, n_trained = row_losses.sum(), row_counts.sum()
+            if state.global_step + 1 in faults["loss"]:
+                loss_sum = loss_sum * float("nan")
+            # Backward the summed token loss, scaled by a constant that keeps fp16 in range (and
+            # divided by grad_accum inside accelerator.backward); optimizer_step rescales the sum.
+            accelerator.backward(loss_sum / loss_scale)
+        lengths = batch["attention_mask"].sum(1).double()
+        sums += torch.stack([loss_sum.detach().double(), n_trained.double(), lengths.sum(), (lengths**2).sum()])
+        state.micro_step += 1
+        state.batches_done_in_epoch += 1
+        if state.micro_step in faults["stop"]:
+            raise SystemExit(f"error: --fault-inject stopped the run after micro-step {state.micro_step}")
+    return sums
+
+
+def clip_gradients(accelerator: Accelerator, trainable: list, rescale: float, max_grad_norm: float, inf: bool) -> float:
+    """Rescale the accumulated gradients to the per-token mean, clip them, and return their norm.
+
+    Args:
+        inf: --fault-inject grad:N, the gradients of this update are made inf.
+    """
+    torch._foreach_mul_([p.grad for p in trainable if p.grad is not None], rescale)
+    if inf:
+        trainable[0].grad.fill_(float("inf"))
+    return float(accelerator.clip_grad_norm_(trainable, max_grad_norm))
+
+
+def optimizer_step(accelerator: Accelerator, optimizer, lr_scheduler, finite: bool) -> bool:
+    """Step (only when finite: the NaN guard), advance the schedule, clear the gradients.
+
+    Returns:
+        Whether the weights were updated.
+    """
+    if finite or accelerator.scaler is not None:
+        optimizer.step()  # under fp16 the GradScaler skips an inf/NaN update by itself
+    stepped = finite and not optimizer.step_was_skipped
+    if stepped:
+        lr_scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return stepped
+
+
+def record_bad_step(
+    state: TrainState, loss: float, grad_norm: float, args: argparse.Namespace, accelerator, logger
+) -> str:
+    """Count and log a skipped non-finite update.
+
+    Returns:
+        Why the run must stop (more than --max-bad-steps in a row), or "" to go on.
+    """
+    max_bad_steps = args.max_bad_steps
+    state.consecutive_bad_steps += 1
+    state.bad_steps_total += 1
+    reason = f"non-finite loss {loss} or grad norm {grad_norm}: update skipped"
+    record = {"type": "bad_step", "step": state.global_step, "reason": reason}
+    log_jsonl(accelerator, Path(args.output_dir), "train_log.jsonl", record)
+    logger.warning(f"step {state.global_step} | {reason} ({state.consecutive_bad_steps} in a row)")
+    if state.consecutive_bad_steps <= max_bad_steps:
+        return ""
+    return (
+        f"{state.consecutive_bad_steps} non-finite steps in a row (> --max-bad-steps {max_bad_steps}); "
+        "lower --lr or check the data"
+    )
+
+
+def step_record(
+    step: int,
+    epoch: float,
+    lr: float,
+    loss: float,
+    grad_norm: float,
+    stepped: bool,
+    tokens: float,
+    trained: float,
+    sum_sq: float,
+    seconds: float,
+    elapsed: float,
+    flops: tuple[dict, float, torch.device],
+) -> dict:
+    """The update's train_log.jsonl record: loss, schedule, gradient, throughput, MFU and memory.
+
+    Args:
+        tokens, trained, sum_sq: the window's tokens, trained tokens and sum of squared lengths (all ranks).
+        seconds: the update's wall time; elapsed: training time so far (across resumes).
+        flops: (count_matmul_params of the model, the MFU denominator in FLOP/s, the device).
+    """
+    matmul_params, peak_flops, device = flops
+    return {
+        "type": "step",
+        "step": step,
+        "epoch": epoch,
+        "loss": loss,
+        "lr": lr,
+        "grad_norm": grad_norm,
+        "skipped": not stepped,
+        "tokens": int(tokens),
+        "trained_tokens": int(trained),
+        "tokens_per_s": tokens / seconds,
+        "mfu": estimate_train_flops(matmul_params, tokens, trained, sum_sq) / seconds / peak_flops,
+        "peak_mem_mb": run_utils.peak_memory_mb(device),
+        "gpu_util": run_utils.gpu_utilization(device),
+        "elapsed_s": elapsed,
+    }
+
+
+def log_step(state: TrainState, record: dict, layer_norms: dict, args: argparse.Namespace, accelerator, logger) -> None:
+    """The update's record to train_log.jsonl and the tracker, its per-layer norms, its console line."""
+    output_dir = Path(args.output_dir)
+    state.train_time_s = record["elapsed_s"]
+    log_jsonl(accelerator, output_dir, "train_log.jsonl", record)
+    if layer_norms:
+        log_jsonl(accelerator, output_dir, "grad_log.jsonl", {"step": state.global_step, "norms": layer_norms})
+    accelerator.log({f"train/{k}": v for k, v in record.items() if isinstance(v, int | float)}, step=record["step"])
+    if state.global_step % args.log_every == 0:
+        logger.info(
+            f"step {record['step']} | loss {record['loss']:.4f} | lr {record['lr']:.2e} | "
+            f"grad {record['grad_norm']:.3f} | {record['tokens_per_s']:.0f} tok/s | mfu {record['mfu']:.1%} | "
+            f"{record['peak_mem_mb']:.0f} MiB"
+        )
+
+
+def write_samples(model, tokenizer, accelerator, sample_records: list[dict], max_new_tokens: int, path: Path) -> dict:
+    """Generate a reply for each sample prompt, write them to `path` and score their decisions.
+
+    The samples are scored like evaluate.py scores the test split, so a run whose loss falls while it
+    still writes no decision says so in its logs (and the convergence report flags it).
+
+    Returns:
+        The scores (parse rate, outcome accuracy, ...) for the eval record.
+    """
+    prompts = [prompt_messages(r["messages"]) for r in sample_records]
+    with accelerator.autocast():
+        replies = generate_replies(model, tokenizer, prompts, len(prompts), max_new_tokens)
+    samples = [
+        {"id": r.get("id"), "prompt_messages": p, "reference": r["messages"][len(p)]["content"], "generated": g}
+        for r, p, g in zip(sample_records, prompts, replies, strict=True)
+    ]
+    path.parent.mkdir(exist_ok=True)
+    path.write_text("".join(json.dumps(s) + "\n" for s in samples))
+    return score_samples(replies, [r.get("decision") for r in sample_records])
+
+
+def validate(
+    state: TrainState,
+    epoch: float,
+    args: argparse.Namespace,
+    accelerator: Accelerator,
+    loss_model,
+    model,
+    tokenizer,
+    eval_dataloader,
+    samples: list[dict],
+    config: dict,
+    logger: logging.Logger,
+    baseline: bool = False,
+) -> None:
+    """Validation loss and scored sample replies; keep best/ when it improved; count toward early stopping.
+
+    Args:
+        epoch: epochs done (fractional mid-epoch).
+        loss_model, model: the prepared TrainedTokenLoss, and the PEFT model inside it (saved to best/).
+        samples: validation records whose replies are generated (the main process only).
+        baseline: the step-0 evaluation of the untouched base (never "best").
+    """
+    output_dir, step = Path(args.output_dir), state.global_step
+    metrics = evaluate_loss(loss_model, eval_dataloader, accelerator, seed=args.seed)
+    best = state.best_val_loss
+    improved = not baseline and (best is None or metrics["val_loss"] < best - args.early_stopping_min_delta)
+    record = {"step": step, "epoch": epoch, "baseline": baseline, "is_best": improved, **metrics}
+    if accelerator.is_main_process and samples:
+        sample_path = output_dir / "samples" / f"step_{step:06d}.jsonl"
+        record |= write_samples(model, tokenizer, accelerator, samples, args.max_new_tokens, sample_path)
+    log_jsonl(accelerator, output_dir, "eval_log.jsonl", record)
+    accelerator.log(
+        {f"eval/{k}": v for k, v in record.items() if isinstance(v, int | float) and k != "step"}, step=step
+    )
+    decided = ""
+    if record.get("sample_parse_rate") is not None:
+        decided = f" | samples: {record['sample_parse_rate']:.0%} decide, {record['sample_outcome_accuracy']:.0%} right"
+    logger.info(
+        f"eval step {step} | val loss {metrics['val_loss']:.4f} ± {metrics['val_loss_ci95']:.4f} | "
+        f"ppl {metrics['val_ppl']:.3f} | {metrics['eval_time_s']:.1f}s{decided}"
+        + (" | baseline" if baseline else " | new best" if improved else "")
+    )
+    if baseline:
+        state.baseline_val_ppl = metrics["val_ppl"]
+    elif improved:
+        state.best_val_loss, state.best_step, state.best_epoch = metrics["val_loss"], step, math.ceil(epoch)
+        state.evals_without_improvement = 0
+        if accelerator.is_main_process:
+            extra = {"metrics.json": record, "trainer_state.json": asdict(state), "config.json": config}
+            run_utils.save_adapter_folder(model, tokenizer, output_dir / "best", args.model, extra)
+    else:
+        state.evals_without_improvement += 1
+
+
+def save_checkpoint(state: TrainState, args, accelerator, model, optimizer, lr_scheduler, config: dict) -> None:
+    """checkpoints/step_XXXXXX (every rank takes part), then rotate the oldest beyond --save-total-limit."""
+    checkpoints = Path(args.output_dir) / "checkpoints"
+    folder = checkpoints / f"step_{state.global_step:06d}"
+    run_utils.save_checkpoint(accelerator, model, optimizer, lr_scheduler, asdict(state), folder, config)
+    if accelerator.is_main_process:
+        run_utils.rotate_checkpoints(checkpoints, args.save_total_limit)
+
+
+def end_epoch(state: TrainState, epoch: int, seconds: float, accelerator, output_dir: Path, logger) -> None:
+    """Count the epoch as done and log its mean training loss."""
+    state.epoch, state.batches_done_in_epoch = epoch + 1, 0
+    mean_loss = state.epoch_loss_sum / max(state.epoch_loss_steps, 1)
+    record = {"type": "epoch", "epoch": epoch + 1, "step": state.global_step, "mean_train_loss": mean_loss}
+    log_jsonl(accelerator, output_dir, "train_log.jsonl", record | {"epoch_time_s": seconds})
+    logger.info(f"epoch {epoch + 1} | mean train loss {mean_loss:.4f} | {seconds:.1f}s")
+
+
+def early_stop_reason(state: TrainState, args: argparse.Namespace, logger: logging.Logger) -> str:
+    """Why training stops early (--early-stopping-patience evaluations without improvement), or ""."""
+    patience = args.early_stopping_patience
+    if not patience or state.evals_without_improvement < patience:
+        return ""
+    reason = (
+        f"validation loss did not improve by more than {args.early_stopping_min_delta} for {patience} "
+        f"evaluations (best: step {state.best_step})"
+    )
+    logger.info(f"early stopping: {reason}")
+    return reason
+
+
+def finish(state: TrainState, status: str, stop_reason: str, args, accelerator, model, tokenizer, config, logger):
+    """Write final/ (unless the run diverged), update_ratios.json and summary.json; return the summary."""
+    output_dir, num_processes = Path(args.output_dir), accelerator.num_processes
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    in_sync = run_utils.check_ranks_in_sync(trainable, accelerator)
+    if num_processes > 1:
+        logger.info(f"adapter weights identical on all {num_processes} ranks: {in_sync}")
+    if accelerator.is_main_process and status != "stopped_bad_steps":
+        extra = {"trainer_state.json": asdict(state), "config.json": config}
+        run_utils.save_adapter_folder(model, tokenizer, output_dir / "final", args.model, extra)
+        write_json(output_dir / "update_ratios.json", lora_update_ratios(model))
+    params = count_parameters(model)
+    summary = run_utils.write_summary(output_dir, status, stop_reason, asdict(state), params, accelerator, in_sync)
+    logger.info(
+        f"done: {status}{f' ({stop_reason})' if stop_reason else ''} | best val ppl {summary['best_val_ppl']} "
+        f"at step {summary['best_step']} (baseline {summary['baseline_val_ppl']}) | {summary['train_time_s']:.0f}s"
+    )
+    accelerator.end_training()
+    return summary
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -219,372 +854,95 @@ def main(argv: list[str] | None = None) -> dict:
     faults = run_utils.parse_fault_injection(args.fault_inject)
     output_dir = Path(args.output_dir)
     logger = run_utils.setup_logging(None, PartialState().is_main_process)
-    try:
-        model_config = load_config(args.model, trust_remote_code=args.trust_remote_code)
-    except ModelLoadError as err:
-        sys.exit(f"error: {err}")
-    # CPU "auto" times fp32/bf16/fp16 matmuls at this model's shapes (~1 s); rank 0's choice holds on every rank.
-    precision_choice = resolve_precision_on_main(
-        args.mixed_precision, torch.device("cpu" if use_cpu else "cuda"), model_config, logger
-    )
-    precision = precision_choice.precision
-    accelerator = Accelerator(
-        cpu=use_cpu,
-        mixed_precision=precision,
-        gradient_accumulation_steps=grad_accum,
-        log_with=None if args.report_to == "none" else args.report_to,
-        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir)),
-    )
-    enable_cpu_fp16(accelerator, precision_choice)  # Accelerate's fp16 is a silent no-op on a CPU
+    accelerator, precision_choice = make_accelerator(args, use_cpu, grad_accum, logger)
     seed_everything(args.seed)
-
-    # --- everything that can fail on bad input happens before the run folder is touched ---
-    try:
-        run_utils.check_resume_flags(output_dir, args.resume_from, args.overwrite)
-        checkpoint = None
-        if args.resume_from:  # look now: "nothing to resume" must not leave a run folder behind
-            checkpoint = run_utils.find_resume_checkpoint(output_dir, args.resume_from, logger)
-        compute_dtype = precision_choice.dtype
-        model, tokenizer = load_model_and_tokenizer(
-            args.model,
-            quantization=args.quantization,
-            # The frozen base is stored in the compute dtype (autocast would cast it on every matmul
-            # anyway); the trainable adapters stay fp32, and so do their gradients and AdamW states.
-            dtype=compute_dtype,
-            device_map={"": accelerator.device} if args.quantization else None,
-            trust_remote_code=args.trust_remote_code,
-            chat_template=args.chat_template,
-            logger=logger,
-        )
-        # The demo's data keeps its validation file; a user's own --train-file alone is split, because
-        # validating (best/, early stopping) on the unrelated underwriting set would say nothing.
-        demo_data = Path(args.train_file).resolve() == (REPO / "data/train.jsonl").resolve()
-        validation_given = args.validation_file is not None
-        if not validation_given and demo_data:
-            args.validation_file = str(REPO / "data/validation.jsonl")
-        train_records, split = load_records(args.train_file), None
-        if args.validation_file is None:
-            recorded = read_recorded_split(output_dir / "config.json") if args.resume_from else None
-            split_seed = args.seed if args.validation_split_seed is None else args.validation_split_seed
-            train_records, val_records, split = hold_out_validation(
-                train_records, args.validation_split, split_seed, args.train_file, recorded
-            )
-        else:
-            val_records = load_records(args.validation_file)
-        train_records = train_records[: args.subset or None]  # after the split: --subset never moves it
-        train_examples, train_stats = tokenize_records(train_records, tokenizer, args.max_seq_len)
-        val_examples, val_stats = tokenize_records(val_records, tokenizer, args.max_seq_len)
-        validation_name = args.validation_file or f"the validation split held out of {args.train_file}"
-        both_given = validation_given and not demo_data  # only then can the user have swapped the two files
-        run_utils.check_splits(
-            args.train_file, train_examples, validation_name, val_examples, args.max_seq_len, both_given
-        )
-        longest = max(len(e["input_ids"]) for e in train_examples)
-        attn_implementation = choose_attention(args.attn_implementation, accelerator.device, longest)
-        model.set_attn_implementation(attn_implementation)
-        target_modules = parse_target_modules(args.target_modules)
-        model = apply_lora(model, args.rank, args.alpha, args.dropout, target_modules,
-                           quantized=bool(args.quantization), gradient_checkpointing=args.gradient_checkpointing)  # fmt: skip
-        memory_preflight = run_utils.check_memory(
-            model.config, args, accelerator.device, compute_dtype, logger, seq_len=-(-longest // 8) * 8
-        )
-    except (DataError, ModelLoadError, LoraSetupError, CheckpointError, run_utils.RunFolderError) as err:
-        sys.exit(f"error: {err}")
-    params = count_parameters(model)
-    batches_per_epoch = math.ceil(len(train_examples) / (args.batch_size * num_processes))
-    steps_per_epoch = math.ceil(batches_per_epoch / grad_accum)
-    total_steps = min(args.max_steps or math.inf, steps_per_epoch * args.epochs)
-    warmup_steps = math.ceil(args.warmup_ratio * total_steps)
-
-    # The MFU denominator: the FASTEST probed dtype's matmul rate here, not the chosen one's (a slow choice shows).
-    peak_flops = precision_choice.peak_flops
-
-    # --- run folder: lock, write test, the resolved configuration before the first step ---
-    lock = None
-    if accelerator.is_main_process:
-        try:
-            run_utils.preflight_write(output_dir, reserve_mb=50 + 12 * params["trainable"] / 2**20 * (args.save_total_limit + 2))  # fmt: skip
-            lock = run_utils.acquire_lock(output_dir)
-        except run_utils.RunFolderError as err:
-            sys.exit(f"error: {err}")
-        if args.overwrite and not args.resume_from:
-            run_utils.clear_run_logs(output_dir)
-    accelerator.wait_for_everyone()
+    inputs = load_inputs(args, accelerator, precision_choice.dtype, logger)  # bad input fails here
+    model, tokenizer = inputs.model, inputs.tokenizer
+    schedule = plan_schedule(len(inputs.train_examples), args, num_processes, grad_accum)
+    total_steps = schedule["total_steps"]
+    lock = open_run_folder(args, accelerator, count_parameters(model)["trainable"])
     logger = run_utils.setup_logging(output_dir / "train.log", accelerator.is_main_process)
-    derived = {
-        "grad_accum": grad_accum, "num_processes": num_processes, "steps_per_epoch": steps_per_epoch,
-        "total_steps": total_steps, "warmup_steps": warmup_steps, "mixed_precision": precision, "base_dtype": str(compute_dtype).removeprefix("torch."),
-        "attn_implementation": attn_implementation, "memory_preflight": memory_preflight,
-        "device": str(accelerator.device), "distributed_type": str(accelerator.distributed_type),
-        "trainable_params": params["trainable"], "total_params": params["total"], "trainable_pct": params["trainable_pct"],
-        "train_examples": len(train_examples), "validation_examples": len(val_examples),
-        "tokenize_stats": {"train": vars(train_stats), "validation": vars(val_stats)},
-        "peak_flops": peak_flops, "peak_flops_dtype": precision_choice.peak_dtype, "precision": precision_choice.to_json(),
-    }  # fmt: skip
-    run_config = run_utils.build_run_config(args, derived, model, REPO)
-    run_config["dataset"]["validation_split"] = split  # None when a --validation-file was used
-    config = redact_secrets(run_config, secret_env_values())
-    if accelerator.is_main_process:
-        write_json(output_dir / "config.json", config)
-    logger.info(
-        f"trainable params {params['trainable']:,} / {params['total']:,} ({params['trainable_pct']:.3f}%) | "
-        f"{len(train_examples)} train / {len(val_examples)} validation examples "
-        f"({train_stats.truncated_history} truncated, {train_stats.dropped_overlong} dropped > {args.max_seq_len} tokens)"
-    )
-    logger.info(
-        f"{num_processes} process(es) x batch {args.batch_size} x grad accum {grad_accum} = effective batch "
-        f"{args.effective_batch_size} | {steps_per_epoch} steps/epoch, {total_steps} total, {warmup_steps} warmup "
-        f"| {precision} on {accelerator.device}"
-    )
-    logger.info(precision_choice.describe())  # the probe's figures, the choice and the MFU denominator
-    if split is not None:
-        logger.info(
-            f"validation: {split['validation_examples']} of the {split['source_examples']} examples of {args.train_file} "
-            f"held out (--validation-split {split['fraction']}, seed {split['seed']}; recorded in config.json); "
-            "pass --validation-file to validate on a file of your own"
-        )
-
-    # --- optimizer, schedule, data ---
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]  # LoRA A/B matrices
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]  # biases, norms (if trainable)
-    param_groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    optimizer = torch.optim.AdamW(param_groups, lr=args.lr, betas=tuple(args.adam_betas))
+    config = write_config(args, accelerator, precision_choice, inputs, count_parameters(model), schedule)
+    log_setup(logger, args, config, inputs, precision_choice)
+    optimizer = make_optimizer(model, args.lr, args.weight_decay, args.adam_betas)
     # Not passed to prepare(): Accelerate would step it once per process; we step it once per update.
-    lr_scheduler = get_cosine_schedule_with_warmup(optimizer, warmup_steps, total_steps)
-    lengths = [len(e["input_ids"]) for e in train_examples]
-    train_sampler = LengthGroupedBatchSampler(lengths, args.batch_size, seed=args.seed)
-
-    def collate(batch: list[dict]) -> dict:
-        return collate_batch(batch, tokenizer.pad_token_id, pad_to_multiple_of=8)
-
-    def collate_with_index(batch: list[dict]) -> dict:  # the index lets --log-examples audit the sharding
-        return collate(batch) | {"index": torch.tensor([e["index"] for e in batch])}
-
-    # Own generator: making a DataLoader iterator then never draws from the global torch RNG, so the
-    # dropout masks after a resume are the ones an uninterrupted run would have used.
-    generator = torch.Generator().manual_seed(args.seed)
-    train_dataloader = DataLoader(
-        train_examples, batch_sampler=train_sampler, collate_fn=collate_with_index, generator=generator
-    )
-    val_sorted = sorted(val_examples, key=lambda e: len(e["input_ids"]))  # similar lengths share a batch
-    eval_dataloader = DataLoader(val_sorted, batch_size=args.eval_batch_size, collate_fn=collate)
+    lr_scheduler = get_cosine_schedule_with_warmup(optimizer, schedule["warmup_steps"], total_steps)
+    dataloaders = make_dataloaders(inputs.train_examples, inputs.val_examples, tokenizer.pad_token_id, args)
+    train_dataloader, train_sampler, eval_dataloader = dataloaders
     loss_model, optimizer, train_dataloader, eval_dataloader = accelerator.prepare(
         TrainedTokenLoss(model), optimizer, train_dataloader, eval_dataloader
     )
     if num_processes > 1:
         KEEP_UNTIL_EXIT.extend([accelerator, loss_model])  # the DDP model must outlive main(): see exit_distributed
     trainable = [p for p in model.parameters() if p.requires_grad]
-    matmul_params = count_matmul_params(model)
-    sample_records = [val_records[e["index"]] for e in val_examples[: args.num_samples]]
-
-    state = run_utils.new_trainer_state()
-    if checkpoint is not None:
-        try:
-            state = run_utils.load_checkpoint(accelerator, model, optimizer, lr_scheduler, checkpoint)
-        except CheckpointError as err:
-            sys.exit(f"error: {err}")
-        logger.info(f"resumed from {checkpoint}: step {state['global_step']}, epoch {state['epoch'] + 1}, "
-                    f"batch {state['batches_done_in_epoch']}")  # fmt: skip
-    tracker_config = {k: v for k, v in vars(args).items() if isinstance(v, int | float | str | bool)}
-    accelerator.init_trackers("tensorboard" if args.report_to == "tensorboard" else args.run_name, tracker_config)
-
-    def log_jsonl(name: str, record: dict) -> None:
-        if accelerator.is_main_process:
-            run_utils.append_jsonl(output_dir / name, record)
-
-    def evaluate(epoch: float, baseline: bool = False) -> None:
-        step = state["global_step"]
-        metrics = evaluate_loss(loss_model, eval_dataloader, accelerator, seed=args.seed)
-        best = state["best_val_loss"]
-        improved = not baseline and (best is None or metrics["val_loss"] < best - args.early_stopping_min_delta)
-        record = {"step": step, "epoch": epoch, "baseline": baseline, "is_best": improved, **metrics}
-        if accelerator.is_main_process and sample_records:
-            # The samples are scored like evaluate.py scores the test split, so a run whose loss falls
-            # while it still writes no decision says so in its logs (and the convergence report flags it).
-            prompts = [prompt_messages(r["messages"]) for r in sample_records]
-            with accelerator.autocast():
-                replies = generate_replies(model, tokenizer, prompts, len(prompts), args.max_new_tokens)
-            samples = [
-                {"id": r.get("id"), "prompt_messages": p, "reference": r["messages"][len(p)]["content"], "generated": g}
-                for r, p, g in zip(sample_records, prompts, replies, strict=True)
-            ]
-            (output_dir / "samples").mkdir(exist_ok=True)
-            (output_dir / "samples" / f"step_{step:06d}.jsonl").write_text(
-                "".join(json.dumps(s) + "\n" for s in samples)
-            )
-            record |= score_samples(replies, [r.get("decision") for r in sample_records])
-        log_jsonl("eval_log.jsonl", record)
-        accelerator.log(
-            {f"eval/{k}": v for k, v in record.items() if isinstance(v, int | float) and k != "step"}, step=step
-        )
-        decided = (
-            f" | samples: {record['sample_parse_rate']:.0%} decide, {record['sample_outcome_accuracy']:.0%} right"
-            if record.get("sample_parse_rate") is not None
-            else ""
-        )
-        logger.info(
-            f"eval step {step} | val loss {metrics['val_loss']:.4f} ± {metrics['val_loss_ci95']:.4f} | "
-            f"ppl {metrics['val_ppl']:.3f} | {metrics['eval_time_s']:.1f}s{decided}"
-            + (" | baseline" if baseline else " | new best" if improved else "")
-        )
-        if baseline:
-            state["baseline_val_ppl"] = metrics["val_ppl"]
-        elif improved:
-            state.update(best_val_loss=metrics["val_loss"], best_step=step, best_epoch=math.ceil(epoch))
-            state["evals_without_improvement"] = 0
-            if accelerator.is_main_process:
-                extra = {"metrics.json": record, "trainer_state.json": state, "config.json": config}
-                run_utils.save_adapter_folder(model, tokenizer, output_dir / "best", args.model, extra)
-        else:
-            state["evals_without_improvement"] += 1
-
-    def save_checkpoint() -> None:
-        folder = output_dir / "checkpoints" / f"step_{state['global_step']:06d}"
-        run_utils.save_checkpoint(accelerator, model, optimizer, lr_scheduler, state, folder, config)
-        if accelerator.is_main_process:
-            run_utils.rotate_checkpoints(output_dir / "checkpoints", args.save_total_limit)
-
+    flops = (count_matmul_params(model), precision_choice.peak_flops, accelerator.device)  # for the MFU
+    samples = [inputs.val_records[e["index"]] for e in inputs.val_examples[: args.num_samples]]
+    # validate()'s arguments after (state, epoch): the same at every evaluation
+    evaluation = (args, accelerator, loss_model, model, tokenizer, eval_dataloader, samples, config, logger)
+    state = resume(accelerator, model, optimizer, lr_scheduler, inputs.checkpoint, logger)
+    init_trackers(accelerator, args)
     if not args.resume_from and not args.no_baseline:
-        evaluate(0.0, baseline=True)
+        validate(state, 0.0, *evaluation, baseline=True)
 
-    # --- the training loop: global_step counts optimizer updates, micro_step counts batches ---
+    # --- the training loop: one iteration = one optimizer update (global_step); micro_step counts batches ---
     status, stop_reason = "completed", ""
-    progress = tqdm(total=total_steps, initial=state["global_step"], disable=not accelerator.is_local_main_process)
+    progress = tqdm(total=total_steps, initial=state.global_step, disable=not accelerator.is_local_main_process)
     loss_model.train()
-    clock = time.perf_counter() - state["train_time_s"]
-    window = torch.zeros(5, dtype=torch.float64, device=accelerator.device)  # loss, trained, tokens, sum len^2, -
-    for epoch in range(state["epoch"], args.epochs):
+    clock = time.perf_counter() - state.train_time_s
+    loss_scale = args.max_seq_len * args.batch_size  # a constant: keeps the summed fp16 loss in range
+    for epoch in range(state.epoch, args.epochs):
         epoch_start = time.perf_counter()
-        skip = state["batches_done_in_epoch"]  # > 0 only when resuming mid-epoch
-        if not skip:  # a new epoch; a mid-epoch resume keeps the sums of the steps before its checkpoint
-            state.update(epoch_loss_sum=0.0, epoch_loss_steps=0)
-        epoch_dataloader = accelerator.skip_first_batches(train_dataloader, skip) if skip else train_dataloader
-        # Both calls matter: iter() re-applies Accelerate's own epoch counter to the sampler (a fresh
-        # skip-dataloader would restart it at 0), and a multi-process shard does not forward set_epoch.
-        epoch_dataloader.set_epoch(epoch)
-        train_sampler.set_epoch(epoch)
+        epoch_dataloader = start_epoch(state, epoch, accelerator, train_dataloader, train_sampler)
         step_start = time.perf_counter()
-        for batch in epoch_dataloader:
-            example_index = batch.pop("index")
-            if args.log_examples:
-                record = {"micro_step": state["micro_step"] + 1, "epoch": epoch, "index": example_index.tolist()}
-                run_utils.append_jsonl(output_dir / f"examples_rank{accelerator.process_index}.jsonl", record)
-            with accelerator.accumulate(loss_model):
-                row_losses, row_counts = loss_model(**batch)
-                loss_sum, n_trained = row_losses.sum(), row_counts.sum()
-                if state["global_step"] + 1 in faults["loss"]:
-                    loss_sum = loss_sum * float("nan")
-                # Backward the summed token loss (scaled by a constant that keeps fp16 in range). At the
-                # update the gradients are rescaled by the trained-token count of the whole effective
-                # batch (all micro-batches, all ranks): the mean over tokens, not a mean of batch means.
-                accelerator.backward(loss_sum / (args.max_seq_len * args.batch_size))
-                lengths = batch["attention_mask"].sum(1).double()
-                window += torch.stack([loss_sum.detach().double(), n_trained.double(), lengths.sum(), (lengths**2).sum(), lengths.new_zeros(())])  # fmt: skip
-                state["micro_step"] += 1
-                state["batches_done_in_epoch"] += 1
-                if state["micro_step"] in faults["stop"]:
-                    raise SystemExit(f"error: --fault-inject stopped the run after micro-step {state['micro_step']}")
-                if not accelerator.sync_gradients:
-                    continue
-                # One host sync per update: totals over all ranks, then the per-token rescale.
-                loss_total, trained, tokens, sum_sq, _ = accelerator.reduce(window, "sum").tolist()
-                window.zero_()
-                rescale = args.max_seq_len * args.batch_size * grad_accum * num_processes / max(trained, 1.0)
-                torch._foreach_mul_([p.grad for p in trainable if p.grad is not None], rescale)
-                if state["global_step"] + 1 in faults["grad"]:
-                    trainable[0].grad.fill_(float("inf"))
-                grad_norm = float(accelerator.clip_grad_norm_(trainable, args.max_grad_norm))
-                layer_norms = (
-                    lora_grad_norms(model) if (state["global_step"] + 1) % max(args.grad_log_every, 1) == 0 else {}
-                )
-                loss = loss_total / max(trained, 1.0)
-                finite = math.isfinite(loss) and math.isfinite(grad_norm)
-                if finite or accelerator.scaler is not None:
-                    optimizer.step()  # under fp16 the GradScaler skips an inf/NaN update by itself
-                stepped = finite and not optimizer.step_was_skipped
-                if stepped:
-                    lr_scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                state["global_step"] += 1
-                progress.update(1)
-                if not finite:  # NaN guard: the update was skipped; too many in a row stop the run
-                    state["consecutive_bad_steps"] += 1
-                    state["bad_steps_total"] += 1
-                    reason = f"non-finite loss {loss} or grad norm {grad_norm}: update skipped"
-                    log_jsonl("train_log.jsonl", {"type": "bad_step", "step": state["global_step"], "reason": reason})
-                    logger.warning(
-                        f"step {state['global_step']} | {reason} ({state['consecutive_bad_steps']} in a row)"
-                    )
-                    if state["consecutive_bad_steps"] > args.max_bad_steps:
-                        status = "stopped_bad_steps"
-                        stop_reason = f"{state['consecutive_bad_steps']} non-finite steps in a row (> --max-bad-steps {args.max_bad_steps}); lower --lr or check the data"  # fmt: skip
-                        break
-                else:
-                    state["consecutive_bad_steps"] = 0
-                    state["epoch_loss_sum"] += loss
-                    state["epoch_loss_steps"] += 1
-                seconds, step_start = time.perf_counter() - step_start, time.perf_counter()
-                record = {
-                    "type": "step", "step": state["global_step"], "epoch": epoch + state["batches_done_in_epoch"] / len(train_dataloader),
-                    "loss": loss, "lr": lr_scheduler.get_last_lr()[0], "grad_norm": grad_norm, "skipped": not stepped,
-                    "tokens": int(tokens), "trained_tokens": int(trained), "tokens_per_s": tokens / seconds,
-                    "mfu": estimate_train_flops(matmul_params, tokens, trained, sum_sq) / seconds / peak_flops,
-                    "peak_mem_mb": run_utils.peak_memory_mb(accelerator.device),
-                    "gpu_util": run_utils.gpu_utilization(accelerator.device), "elapsed_s": time.perf_counter() - clock,
-                }  # fmt: skip
-                state["train_time_s"] = record["elapsed_s"]
-                log_jsonl("train_log.jsonl", record)
-                if layer_norms:
-                    log_jsonl("grad_log.jsonl", {"step": state["global_step"], "norms": layer_norms})
-                accelerator.log({f"train/{k}": v for k, v in record.items() if isinstance(v, int | float)}, step=record["step"])  # fmt: skip
-                if state["global_step"] % args.log_every == 0:
-                    logger.info(
-                        f"step {record['step']} | loss {loss:.4f} | lr {record['lr']:.2e} | grad {grad_norm:.3f} | "
-                        f"{record['tokens_per_s']:.0f} tok/s | mfu {record['mfu']:.1%} | {record['peak_mem_mb']:.0f} MiB"
-                    )
-                if args.eval_every and state["global_step"] % args.eval_every == 0:
-                    evaluate(record["epoch"])
-                if args.save_every and state["global_step"] % args.save_every == 0:
-                    save_checkpoint()
-                if state["global_step"] >= total_steps and state["batches_done_in_epoch"] < len(train_dataloader):
-                    status, stop_reason = "max_steps", f"reached --max-steps {args.max_steps}"
-                    break
+        for batches in update_batches(epoch_dataloader, grad_accum):
+            sums = forward_backward(accelerator, loss_model, batches, state, loss_scale, faults, args)
+            # One host sync per update: the window's sums over all ranks.
+            loss_sum, trained, tokens, sum_sq = accelerator.reduce(sums, "sum").tolist()
+            # The loss is the mean over every trained token of the update (all micro-batches, all
+            # ranks), not a mean of batch means; the rescale gives the gradients that same mean.
+            loss = loss_sum / max(trained, 1.0)
+            rescale = loss_scale * grad_accum * num_processes / max(trained, 1.0)
+            inject_inf = state.global_step + 1 in faults["grad"]
+            grad_norm = clip_gradients(accelerator, trainable, rescale, args.max_grad_norm, inject_inf)
+            log_layers = (state.global_step + 1) % max(args.grad_log_every, 1) == 0
+            layer_norms = lora_grad_norms(model) if log_layers else {}
+            # NaN guard: a non-finite loss or gradient skips the update; too many in a row stop the run.
+            finite = math.isfinite(loss) and math.isfinite(grad_norm)
+            stepped = optimizer_step(accelerator, optimizer, lr_scheduler, finite)
+            state.global_step += 1
+            progress.update(1)
+            if finite:
+                state.consecutive_bad_steps = 0
+                state.epoch_loss_sum += loss
+                state.epoch_loss_steps += 1
+            elif stop_reason := record_bad_step(state, loss, grad_norm, args, accelerator, logger):
+                status = "stopped_bad_steps"
+                break
+            seconds, step_start = time.perf_counter() - step_start, time.perf_counter()
+            epoch_done = epoch + state.batches_done_in_epoch / len(train_dataloader)
+            step_stats = (loss, grad_norm, stepped, tokens, trained, sum_sq, seconds, time.perf_counter() - clock)
+            record = step_record(state.global_step, epoch_done, lr_scheduler.get_last_lr()[0], *step_stats, flops)
+            log_step(state, record, layer_norms, args, accelerator, logger)
+            if args.eval_every and state.global_step % args.eval_every == 0:
+                validate(state, record["epoch"], *evaluation)
+            if args.save_every and state.global_step % args.save_every == 0:
+                save_checkpoint(state, args, accelerator, model, optimizer, lr_scheduler, config)
+            if state.global_step >= total_steps and state.batches_done_in_epoch < len(train_dataloader):
+                status, stop_reason = "max_steps", f"reached --max-steps {args.max_steps}"
+                break
         if status == "stopped_bad_steps":
             break
         # --- end of the epoch (or of --max-steps): evaluate, checkpoint, maybe stop early ---
         if status != "max_steps":
-            state.update(epoch=epoch + 1, batches_done_in_epoch=0)
-            mean_loss = state["epoch_loss_sum"] / max(state["epoch_loss_steps"], 1)
-            seconds = time.perf_counter() - epoch_start
-            log_jsonl("train_log.jsonl", {"type": "epoch", "epoch": epoch + 1, "step": state["global_step"],
-                                          "mean_train_loss": mean_loss, "epoch_time_s": seconds})  # fmt: skip
-            logger.info(f"epoch {epoch + 1} | mean train loss {mean_loss:.4f} | {seconds:.1f}s")
-        evaluate(
-            epoch + state["batches_done_in_epoch"] / len(train_dataloader) if status == "max_steps" else epoch + 1.0
-        )
-        save_checkpoint()
-        patience = args.early_stopping_patience
-        if status == "completed" and patience and state["evals_without_improvement"] >= patience:
+            end_epoch(state, epoch, time.perf_counter() - epoch_start, accelerator, output_dir, logger)
+        validate(state, state.epoch + state.batches_done_in_epoch / len(train_dataloader), *evaluation)
+        save_checkpoint(state, args, accelerator, model, optimizer, lr_scheduler, config)
+        if status == "completed" and (stop_reason := early_stop_reason(state, args, logger)):
             status = "early_stopped"
-            stop_reason = f"validation loss did not improve by more than {args.early_stopping_min_delta} for {patience} evaluations (best: step {state['best_step']})"  # fmt: skip
-            logger.info(f"early stopping: {stop_reason}")
-        if status != "completed" or state["global_step"] >= total_steps:
+        if status != "completed" or state.global_step >= total_steps:
             break
     progress.close()
-
-    # --- final adapter and summary ---
-    in_sync = run_utils.check_ranks_in_sync(trainable, accelerator)
-    if num_processes > 1:
-        logger.info(f"adapter weights identical on all {num_processes} ranks: {in_sync}")
-    if accelerator.is_main_process and status != "stopped_bad_steps":
-        run_utils.save_adapter_folder(model, tokenizer, output_dir / "final", args.model, {"trainer_state.json": state, "config.json": config})  # fmt: skip
-        write_json(output_dir / "update_ratios.json", lora_update_ratios(model))
-    summary = run_utils.write_summary(output_dir, status, stop_reason, state, params, accelerator, in_sync)
-    logger.info(
-        f"done: {status}{f' ({stop_reason})' if stop_reason else ''} | best val ppl {summary['best_val_ppl']} "
-        f"at step {summary['best_step']} (baseline {summary['baseline_val_ppl']}) | {summary['train_time_s']:.0f}s"
-    )
-    accelerator.end_training()
+    summary = finish(state, status, stop_reason, args, accelerator, model, tokenizer, config, logger)
     run_utils.release_lock(lock)
     if status == "stopped_bad_steps":
         sys.exit(f"error: training stopped: {stop_reason}")
