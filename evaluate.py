@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import logging
 import sys
 import time
@@ -35,6 +34,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from common.checkpoint import CheckpointError, open_adapter
 from common.data import (
     DataError,
     collate_batch,
@@ -45,6 +45,8 @@ from common.data import (
 )
 from common.decision import parse_decision_line
 from common.generation import generate_replies, prompt_messages
+from common.jsonio import write_json, write_jsonl
+from common.loss import compute_token_losses
 from common.metrics import (
     ask_metrics,
     asks_at_decision_rate,
@@ -67,7 +69,6 @@ from common.model import (
 from common.precision import PrecisionChoice, resolve_precision
 from common.report import ReportError, analyze_run, load_run_logs, plot_run, render_report
 from common.seed import seed_everything
-from common.training import CheckpointError, check_checkpoint, compute_token_losses, write_json
 
 REPO = Path(__file__).resolve().parent
 logger = logging.getLogger("evaluate")
@@ -120,30 +121,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if value is not None and value < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {value}")
     return args
-
-
-def read_adapter_base(adapter_dir: Path) -> str:
-    """Return the base model recorded in the adapter's adapter_config.json.
-
-    Args:
-        adapter_dir: a PEFT adapter folder (runs/<run>/best, a checkpoint, or an export).
-
-    Returns:
-        `base_model_name_or_path`: the alias, folder or hub id train.py was given as --model.
-
-    Raises:
-        SystemExit: the folder is not an adapter, or it is an incomplete checkpoint.
-    """
-    config_file = adapter_dir / "adapter_config.json"
-    if not config_file.is_file():
-        sys.exit(f"evaluate.py: error: {config_file} not found; pass an adapter folder such as runs/<run>/best")
-    # best/, final/ and checkpoints carry a COMPLETE marker (and trainer_state.json); exports do not.
-    if (adapter_dir / "COMPLETE").exists() or (adapter_dir / "trainer_state.json").exists():
-        try:
-            check_checkpoint(adapter_dir)
-        except CheckpointError as err:
-            sys.exit(f"evaluate.py: error: {err}")
-    return json.loads(config_file.read_text())["base_model_name_or_path"]
 
 
 def find_recorded_split(adapter_dir: Path) -> dict | None:
@@ -330,7 +307,10 @@ def main(argv: list[str] | None = None) -> dict:
     adapter_dir = Path(args.adapter) if args.adapter else None
     model_name = args.model or DEFAULT_MODEL
     if adapter_dir is not None:
-        adapter_base = read_adapter_base(adapter_dir)
+        try:  # the one check of an adapter folder that export.py and merge_and_load.py use too
+            adapter_base = open_adapter(adapter_dir).base_model
+        except CheckpointError as err:
+            sys.exit(f"evaluate.py: error: {err}")
         if args.model and not same_model(args.model, adapter_base):
             sys.exit(
                 f"evaluate.py: error: adapter {adapter_dir} was trained on '{adapter_base}', not on --model "
@@ -484,12 +464,12 @@ def main(argv: list[str] | None = None) -> dict:
             line[f"decision_{name}"] = parse_decision_line(replies[k])
             line[f"loss_{name}"] = None if row is None else loss_sums[row] / max(counts[row], 1)
         predictions.append(line)
-    (output_dir / "predictions.jsonl").write_text("".join(json.dumps(p) + "\n" for p in predictions))
+    write_jsonl(output_dir / "predictions.jsonl", predictions, sort_keys=False)
     ask_lines = [
         {"id": record_id, "turn": turn, "expected": expected, **{f"generated_{n}": asked[n][k] for n in asked}}
         for k, ((record_id, turn), expected) in enumerate(zip(ask_ids, ask_expected, strict=True))
     ]
-    (output_dir / "ask_predictions.jsonl").write_text("".join(json.dumps(line) + "\n" for line in ask_lines))
+    write_jsonl(output_dir / "ask_predictions.jsonl", ask_lines, sort_keys=False)
     write_json(output_dir / "metrics.json", metrics)
     (output_dir / "report.md").write_text(render_eval_report(metrics, predictions[:3]))
     logger.info("wrote %s", output_dir)

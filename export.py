@@ -32,15 +32,12 @@ only with --force. Only safetensors are written; `trust_remote_code` stays off u
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import NoReturn
 
-from safetensors.torch import load_file
 from transformers import AutoTokenizer, GenerationConfig
 
 from common.artifacts import (
@@ -49,12 +46,12 @@ from common.artifacts import (
     count_base_parameters,
     estimate_inference_memory,
     find_secrets_in_folder,
-    publish_dir,
     redact_secrets,
-    render_model_card,
     secret_env_values,
     validate_export_name,
 )
+from common.checkpoint import CheckpointError, open_adapter, publish_folder
+from common.jsonio import read_json, read_jsonl, write_json
 from common.model import (
     EMBEDDED_MODELS,
     ModelLoadError,
@@ -64,7 +61,7 @@ from common.model import (
     recreate_command,
     resolve_model_path,
 )
-from common.training import CheckpointError, assert_finite, check_checkpoint
+from common.model_card import render_model_card
 
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
 UNSAFE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
@@ -112,42 +109,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def fail(message: str) -> NoReturn:
-    """Stop with one actionable line on stderr and exit status 1."""
-    raise SystemExit(f"export.py: error: {message}")
-
-
-def read_json(path: Path, default: object = None) -> object:
-    """Read a JSON file, or return `default` when it does not exist."""
-    return json.loads(path.read_text()) if path.is_file() else default
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    """Read a JSONL file (empty list when missing)."""
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
-
-
-def write_json(path: Path, data: object) -> None:
-    """Write pretty, sorted JSON."""
-    path.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
-
-
-def load_checked_adapter(checkpoint: Path) -> dict:
-    """Refuse incomplete, non-safetensors or non-finite checkpoints; return the adapter tensors."""
-    if not checkpoint.is_dir():
-        fail(f"checkpoint {checkpoint} does not exist; pass --checkpoint <run>/checkpoints/step_XXXXXX")
-    missing = [name for name in ADAPTER_FILES if not (checkpoint / name).is_file()]
-    if missing:
-        fail(f"{checkpoint} has no {', '.join(missing)} (only safetensors adapters are exported)")
-    try:
-        check_checkpoint(checkpoint)
-        tensors = load_file(checkpoint / "adapter_model.safetensors")
-        assert_finite(tensors, str(checkpoint))
-    except CheckpointError as err:
-        fail(str(err))
-    return tensors
-
-
 def checkpoint_step(checkpoint: Path, checkpoint_metrics: dict | None) -> int | None:
     """The optimizer step of a checkpoint: from its metrics.json, else from its step_XXXXXX name."""
     if checkpoint_metrics and checkpoint_metrics.get("step") is not None:
@@ -159,7 +120,7 @@ def checkpoint_step(checkpoint: Path, checkpoint_metrics: dict | None) -> int | 
 
 def build_metrics(run_dir: Path, checkpoint: Path, is_best: bool) -> dict:
     """metrics.json: validation at the checkpoint's step, the baseline, and evaluate.py's metrics."""
-    checkpoint_metrics = read_json(checkpoint / "metrics.json")
+    checkpoint_metrics = read_json(checkpoint / "metrics.json", missing_ok=True)
     step = checkpoint_step(checkpoint, checkpoint_metrics)
     eval_log = read_jsonl(run_dir / "eval_log.jsonl")
     baseline = next((entry for entry in eval_log if entry.get("baseline")), {})
@@ -172,7 +133,7 @@ def build_metrics(run_dir: Path, checkpoint: Path, is_best: bool) -> dict:
         "baseline": {k: baseline[k] for k in keys if k in baseline},
     }
     # evaluate.py's numbers (runs/<run>/eval/) belong to the adapter it scored, usually best/.
-    evaluation = read_json(run_dir / "eval" / "metrics.json")
+    evaluation = read_json(run_dir / "eval" / "metrics.json", missing_ok=True)
     if isinstance(evaluation, dict):
         scored = evaluation.get("adapter")
         if (Path(scored).resolve() == checkpoint.resolve()) if scored else is_best:
@@ -203,7 +164,7 @@ def load_export_tokenizer(
                 return tokenizer
         return load_tokenizer(base_model, trust_remote_code=trust_remote_code, chat_template=chat_template)
     except ModelLoadError as err:
-        fail(f"{err}; cannot export a chat adapter without a usable chat template")
+        sys.exit(f"export.py: error: {err}; cannot export a chat adapter without a usable chat template")
 
 
 def load_base_generation_config(base_model: str) -> GenerationConfig | None:
@@ -214,7 +175,7 @@ def load_base_generation_config(base_model: str) -> GenerationConfig | None:
         return None
 
 
-def estimate_memory(base_model: str, run_config: dict, adapter_bytes: int, trust_remote_code: bool):
+def estimate_export_memory(base_model: str, run_config: dict, adapter_bytes: int, trust_remote_code: bool):
     """Inference memory per base dtype and a note saying how the base was counted."""
     try:
         counts = count_base_parameters(load_config(base_model, trust_remote_code=trust_remote_code))
@@ -249,13 +210,16 @@ def main(argv: list[str] | None = None) -> Path:
     output_dir = Path(args.output_dir)
     final_dir = output_dir / f"{args.name}-v{args.version}"
     if final_dir.exists() and not args.force:
-        fail(f"{final_dir} already exists; choose a new --version, or pass --force to replace it")
+        sys.exit(f"export.py: error: {final_dir} already exists; choose a new --version, or pass --force to replace it")
     if (run_dir / ".lock").exists():
         print(f"warning: {run_dir} is locked by a training process; exporting its current files", file=sys.stderr)
 
-    adapter_tensors = load_checked_adapter(checkpoint)
-    run_config = read_json(run_dir / "config.json")
-    adapter_config = read_json(checkpoint / "adapter_config.json")
+    try:  # only a complete checkpoint with finite safetensors weights is exported
+        adapter = open_adapter(checkpoint, require_complete=True)
+    except CheckpointError as err:
+        sys.exit(f"export.py: error: {err}")
+    adapter_tensors, adapter_config = adapter.tensors, adapter.config
+    run_config = read_json(run_dir / "config.json", missing_ok=True)
     secrets = sorted({*secret_env_values(), *collect_secret_values(run_config)}, key=len, reverse=True)
     base_model = str(run_config.get("args", {}).get("model") or adapter_config["base_model_name_or_path"])
     recorded_base = str(adapter_config.get("base_model_name_or_path") or base_model)
@@ -264,7 +228,7 @@ def main(argv: list[str] | None = None) -> Path:
     try:
         loadable_base = resolve_model_path(recorded_base)
     except ModelLoadError as err:
-        fail(f"cannot find the base model '{recorded_base}': {err}")
+        sys.exit(f"export.py: error: cannot find the base model '{recorded_base}': {err}")
     if Path(loadable_base).exists():
         loadable_base = str(Path(loadable_base).resolve())
     adapter_config["base_model_name_or_path"] = loadable_base
@@ -288,14 +252,14 @@ def main(argv: list[str] | None = None) -> Path:
         (tmp_dir / "VERSION").write_text(f"{args.version}\n")
 
         adapter_bytes = sum(t.numel() * t.element_size() for t in adapter_tensors.values())
-        memory, memory_note = estimate_memory(recorded_base, run_config, adapter_bytes, args.trust_remote_code)
+        memory, memory_note = estimate_export_memory(recorded_base, run_config, adapter_bytes, args.trust_remote_code)
         card = render_model_card(
             name=args.name,
             version=args.version,
             base_model=base_model,
             adapter_config=redact_secrets(adapter_config, secrets),
             run_config=redact_secrets(run_config, secrets),
-            summary=redact_secrets(read_json(run_dir / "summary.json"), secrets),
+            summary=redact_secrets(read_json(run_dir / "summary.json", missing_ok=True), secrets),
             metrics=redact_secrets(metrics, secrets),
             samples=redact_secrets(load_samples(run_dir, metrics["checkpoint"]["step"], args.num_samples), secrets),
             memory=memory,
@@ -315,10 +279,12 @@ def main(argv: list[str] | None = None) -> Path:
         unsafe = [p.name for p in tmp_dir.rglob("*") if p.suffix in UNSAFE_SUFFIXES]
         leaks = find_secrets_in_folder(tmp_dir, secrets)
         if unsafe or leaks:
-            fail(f"refusing to publish: pickle files {unsafe} or secrets in {[p.name for p in leaks]}")
-        publish_dir(tmp_dir, final_dir, overwrite=args.force)
+            sys.exit(
+                f"export.py: error: refusing to publish: pickle files {unsafe} or secrets in {[p.name for p in leaks]}"
+            )
+        publish_folder(tmp_dir, final_dir, overwrite=args.force, complete_marker=False)
     except FileExistsError as err:
-        fail(f"{err}; choose a new --version, or pass --force to replace it")
+        sys.exit(f"export.py: error: {err}; choose a new --version, or pass --force to replace it")
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
 
@@ -333,8 +299,8 @@ def main(argv: list[str] | None = None) -> Path:
             url = push_to_hub(final_dir, args.push_to_hub, args.private, f"Export {args.name} v{args.version}")
         except Exception as err:  # offline, no token, no permission: huggingface_hub raises many types
             reason = redact_secrets(str(err).strip().splitlines()[0] if str(err).strip() else "", secrets)
-            fail(
-                f"pushing to the hub repo {args.push_to_hub} failed ({type(err).__name__}: {reason}). The local "
+            sys.exit(
+                f"export.py: error: pushing to the hub repo {args.push_to_hub} failed ({type(err).__name__}: {reason}). The local "
                 f"export {final_dir} is intact; retry when online with `hf upload {args.push_to_hub} {final_dir}`"
             )
         print(f"pushed {final_dir} -> {url}")

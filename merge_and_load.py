@@ -45,19 +45,20 @@ Parity check (on by default; `--no-verify` skips it)
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import NoReturn
 
 import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, pipeline
 
-from common.artifacts import build_generation_config, publish_dir, round_trip_nf4
+from common.artifacts import build_generation_config, round_trip_nf4
+from common.checkpoint import CheckpointError, open_adapter, publish_folder
 from common.data import DataError, load_records
+from common.jsonio import read_json, write_json
 from common.model import ModelLoadError, load_model_and_tokenizer, saved_chat_template
 from common.precision import PrecisionChoice, resolve_precision
 
@@ -110,10 +111,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"--load-only {args.load_only}: no config.json; pass a folder written by this script")
         return args
     adapter = Path(args.adapter)
-    if not (adapter / "adapter_config.json").is_file():
-        parser.error(f"--adapter {adapter}: no adapter_config.json; pass an export or a run's best/ folder")
-    if not (adapter / "adapter_model.safetensors").is_file():
-        parser.error(f"--adapter {adapter}: no adapter_model.safetensors (only safetensors adapters are loaded)")
     args.output = args.output or str(Path("merged") / adapter.resolve().name)
     if Path(args.output).exists() and not args.force:
         parser.error(f"--output {args.output} already exists; pass --force to replace it")
@@ -122,16 +119,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def fail(message: str) -> NoReturn:
-    """Stop with one actionable line on stderr and exit status 1."""
-    raise SystemExit(f"merge_and_load.py: error: {message}")
-
-
 def read_training_config(adapter_dir: Path) -> dict:
     """The run's resolved config: an export's training_args.json, else the run's config.json."""
     for path in (adapter_dir / "training_args.json", adapter_dir / "config.json", adapter_dir.parent / "config.json"):
         if path.is_file():
-            data = json.loads(path.read_text())
+            data = read_json(path)
             if isinstance(data, dict) and "args" in data:
                 return data
     return {}
@@ -165,7 +157,9 @@ def build_prompts(data_file: Path, num_prompts: int) -> list[list[dict]]:
             last = max(i for i, m in enumerate(record["messages"]) if m["role"] == "assistant")
             prompts.append(record["messages"][:last])
     if not prompts:
-        fail(f"{data_file} has no chat records to build parity prompts from; pass another --data-file")
+        sys.exit(
+            f"merge_and_load.py: error: {data_file} has no chat records to build parity prompts from; pass another --data-file"
+        )
     return prompts
 
 
@@ -253,9 +247,12 @@ def main(argv: list[str] | None = None) -> dict:
         return {"reply": reply}
 
     adapter_dir, output_dir = Path(args.adapter), Path(args.output)
-    adapter_config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    try:  # the one check of an adapter folder that evaluate.py and export.py use too
+        adapter = open_adapter(adapter_dir)
+    except CheckpointError as err:
+        sys.exit(f"merge_and_load.py: error: {err}")
     training_config = read_training_config(adapter_dir)
-    base_name = args.base_model or adapter_config["base_model_name_or_path"]
+    base_name = args.base_model or adapter.base_model
     quantization = args.base_quantization
     if quantization == "auto":
         quantization = training_config.get("args", {}).get("quantization") or "none"
@@ -269,7 +266,7 @@ def main(argv: list[str] | None = None) -> dict:
             chat_template=chat_template,
         )  # fmt: skip
     except ModelLoadError as err:
-        fail(f"cannot load the base model '{base_name}': {err}; pass --base-model")
+        sys.exit(f"merge_and_load.py: error: cannot load the base model '{base_name}': {err}; pass --base-model")
     if (adapter_dir / "tokenizer_config.json").is_file():  # the exported tokenizer wins, with the template above
         template = tokenizer.chat_template
         tokenizer = AutoTokenizer.from_pretrained(adapter_dir, trust_remote_code=args.trust_remote_code)
@@ -295,7 +292,7 @@ def main(argv: list[str] | None = None) -> dict:
         try:
             prompts = build_prompts(Path(args.data_file), args.num_prompts)
         except DataError as err:
-            fail(str(err))
+            sys.exit(f"merge_and_load.py: error: {err}")
         for messages in prompts:
             text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
             prompt_ids.append(tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"])
@@ -352,11 +349,13 @@ def main(argv: list[str] | None = None) -> dict:
                     reasons.append(f"max |dlogit| {parity['max_abs_logit_diff']:.3e} > {args.atol:.0e}")
                 if parity["identical_generations"] < parity["prompts"]:
                     reasons.append(f"{parity['prompts'] - parity['identical_generations']} greedy generation(s) differ")
-                fail(f"parity check failed ({'; '.join(reasons)}); {output_dir} was not written")
-        (tmp_dir / "merge_info.json").write_text(json.dumps(info, indent=2) + "\n")
-        publish_dir(tmp_dir, output_dir, overwrite=args.force)
+                sys.exit(
+                    f"merge_and_load.py: error: parity check failed ({'; '.join(reasons)}); {output_dir} was not written"
+                )
+        write_json(tmp_dir / "merge_info.json", info)
+        publish_folder(tmp_dir, output_dir, overwrite=args.force, complete_marker=False)
     except FileExistsError as err:
-        fail(f"{err}; pass --force to replace it")
+        sys.exit(f"merge_and_load.py: error: {err}; pass --force to replace it")
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
     print(f"merged {adapter_dir} into {base_name} -> {output_dir}")

@@ -17,7 +17,7 @@ What it does:
   `--safety-margin`), the largest micro-batch and sequence length that fit, and the gradient
   accumulation that keeps the effective batch (`--batch-size`). An option fits only when its
   estimate plus the estimator's measured error (`--error-band`, 11%) fits; LoRA that fits only
-  micro-batch 1 loses to QLoRA that fits a larger one (see `common.memory.recommend`). Printed, and
+  micro-batch 1 loses to QLoRA that fits a larger one (see `common.memory.recommend_setup`). Printed, and
   saved as JSON (`--output`, or `<run-dir>/memory_profile.json`).
 - Measure (`--measure`): a few real training steps of that configuration in a fresh process (the
   same loss, autocast and AdamW as train.py) and the measured peak next to the estimate: CUDA peak
@@ -40,6 +40,7 @@ from pathlib import Path
 
 import torch
 
+from common.jsonio import write_json
 from common.memory import (
     DEFAULT_GPU_MEMORY_GB,
     DEFAULT_SAFETY_MARGIN,
@@ -51,11 +52,10 @@ from common.memory import (
     compare_to_measurement,
     estimate_memory,
     measure_in_subprocess,
-    recommend,
+    recommend_setup,
 )
 from common.model import DEFAULT_MODEL, ModelLoadError, load_config
 from common.precision import PROBE_NAMES, resolve_precision
-from common.training import write_json
 
 REPO = Path(__file__).resolve().parent
 VARIANTS = {  # column name -> (quantization, gradient checkpointing)
@@ -291,7 +291,7 @@ def main(argv: list[str] | None = None) -> dict:
             )
             for name, (quantization, gc) in VARIANTS.items()
         }
-        decision = recommend(
+        decision = recommend_setup(
             config,
             args.gpu_memory,
             args.batch_size,

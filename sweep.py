@@ -39,7 +39,7 @@ import time
 from pathlib import Path
 
 from common.data import DEFAULT_VALIDATION_SPLIT, DataError, hold_out_validation, load_records
-from common.report import read_jsonl
+from common.jsonio import read_jsonl, write_json
 
 REPO = Path(__file__).resolve().parent
 logger = logging.getLogger("sweep")
@@ -286,7 +286,7 @@ def collect_result(run_dir: Path, slug: str) -> dict:
     summary_file = run_dir / "summary.json"
     summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
     row["status"] = summary.get("status", "not finished")
-    evals = [e for e in read_jsonl(run_dir / "eval_log.jsonl") if not e.get("baseline")]
+    evals = [e for e in read_jsonl(run_dir / "eval_log.jsonl", skip_torn_last_line=True) if not e.get("baseline")]
     evals = [e for e in evals if isinstance(e.get("val_loss"), float | int) and math.isfinite(e["val_loss"])]
     if evals:
         best = min(evals, key=lambda e: e["val_loss"])
@@ -337,7 +337,7 @@ def fmt(value, digits: int = 4) -> str:
     return f"{value:.{digits}g}" if isinstance(value, float) else str(value)
 
 
-def write_summary(sweep_dir: Path, rows: list[dict], grid_keys: list[str]) -> None:
+def write_sweep_summary(sweep_dir: Path, rows: list[dict], grid_keys: list[str]) -> None:
     """Write summary.csv and summary.md (best configuration marked, noise note).
 
     Args:
@@ -402,7 +402,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     recorded = json.loads(record_file.read_text()).get("mixed_precision") if record_file.is_file() else None
     precision = recorded if args.summary_only else pin_precision(args.train_args, args.grid, recorded)
     record = {"name": name, "grid": args.grid, "fixed": fixed, "mixed_precision": precision}
-    record_file.write_text(json.dumps(record, indent=2) + "\n")
+    write_json(record_file, record)
 
     failed = []
     for i, config in enumerate([] if args.summary_only else configs, start=1):
@@ -431,7 +431,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     finished = [r for r in rows if r["status"] in FINISHED and r["best_val_loss"] is not None]
     if finished:
         min(finished, key=lambda r: r["best_val_loss"])["is_best"] = True
-    write_summary(sweep_dir, rows, keys)
+    write_sweep_summary(sweep_dir, rows, keys)
     logger.info("summary: %s", sweep_dir / "summary.md")
     if failed:
         sys.exit(f"sweep.py: error: {len(failed)} configuration(s) failed: {', '.join(failed)}")

@@ -23,7 +23,6 @@ import argparse
 import contextlib
 import functools
 import itertools
-import json
 import logging
 import math
 import os
@@ -41,12 +40,15 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
-from common import run as run_utils
+from common import checkpoint, jsonio, run_folder
 from common.artifacts import redact_secrets, secret_env_values
+from common.checkpoint import CheckpointError
+from common.cli import load_config_defaults, parse_fault_injection
 from common.data import (
     DEFAULT_VALIDATION_SPLIT,
     DataError,
     LengthGroupedBatchSampler,
+    check_splits,
     collate_batch,
     hold_out_validation,
     load_records,
@@ -62,18 +64,13 @@ from common.lora import (
     lora_update_ratios,
     parse_target_modules,
 )
+from common.loss import TrainedTokenLoss, evaluate_loss
+from common.memory import check_fits
 from common.metrics import score_samples
 from common.model import DEFAULT_MODEL, ModelLoadError, load_config, load_model_and_tokenizer
+from common.perf import count_matmul_params, estimate_train_flops, gpu_utilization, peak_memory_mb
 from common.precision import PrecisionChoice, enable_cpu_fp16, resolve_precision_on_main
 from common.seed import seed_everything
-from common.training import (
-    CheckpointError,
-    TrainedTokenLoss,
-    count_matmul_params,
-    estimate_train_flops,
-    evaluate_loss,
-    write_json,
-)
 
 REPO = Path(__file__).resolve().parent
 
@@ -87,7 +84,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_evaluation_flags(parser)
     pre, _ = parser.parse_known_args(argv)
     if pre.config:
-        parser.set_defaults(**run_utils.load_config_defaults(pre.config, parser))
+        parser.set_defaults(**load_config_defaults(pre.config, parser))
     return parser.parse_args(argv)
 
 
@@ -275,7 +272,7 @@ class Inputs:
     train_examples: list[dict]
     val_examples: list[dict]
     val_records: list[dict]
-    checkpoint: Path | None  # the one --resume-from chose
+    resume_folder: Path | None  # the checkpoint --resume-from chose
     split: dict | None  # the validation split held out of --train-file (None with --validation-file)
     derived: dict  # tokenization stats, attention, memory verdict: recorded in config.json
 
@@ -324,10 +321,10 @@ def load_inputs(args: argparse.Namespace, accelerator: Accelerator, dtype: torch
     """
     output_dir = Path(args.output_dir)
     try:
-        run_utils.check_resume_flags(output_dir, args.resume_from, args.overwrite)
-        checkpoint = None
+        run_folder.check_resume_flags(output_dir, args.resume_from, args.overwrite)
+        resume_folder = None
         if args.resume_from:  # look now: "nothing to resume" must not leave a run folder behind
-            checkpoint = run_utils.find_resume_checkpoint(output_dir, args.resume_from, logger)
+            resume_folder = checkpoint.find_resume(output_dir, args.resume_from, logger)
         model, tokenizer = load_model_and_tokenizer(
             args.model,
             quantization=args.quantization,
@@ -343,9 +340,7 @@ def load_inputs(args: argparse.Namespace, accelerator: Accelerator, dtype: torch
         train_examples, train_stats = tokenize_records(train_records, tokenizer, args.max_seq_len)
         val_examples, val_stats = tokenize_records(val_records, tokenizer, args.max_seq_len)
         validation_name = args.validation_file or f"the validation split held out of {args.train_file}"
-        run_utils.check_splits(
-            args.train_file, train_examples, validation_name, val_examples, args.max_seq_len, both_given
-        )
+        check_splits(args.train_file, train_examples, validation_name, val_examples, args.max_seq_len, both_given)
         longest = max(len(e["input_ids"]) for e in train_examples)
         attn_implementation = choose_attention(args.attn_implementation, accelerator.device, longest)
         model.set_attn_implementation(attn_implementation)
@@ -355,15 +350,49 @@ def load_inputs(args: argparse.Namespace, accelerator: Accelerator, dtype: torch
             model, args.rank, args.alpha, args.dropout, target_modules, quantized, gradient_checkpointing=checkpointing
         )
         padded = -(-longest // 8) * 8  # the longest row as collate pads it
-        memory_preflight = run_utils.check_memory(model.config, args, accelerator.device, dtype, logger, padded)
-    except (DataError, ModelLoadError, LoraSetupError, CheckpointError, run_utils.RunFolderError) as err:
+        memory_preflight = check_memory(model.config, args, accelerator.device, dtype, padded, logger)
+    except (DataError, ModelLoadError, LoraSetupError, CheckpointError, run_folder.RunFolderError) as err:
         sys.exit(f"error: {err}")
     derived = {
         "attn_implementation": attn_implementation,
         "memory_preflight": memory_preflight,
         "tokenize_stats": {"train": vars(train_stats), "validation": vars(val_stats)},
     }
-    return Inputs(model, tokenizer, train_examples, val_examples, val_records, checkpoint, split, derived)
+    return Inputs(model, tokenizer, train_examples, val_examples, val_records, resume_folder, split, derived)
+
+
+def check_memory(model_config, args: argparse.Namespace, device: torch.device, dtype, seq_len: int, logger) -> str:
+    """Memory pre-flight: warn (with --strict-memory refuse) when the estimate does not fit the device.
+
+    Args:
+        seq_len: the longest padded training row; a batch is never longer (nor longer than --max-seq-len).
+
+    Returns:
+        The verdict line (also logged), recorded in config.json.
+
+    Raises:
+        SystemExit: with --strict-memory, when the configuration will not fit.
+    """
+    fits, message = check_fits(
+        model_config,
+        device.type,
+        args.batch_size,
+        min(seq_len, args.max_seq_len),
+        args.rank,
+        parse_target_modules(args.target_modules),
+        args.quantization,
+        dtype,
+        args.gradient_checkpointing,
+        compute_dtype=dtype,
+        lora_dropout=args.dropout,
+    )
+    if fits:
+        logger.info(message)
+    elif args.strict_memory:
+        sys.exit(f"error: {message}")
+    else:
+        logger.warning(f"warning: {message}")
+    return message
 
 
 def load_splits(args: argparse.Namespace, output_dir: Path) -> tuple[list[dict], list[dict], dict | None, bool]:
@@ -406,12 +435,12 @@ def open_run_folder(args: argparse.Namespace, accelerator: Accelerator, trainabl
         # 12 bytes per trainable parameter in a checkpoint (weights + 2 AdamW moments), + logs
         reserve_mb = 50 + 12 * trainable_params / 2**20 * (args.save_total_limit + 2)
         try:
-            run_utils.preflight_write(output_dir, reserve_mb=reserve_mb)
-            lock = run_utils.acquire_lock(output_dir)
-        except run_utils.RunFolderError as err:
+            run_folder.preflight_write(output_dir, reserve_mb=reserve_mb)
+            lock = run_folder.acquire_lock(output_dir)
+        except run_folder.RunFolderError as err:
             sys.exit(f"error: {err}")
         if args.overwrite and not args.resume_from:
-            run_utils.clear_run_logs(output_dir)
+            run_folder.clear_run_logs(output_dir)
     accelerator.wait_for_everyone()
     return lock
 
@@ -434,11 +463,11 @@ def write_config(args, accelerator, precision_choice, inputs: Inputs, params: di
         "peak_flops_dtype": precision_choice.peak_dtype,
         "precision": precision_choice.to_json(),
     }
-    run_config = run_utils.build_run_config(args, derived, inputs.model, REPO)
+    run_config = run_folder.build_run_config(args, derived, inputs.model, REPO)
     run_config["dataset"]["validation_split"] = inputs.split  # None when a --validation-file was used
     config = redact_secrets(run_config, secret_env_values())
     if accelerator.is_main_process:
-        write_json(Path(args.output_dir) / "config.json", config)
+        jsonio.write_json(Path(args.output_dir) / "config.json", config)
     return config
 
 
@@ -519,22 +548,21 @@ def make_dataloaders(
     return train_dataloader, train_sampler, eval_dataloader
 
 
-def resume(accelerator, model, optimizer, lr_scheduler, checkpoint: Path | None, logger) -> TrainState:
-    """A fresh TrainState, or the one saved in `checkpoint` with the weights, optimizer and RNGs restored.
+def resume(accelerator, model, optimizer, lr_scheduler, folder: Path | None, logger) -> TrainState:
+    """A fresh TrainState, or the one saved in checkpoint `folder` with the weights, optimizer and RNGs restored.
 
     Raises:
         SystemExit: the checkpoint cannot be restored into this model/run.
     """
-    if checkpoint is None:
+    if folder is None:
         return TrainState()
     try:
-        saved = run_utils.load_checkpoint(accelerator, model, optimizer, lr_scheduler, checkpoint)
+        saved = checkpoint.load(accelerator, model, optimizer, lr_scheduler, folder)
     except CheckpointError as err:
         sys.exit(f"error: {err}")
     state = TrainState(**saved)
     logger.info(
-        f"resumed from {checkpoint}: step {state.global_step}, epoch {state.epoch + 1}, "
-        f"batch {state.batches_done_in_epoch}"
+        f"resumed from {folder}: step {state.global_step}, epoch {state.epoch + 1}, batch {state.batches_done_in_epoch}"
     )
     return state
 
@@ -548,7 +576,7 @@ def init_trackers(accelerator: Accelerator, args: argparse.Namespace) -> None:
 def log_jsonl(accelerator: Accelerator, output_dir: Path, name: str, record: dict) -> None:
     """Append `record` to output_dir/name on the main process."""
     if accelerator.is_main_process:
-        run_utils.append_jsonl(output_dir / name, record)
+        jsonio.append_jsonl(output_dir / name, record)
 
 
 def start_epoch(state: TrainState, epoch: int, accelerator: Accelerator, train_dataloader, train_sampler):
@@ -591,7 +619,7 @@ def forward_backward(
         example_index = batch.pop("index")
         if args.log_examples:
             record = {"micro_step": state.micro_step + 1, "epoch": state.epoch, "index": example_index.tolist()}
-            run_utils.append_jsonl(Path(args.output_dir) / f"examples_rank{accelerator.process_index}.jsonl", record)
+            jsonio.append_jsonl(Path(args.output_dir) / f"examples_rank{accelerator.process_index}.jsonl", record)
         # DDP all-reduces the gradients in the backward of the window's last micro-batch only.
         last = i == len(batches) - 1
         with contextlib.nullcontext() if last else accelerator.no_sync(loss_model):
@@ -695,8 +723,8 @@ def step_record(
         "trained_tokens": int(trained),
         "tokens_per_s": tokens / seconds,
         "mfu": estimate_train_flops(matmul_params, tokens, trained, sum_sq) / seconds / peak_flops,
-        "peak_mem_mb": run_utils.peak_memory_mb(device),
-        "gpu_util": run_utils.gpu_utilization(device),
+        "peak_mem_mb": peak_memory_mb(device),
+        "gpu_util": gpu_utilization(device),
         "elapsed_s": elapsed,
     }
 
@@ -734,7 +762,7 @@ def write_samples(model, tokenizer, accelerator, sample_records: list[dict], max
         for r, p, g in zip(sample_records, prompts, replies, strict=True)
     ]
     path.parent.mkdir(exist_ok=True)
-    path.write_text("".join(json.dumps(s) + "\n" for s in samples))
+    jsonio.write_jsonl(path, samples, sort_keys=False)
     return score_samples(replies, [r.get("decision") for r in sample_records])
 
 
@@ -787,7 +815,7 @@ def validate(
         state.evals_without_improvement = 0
         if accelerator.is_main_process:
             extra = {"metrics.json": record, "trainer_state.json": asdict(state), "config.json": config}
-            run_utils.save_adapter_folder(model, tokenizer, output_dir / "best", args.model, extra)
+            checkpoint.save_adapter_folder(model, tokenizer, output_dir / "best", args.model, extra)
     else:
         state.evals_without_improvement += 1
 
@@ -796,9 +824,9 @@ def save_checkpoint(state: TrainState, args, accelerator, model, optimizer, lr_s
     """checkpoints/step_XXXXXX (every rank takes part), then rotate the oldest beyond --save-total-limit."""
     checkpoints = Path(args.output_dir) / "checkpoints"
     folder = checkpoints / f"step_{state.global_step:06d}"
-    run_utils.save_checkpoint(accelerator, model, optimizer, lr_scheduler, asdict(state), folder, config)
+    checkpoint.save(accelerator, model, optimizer, lr_scheduler, asdict(state), folder, config)
     if accelerator.is_main_process:
-        run_utils.rotate_checkpoints(checkpoints, args.save_total_limit)
+        checkpoint.rotate(checkpoints, args.save_total_limit)
 
 
 def end_epoch(state: TrainState, epoch: int, seconds: float, accelerator, output_dir: Path, logger) -> None:
@@ -827,15 +855,15 @@ def finish(state: TrainState, status: str, stop_reason: str, args, accelerator, 
     """Write final/ (unless the run diverged), update_ratios.json and summary.json; return the summary."""
     output_dir, num_processes = Path(args.output_dir), accelerator.num_processes
     trainable = [p for p in model.parameters() if p.requires_grad]
-    in_sync = run_utils.check_ranks_in_sync(trainable, accelerator)
+    in_sync = run_folder.check_ranks_in_sync(trainable, accelerator)
     if num_processes > 1:
         logger.info(f"adapter weights identical on all {num_processes} ranks: {in_sync}")
     if accelerator.is_main_process and status != "stopped_bad_steps":
         extra = {"trainer_state.json": asdict(state), "config.json": config}
-        run_utils.save_adapter_folder(model, tokenizer, output_dir / "final", args.model, extra)
-        write_json(output_dir / "update_ratios.json", lora_update_ratios(model))
+        checkpoint.save_adapter_folder(model, tokenizer, output_dir / "final", args.model, extra)
+        jsonio.write_json(output_dir / "update_ratios.json", lora_update_ratios(model))
     params = count_parameters(model)
-    summary = run_utils.write_summary(output_dir, status, stop_reason, asdict(state), params, accelerator, in_sync)
+    summary = run_folder.write_run_summary(output_dir, status, stop_reason, asdict(state), params, accelerator, in_sync)
     logger.info(
         f"done: {status}{f' ({stop_reason})' if stop_reason else ''} | best val ppl {summary['best_val_ppl']} "
         f"at step {summary['best_step']} (baseline {summary['baseline_val_ppl']}) | {summary['train_time_s']:.0f}s"
@@ -851,9 +879,9 @@ def main(argv: list[str] | None = None) -> dict:
     use_cpu = not torch.cuda.is_available()
     num_processes = PartialState(cpu=use_cpu).num_processes
     grad_accum = validate_args(args, num_processes)
-    faults = run_utils.parse_fault_injection(args.fault_inject)
+    faults = parse_fault_injection(args.fault_inject)
     output_dir = Path(args.output_dir)
-    logger = run_utils.setup_logging(None, PartialState().is_main_process)
+    logger = run_folder.setup_logging(None, PartialState().is_main_process)
     accelerator, precision_choice = make_accelerator(args, use_cpu, grad_accum, logger)
     seed_everything(args.seed)
     inputs = load_inputs(args, accelerator, precision_choice.dtype, logger)  # bad input fails here
@@ -861,7 +889,7 @@ def main(argv: list[str] | None = None) -> dict:
     schedule = plan_schedule(len(inputs.train_examples), args, num_processes, grad_accum)
     total_steps = schedule["total_steps"]
     lock = open_run_folder(args, accelerator, count_parameters(model)["trainable"])
-    logger = run_utils.setup_logging(output_dir / "train.log", accelerator.is_main_process)
+    logger = run_folder.setup_logging(output_dir / "train.log", accelerator.is_main_process)
     config = write_config(args, accelerator, precision_choice, inputs, count_parameters(model), schedule)
     log_setup(logger, args, config, inputs, precision_choice)
     optimizer = make_optimizer(model, args.lr, args.weight_decay, args.adam_betas)
@@ -879,7 +907,7 @@ def main(argv: list[str] | None = None) -> dict:
     samples = [inputs.val_records[e["index"]] for e in inputs.val_examples[: args.num_samples]]
     # validate()'s arguments after (state, epoch): the same at every evaluation
     evaluation = (args, accelerator, loss_model, model, tokenizer, eval_dataloader, samples, config, logger)
-    state = resume(accelerator, model, optimizer, lr_scheduler, inputs.checkpoint, logger)
+    state = resume(accelerator, model, optimizer, lr_scheduler, inputs.resume_folder, logger)
     init_trackers(accelerator, args)
     if not args.resume_from and not args.no_baseline:
         validate(state, 0.0, *evaluation, baseline=True)
@@ -943,7 +971,7 @@ def main(argv: list[str] | None = None) -> dict:
             break
     progress.close()
     summary = finish(state, status, stop_reason, args, accelerator, model, tokenizer, config, logger)
-    run_utils.release_lock(lock)
+    run_folder.release_lock(lock)
     if status == "stopped_bad_steps":
         sys.exit(f"error: training stopped: {stop_reason}")
     return summary

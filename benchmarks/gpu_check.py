@@ -40,6 +40,7 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402  (the repo root must be on sys.path first)
 
+from common.jsonio import write_json  # noqa: E402
 from common.model import DEFAULT_MODEL  # noqa: E402
 
 # run name -> (train.py --mixed-precision, --quantization, needs bf16 tensor cores)
@@ -194,7 +195,7 @@ def measure_memory(args: argparse.Namespace, precision: str, quantization: str |
     return result
 
 
-def render_markdown(result: dict) -> str:
+def render_gpu_check_report(result: dict) -> str:
     """The gpu.md section: card, peaks, one row per training run, one per memory measurement."""
     card, c = result["card"], result["config"]
     peaks = ", ".join(f"{name} {rate / 1e12:.1f}" for name, rate in result["peak_flops"].items()) or "not measured"
@@ -264,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from common.model import load_config
     from common.precision import resolve_precision
-    from common.run import package_versions
+    from common.run_folder import package_versions
 
     start = time.perf_counter()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -306,13 +307,13 @@ def main(argv: list[str] | None = None) -> int:
         "versions": versions,
         "wall_s": time.perf_counter() - start,
     }
-    markdown = render_markdown(result)
+    markdown = render_gpu_check_report(result)
     print(markdown)
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
     with open(output, "a") as handle:
         handle.write(("" if output.stat().st_size else "# GPU check (benchmarks/gpu_check.py)\n\n") + markdown + "\n")
-    output.with_suffix(".json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+    write_json(output.with_suffix(".json"), result)
     failed = any("error" in row for row in [*train.values(), *memory.values()])
     return 1 if failed else 0
 

@@ -28,11 +28,11 @@ from common.memory import (  # noqa: E402  (the repo root must be on sys.path fi
     GIB,
     MIB,
     compare_to_measurement,
-    count_parameters,
+    count_architecture_parameters,
     describe_architecture,
     estimate_memory,
     measure_in_subprocess,
-    recommend,
+    recommend_setup,
 )
 from common.model import DEFAULT_MODEL, load_config  # noqa: E402
 
@@ -64,16 +64,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def build_fit_table(args: argparse.Namespace) -> list[str]:
     """Rows of the T4 table, one per (config, sequence length)."""
     configs = [(path, load_config(str(path))) for path in sorted(Path(args.configs).glob("*.json"))]
-    configs.sort(key=lambda item: count_parameters(describe_architecture(item[1]))["total"])
+    configs.sort(key=lambda item: count_architecture_parameters(describe_architecture(item[1]))["total"])
     lines = [
         f"| model | params | seq | LoRA fp16 GiB (GC) | LoRA max micro-batch | QLoRA NF4 GiB (GC) "
         f"| QLoRA max micro-batch | recommendation for {args.gpu_memory:g} GiB |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for path, config in configs:
-        params = count_parameters(describe_architecture(config))["total"]
+        params = count_architecture_parameters(describe_architecture(config))["total"]
         for seq_len in args.seq_lens:
-            decision = recommend(
+            decision = recommend_setup(
                 config, args.gpu_memory, args.batch_size, seq_len, args.rank, args.target_modules, device="cuda"
             )
             cells = []

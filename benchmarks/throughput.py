@@ -26,7 +26,7 @@ transformers' `num_items_in_batch`, which the script checks is in use).
 Measured per run, in a fresh subprocess: non-padding tokens/s over the optimizer steps after the first
 (warm-up, excluded) from each arm's own step clock (ours: train_log.jsonl; TRL: a callback at each step
 end); train.py's end-of-run validation and saving are not timed. Peak memory: the child's peak RSS
-(its VmHWM, Linux). MFU: `common.training.estimate_train_flops` of the timed steps / their seconds / the
+(its VmHWM, Linux). MFU: `common.perf.estimate_train_flops` of the timed steps / their seconds / the
 FASTEST dtype's matmul rate at the model's shapes (`common.precision.resolve_precision`'s probe; the better
 of a measurement before and after), whatever dtype either arm ran in.
 Results: a markdown section appended to --output and the JSON next to it (throughput.json).
@@ -51,6 +51,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from common.jsonio import read_jsonl, write_json  # noqa: E402  (the repo root must be on sys.path first)
 
 # The LoRA both arms train (the issue's configuration; also train.py's defaults).
 LORA = {"rank": 16, "alpha": 32, "dropout": 0.05, "target_modules": ["q_proj", "k_proj", "v_proj"]}
@@ -157,16 +159,12 @@ def read_train_log(path: Path) -> list[dict]:
 
     train.py logs `tokens_per_s = tokens / seconds` of each step, so seconds = tokens / tokens_per_s.
     """
-    steps = []
-    for line in Path(path).read_text().splitlines():
-        record = json.loads(line)
-        if record.get("type") == "step":
-            steps.append({
-                "step": record["step"], "seconds": record["tokens"] / record["tokens_per_s"],
-                "tokens": record["tokens"], "trained_tokens": record["trained_tokens"],
-                "loss": record["loss"], "mfu": record["mfu"],
-            })  # fmt: skip
-    return steps
+    keys = ("step", "tokens", "trained_tokens", "loss", "mfu")
+    return [
+        {key: record[key] for key in keys} | {"seconds": record["tokens"] / record["tokens_per_s"]}
+        for record in read_jsonl(path)
+        if record.get("type") == "step"
+    ]
 
 
 def summarize_steps(steps: list[dict], warmup: int = 1) -> dict:
@@ -201,13 +199,13 @@ def summarize_steps(steps: list[dict], warmup: int = 1) -> dict:
 
 def compute_mfu(params: dict, steps: list[dict], seconds: float, peak_flops: float) -> float:
     """Model FLOP utilization of `steps` (dicts with tokens, trained_tokens, sum_sq_len) run in `seconds`."""
-    from common.training import estimate_train_flops
+    from common.perf import estimate_train_flops
 
     flops = sum(estimate_train_flops(params, s["tokens"], s["trained_tokens"], s["sum_sq_len"]) for s in steps)
     return flops / seconds / peak_flops
 
 
-def render_markdown(result: dict) -> str:
+def render_throughput_report(result: dict) -> str:
     """A dated markdown section: settings, one row per run, the ours/TRL summary and the mask check."""
     c, s = result["config"], result["summary"]
     lines = [
@@ -451,10 +449,10 @@ def train_trl_child(spec_file: str) -> None:
         "base_dtype": str(next(p for p in trainer.model.parameters() if not p.requires_grad).dtype),
         "adapter_dtype": str(next(p for p in trainer.model.parameters() if p.requires_grad).dtype),
     }
-    (Path(spec["output_dir"]) / "result.json").write_text(json.dumps(result))
+    write_json(Path(spec["output_dir"]) / "result.json", result)
 
 
-def package_versions() -> dict:
+def arm_package_versions() -> dict:
     """Versions of the packages that decide the speed of either arm."""
     versions = {}
     for name in ("torch", "transformers", "peft", "accelerate", "trl"):
@@ -477,8 +475,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     from common.data import DataError, load_records, tokenize_records
     from common.lora import apply_lora
     from common.model import ModelLoadError, load_config, load_model_and_tokenizer, resolve_model_path
+    from common.perf import count_matmul_params
     from common.precision import resolve_precision
-    from common.training import count_matmul_params
 
     load_avg_start = list(os.getloadavg())
     try:
@@ -583,9 +581,9 @@ def main(argv: list[str] | None = None) -> dict | None:
         "code_shas": sorted({r["code_sha"] for r in runs if "code_sha" in r}),
         "runs": runs,
         "summary": summarize_arms(runs),
-        "versions": package_versions(),
+        "versions": arm_package_versions(),
     }  # fmt: skip
-    markdown = render_markdown(result)
+    markdown = render_throughput_report(result)
     print(markdown)
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -593,7 +591,7 @@ def main(argv: list[str] | None = None) -> dict | None:
         handle.write(
             ("" if output.stat().st_size else "# Throughput: train.py vs TRL SFTTrainer\n\n") + markdown + "\n"
         )
-    output.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    write_json(output.with_suffix(".json"), result)
     if args.keep_runs:
         print(f"run folders kept in {work}")
     else:

@@ -697,3 +697,41 @@ class LengthGroupedBatchSampler(BatchSampler):
     def __len__(self) -> int:
         """Number of batches per epoch."""
         return math.ceil(len(self.lengths) / self.batch_size)
+
+
+def check_splits(
+    train_file: str,
+    train_examples: list,
+    validation_file: str,
+    val_examples: list,
+    max_seq_len: int,
+    both_given: bool = True,
+) -> None:
+    """Refuse empty splits and, when the user gave both files, a validation file larger than the training file.
+
+    Args:
+        train_file: --train-file.
+        train_examples: its tokenized examples.
+        validation_file: --validation-file, or a description of the split held out of the training file.
+        val_examples: the validation examples.
+        max_seq_len: --max-seq-len, named in the messages.
+        both_given: the user passed both --train-file and --validation-file; only then can a larger
+            validation set mean swapped files (a default or a held-out split is never the user's mistake).
+
+    Raises:
+        DataError: naming the file and what to do.
+    """
+    if not train_examples:
+        raise DataError(
+            f"{train_file}: no example is left after dropping those longer than --max-seq-len {max_seq_len}; raise it"
+        )
+    if not val_examples:
+        raise DataError(
+            f"{validation_file}: no example is left after dropping those longer than --max-seq-len {max_seq_len}"
+        )
+    if both_given and len(val_examples) > len(train_examples):
+        raise DataError(
+            f"--validation-file {validation_file} has more examples ({len(val_examples)}) than --train-file "
+            f"{train_file} ({len(train_examples)}); the files may be swapped: exchange the values of --train-file "
+            "and --validation-file, or pass a smaller --validation-file"
+        )

@@ -1,16 +1,16 @@
 """Training-memory estimate from a model config, the LoRA-vs-QLoRA decision, and its measurement.
 
-    from common.memory import estimate_memory, recommend, check_fits
+    from common.memory import estimate_memory, recommend_setup, check_fits
     estimate = estimate_memory(config, batch_size=4, seq_len=1024, rank=16, target_modules=["q_proj", "v_proj"],
                                quantization="nf4", dtype="fp16", gradient_checkpointing=True)
     estimate["total"], estimate["components"]          # bytes, and bytes per component
-    decision = recommend(config, gpu_memory_gb=16, batch_size=4, seq_len=1024, rank=16, target_modules="all-linear")
+    decision = recommend_setup(config, gpu_memory_gb=16, batch_size=4, seq_len=1024, rank=16, target_modules="all-linear")
     fits, message = check_fits(config, "cuda", budget_bytes=None, ...)   # the pre-flight check train.py runs
 
 The estimate is a pure function of the config (no weights) and the training settings. Every term
 is counted from first principles for a Llama-style decoder (q/k/v/o attention, gated SiLU MLP,
 RMSNorm) trained the way `train.py` trains it: frozen base, LoRA adapters in fp32, AdamW, autocast
-in `compute_dtype`, the loss of `common.training` (LM head only on trained positions). Peak memory
+in `compute_dtype`, the loss of `common.loss` (LM head only on trained positions). Peak memory
 is taken at the start of the backward pass, when every saved activation and the loss buffers are
 alive at once:
 
@@ -170,7 +170,7 @@ def resolve_target_modules(target_modules: list[str] | str) -> list[str]:
     return [name for name in LINEAR_MODULES if name in target_modules]
 
 
-def count_parameters(arch: dict) -> dict:
+def count_architecture_parameters(arch: dict) -> dict:
     """Parameter counts of the base model, split as the estimate needs them.
 
     Returns:
@@ -322,7 +322,7 @@ def estimate_memory(
         compute_dtype = dtype if dtype != "fp32" else ("bf16" if device == "cpu" else "fp16")
     compute_dtype = _dtype_name(compute_dtype)
     c = DTYPE_BYTES[compute_dtype]
-    params = count_parameters(arch)
+    params = count_architecture_parameters(arch)
     layers, hidden, vocab = arch["layers"], arch["hidden"], arch["vocab"]
     shapes = linear_shapes(arch)
 
@@ -426,7 +426,7 @@ def _largest_fitting(fits, low: int, high: int) -> int:
     return low
 
 
-def recommend(
+def recommend_setup(
     config,
     gpu_memory_gb: float = DEFAULT_GPU_MEMORY_GB,
     batch_size: int = 4,
@@ -781,8 +781,8 @@ def measure_training_memory(
     import time
 
     from common.lora import apply_lora, parse_target_modules
+    from common.loss import TrainedTokenLoss
     from common.model import load_model_and_tokenizer
-    from common.training import TrainedTokenLoss
 
     torch_dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
     on_cuda = device == "cuda"

@@ -14,12 +14,13 @@ renders `report.md`.
 
 from __future__ import annotations
 
-import json
 import math
 import statistics
 from pathlib import Path
 
 import numpy as np
+
+from common.jsonio import read_json, read_jsonl
 
 # Every verdict is a comparison against one of these numbers; report.md prints them with THRESHOLD_NOTES.
 THRESHOLDS = {
@@ -66,29 +67,8 @@ class ReportError(RuntimeError):
     """The run folder cannot be analysed; the message says what is missing."""
 
 
-def read_jsonl(path: str | Path) -> list[dict]:
-    """Read a JSON-lines log; a missing file gives [] and a torn last line (crash) is skipped.
-
-    Args:
-        path: the .jsonl file.
-
-    Returns:
-        The parsed objects in file order.
-    """
-    path = Path(path)
-    if not path.is_file():
-        return []
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue  # a line cut short by a killed process
-    return records
-
-
 def _read_json(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.is_file() else {}
+    return read_json(path, missing_ok=True) or {}
 
 
 def _last_per_step(records: list[dict]) -> list[dict]:
@@ -113,11 +93,11 @@ def load_run_logs(run_dir: str | Path) -> dict:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise ReportError(f"{run_dir} does not exist; pass a run folder such as runs/<run>")
-    train_log = read_jsonl(run_dir / "train_log.jsonl")
+    train_log = read_jsonl(run_dir / "train_log.jsonl", skip_torn_last_line=True)
     steps = _last_per_step([r for r in train_log if r.get("type") == "step"])
     if not steps:
         raise ReportError(f"{run_dir / 'train_log.jsonl'} has no step records; has this run trained yet?")
-    evals = read_jsonl(run_dir / "eval_log.jsonl")
+    evals = read_jsonl(run_dir / "eval_log.jsonl", skip_torn_last_line=True)
     baseline = [r for r in evals if r.get("baseline")]
     epochs = {r["epoch"]: r for r in train_log if r.get("type") == "epoch"}
     return {
@@ -129,7 +109,7 @@ def load_run_logs(run_dir: str | Path) -> dict:
         "bad_steps": [r for r in train_log if r.get("type") == "bad_step"],
         "evals": _last_per_step([r for r in evals if not r.get("baseline")]),
         "baseline": baseline[-1] if baseline else None,
-        "grads": _last_per_step(read_jsonl(run_dir / "grad_log.jsonl")),
+        "grads": _last_per_step(read_jsonl(run_dir / "grad_log.jsonl", skip_torn_last_line=True)),
         "update_ratios": _read_json(run_dir / "update_ratios.json"),
     }
 
@@ -436,7 +416,7 @@ def check_task_learned(evals: list[dict], baseline: dict | None) -> dict:
     return {"verdict": verdict, "reason": numbers, "last_parse_rate": parse, "last_outcome_accuracy": accuracy}
 
 
-def recommend(analysis: dict) -> tuple[list[str], list[str]]:
+def recommend_next_steps(analysis: dict) -> tuple[list[str], list[str]]:
     """Derive recommendations and failure modes from the computed numbers.
 
     Args:
@@ -529,7 +509,7 @@ def analyze_run(logs: dict) -> dict:
         "update_ratios": logs["update_ratios"],
         "thresholds": THRESHOLDS,
     }
-    analysis["recommendations"], analysis["failure_modes"] = recommend(analysis)
+    analysis["recommendations"], analysis["failure_modes"] = recommend_next_steps(analysis)
     return analysis
 
 

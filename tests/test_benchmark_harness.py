@@ -104,7 +104,7 @@ def test_summarize_arms_and_markdown_table(bench):
         "matmul_params": {"body": 100, "lora": 2, "head": 10}, "versions": {"trl": "1.16.0"},
         "code_shas": ["aaaaaaaaaaaa", "bbbbbbbbbbbb"],
     }  # fmt: skip
-    markdown = bench.render_markdown(result)
+    markdown = bench.render_throughput_report(result)
     assert "| run | arm | tokens/s | timed s | peak RSS MiB | loss step 1 | final loss | MFU |" in markdown
     assert "| 1 | ours | 300 | 10.0 | 2000 | 4.0000 | 3.0000 | 10.0% |" in markdown
     assert "| 1 | trl | 200 | 15.0 | 2500 | 4.0000 | 3.1000 | 5.0% |" in markdown
@@ -146,7 +146,7 @@ def test_trl_runs_at_its_faster_precision_and_the_table_says_so(bench):
         "plan_trained_tokens": [5], "plan_tokens": [10], "masks_match": True, "loss_normalization": "same",
         "trl_checks": "", "matmul_params": {"body": 100, "lora": 2, "head": 10}, "versions": {}, "code_shas": ["a"],
     }  # fmt: skip
-    markdown = bench.render_markdown(result)
+    markdown = bench.render_throughput_report(result)
     assert "ours auto, TRL bf16" in markdown.splitlines()[0]
     assert "at the model's shapes (fp32 0.25, bf16 0.98 TFLOP/s): 0.98 TFLOP/s" in markdown
     assert "TRL precision probe: no 210 tokens/s, bf16 380 tokens/s: bf16 kept." in markdown

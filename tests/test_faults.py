@@ -36,8 +36,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import train
-from common import run as run_utils
-from common.training import CheckpointError, check_checkpoint, list_checkpoints
+from common import checkpoint, run_folder
+from common.checkpoint import CheckpointError, list_complete, verify
+from common.jsonio import read_jsonl
 from tests.conftest import REPO
 
 # 24 examples, batch 2 x accum 2 -> 6 optimizer steps per epoch, 12 in all; a checkpoint every 2
@@ -60,8 +61,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, os.environ["FAULT_REPO"])
-import common.run as run_utils
-from common.training import TrainedTokenLoss
+import common.checkpoint as checkpoint
+import common.jsonio as jsonio
+from common.loss import TrainedTokenLoss
 import train
 
 KIND, _, N = os.environ["FAULT_PAUSE"].partition(":")
@@ -74,7 +76,7 @@ def pause(**where):
     time.sleep(600)  # the test sends SIGKILL now
 
 
-original_append = run_utils.append_jsonl
+original_append = jsonio.append_jsonl
 def append_jsonl(path, record):
     original_append(path, record)
     if record.get("type") == "step":
@@ -94,7 +96,7 @@ def forward(self, *args, **kwargs):
     return original_forward(self, *args, **kwargs)
 
 
-original_save_checkpoint = run_utils.save_checkpoint
+original_save_checkpoint = checkpoint.save
 def save_checkpoint(*args, **kwargs):
     # before_epoch_save:N -> the epoch-end evaluation (and best/) is done, its checkpoint not started
     state = inspect.signature(original_save_checkpoint).bind(*args, **kwargs).arguments["trainer_state"]
@@ -103,7 +105,7 @@ def save_checkpoint(*args, **kwargs):
     return original_save_checkpoint(*args, **kwargs)
 
 
-original_save_file = run_utils.save_file_atomic
+original_save_file = checkpoint.save_file_atomic
 def save_file_atomic(*args, **kwargs):
     # mid_save:N -> the adapter of step N's checkpoint is written, the optimizer state is not
     path = Path(inspect.signature(original_save_file).bind(*args, **kwargs).arguments["path"])
@@ -112,10 +114,10 @@ def save_file_atomic(*args, **kwargs):
     return original_save_file(*args, **kwargs)
 
 
-run_utils.append_jsonl = append_jsonl
+jsonio.append_jsonl = append_jsonl
 TrainedTokenLoss.forward = forward
-run_utils.save_checkpoint = save_checkpoint
-run_utils.save_file_atomic = save_file_atomic
+checkpoint.save = save_checkpoint
+checkpoint.save_file_atomic = save_file_atomic
 train.main(sys.argv[1:])
 '''
 
@@ -132,10 +134,6 @@ RESUMED = re.compile(r"resumed from (\S+): step (\d+), epoch (\d+), batch (\d+)"
 
 
 # --- helpers ---
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 
 def steps_by_number(records: list[dict]) -> dict[int, dict]:
@@ -374,7 +372,7 @@ def test_corrupted_latest_checkpoints_fall_back_to_previous_complete(reference, 
     original = reference()
     run = tmp_path / "run"
     shutil.copytree(original, run, ignore=shutil.ignore_patterns("final", "summary.json", "update_ratios.json"))
-    assert [p.name for p in list_checkpoints(run / "checkpoints")] == ["step_000008", "step_000010", "step_000012"]
+    assert [p.name for p in list_complete(run / "checkpoints")] == ["step_000008", "step_000010", "step_000012"]
     truncated = run / "checkpoints" / "step_000012" / "adapter_model.safetensors"
     truncated.write_bytes(truncated.read_bytes()[: truncated.stat().st_size // 2])
     garbled = run / "checkpoints" / "step_000010" / "optimizer.safetensors"
@@ -413,10 +411,10 @@ def test_checkpoint_without_complete_marker_is_never_latest(checkpoints, record_
     shutil.copytree(checkpoints / "step_000012", renamed)
     (renamed / "COMPLETE").unlink()
     shutil.copytree(checkpoints / "step_000012", checkpoints / ".step_000016.tmp")
-    logger = run_utils.setup_logging(None, True)
-    assert run_utils.find_resume_checkpoint(checkpoints.parent, "latest", logger) == checkpoints / "step_000012"
+    logger = run_folder.setup_logging(None, True)
+    assert checkpoint.find_resume(checkpoints.parent, "latest", logger) == checkpoints / "step_000012"
     with pytest.raises(CheckpointError, match="has no COMPLETE marker: it was not fully written") as excinfo:
-        run_utils.find_resume_checkpoint(checkpoints.parent, str(renamed), logger)
+        checkpoint.find_resume(checkpoints.parent, str(renamed), logger)
     record_property("observed", f"latest = step_000012; explicit: {excinfo.value}")
 
 
@@ -429,7 +427,7 @@ def test_flipped_bytes_in_tensor_data_are_detected(checkpoints, record_property)
     with safe_open(str(target), "pt") as handle:  # the damage is invisible to a plain load
         assert list(handle.keys())
     with pytest.raises(CheckpointError, match=re.escape(str(target))) as excinfo:
-        check_checkpoint(checkpoints / "step_000012")
+        verify(checkpoints / "step_000012")
     record_property("observed", str(excinfo.value))
 
 
@@ -459,9 +457,26 @@ def test_nan_loss_and_inf_gradients_skip_updates_and_are_counted(
     for file in saved:
         for name, tensor in load_file(file).items():
             assert torch.isfinite(tensor).all(), f"{file}: {name}"
+    # Every JSON file of the run is strict JSON: the NaN loss is null plus a flag, never a bare NaN.
+    json_files = [p for p in sorted(run.rglob("*")) if p.suffix in (".json", ".jsonl") or p.name == "COMPLETE"]
+    assert {"train_log.jsonl", "summary.json", "trainer_state.json", "optimizer.json"} <= {p.name for p in json_files}
+    for file in json_files:
+        for line in file.read_text().splitlines() if file.suffix == ".jsonl" else [file.read_text()]:
+            json.loads(line, parse_constant=reject_bare_constant)  # raises on NaN / Infinity / -Infinity
+    strict = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
+    poisoned = next(r for r in strict if r["type"] == "step" and r["step"] == 2)
+    assert poisoned["loss"] is None and poisoned["nonfinite"] == {"loss": "NaN", "grad_norm": "NaN"}
+    assert steps[2]["loss"] != steps[2]["loss"]  # common.jsonio.read_jsonl (read_jsonl here) restores the NaN
     record_property(
-        "observed", f"bad_step 2: {bad[2]} | bad_step 4: {bad[4]} | {len(saved)} safetensors files all finite"
+        "observed",
+        f"bad_step 2: {bad[2]} | bad_step 4: {bad[4]} | {len(saved)} safetensors files all finite | "
+        f"{len(json_files)} JSON files strict; step 2: {json.dumps(poisoned['nonfinite'])}",
     )
+
+
+def reject_bare_constant(name: str) -> None:
+    """`parse_constant` of a strict JSON parser: NaN and Infinity are not JSON."""
+    raise AssertionError(f"bare {name} in a JSON file")
 
 
 def test_too_many_bad_steps_in_a_row_stop_the_run(tiny_model_dir, toy_data_dir, tmp_path, record_property):
@@ -491,13 +506,13 @@ def test_non_finite_adapter_is_never_saved_as_best_or_final(tiny_model_dir, tmp_
     model, tokenizer = load_model_and_tokenizer(str(tiny_model_dir))
     model = apply_lora(model, 4, 8, 0.0, ["q_proj", "v_proj"])
     best = tmp_path / "best"
-    run_utils.save_adapter_folder(model, tokenizer, best, str(tiny_model_dir), {"metrics.json": {"step": 1}})
+    checkpoint.save_adapter_folder(model, tokenizer, best, str(tiny_model_dir), {"metrics.json": {"step": 1}})
     before = tree(best)
     name = next(n for n in get_peft_model_state_dict(model) if "lora_B" in n)
     with torch.no_grad():
         dict(model.named_parameters())[name.replace(".weight", ".default.weight")].fill_(float("nan"))
     with pytest.raises(CheckpointError, match="has non-finite values; refusing to save or export it") as excinfo:
-        run_utils.save_adapter_folder(model, tokenizer, best, str(tiny_model_dir), {"metrics.json": {"step": 2}})
+        checkpoint.save_adapter_folder(model, tokenizer, best, str(tiny_model_dir), {"metrics.json": {"step": 2}})
     assert tree(best) == before and not (tmp_path / ".best.tmp").exists()
     record_property("observed", str(excinfo.value).replace(str(tmp_path), "<tmp>"))
 

@@ -21,12 +21,12 @@ from common.memory import (
     MemoryEstimateError,
     check_fits,
     compare_to_measurement,
-    count_parameters,
+    count_architecture_parameters,
     describe_architecture,
     estimate_memory,
     measure_in_subprocess,
     nf4_bytes,
-    recommend,
+    recommend_setup,
 )
 from common.model import load_config
 
@@ -49,7 +49,7 @@ def tiny_config() -> LlamaConfig:
 
 
 def test_parameter_counts_by_hand(tiny_config):
-    params = count_parameters(describe_architecture(tiny_config))
+    params = count_architecture_parameters(describe_architecture(tiny_config))
     # per layer: q 64x64, k 64x32, v 64x32, o 64x64, gate/up/down 64x128
     assert params["linear"] == 2 * (4096 + 2048 + 2048 + 4096 + 3 * 8192)
     assert params["embedding"] == 1000 * 64
@@ -139,7 +139,7 @@ def test_recommendation_flips_from_lora_to_qlora_as_budget_shrinks():
     config = load_config(str(REPO / "configs/llama-3.2-1b-instruct.json"))
     methods = []
     for budget in (24, 16, 8, 6, 5, 4, 3, 2.5, 2, 1):
-        decision = recommend(config, budget, batch_size=4, seq_len=1024, rank=16, target_modules="all-linear")
+        decision = recommend_setup(config, budget, batch_size=4, seq_len=1024, rank=16, target_modules="all-linear")
         methods.append(decision["method"])
         if decision["method"] != "none":
             assert decision["estimated_gb"] <= decision["usable_gb"]
@@ -151,8 +151,8 @@ def test_recommendation_flips_from_lora_to_qlora_as_budget_shrinks():
 
 def test_recommendation_reduces_micro_batch_and_keeps_effective_batch():
     config = load_config(str(REPO / "configs/qwen2.5-0.5b-instruct.json"))
-    big = recommend(config, 16, batch_size=16, seq_len=2048)
-    small = recommend(config, 6, batch_size=16, seq_len=2048)
+    big = recommend_setup(config, 16, batch_size=16, seq_len=2048)
+    small = recommend_setup(config, 6, batch_size=16, seq_len=2048)
     assert big["micro_batch_size"] >= small["micro_batch_size"] >= 1
     assert small["micro_batch_size"] < 16 and small["effective_batch_size"] == 16
     assert small["gradient_accumulation_steps"] * small["micro_batch_size"] == 16
@@ -172,13 +172,13 @@ def test_a_7b_model_on_a_t4_is_sent_to_qlora():
     config = load_config(str(REPO / "configs/mistral-7b-instruct-v0.3.json"))
     # Short sequences: the old rule sent it to fp16 LoRA at micro-batch 1, 14.3 of 14.4 GiB usable. Even without
     # the estimator's own error, the micro-batch rule now picks QLoRA, which fits the asked batch of 4.
-    unbanded = recommend(config, 16, batch_size=4, seq_len=256, error_band=0.0)
+    unbanded = recommend_setup(config, 16, batch_size=4, seq_len=256, error_band=0.0)
     lora = next(c for c in unbanded["candidates"] if c["method"] == "lora" and c["gradient_checkpointing"])
     assert lora["max_micro_batch_size"] == 1
     assert unbanded["method"] == "qlora" and unbanded["micro_batch_size"] == 4
     assert "LoRA on the fp16 base fits only micro-batch 1 of 4" in unbanded["reason"]
     for seq_len in (256, 1024):
-        decision = recommend(config, 16, batch_size=4, seq_len=seq_len)
+        decision = recommend_setup(config, 16, batch_size=4, seq_len=seq_len)
         assert decision["method"] == "qlora" and decision["micro_batch_size"] == 4, decision["reason"]
         assert decision["gradient_accumulation_steps"] == 1 and decision["headroom_gb"] > 3
         assert decision["estimated_with_band_gb"] == pytest.approx(decision["estimated_gb"] * 1.11)
@@ -187,7 +187,7 @@ def test_a_7b_model_on_a_t4_is_sent_to_qlora():
 
 def test_lora_at_micro_batch_1_loses_to_qlora_at_the_asked_batch():
     config = load_config(str(REPO / "configs/mistral-7b-instruct-v0.3.json"))
-    decision = recommend(config, 19, batch_size=4, seq_len=1024)  # LoRA+GC fits 1 sequence (16.5 of 17.1 GiB)
+    decision = recommend_setup(config, 19, batch_size=4, seq_len=1024)  # LoRA+GC fits 1 sequence (16.5 of 17.1 GiB)
     lora = max(c["max_micro_batch_size"] for c in decision["candidates"] if c["method"] == "lora")
     assert lora == 1
     assert (decision["method"], decision["micro_batch_size"], decision["gradient_accumulation_steps"]) == (
@@ -198,10 +198,10 @@ def test_lora_at_micro_batch_1_loses_to_qlora_at_the_asked_batch():
     assert "LoRA on the fp16 base fits only micro-batch 1 of 4" in decision["reason"]
     assert "GiB to spare" in decision["reason"] and decision["headroom_gb"] > 5
     # LoRA that fits the asked batch still wins: no quantization error, faster steps
-    roomy = recommend(config, 24, batch_size=4, seq_len=1024)
+    roomy = recommend_setup(config, 24, batch_size=4, seq_len=1024)
     assert roomy["method"] == "lora" and roomy["micro_batch_size"] == 4
     # and QLoRA must do better than micro-batch 1 to take over
-    single = recommend(config, 19, batch_size=1, seq_len=1024)
+    single = recommend_setup(config, 19, batch_size=1, seq_len=1024)
     assert single["method"] == "lora" and single["micro_batch_size"] == 1
 
 
@@ -236,7 +236,7 @@ def test_check_fits_and_bad_settings(tiny_config):
     ],
 )
 def test_shipped_configs_match_published_parameter_counts(name, billions):
-    params = count_parameters(describe_architecture(load_config(str(REPO / f"configs/{name}.json"))))
+    params = count_architecture_parameters(describe_architecture(load_config(str(REPO / f"configs/{name}.json"))))
     assert params["total"] / 1e9 == pytest.approx(billions, rel=0.005)
 
 

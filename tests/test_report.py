@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import evaluate
+from common.jsonio import read_jsonl
 from common.report import (
     THRESHOLDS,
     analyze_run,
@@ -18,7 +19,6 @@ from common.report import (
     detect_overfitting,
     find_dead_adapters,
     load_run_logs,
-    read_jsonl,
     smooth,
 )
 
@@ -212,7 +212,7 @@ def test_dead_adapters_while_lora_b_is_still_zero():
 def test_log_reading_tolerates_torn_line_and_missing_run(tmp_path):
     path = tmp_path / "log.jsonl"
     path.write_text('{"step": 1}\n{"step": 2}\n{"step": 3, "lo')
-    assert read_jsonl(path) == [{"step": 1}, {"step": 2}]
+    assert read_jsonl(path, skip_torn_last_line=True) == [{"step": 1}, {"step": 2}]
     assert read_jsonl(tmp_path / "missing.jsonl") == []
     assert smooth([1.0, float("nan"), 1.0], span=3) == [1.0, 1.0, 1.0]
     with pytest.raises(SystemExit, match="does not exist"):

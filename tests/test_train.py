@@ -291,8 +291,8 @@ def test_eager_and_sdpa_attention_give_the_same_losses_and_gradients(tiny_model_
     """The auto choice is a speed choice only: padded, variable-length batch, fp32."""
     from common.data import collate_batch, tokenize_records
     from common.lora import apply_lora
+    from common.loss import compute_token_losses
     from common.model import load_model_and_tokenizer
-    from common.training import compute_token_losses
 
     records = [make_conversation(i) for i in range(3)]
     records[0]["messages"][-1]["content"] += " More words here." * 6

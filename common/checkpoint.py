@@ -1,0 +1,378 @@
+"""Checkpoints and adapter folders: the format, save/load/find/rotate for resume, atomic publish,
+the COMPLETE marker and its hashes.
+
+A checkpoint folder `checkpoints/step_000120/` holds the adapter (safetensors),
+optimizer.safetensors + optimizer.json, scheduler.json, scaler.json, rng_state_rank<N>.json,
+trainer_state.json and config.json. Every folder (checkpoint, best/, final/) is written under a
+temporary name, renamed into place, and gets its COMPLETE marker last: {"created", "sha256":
+{file: digest}} of its safetensors files. A folder without the marker is never used. Tensors are
+safetensors and everything else strict JSON: nothing is pickled, nothing read with `torch.load`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from common.jsonio import read_json, write_json
+
+COMPLETE_MARKER = "COMPLETE"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, incomplete or corrupted; the message names the file."""
+
+
+# --- the files: tensors, optimizer state, RNG state ---
+
+
+def sha256_of(path: Path) -> str:
+    """Hex sha256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def assert_finite(tensors: dict, where: str) -> None:
+    """Raise if any tensor holds NaN/inf: such weights must never be saved as best/final/export.
+
+    Raises:
+        CheckpointError: naming the first non-finite tensor.
+    """
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise CheckpointError(f"{where}: tensor {name} has non-finite values; refusing to save or export it")
+
+
+def save_file_atomic(tensors: dict, path: Path) -> None:
+    """safetensors `save_file` to a temp name, then rename into place."""
+    tmp = Path(path).with_name(f".{Path(path).name}.tmp")
+    save_file(tensors, str(tmp))
+    os.replace(tmp, path)
+
+
+def optimizer_state_to_files(state_dict: dict) -> tuple[dict, dict]:
+    """Split an optimizer state_dict into tensors (for safetensors) and JSON-able metadata."""
+    tensors, meta = {}, {"param_groups": state_dict["param_groups"], "state": {}}
+    for index, param_state in state_dict["state"].items():
+        meta["state"][str(index)] = {}
+        for key, value in param_state.items():
+            if torch.is_tensor(value):
+                tensors[f"{index}.{key}"] = value.detach().contiguous().cpu()
+                meta["state"][str(index)][key] = {"tensor": f"{index}.{key}"}
+            else:
+                meta["state"][str(index)][key] = value
+    return tensors, meta
+
+
+def optimizer_state_from_files(tensors: dict, meta: dict) -> dict:
+    """Inverse of `optimizer_state_to_files`."""
+    state = {}
+    for index, param_state in meta["state"].items():
+        state[int(index)] = {
+            key: tensors[value["tensor"]] if isinstance(value, dict) and "tensor" in value else value
+            for key, value in param_state.items()
+        }
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def rng_state() -> dict:
+    """Capture every RNG this process uses, as JSON-serializable data (no pickle).
+
+    Returns:
+        {"python": ..., "numpy": ..., "torch": [uint8 values], "cuda": [[...] per device]}
+    """
+    py_version, py_state, py_gauss = random.getstate()
+    np_state = np.random.get_state()
+    return {
+        "python": [py_version, list(py_state), py_gauss],
+        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "torch": torch.get_rng_state().tolist(),
+        "cuda": [s.tolist() for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else [],
+    }
+
+
+def restore_rng_state(state: dict) -> None:
+    """Restore RNGs captured by `rng_state` (possibly after a JSON round trip)."""
+    version, py_state, gauss = state["python"]
+    random.setstate((version, tuple(py_state), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    if state.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
+
+
+# --- folders: atomic publish, the COMPLETE marker, verification ---
+
+
+def publish_folder(tmp_dir: Path, final_dir: Path, overwrite: bool = True, complete_marker: bool = True) -> None:
+    """Rename a fully written temp folder into place; then write its COMPLETE marker (hashes) last.
+
+    Args:
+        tmp_dir: the finished folder, a sibling of `final_dir` (so the rename is atomic).
+        final_dir: where it should appear.
+        overwrite: replace an existing `final_dir` (else refuse).
+        complete_marker: write COMPLETE with the sha256 of every safetensors file.
+
+    Raises:
+        FileExistsError: `final_dir` exists (or appeared meanwhile) and `overwrite` is False.
+    """
+    final_dir = Path(final_dir)
+    # hash before the rename: the marker then vouches for exactly the bytes that were written
+    digests = {p.name: sha256_of(p) for p in sorted(Path(tmp_dir).glob("*.safetensors"))}
+    old = final_dir.with_name(f".{final_dir.name}.old")
+    if final_dir.exists():
+        if not overwrite:
+            raise FileExistsError(f"{final_dir} already exists")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final_dir, old)
+    try:
+        # rename (not replace): fails if another process published the same folder meanwhile
+        os.rename(tmp_dir, final_dir)
+    except OSError:
+        if old.exists() and not final_dir.exists():
+            os.replace(old, final_dir)
+        raise FileExistsError(f"{final_dir} appeared while writing; not overwritten") from None
+    if complete_marker:
+        marker = {"created": time.strftime("%Y-%m-%dT%H:%M:%S"), "sha256": digests}
+        (final_dir / COMPLETE_MARKER).write_text(json.dumps(marker, indent=2, sort_keys=True) + "\n")
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def verify(path: Path) -> None:
+    """Verify a checkpoint or adapter folder: COMPLETE marker present, hashes match, safetensors readable.
+
+    Raises:
+        CheckpointError: naming the folder or the unreadable file.
+    """
+    path = Path(path)
+    if not (path / COMPLETE_MARKER).is_file():
+        raise CheckpointError(
+            f"{path} has no {COMPLETE_MARKER} marker: it was not fully written; use another checkpoint"
+        )
+    try:  # COMPLETE holds {"sha256": {file: digest}}; older checkpoints hold only a timestamp
+        expected = json.loads((path / COMPLETE_MARKER).read_text()).get("sha256", {})
+    except (json.JSONDecodeError, AttributeError):
+        expected = {}
+    for name, digest in sorted(expected.items()):
+        if not (path / name).is_file() or sha256_of(path / name) != digest:
+            raise CheckpointError(
+                f"{path / name} is corrupted (sha256 differs from the one recorded in {COMPLETE_MARKER}); "
+                "use an earlier checkpoint"
+            )
+    for file in sorted(path.glob("*.safetensors")):
+        try:
+            load_file(file)
+        except Exception as err:  # safetensors raises several types for truncated/corrupted files
+            raise CheckpointError(
+                f"{file} is corrupted ({type(err).__name__}: {err}); use an earlier checkpoint"
+            ) from None
+
+
+def list_complete(checkpoint_dir: Path) -> list[Path]:
+    """Complete checkpoints (with the COMPLETE marker) under `checkpoint_dir`, oldest first."""
+    checkpoint_dir = Path(checkpoint_dir)
+    if not checkpoint_dir.is_dir():
+        return []
+    found = [p for p in checkpoint_dir.glob("step_*") if p.is_dir() and (p / COMPLETE_MARKER).is_file()]
+    return sorted(found, key=lambda p: int(p.name.split("_")[1]))
+
+
+def save_adapter_folder(model, tokenizer, folder: Path, base_model: str, extra_json: dict) -> None:
+    """Write a PEFT adapter folder (safetensors) atomically, refusing non-finite weights.
+
+    Args:
+        model: the unwrapped PEFT model.
+        tokenizer: saved next to the adapter (chat template included), or None.
+        folder: destination, e.g. runs/<run>/best.
+        base_model: what the user passed as --model, recorded in adapter_config.json.
+        extra_json: {"file name": data} to write as JSON inside the folder.
+
+    Raises:
+        CheckpointError: an adapter weight is NaN/inf.
+    """
+    from peft import get_peft_model_state_dict
+
+    assert_finite(get_peft_model_state_dict(model), str(folder))
+    tmp = folder.with_name(f".{folder.name}.tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    model.peft_config["default"].base_model_name_or_path = base_model
+    model.save_pretrained(tmp, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    for name, data in extra_json.items():
+        write_json(tmp / name, data)
+    publish_folder(tmp, folder)
+
+
+# --- resume: save, find, load, rotate ---
+
+
+def save(accelerator, model, optimizer, lr_scheduler, trainer_state: dict, folder: Path, config: dict) -> None:
+    """Save everything needed to resume exactly; call on every rank (each rank saves its RNG).
+
+    Args:
+        accelerator: the run's Accelerator.
+        model: the unwrapped PEFT model (only adapter weights are saved).
+        optimizer, lr_scheduler: their states are saved as safetensors + JSON.
+        trainer_state: step counters, data position, best metric, early-stopping state.
+        folder: e.g. runs/<run>/checkpoints/step_000120.
+        config: the run's resolved config, copied into the checkpoint.
+    """
+    tmp = folder.with_name(f".{folder.name}.tmp")
+    if accelerator.is_main_process:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    write_json(tmp / f"rng_state_rank{accelerator.process_index}.json", rng_state())
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        model.peft_config["default"].base_model_name_or_path = config["args"]["model"]
+        model.save_pretrained(tmp, safe_serialization=True)
+        tensors, meta = optimizer_state_to_files(optimizer.state_dict())
+        save_file_atomic(tensors, tmp / "optimizer.safetensors")
+        write_json(tmp / "optimizer.json", meta)
+        write_json(tmp / "scheduler.json", lr_scheduler.state_dict())
+        scaler = accelerator.scaler.state_dict() if accelerator.scaler is not None else None
+        write_json(tmp / "scaler.json", scaler)
+        write_json(tmp / "trainer_state.json", trainer_state)
+        write_json(tmp / "config.json", config)
+        publish_folder(tmp, folder)
+    accelerator.wait_for_everyone()
+
+
+def find_resume(output_dir: Path, resume_from: str, logger: logging.Logger) -> Path:
+    """Pick the checkpoint to resume from: "latest" = newest complete and readable one.
+
+    A folder without COMPLETE is never picked; a complete one whose safetensors are corrupted is
+    reported and skipped in favour of the previous complete checkpoint.
+
+    Raises:
+        CheckpointError: no usable checkpoint.
+    """
+    if resume_from != "latest":
+        path = Path(resume_from)
+        verify(path)
+        return path
+    for path in reversed(list_complete(output_dir / "checkpoints")):
+        try:
+            verify(path)
+            return path
+        except CheckpointError as err:
+            logger.warning(f"skipping checkpoint: {err}")
+    raise CheckpointError(
+        f"no complete checkpoint under {output_dir / 'checkpoints'}: nothing to resume; run without --resume-from "
+        "(add --overwrite if the folder already holds a run's files)"
+    )
+
+
+def load(accelerator, model, optimizer, lr_scheduler, folder: Path) -> dict:
+    """Restore adapter weights, optimizer, scheduler, scaler and this rank's RNG from `folder`.
+
+    Args:
+        accelerator: the run's Accelerator.
+        model: the unwrapped PEFT model.
+        optimizer, lr_scheduler: restored in place.
+        folder: a complete checkpoint folder.
+
+    Returns:
+        The trainer state saved with the checkpoint (trainer_state.json).
+
+    Raises:
+        CheckpointError: the weights do not fit this model, or the checkpoint has fewer ranks.
+    """
+    from peft import set_peft_model_state_dict
+
+    result = set_peft_model_state_dict(model, load_file(folder / "adapter_model.safetensors"))
+    unexpected = getattr(result, "unexpected_keys", [])
+    if unexpected:
+        raise CheckpointError(f"{folder}: adapter weights do not match this model ({unexpected[:3]})")
+    meta = read_json(folder / "optimizer.json")
+    optimizer.load_state_dict(optimizer_state_from_files(load_file(folder / "optimizer.safetensors"), meta))
+    lr_scheduler.load_state_dict(read_json(folder / "scheduler.json"))
+    scaler_state = read_json(folder / "scaler.json")
+    if scaler_state and accelerator.scaler is not None:
+        accelerator.scaler.load_state_dict(scaler_state)
+    rng_file = folder / f"rng_state_rank{accelerator.process_index}.json"
+    if not rng_file.exists():
+        raise CheckpointError(
+            f"{rng_file} missing: the checkpoint was saved with fewer processes; resume with the same number"
+        )
+    restore_rng_state(read_json(rng_file))
+    return read_json(folder / "trainer_state.json")
+
+
+def rotate(checkpoint_dir: Path, keep: int) -> None:
+    """Delete the oldest complete checkpoints beyond `keep` (0 keeps all); the newest always stays.
+
+    best/ and final/ are separate folders, so rotation can never delete them. Incomplete folders
+    (a crash mid-save) are left for inspection; they are never used for resuming.
+    """
+    if keep <= 0:
+        return
+    for victim in list_complete(checkpoint_dir)[: -max(keep, 1)]:
+        shutil.rmtree(victim)
+
+
+# --- reading an adapter folder (evaluate.py, export.py, merge_and_load.py) ---
+
+ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
+
+
+class Adapter(NamedTuple):
+    """A checked adapter folder: its PEFT config, the base it was trained on, its weights."""
+
+    path: Path
+    config: dict  # adapter_config.json
+    base_model: str  # base_model_name_or_path: the alias, folder or hub id train.py was given as --model
+    tensors: dict  # adapter_model.safetensors
+
+
+def open_adapter(folder: Path, require_complete: bool = False) -> Adapter:
+    """Check an adapter folder (a run's best/ or final/, a checkpoint, an export) and read it.
+
+    A folder written by train.py (it has COMPLETE or trainer_state.json) must be complete and
+    match its hashes; every folder must hold a safetensors adapter with finite weights.
+
+    Args:
+        folder: the adapter folder.
+        require_complete: refuse a folder without the COMPLETE marker even if train.py did not write it.
+
+    Returns:
+        The adapter's config, base model and tensors.
+
+    Raises:
+        CheckpointError: missing folder or files, incomplete or corrupted, or non-finite weights.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder} does not exist; pass an adapter folder such as runs/<run>/best")
+    missing = [name for name in ADAPTER_FILES if not (folder / name).is_file()]
+    if missing:
+        raise CheckpointError(
+            f"{folder} has no {', '.join(missing)} (only safetensors adapters are read); "
+            "pass an adapter folder such as runs/<run>/best"
+        )
+    if require_complete or (folder / COMPLETE_MARKER).exists() or (folder / "trainer_state.json").exists():
+        verify(folder)
+    tensors = load_file(folder / "adapter_model.safetensors")
+    assert_finite(tensors, str(folder))
+    config = read_json(folder / "adapter_config.json")
+    return Adapter(folder, config, str(config.get("base_model_name_or_path")), tensors)

@@ -1,0 +1,116 @@
+"""The loss on trained tokens only, and the validation loss.
+
+The loss runs the decoder, then applies the LM head only at positions whose (shifted) label is
+trained, so the vocab x tokens logits are never materialized for system/user/padding tokens. The
+math is unchanged: the summed cross-entropy over trained tokens, which train.py divides by the
+number of trained tokens of the whole effective batch.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+import torch.nn.functional as F
+
+from common.data import IGNORE_INDEX
+
+
+def base_causal_lm(model: torch.nn.Module) -> torch.nn.Module:
+    """The causal LM inside a PEFT model (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def compute_token_losses(
+    model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed next-token cross-entropy per row, over trained (label != -100) positions only.
+
+    Args:
+        model: a causal LM or a PEFT model around one.
+        input_ids, attention_mask, labels: (batch, length) tensors; labels are aligned with
+            input_ids (the shift happens here).
+
+    Returns:
+        (loss_sum per row in float32, trained-token count per row), both of shape (batch,).
+    """
+    base = base_causal_lm(model)
+    decoder = base.get_decoder() if hasattr(base, "get_decoder") else None
+    shift_labels = labels[:, 1:]
+    mask = shift_labels != IGNORE_INDEX
+    rows = mask.nonzero(as_tuple=True)[0]
+    if decoder is None:  # unusual architecture: fall back to full logits
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1][mask]
+    else:
+        hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        logits = base.get_output_embeddings()(hidden[:, :-1][mask])
+    token_losses = F.cross_entropy(logits.float(), shift_labels[mask], reduction="none")
+    loss_sum = torch.zeros(labels.shape[0], dtype=torch.float32, device=labels.device)
+    loss_sum = loss_sum.index_add(0, rows, token_losses)
+    return loss_sum, mask.sum(dim=1)
+
+
+class TrainedTokenLoss(torch.nn.Module):
+    """Wrap a causal LM so `forward(batch)` returns per-example (summed loss, trained tokens).
+
+    The wrapper is what Accelerate prepares, so DDP/FSDP and autocast see the whole computation,
+    for training (sum the rows) and for evaluation (gather the rows) alike.
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        """Args: model: the (PEFT) causal LM to wrap; kept as `self.model`."""
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor):
+        """Return (loss summed over each row's trained tokens, trained tokens per row), shape (batch,)."""
+        return compute_token_losses(self.model, input_ids, attention_mask, labels)
+
+
+@torch.no_grad()
+def evaluate_loss(model: torch.nn.Module, dataloader, accelerator, bootstrap: int = 200, seed: int = 0) -> dict:
+    """Mean cross-entropy and perplexity over every trained token of a dataloader.
+
+    Per-example sums are gathered with `gather_for_metrics`, which drops the samples Accelerate
+    repeats to even out the last batch across ranks, so every validation example counts once.
+
+    Args:
+        model: the prepared `TrainedTokenLoss` (or anything returning per-row loss sums and counts).
+        dataloader: a prepared dataloader; each rank sees its shard.
+        accelerator: for autocast and gathering.
+        bootstrap: resamples of examples for the 95% interval of the mean loss (0 to skip).
+        seed: seed of the bootstrap resampling.
+
+    Returns:
+        {"val_loss", "val_ppl", "val_tokens", "val_examples", "val_loss_ci95" (half-width),
+         "eval_time_s"}; the model is back in train mode afterwards.
+    """
+    start = time.perf_counter()
+    was_training = model.training
+    model.eval()
+    losses, counts = [], []
+    for batch in dataloader:
+        with accelerator.autocast():
+            loss_sum, count = model(**batch)
+        loss_sum, count = accelerator.gather_for_metrics((loss_sum, count))
+        losses.append(loss_sum.double().cpu())
+        counts.append(count.double().cpu())
+    model.train(was_training)
+    losses, counts = torch.cat(losses), torch.cat(counts)
+    mean = float(losses.sum() / counts.sum().clamp_min(1.0))
+    half_width = 0.0
+    if bootstrap > 0 and len(losses) > 1:
+        generator = torch.Generator().manual_seed(seed)
+        picks = torch.randint(len(losses), (bootstrap, len(losses)), generator=generator)
+        means = losses[picks].sum(1) / counts[picks].sum(1)
+        low, high = torch.quantile(means, torch.tensor([0.025, 0.975], dtype=means.dtype)).tolist()
+        half_width = (high - low) / 2
+    return {
+        "val_loss": mean,
+        "val_ppl": math.exp(min(mean, 50.0)),
+        "val_tokens": int(counts.sum()),
+        "val_examples": len(losses),
+        "val_loss_ci95": half_width,
+        "eval_time_s": time.perf_counter() - start,
+    }
