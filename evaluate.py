@@ -94,9 +94,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--report", metavar="RUN_DIR", help="write the convergence report of runs/<run> from its logs")
     # --- data ---
-    parser.add_argument("--split", choices=["train", "validation", "test"],
-                        help="data/<split>.jsonl (default test); for a run that held out a validation split of its "
-                        "--train-file: that part of the file (default validation)")  # fmt: skip
+    split_help = (
+        "data/<split>.jsonl (default test); for a run that held out a validation split of its "
+        "--train-file: that part of the file (default validation)"
+    )
+    parser.add_argument("--split", choices=["train", "validation", "test"], help=split_help)
     parser.add_argument("--data-file", help="evaluate this file instead of --split")
     parser.add_argument("--limit", type=int, help="evaluate only the first N examples")
     parser.add_argument("--max-seq-len", type=int, default=2048, help="longer examples lose their oldest turns")
@@ -105,8 +107,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-new-tokens", type=int, default=320, help="generation budget per reply (worksheet ~250)")
     parser.add_argument("--no-ask-turns", action="store_true", help="skip scoring the intermediate (asking) turns")
     parser.add_argument("--no-base", action="store_true", help="with --adapter: score only the finetuned model")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                        help="model and autocast dtype (auto: the fastest measured on this CPU, bf16/fp16 on a GPU)")  # fmt: skip
+    dtype_help = "model and autocast dtype (auto: the fastest measured on this CPU, bf16/fp16 on a GPU)"
+    parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help=dtype_help)
     # --- statistics and output ---
     parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% intervals")
     parser.add_argument("--seed", type=int, default=1234, help="seeds the bootstrap and torch")
@@ -286,6 +288,227 @@ def write_convergence_report(run_dir: Path, output_dir: Path) -> dict:
     return analysis
 
 
+def resolve_model(args: argparse.Namespace) -> tuple[Path | None, str]:
+    """The adapter folder (checked) and the base model to load: the adapter's own base unless --model.
+
+    Raises:
+        SystemExit: the adapter folder is unusable, or it was trained on another base than --model.
+    """
+    adapter_dir = Path(args.adapter) if args.adapter else None
+    if adapter_dir is None:
+        return None, args.model or DEFAULT_MODEL
+    try:  # the one check of an adapter folder that export.py and merge_and_load.py use too
+        adapter_base = open_adapter(adapter_dir).base_model
+    except CheckpointError as err:
+        sys.exit(f"evaluate.py: error: {err}")
+    if args.model and not same_model(args.model, adapter_base):
+        sys.exit(
+            f"evaluate.py: error: adapter {adapter_dir} was trained on '{adapter_base}', not on --model "
+            f"'{args.model}'; drop --model or pass the matching base model"
+        )
+    return adapter_dir, adapter_base
+
+
+def resolve_data(args: argparse.Namespace, adapter_dir: Path | None) -> tuple[Path, dict | None]:
+    """The data file to score, and the validation split its run held out of it (None if it held none).
+
+    Raises:
+        SystemExit: --split test for a run that has only its held-out split.
+    """
+    # A run given only its own --train-file validated on a held-out split of it: evaluate that same split.
+    held_out = find_recorded_split(adapter_dir) if adapter_dir is not None and not args.data_file else None
+    if held_out is not None and args.split == "test":
+        sys.exit(
+            f"evaluate.py: error: {adapter_dir}'s run held out its validation split from {held_out['source']} and "
+            "has no test file; pass --data-file FILE, or --split validation (the held-out examples)"
+        )
+    data_file = Path(
+        held_out["source"] if held_out else args.data_file or REPO / "data" / f"{args.split or 'test'}.jsonl"
+    )
+    return data_file, held_out
+
+
+def load_records_part(data_file: Path, held_out: dict | None, split: str | None) -> list[dict]:
+    """The records of `data_file`; of a run's held-out split, its training or validation part only."""
+    records = load_records(data_file)
+    if held_out is None:
+        return records
+    fraction, split_seed = held_out["fraction"], held_out["seed"]
+    train_part, validation_part, _ = hold_out_validation(records, fraction, split_seed, str(data_file), held_out)
+    records = train_part if split == "train" else validation_part
+    part = "training" if split == "train" else "held-out validation"
+    logger.info("%s: the %d %s examples of the run's split (seed %d)", data_file, len(records), part, split_seed)
+    return records
+
+
+def load_inputs(args: argparse.Namespace, model_name: str, adapter_dir: Path | None, data_file: Path, held_out, device):
+    """Load the model (with the adapter), the tokenizer and the tokenized records.
+
+    Returns:
+        (model, tokenizer, precision, records, examples, tokenize stats).
+
+    Raises:
+        SystemExit: the model or the data cannot be loaded, or no example fits --max-seq-len.
+    """
+    try:
+        # The rule every script shares (common/precision.py); the base is loaded in the chosen dtype.
+        config = load_config(model_name, trust_remote_code=args.trust_remote_code)
+        precision = resolve_precision(args.dtype, device, config, measure_peak=False, logger=logger)
+        logger.info(precision.describe())
+        # The template the adapter was trained with (saved next to it) unless --chat-template overrides it.
+        chat_template = args.chat_template or (saved_chat_template(adapter_dir) if adapter_dir else None)
+        model, tokenizer = load_model_and_tokenizer(
+            model_name, dtype=precision.dtype, trust_remote_code=args.trust_remote_code, chat_template=chat_template
+        )
+        records = load_records_part(data_file, held_out, args.split)[: args.limit]
+        examples, stats = tokenize_records(records, tokenizer, args.max_seq_len)
+    except (ModelLoadError, DataError) as err:
+        sys.exit(f"evaluate.py: error: {err}")
+    if not examples:
+        sys.exit(f"evaluate.py: error: no example of {data_file} fits --max-seq-len {args.max_seq_len}")
+    if adapter_dir is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(adapter_dir))
+    model.to(device).eval()
+    return model, tokenizer, precision, records, examples, stats
+
+
+def generation_targets(records: list[dict], no_ask_turns: bool) -> dict:
+    """What the replies are scored against: each chat record's final assistant turn, its decision, the asking turns.
+
+    Returns:
+        {"chat_rows", "chats", "prompts", "references", "reference_decisions", "lobs", "ask_prompts",
+         "ask_ids", "ask_expected"}; the prompt is everything before the final assistant turn.
+    """
+    chat_rows = [i for i, r in enumerate(records) if "messages" in r]
+    chats = [records[i] for i in chat_rows]
+    prompts = [prompt_messages(r["messages"]) for r in chats]
+    references = [r["messages"][len(p)]["content"] for r, p in zip(chats, prompts)]
+    # The dataset stores the reference decision; for other files, parse it from the reference reply.
+    reference_decisions = [
+        r["decision"]
+        if isinstance(r.get("decision"), dict) and "outcome" in r["decision"]
+        else parse_decision_line(ref)
+        for r, ref in zip(chats, references)
+    ]
+    ask_prompts, ask_ids, ask_expected = ([], [], []) if no_ask_turns else build_ask_turns(chats)
+    return {
+        "chat_rows": chat_rows,
+        "chats": chats,
+        "prompts": prompts,
+        "references": references,
+        "reference_decisions": reference_decisions,
+        "lobs": [r.get("line_of_business", "all") for r in chats],
+        "ask_prompts": ask_prompts,
+        "ask_ids": ask_ids,
+        "ask_expected": ask_expected,
+    }
+
+
+def run_model(name: str, model, tokenizer, examples: list[dict], targets: dict, args, precision, adapter_off: bool):
+    """One model's per-example losses, replies and asking-turn replies (the adapter disabled for the base).
+
+    Returns:
+        (loss sums, trained-token counts, replies, asking-turn replies).
+    """
+    logger.info("%s: scoring %d examples, generating %d replies", name, len(examples), len(targets["prompts"]))
+    with model.disable_adapter() if adapter_off else contextlib.nullcontext():
+        loss_sums, counts = compute_example_losses(
+            model, examples, tokenizer.pad_token_id, args.batch_size, precision, progress=f"{name}: scoring"
+        )
+        with precision.autocast():
+            replies = generate_replies(
+                model,
+                tokenizer,
+                targets["prompts"],
+                args.batch_size,
+                args.max_new_tokens,
+                progress=f"{name}: generating",
+            )
+        with precision.autocast():
+            ask_replies = generate_replies(
+                model,
+                tokenizer,
+                targets["ask_prompts"],
+                args.batch_size,
+                args.max_new_tokens,
+                progress=f"{name}: asking turns",
+            )
+    return loss_sums, counts, replies, ask_replies
+
+
+def build_metrics(
+    args, model_name, adapter_dir, data_file, held_out, records, examples, stats, targets, precision, device, results
+) -> dict:
+    """metrics.json: what was evaluated, how, and every model's results."""
+    return {
+        "mode": "adapter" if adapter_dir is not None else "base",
+        "adapter": str(adapter_dir) if adapter_dir else None,
+        "model": model_name,
+        "data_file": str(data_file),
+        "held_out_split": (args.split or "validation") if held_out else None,  # a part of the run's --train-file
+        "examples": len(records),
+        "loss_examples": len(examples),
+        "truncated_history": stats.truncated_history,
+        "dropped_overlong": stats.dropped_overlong,
+        "generation_examples": len(targets["prompts"]),
+        "ask_turns": len(targets["ask_prompts"]),
+        "decision_examples": sum(d is not None for d in targets["reference_decisions"]),
+        "settings": {
+            "max_new_tokens": args.max_new_tokens,
+            "batch_size": args.batch_size,
+            "bootstrap": args.bootstrap,
+            "seed": args.seed,
+            "dtype": str(precision.dtype).replace("torch.", ""),
+            "precision": precision.to_json(),
+            "max_seq_len": args.max_seq_len,
+            "device": str(device),
+        },
+        "models": results,
+    }
+
+
+def compare_models(per_model: dict, results: dict, indices) -> dict:
+    """Finetuned vs base on the same examples: the paired loss change and the perplexity ratio."""
+    base_sums, counts, _ = per_model["base"]
+    tuned_sums = per_model["finetuned"][0]
+    delta = bootstrap_ratio_ci(tuned_sums - base_sums, counts, indices=indices)
+    return {
+        "loss_delta": delta,  # finetuned minus base, paired on the same resamples
+        "perplexity_ratio": results["finetuned"]["perplexity"]["value"] / results["base"]["perplexity"]["value"],
+        "significant": delta["high"] < 0 or delta["low"] > 0,
+    }
+
+
+def write_outputs(output_dir: Path, examples: list[dict], targets: dict, per_model: dict, asked: dict, metrics: dict):
+    """predictions.jsonl, ask_predictions.jsonl, metrics.json and report.md."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    example_of = {e["index"]: row for row, e in enumerate(examples)}
+    predictions = []
+    for k, record in enumerate(targets["chats"]):
+        row = example_of.get(targets["chat_rows"][k])  # None when the example was dropped as overlong
+        line = {
+            "id": record.get("id", record["_line"]),
+            "line_of_business": targets["lobs"][k],
+            "reference": targets["references"][k],
+        }
+        line["reference_decision"] = targets["reference_decisions"][k]
+        for name, (loss_sums, counts, replies) in per_model.items():
+            line[f"generated_{name}"] = replies[k]
+            line[f"decision_{name}"] = parse_decision_line(replies[k])
+            line[f"loss_{name}"] = None if row is None else loss_sums[row] / max(counts[row], 1)
+        predictions.append(line)
+    write_jsonl(output_dir / "predictions.jsonl", predictions, sort_keys=False)
+    ask_lines = [
+        {"id": record_id, "turn": turn, "expected": expected, **{f"generated_{n}": asked[n][k] for n in asked}}
+        for k, ((record_id, turn), expected) in enumerate(zip(targets["ask_ids"], targets["ask_expected"], strict=True))
+    ]
+    write_jsonl(output_dir / "ask_predictions.jsonl", ask_lines, sort_keys=False)
+    write_json(output_dir / "metrics.json", metrics)
+    (output_dir / "report.md").write_text(render_eval_report(metrics, predictions[:3]))
+
+
 def main(argv: list[str] | None = None) -> dict:
     """Run the evaluation (or the report).
 
@@ -304,174 +527,60 @@ def main(argv: list[str] | None = None) -> dict:
         return write_convergence_report(Path(args.report), Path(args.output_dir or Path(args.report) / "report"))
 
     # --- resolve the model(s) and check that the adapter belongs to the base ---
-    adapter_dir = Path(args.adapter) if args.adapter else None
-    model_name = args.model or DEFAULT_MODEL
-    if adapter_dir is not None:
-        try:  # the one check of an adapter folder that export.py and merge_and_load.py use too
-            adapter_base = open_adapter(adapter_dir).base_model
-        except CheckpointError as err:
-            sys.exit(f"evaluate.py: error: {err}")
-        if args.model and not same_model(args.model, adapter_base):
-            sys.exit(
-                f"evaluate.py: error: adapter {adapter_dir} was trained on '{adapter_base}', not on --model "
-                f"'{args.model}'; drop --model or pass the matching base model"
-            )
-        model_name = adapter_base
+    adapter_dir, model_name = resolve_model(args)
     output_dir = Path(args.output_dir or (adapter_dir.parent / "eval" if adapter_dir else "runs/base-eval"))
-    # A run given only its own --train-file validated on a held-out split of it: evaluate that same split.
-    held_out = find_recorded_split(adapter_dir) if adapter_dir is not None and not args.data_file else None
-    if held_out is not None and args.split == "test":
-        sys.exit(
-            f"evaluate.py: error: {adapter_dir}'s run held out its validation split from {held_out['source']} and "
-            "has no test file; pass --data-file FILE, or --split validation (the held-out examples)"
-        )
-    data_file = Path(
-        held_out["source"] if held_out else args.data_file or REPO / "data" / f"{args.split or 'test'}.jsonl"
-    )
+    data_file, held_out = resolve_data(args, adapter_dir)
     seed_everything(args.seed)
     start = time.perf_counter()
-
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        # The rule every script shares (common/precision.py); the base is loaded in the chosen dtype.
-        config = load_config(model_name, trust_remote_code=args.trust_remote_code)
-        precision = resolve_precision(args.dtype, device, config, measure_peak=False, logger=logger)
-        logger.info(precision.describe())
-        # The template the adapter was trained with (saved next to it) unless --chat-template overrides it.
-        chat_template = args.chat_template or (saved_chat_template(adapter_dir) if adapter_dir else None)
-        model, tokenizer = load_model_and_tokenizer(
-            model_name, dtype=precision.dtype, trust_remote_code=args.trust_remote_code, chat_template=chat_template
-        )
-        records = load_records(data_file)
-        if held_out is not None:
-            fraction, split_seed = held_out["fraction"], held_out["seed"]
-            train_part, validation_part, _ = hold_out_validation(
-                records, fraction, split_seed, str(data_file), held_out
-            )
-            records = train_part if args.split == "train" else validation_part
-            part = "training" if args.split == "train" else "held-out validation"
-            logger.info(
-                "%s: the %d %s examples of the run's split (seed %d)", data_file, len(records), part, split_seed
-            )
-        records = records[: args.limit]
-        examples, stats = tokenize_records(records, tokenizer, args.max_seq_len)
-    except (ModelLoadError, DataError) as err:
-        sys.exit(f"evaluate.py: error: {err}")
-    if not examples:
-        sys.exit(f"evaluate.py: error: no example of {data_file} fits --max-seq-len {args.max_seq_len}")
-    if adapter_dir is not None:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, str(adapter_dir))
-    model.to(device).eval()
-
-    # Generation targets: the final assistant turn of each chat record; the prompt is everything before it.
-    chat_rows = [i for i, r in enumerate(records) if "messages" in r]
-    chats = [records[i] for i in chat_rows]
-    prompts = [prompt_messages(r["messages"]) for r in chats]
-    references = [r["messages"][len(p)]["content"] for r, p in zip(chats, prompts)]
-    # The dataset stores the reference decision; for other files, parse it from the reference reply.
-    reference_decisions = [
-        r["decision"]
-        if isinstance(r.get("decision"), dict) and "outcome" in r["decision"]
-        else parse_decision_line(ref)
-        for r, ref in zip(chats, references)
-    ]
-    lobs = [r.get("line_of_business", "all") for r in chats]
-    ask_prompts, ask_ids, ask_expected = ([], [], []) if args.no_ask_turns else build_ask_turns(chats)
+    inputs = load_inputs(args, model_name, adapter_dir, data_file, held_out, device)
+    model, tokenizer, precision, records, examples, stats = inputs
+    targets = generation_targets(records, args.no_ask_turns)
     indices = bootstrap_indices(len(examples), args.bootstrap, args.seed)
 
     # --- the same examples through both models: adapter on, then adapter off (the base) ---
     results, per_model, asked = {}, {}, {}
     names = ["base", "finetuned"] if adapter_dir is not None else ["base"]
     for name in names[1:] if args.no_base and adapter_dir is not None else names:
-        logger.info("%s: scoring %d examples, generating %d replies", name, len(examples), len(prompts))
         adapter_off = adapter_dir is not None and name == "base"
-        with model.disable_adapter() if adapter_off else contextlib.nullcontext():
-            loss_sums, counts = compute_example_losses(
-                model, examples, tokenizer.pad_token_id, args.batch_size, precision, progress=f"{name}: scoring"
-            )
-            with precision.autocast():
-                replies = generate_replies(
-                    model, tokenizer, prompts, args.batch_size, args.max_new_tokens, progress=f"{name}: generating"
-                )
-            with precision.autocast():
-                ask_replies = generate_replies(
-                    model,
-                    tokenizer,
-                    ask_prompts,
-                    args.batch_size,
-                    args.max_new_tokens,
-                    progress=f"{name}: asking turns",
-                )
-        per_model[name] = (loss_sums, counts, replies)
-        asked[name] = ask_replies
-        results[name] = score_model(
-            loss_sums, counts, indices, replies, references, reference_decisions, lobs, args.seed
+        loss_sums, counts, replies, asked[name] = run_model(
+            name, model, tokenizer, examples, targets, args, precision, adapter_off
         )
-        if ask_prompts:
-            results[name]["asks"] = ask_metrics(ask_replies, ask_expected, args.bootstrap, args.seed)
+        per_model[name] = (loss_sums, counts, replies)
+        results[name] = score_model(
+            loss_sums,
+            counts,
+            indices,
+            replies,
+            targets["references"],
+            targets["reference_decisions"],
+            targets["lobs"],
+            args.seed,
+        )
+        if targets["ask_prompts"]:
+            results[name]["asks"] = ask_metrics(asked[name], targets["ask_expected"], args.bootstrap, args.seed)
         logger.info(
             "%s: loss %.4f | ppl %.3f", name, results[name]["loss"]["mean"], results[name]["perplexity"]["value"]
         )
 
-    metrics = {
-        "mode": "adapter" if adapter_dir is not None else "base",
-        "adapter": str(adapter_dir) if adapter_dir else None,
-        "model": model_name,
-        "data_file": str(data_file),
-        "held_out_split": (args.split or "validation") if held_out else None,  # a part of the run's --train-file
-        "examples": len(records),
-        "loss_examples": len(examples),
-        "truncated_history": stats.truncated_history,
-        "dropped_overlong": stats.dropped_overlong,
-        "generation_examples": len(prompts),
-        "ask_turns": len(ask_prompts),
-        "decision_examples": sum(d is not None for d in reference_decisions),
-        "settings": {
-            "max_new_tokens": args.max_new_tokens,
-            "batch_size": args.batch_size,
-            "bootstrap": args.bootstrap,
-            "seed": args.seed,
-            "dtype": str(precision.dtype).replace("torch.", ""),
-            "precision": precision.to_json(),
-            "max_seq_len": args.max_seq_len,
-            "device": str(device),
-        },
-        "models": results,
-    }
+    metrics = build_metrics(
+        args,
+        model_name,
+        adapter_dir,
+        data_file,
+        held_out,
+        records,
+        examples,
+        stats,
+        targets,
+        precision,
+        device,
+        results,
+    )
     if "finetuned" in per_model and "base" in per_model:
-        base_sums, counts, _ = per_model["base"]
-        tuned_sums = per_model["finetuned"][0]
-        delta = bootstrap_ratio_ci(tuned_sums - base_sums, counts, indices=indices)
-        metrics["comparison"] = {
-            "loss_delta": delta,  # finetuned minus base, paired on the same resamples
-            "perplexity_ratio": results["finetuned"]["perplexity"]["value"] / results["base"]["perplexity"]["value"],
-            "significant": delta["high"] < 0 or delta["low"] > 0,
-        }
+        metrics["comparison"] = compare_models(per_model, results, indices)
     metrics["eval_time_s"] = time.perf_counter() - start
-
-    # --- write the outputs ---
-    output_dir.mkdir(parents=True, exist_ok=True)
-    example_of = {e["index"]: row for row, e in enumerate(examples)}
-    predictions = []
-    for k, record in enumerate(chats):
-        row = example_of.get(chat_rows[k])  # None when the example was dropped as overlong
-        line = {"id": record.get("id", record["_line"]), "line_of_business": lobs[k], "reference": references[k]}
-        line["reference_decision"] = reference_decisions[k]
-        for name, (loss_sums, counts, replies) in per_model.items():
-            line[f"generated_{name}"] = replies[k]
-            line[f"decision_{name}"] = parse_decision_line(replies[k])
-            line[f"loss_{name}"] = None if row is None else loss_sums[row] / max(counts[row], 1)
-        predictions.append(line)
-    write_jsonl(output_dir / "predictions.jsonl", predictions, sort_keys=False)
-    ask_lines = [
-        {"id": record_id, "turn": turn, "expected": expected, **{f"generated_{n}": asked[n][k] for n in asked}}
-        for k, ((record_id, turn), expected) in enumerate(zip(ask_ids, ask_expected, strict=True))
-    ]
-    write_jsonl(output_dir / "ask_predictions.jsonl", ask_lines, sort_keys=False)
-    write_json(output_dir / "metrics.json", metrics)
-    (output_dir / "report.md").write_text(render_eval_report(metrics, predictions[:3]))
+    write_outputs(output_dir, examples, targets, per_model, asked, metrics)
     logger.info("wrote %s", output_dir)
     return metrics
 

@@ -202,6 +202,43 @@ def push_to_hub(folder: Path, repo_id: str, private: bool, commit_message: str) 
     return str(api.upload_folder(folder_path=str(folder), repo_id=repo_id, commit_message=commit_message))
 
 
+def resolve_loadable_base(recorded_base: str) -> tuple[str, str | None]:
+    """The base to record in the exported adapter_config.json, and how to recreate it elsewhere.
+
+    Plain PEFT (AutoPeftModelForCausalLM, pipeline) loads the base named in adapter_config.json: a hub
+    id stays, a local folder becomes absolute, an embedded alias (only this project knows it) its
+    converted folder, with the one command that rebuilds that folder on another machine.
+
+    Raises:
+        SystemExit: the base cannot be found.
+    """
+    try:
+        loadable_base = resolve_model_path(recorded_base)
+    except ModelLoadError as err:
+        sys.exit(f"export.py: error: cannot find the base model '{recorded_base}': {err}")
+    if Path(loadable_base).exists():
+        loadable_base = str(Path(loadable_base).resolve())
+    recreate = recreate_command(recorded_base, loadable_base) if recorded_base in EMBEDDED_MODELS else None
+    return loadable_base, recreate
+
+
+def push_export(final_dir: Path, args: argparse.Namespace, secrets: list[str]) -> None:
+    """--push-to-hub: upload the published export; a failure leaves the local export intact.
+
+    Raises:
+        SystemExit: the upload failed (the reason redacted), with the command to retry.
+    """
+    try:
+        url = push_to_hub(final_dir, args.push_to_hub, args.private, f"Export {args.name} v{args.version}")
+    except Exception as err:  # offline, no token, no permission: huggingface_hub raises many types
+        reason = redact_secrets(str(err).strip().splitlines()[0] if str(err).strip() else "", secrets)
+        sys.exit(
+            f"export.py: error: pushing to the hub repo {args.push_to_hub} failed ({type(err).__name__}: {reason}). "
+            f"The local export {final_dir} is intact; retry when online with `hf upload {args.push_to_hub} {final_dir}`"
+        )
+    print(f"pushed {final_dir} -> {url}")
+
+
 def main(argv: list[str] | None = None) -> Path:
     """Export the adapter; returns the published export folder."""
     args = parse_args(argv)
@@ -223,16 +260,7 @@ def main(argv: list[str] | None = None) -> Path:
     secrets = sorted({*secret_env_values(), *collect_secret_values(run_config)}, key=len, reverse=True)
     base_model = str(run_config.get("args", {}).get("model") or adapter_config["base_model_name_or_path"])
     recorded_base = str(adapter_config.get("base_model_name_or_path") or base_model)
-    # Plain PEFT (AutoPeftModelForCausalLM, pipeline) loads the base named in adapter_config.json: a hub id
-    # stays, a local folder becomes absolute, an embedded alias (only this project knows it) its converted folder.
-    try:
-        loadable_base = resolve_model_path(recorded_base)
-    except ModelLoadError as err:
-        sys.exit(f"export.py: error: cannot find the base model '{recorded_base}': {err}")
-    if Path(loadable_base).exists():
-        loadable_base = str(Path(loadable_base).resolve())
-    adapter_config["base_model_name_or_path"] = loadable_base
-    base_recreate = recreate_command(recorded_base, loadable_base) if recorded_base in EMBEDDED_MODELS else None
+    adapter_config["base_model_name_or_path"], base_recreate = resolve_loadable_base(recorded_base)
     is_best = checkpoint.resolve() == (run_dir / "best").resolve()
     metrics = build_metrics(run_dir, checkpoint, is_best)
 
@@ -295,15 +323,7 @@ def main(argv: list[str] | None = None) -> Path:
     print(f"exported {checkpoint} (step {step}, val_ppl {val_ppl:.4g}) -> {final_dir}")
     print(f"{len(files)} files, {size_mb:.1f} MiB: {', '.join(sorted(p.name for p in files))}")
     if args.push_to_hub:
-        try:
-            url = push_to_hub(final_dir, args.push_to_hub, args.private, f"Export {args.name} v{args.version}")
-        except Exception as err:  # offline, no token, no permission: huggingface_hub raises many types
-            reason = redact_secrets(str(err).strip().splitlines()[0] if str(err).strip() else "", secrets)
-            sys.exit(
-                f"export.py: error: pushing to the hub repo {args.push_to_hub} failed ({type(err).__name__}: {reason}). The local "
-                f"export {final_dir} is intact; retry when online with `hf upload {args.push_to_hub} {final_dir}`"
-            )
-        print(f"pushed {final_dir} -> {url}")
+        push_export(final_dir, args, secrets)
     return final_dir
 
 

@@ -88,8 +88,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # --- parity check ---
     parser.add_argument("--no-verify", action="store_true", help="skip the merged-vs-adapter parity check")
     parser.add_argument("--atol", type=float, default=1e-3, help="max allowed |logit difference|")
-    parser.add_argument("--dtype", default="fp32", choices=["fp32", "auto", "bf16", "fp16"],
-                        help="autocast dtype of the parity forwards (auto: the fastest measured here; raise --atol)")  # fmt: skip
+    dtypes = ["fp32", "auto", "bf16", "fp16"]
+    dtype_help = "autocast dtype of the parity forwards (auto: the fastest measured here; raise --atol)"
+    parser.add_argument("--dtype", default="fp32", choices=dtypes, help=dtype_help)
     parser.add_argument("--num-prompts", type=int, default=3, help="validation prompts used for parity")
     parser.add_argument("--data-file", default="data/validation.jsonl", help="prompts (built-in ones if missing)")
     parser.add_argument(
@@ -237,6 +238,50 @@ def generate_reply(model, tokenizer, prompt: str, max_new_tokens: int) -> str:
     return output[0]["generated_text"][-1]["content"]
 
 
+def check_parity(
+    tmp_dir: Path, adapter_outputs, prompt_ids, eos_ids, precision, args, nf4_dtype, base_name: str
+) -> dict:
+    """Reload the merged model from disk with plain transformers and compare it with the adapter.
+
+    Returns:
+        {"parity": ...} (and, for a QLoRA adapter, the ungated "nf4_reference" on the real NF4 base).
+
+    Raises:
+        SystemExit: the logits differ by more than --atol or a greedy generation differs.
+    """
+    info = {}
+    reloaded, _ = load_merged(tmp_dir, trust_remote_code=args.trust_remote_code, dtype=torch.float32)
+    merged_outputs = run_prompts(reloaded, prompt_ids, args.max_new_tokens, eos_ids, precision)
+    del reloaded
+    parity = compare(adapter_outputs, merged_outputs)
+    parity["atol"] = args.atol
+    parity["passed"] = (
+        parity["max_abs_logit_diff"] <= args.atol and parity["identical_generations"] == parity["prompts"]
+    )
+    info["parity"] = parity
+    print(format_parity("parity (adapter vs merged, reloaded from disk)", parity, args.atol))
+    if nf4_dtype is not None:
+        nf4_model, _ = load_model_and_tokenizer(
+            base_name, quantization="nf4", dtype=nf4_dtype, trust_remote_code=args.trust_remote_code
+        )
+        nf4_model = PeftModel.from_pretrained(nf4_model, str(Path(args.adapter)))
+        outputs = run_prompts(nf4_model, prompt_ids, args.max_new_tokens, eos_ids, precision)
+        info["nf4_reference"] = compare(outputs, merged_outputs)
+        title = "reference, not gated (adapter on the real NF4 base vs merged)"
+        print(format_parity(title, info["nf4_reference"], None))
+        del nf4_model
+    if not parity["passed"]:
+        reasons = []
+        if parity["max_abs_logit_diff"] > args.atol:
+            reasons.append(f"max |dlogit| {parity['max_abs_logit_diff']:.3e} > {args.atol:.0e}")
+        if parity["identical_generations"] < parity["prompts"]:
+            reasons.append(f"{parity['prompts'] - parity['identical_generations']} greedy generation(s) differ")
+        sys.exit(
+            f"merge_and_load.py: error: parity check failed ({'; '.join(reasons)}); {Path(args.output)} was not written"
+        )
+    return info
+
+
 def main(argv: list[str] | None = None) -> dict:
     """Merge (or, with --load-only, load and generate); returns what was written to merge_info.json."""
     args = parse_args(argv)
@@ -262,9 +307,12 @@ def main(argv: list[str] | None = None) -> dict:
         # --chat-template FILE, else the template the adapter was trained with (saved next to it)
         chat_template = args.chat_template or saved_chat_template(adapter_dir)
         model, tokenizer = load_model_and_tokenizer(
-            base_name, quantization=None, dtype=torch.float32, trust_remote_code=args.trust_remote_code,
+            base_name,
+            quantization=None,
+            dtype=torch.float32,
+            trust_remote_code=args.trust_remote_code,
             chat_template=chat_template,
-        )  # fmt: skip
+        )
     except ModelLoadError as err:
         sys.exit(f"merge_and_load.py: error: cannot load the base model '{base_name}': {err}; pass --base-model")
     if (adapter_dir / "tokenizer_config.json").is_file():  # the exported tokenizer wins, with the template above
@@ -317,41 +365,8 @@ def main(argv: list[str] | None = None) -> dict:
             "parity_precision": precision.to_json(),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }
-        if not args.no_verify:
-            # Reload from disk with plain transformers: this also checks what was saved.
-            reloaded, _ = load_merged(tmp_dir, trust_remote_code=args.trust_remote_code, dtype=torch.float32)
-            merged_outputs = run_prompts(reloaded, prompt_ids, args.max_new_tokens, eos_ids, precision)
-            del reloaded
-            parity = compare(adapter_outputs, merged_outputs)
-            parity["atol"] = args.atol
-            parity["passed"] = (
-                parity["max_abs_logit_diff"] <= args.atol and parity["identical_generations"] == parity["prompts"]
-            )
-            info["parity"] = parity
-            print(format_parity("parity (adapter vs merged, reloaded from disk)", parity, args.atol))
-            if nf4_dtype is not None:
-                nf4_model, _ = load_model_and_tokenizer(
-                    base_name, quantization="nf4", dtype=nf4_dtype, trust_remote_code=args.trust_remote_code
-                )
-                nf4_model = PeftModel.from_pretrained(nf4_model, str(adapter_dir))
-                info["nf4_reference"] = compare(
-                    run_prompts(nf4_model, prompt_ids, args.max_new_tokens, eos_ids, precision), merged_outputs
-                )
-                print(
-                    format_parity(
-                        "reference, not gated (adapter on the real NF4 base vs merged)", info["nf4_reference"], None
-                    )
-                )
-                del nf4_model
-            if not parity["passed"]:
-                reasons = []
-                if parity["max_abs_logit_diff"] > args.atol:
-                    reasons.append(f"max |dlogit| {parity['max_abs_logit_diff']:.3e} > {args.atol:.0e}")
-                if parity["identical_generations"] < parity["prompts"]:
-                    reasons.append(f"{parity['prompts'] - parity['identical_generations']} greedy generation(s) differ")
-                sys.exit(
-                    f"merge_and_load.py: error: parity check failed ({'; '.join(reasons)}); {output_dir} was not written"
-                )
+        if not args.no_verify:  # published only if the merged model, reloaded from disk, matches the adapter
+            info |= check_parity(tmp_dir, adapter_outputs, prompt_ids, eos_ids, precision, args, nf4_dtype, base_name)
         write_json(tmp_dir / "merge_info.json", info)
         publish_folder(tmp_dir, output_dir, overwrite=args.force, complete_marker=False)
     except FileExistsError as err:

@@ -135,20 +135,46 @@ def summarize_train_run(run_dir: Path) -> dict:
 def run_train(args: argparse.Namespace, precision: str, quantization: str | None, run_dir: Path, val: Path) -> dict:
     """One train.py run in a fresh process; its summary, or {"error": ...} with the end of its log."""
     command = [
-        sys.executable, str(REPO / "train.py"), "--model", args.model, "--output-dir", str(run_dir),
-        "--train-file", args.train_file, "--validation-file", str(val), "--max-steps", str(args.steps),
-        "--subset", str(args.steps * args.batch_size * args.grad_accum), "--batch-size", str(args.batch_size),
-        "--grad-accum", str(args.grad_accum), "--max-seq-len", str(args.max_seq_len), "--mixed-precision", precision,
-        "--no-baseline", "--num-samples", "0", "--report-to", "none", "--early-stopping-patience", "0", *LORA_FLAGS,
-    ]  # fmt: skip
+        sys.executable,
+        str(REPO / "train.py"),
+        "--model",
+        args.model,
+        "--output-dir",
+        str(run_dir),
+        "--train-file",
+        args.train_file,
+        "--validation-file",
+        str(val),
+        "--max-steps",
+        str(args.steps),
+        "--subset",
+        str(args.steps * args.batch_size * args.grad_accum),
+        "--batch-size",
+        str(args.batch_size),
+        "--grad-accum",
+        str(args.grad_accum),
+        "--max-seq-len",
+        str(args.max_seq_len),
+        "--mixed-precision",
+        precision,
+        "--no-baseline",
+        "--num-samples",
+        "0",
+        "--report-to",
+        "none",
+        "--early-stopping-patience",
+        "0",
+        *LORA_FLAGS,
+    ]
     if quantization:
         command += ["--quantization", quantization]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false"}
     log = run_dir.with_suffix(".log")
     try:
         with open(log, "w") as handle:
-            code = subprocess.run(command, cwd=REPO, stdout=handle, stderr=subprocess.STDOUT, env=env,
-                                  timeout=args.timeout, check=False).returncode  # fmt: skip
+            code = subprocess.run(
+                command, cwd=REPO, stdout=handle, stderr=subprocess.STDOUT, env=env, timeout=args.timeout, check=False
+            ).returncode
     except subprocess.TimeoutExpired:
         return {"error": f"train.py did not finish within {args.timeout:.0f} s"}
     if code != 0:
@@ -170,17 +196,32 @@ def measure_memory(args: argparse.Namespace, precision: str, quantization: str |
     settings = {"rank": 16, "target_modules": "q_proj,k_proj,v_proj", "gradient_checkpointing": gc}
     try:
         measured = measure_in_subprocess(
-            timeout_s=args.timeout, model=args.model, quantization=quantization, batch_size=args.memory_batch_size,
-            seq_len=args.memory_seq_len, device=device, dtype=precision, compute_dtype=precision, steps=2, **settings,
-        )  # fmt: skip
+            timeout_s=args.timeout,
+            model=args.model,
+            quantization=quantization,
+            batch_size=args.memory_batch_size,
+            seq_len=args.memory_seq_len,
+            device=device,
+            dtype=precision,
+            compute_dtype=precision,
+            steps=2,
+            **settings,
+        )
     except (RuntimeError, subprocess.TimeoutExpired) as err:
         return {"error": str(err).splitlines()[-1] if str(err) else type(err).__name__}
     estimate = estimate_memory(
-        load_config(args.model), args.memory_batch_size, args.memory_seq_len, settings["rank"],
-        settings["target_modules"], quantization, precision, gc,
-        measured["trained_tokens"] / (args.memory_batch_size * args.memory_seq_len), device=device,
+        load_config(args.model),
+        args.memory_batch_size,
+        args.memory_seq_len,
+        settings["rank"],
+        settings["target_modules"],
+        quantization,
+        precision,
+        gc,
+        measured["trained_tokens"] / (args.memory_batch_size * args.memory_seq_len),
+        device=device,
         compute_dtype=precision,
-    )  # fmt: skip
+    )
     context = CUDA_CONTEXT_BYTES if device == "cuda" else 0  # outside the allocator: not in its counters
     result = {
         "gradient_checkpointing": gc,

@@ -60,8 +60,19 @@ def docstring_summaries(test_file: Path) -> dict[str, str]:
 
 def run_tests(junit_xml: Path, pytest_args: list[str]) -> tuple[int, float]:
     """Run the three test modules (output streams to the console); return (exit status, seconds)."""
-    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "junit_family=xunit1",
-               f"--junitxml={junit_xml}", *TEST_FILES, *pytest_args]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        "-o",
+        "junit_family=xunit1",
+        f"--junitxml={junit_xml}",
+        *TEST_FILES,
+        *pytest_args,
+    ]
     start = time.perf_counter()
     status = subprocess.run(command, cwd=REPO, check=False).returncode
     return status, time.perf_counter() - start
@@ -90,14 +101,24 @@ def read_cases(junit_xml: Path) -> list[dict]:
                 reason = problem.get("message") or problem.text or ""
                 observed = reason + (f" (observed: {observed})" if observed else "")
                 break
-        cases.append({"file": module, "name": name, "case": case.removesuffix("]"), "outcome": outcome,
-                      "observed": observed, "seconds": float(testcase.get("time", 0))})  # fmt: skip
+        cases.append(
+            {
+                "file": module,
+                "name": name,
+                "case": case.removesuffix("]"),
+                "outcome": outcome,
+                "observed": observed,
+                "seconds": float(testcase.get("time", 0)),
+            }
+        )
     return cases
 
 
 def render(cases: list[dict], status: int, seconds: float) -> str:
     """The markdown section: header, totals and one table per test module."""
-    counts = {label: sum(c["outcome"] == label for c in cases) for label in ("passed", "**FAILED**", "**error**", "skipped")}  # fmt: skip
+    counts = {
+        label: sum(c["outcome"] == label for c in cases) for label in ("passed", "**FAILED**", "**error**", "skipped")
+    }
     totals = ", ".join(f"{n} {label.strip('*').lower()}" for label, n in counts.items() if n)
     out = [
         "## Reliability",

@@ -91,10 +91,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=6, help="optimizer steps per run (the first is warm-up)")
     parser.add_argument("--batch-size", type=int, default=4, help="examples per micro-batch")
     parser.add_argument("--grad-accum", type=int, default=4, help="micro-batches per optimizer step")
-    parser.add_argument("--precision", choices=["auto", "bf16", "no", "fp16"], default="auto",
-                        help="train.py's --mixed-precision (auto: the fastest dtype it measures)")  # fmt: skip
-    parser.add_argument("--trl-precision", choices=["best", "bf16", "no"], default="best",
-                        help="TRL's precision (best: probe fp32 and bf16, keep the faster)")  # fmt: skip
+    parser.add_argument(
+        "--precision",
+        choices=["auto", "bf16", "no", "fp16"],
+        default="auto",
+        help="train.py's --mixed-precision (auto: the fastest dtype it measures)",
+    )
+    parser.add_argument(
+        "--trl-precision",
+        choices=["best", "bf16", "no"],
+        default="best",
+        help="TRL's precision (best: probe fp32 and bf16, keep the faster)",
+    )
     parser.add_argument("--trl-probe-steps", type=int, default=3, help="steps of each TRL probe run (1st untimed)")
     parser.add_argument("--lr", type=float, default=2e-4, help="peak learning rate")
     parser.add_argument("--max-seq-len", type=int, default=1024, help="as train.py's --max-seq-len")
@@ -145,12 +153,14 @@ def plan_steps(lengths: list[int], trained: list[int], batch_size: int, grad_acc
     plan = []
     for step in range(steps):
         indices = [i for batch in full[step * grad_accum : (step + 1) * grad_accum] for i in batch]
-        plan.append({
-            "indices": indices,
-            "tokens": sum(lengths[i] for i in indices),
-            "trained_tokens": sum(trained[i] for i in indices),
-            "sum_sq_len": sum(lengths[i] ** 2 for i in indices),
-        })  # fmt: skip
+        plan.append(
+            {
+                "indices": indices,
+                "tokens": sum(lengths[i] for i in indices),
+                "trained_tokens": sum(trained[i] for i in indices),
+                "sum_sq_len": sum(lengths[i] ** 2 for i in indices),
+            }
+        )
     return plan
 
 
@@ -346,22 +356,68 @@ def run_ours(args: argparse.Namespace, run_dir: Path, validation_file: Path) -> 
     """One train.py run; returns (step records, peak RSS MiB, {"code_sha", "base_dtype", "precision"})."""
     code_sha = hash_training_code()
     command = [
-        str(REPO / "train.py"), "--output-dir", str(run_dir), "--model", args.model,
-        "--train-file", args.train_file, "--validation-file", str(validation_file), "--max-steps", str(args.steps),
-        "--batch-size", str(args.batch_size), "--grad-accum", str(args.grad_accum), "--lr", str(args.lr),
-        "--max-seq-len", str(args.max_seq_len), "--seed", str(args.seed), "--mixed-precision", args.precision,
-        "--rank", str(LORA["rank"]), "--alpha", str(LORA["alpha"]), "--dropout", str(LORA["dropout"]),
-        "--target-modules", ",".join(LORA["target_modules"]), "--warmup-ratio", "0.1", "--weight-decay", "0.01",
-        "--adam-betas", "0.9", "0.999", "--max-grad-norm", "1.0", "--no-gradient-checkpointing",
-        "--no-baseline", "--num-samples", "0", "--report-to", "none", "--early-stopping-patience", "0",
-        "--eval-every", "0", "--save-every", "0",
-    ]  # fmt: skip
+        str(REPO / "train.py"),
+        "--output-dir",
+        str(run_dir),
+        "--model",
+        args.model,
+        "--train-file",
+        args.train_file,
+        "--validation-file",
+        str(validation_file),
+        "--max-steps",
+        str(args.steps),
+        "--batch-size",
+        str(args.batch_size),
+        "--grad-accum",
+        str(args.grad_accum),
+        "--lr",
+        str(args.lr),
+        "--max-seq-len",
+        str(args.max_seq_len),
+        "--seed",
+        str(args.seed),
+        "--mixed-precision",
+        args.precision,
+        "--rank",
+        str(LORA["rank"]),
+        "--alpha",
+        str(LORA["alpha"]),
+        "--dropout",
+        str(LORA["dropout"]),
+        "--target-modules",
+        ",".join(LORA["target_modules"]),
+        "--warmup-ratio",
+        "0.1",
+        "--weight-decay",
+        "0.01",
+        "--adam-betas",
+        "0.9",
+        "0.999",
+        "--max-grad-norm",
+        "1.0",
+        "--no-gradient-checkpointing",
+        "--no-baseline",
+        "--num-samples",
+        "0",
+        "--report-to",
+        "none",
+        "--early-stopping-patience",
+        "0",
+        "--eval-every",
+        "0",
+        "--save-every",
+        "0",
+    ]
     code, peak_rss = run_child(command, run_dir.with_suffix(".log"))
     if code != 0:
         sys.exit(f"error: train.py failed (exit {code}); see {run_dir.with_suffix('.log')}")
     derived = json.loads((run_dir / "config.json").read_text())["derived"]
-    info = {"code_sha": code_sha, "base_dtype": derived.get("base_dtype", "float32"),  # older train.py: fp32 base
-            "precision": derived.get("mixed_precision", "?")}  # fmt: skip
+    info = {
+        "code_sha": code_sha,
+        "base_dtype": derived.get("base_dtype", "float32"),  # older train.py: fp32 base
+        "precision": derived.get("mixed_precision", "?"),
+    }
     return read_train_log(run_dir / "train_log.jsonl"), peak_rss, info
 
 
@@ -370,8 +426,9 @@ def run_trl(args: argparse.Namespace, run_dir: Path, spec: dict) -> tuple[list[d
     run_dir.mkdir(parents=True)
     spec_file = run_dir / "spec.json"
     spec_file.write_text(json.dumps({**spec, "output_dir": str(run_dir)}))
-    code, peak_rss = run_child([str(Path(__file__).resolve()), "--trl-child", str(spec_file)],
-                               run_dir.with_suffix(".log"))  # fmt: skip
+    code, peak_rss = run_child(
+        [str(Path(__file__).resolve()), "--trl-child", str(spec_file)], run_dir.with_suffix(".log")
+    )
     if code != 0:
         sys.exit(f"error: the TRL run failed (exit {code}); see {run_dir.with_suffix('.log')}")
     result = json.loads((run_dir / "result.json").read_text())
@@ -390,24 +447,52 @@ def train_trl_child(spec_file: str) -> None:
     spec = json.loads(Path(spec_file).read_text())
     rows = [json.loads(line) for line in Path(spec["data_file"]).read_text().splitlines()]
     config = SFTConfig(
-        output_dir=spec["output_dir"], per_device_train_batch_size=spec["batch_size"],
-        gradient_accumulation_steps=spec["grad_accum"], max_steps=spec["steps"], learning_rate=spec["lr"],
-        lr_scheduler_type="cosine", warmup_steps=spec["warmup_steps"], weight_decay=0.01, adam_beta1=0.9,
-        adam_beta2=0.999, max_grad_norm=1.0, optim="adamw_torch",  # torch.optim.AdamW, as train.py
-        bf16=spec["precision"] == "bf16", use_cpu=True, seed=spec["seed"], data_seed=spec["seed"],
-        train_sampling_strategy="sequential", shuffle_dataset=False,  # the rows are already in train.py's order
-        packing=False, padding_free=False, pad_to_multiple_of=8, max_length=spec["max_seq_len"],  # as train.py
+        output_dir=spec["output_dir"],
+        per_device_train_batch_size=spec["batch_size"],
+        gradient_accumulation_steps=spec["grad_accum"],
+        max_steps=spec["steps"],
+        learning_rate=spec["lr"],
+        lr_scheduler_type="cosine",
+        warmup_steps=spec["warmup_steps"],
+        weight_decay=0.01,
+        adam_beta1=0.9,
+        adam_beta2=0.999,
+        max_grad_norm=1.0,
+        optim="adamw_torch",  # torch.optim.AdamW, as train.py
+        bf16=spec["precision"] == "bf16",
+        use_cpu=True,
+        seed=spec["seed"],
+        data_seed=spec["seed"],
+        train_sampling_strategy="sequential",
+        shuffle_dataset=False,  # the rows are already in train.py's order
+        packing=False,
+        padding_free=False,
+        pad_to_multiple_of=8,
+        max_length=spec["max_seq_len"],  # as train.py
         activation_checkpointing=False,  # TRL's default is on; train.py's LoRA default is off
-        dataloader_num_workers=0, report_to="none", logging_steps=1,
-        save_strategy="no", eval_strategy="no", disable_tqdm=True,
+        dataloader_num_workers=0,
+        report_to="none",
+        logging_steps=1,
+        save_strategy="no",
+        eval_strategy="no",
+        disable_tqdm=True,
         model_init_kwargs={"dtype": spec["base_dtype"]},  # the frozen base in the dtype train.py stores it in
-    )  # fmt: skip
-    lora = LoraConfig(r=LORA["rank"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
-                      target_modules=LORA["target_modules"], bias="none", task_type="CAUSAL_LM")  # fmt: skip
+    )
+    lora = LoraConfig(
+        r=LORA["rank"],
+        lora_alpha=LORA["alpha"],
+        lora_dropout=LORA["dropout"],
+        target_modules=LORA["target_modules"],
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
     trainer = SFTTrainer(
-        model=spec["model_path"], args=config, train_dataset=datasets.Dataset.from_list(rows),
-        processing_class=load_tokenizer(spec["model_path"]), peft_config=lora,
-    )  # fmt: skip
+        model=spec["model_path"],
+        args=config,
+        train_dataset=datasets.Dataset.from_list(rows),
+        processing_class=load_tokenizer(spec["model_path"]),
+        peft_config=lora,
+    )
 
     micro_batches, step_ends = [], []
     collate = trainer.data_collator
@@ -415,10 +500,13 @@ def train_trl_child(spec_file: str) -> None:
     def recording_collate(examples: list[dict]) -> dict:  # what TRL really trains on, per micro-batch
         batch = collate(examples)
         lengths = batch["attention_mask"].sum(1)
-        micro_batches.append({
-            "tokens": int(lengths.sum()), "trained_tokens": int((batch["labels"][:, 1:] != -100).sum()),
-            "sum_sq_len": int((lengths**2).sum()),
-        })  # fmt: skip
+        micro_batches.append(
+            {
+                "tokens": int(lengths.sum()),
+                "trained_tokens": int((batch["labels"][:, 1:] != -100).sum()),
+                "sum_sq_len": int((lengths**2).sum()),
+            }
+        )
         return batch
 
     class StepClock(TrainerCallback):
@@ -436,10 +524,14 @@ def train_trl_child(spec_file: str) -> None:
     steps = []
     for step in range(spec["steps"]):
         micro = micro_batches[step * spec["grad_accum"] : (step + 1) * spec["grad_accum"]]  # Accelerate reads ahead
-        steps.append({
-            "step": step + 1, "seconds": step_ends[step + 1] - step_ends[step], "loss": losses[step],
-            **{key: sum(m[key] for m in micro) for key in ("tokens", "trained_tokens", "sum_sq_len")},
-        })  # fmt: skip
+        steps.append(
+            {
+                "step": step + 1,
+                "seconds": step_ends[step + 1] - step_ends[step],
+                "loss": losses[step],
+                **{key: sum(m[key] for m in micro) for key in ("tokens", "trained_tokens", "sum_sq_len")},
+            }
+        )
     result = {
         "steps": steps,
         "model_accepts_loss_kwargs": bool(trainer.model_accepts_loss_kwargs),  # True: num_items_in_batch is used
@@ -485,8 +577,14 @@ def main(argv: list[str] | None = None) -> dict | None:
         probe_before = resolve_precision("auto", torch.device("cpu"), load_config(model_path), budget_s=4.0).probe
         model, tokenizer = load_model_and_tokenizer(model_path)
         examples, _ = tokenize_records(load_records(args.train_file), tokenizer, args.max_seq_len)
-        plan = plan_steps([len(e["input_ids"]) for e in examples], [e["n_trained"] for e in examples],
-                          args.batch_size, args.grad_accum, args.steps, args.seed)  # fmt: skip
+        plan = plan_steps(
+            [len(e["input_ids"]) for e in examples],
+            [e["n_trained"] for e in examples],
+            args.batch_size,
+            args.grad_accum,
+            args.steps,
+            args.seed,
+        )
     except (DataError, ModelLoadError, ValueError) as err:
         sys.exit(f"error: {err}")
     matmul_params = count_matmul_params(
@@ -500,14 +598,26 @@ def main(argv: list[str] | None = None) -> dict | None:
     validation_file = work / "validation.jsonl"  # a few records: train.py's untimed end-of-run eval stays short
     validation_file.write_text("".join((REPO / "data/validation.jsonl").read_text().splitlines(True)[:8]))
     data_file = work / "trl_train.jsonl"  # the planned examples, in step order
-    data_file.write_text("".join(
-        json.dumps({"input_ids": examples[i]["input_ids"], "labels": examples[i]["labels"]}) + "\n"
-        for step in plan for i in step["indices"]
-    ))  # fmt: skip
-    spec = {"model_path": model_path, "data_file": str(data_file), "batch_size": args.batch_size,
-            "grad_accum": args.grad_accum, "steps": args.steps, "lr": args.lr, "warmup_steps": warmup_steps,
-            "precision": "no", "seed": args.seed, "max_seq_len": args.max_seq_len,
-            "base_dtype": "float32"}  # fmt: skip
+    data_file.write_text(
+        "".join(
+            json.dumps({"input_ids": examples[i]["input_ids"], "labels": examples[i]["labels"]}) + "\n"
+            for step in plan
+            for i in step["indices"]
+        )
+    )
+    spec = {
+        "model_path": model_path,
+        "data_file": str(data_file),
+        "batch_size": args.batch_size,
+        "grad_accum": args.grad_accum,
+        "steps": args.steps,
+        "lr": args.lr,
+        "warmup_steps": warmup_steps,
+        "precision": "no",
+        "seed": args.seed,
+        "max_seq_len": args.max_seq_len,
+        "base_dtype": "float32",
+    }
 
     trl_precision, trl_probe = args.trl_precision, {}
     if not args.skip_trl and args.trl_precision == "best":  # TRL at its best here too: fp32 vs bf16, short runs
@@ -537,9 +647,11 @@ def main(argv: list[str] | None = None) -> dict | None:
             stats = summarize_steps(steps)
             stats["mfu_timed_steps"] = steps[1:]
             runs.append({"repeat": repeat, "arm": arm, "peak_rss_mib": peak_rss, **info, **stats})
-            print(f"  {stats['tokens_per_s']:.0f} tokens/s | peak RSS {peak_rss:.0f} MiB | "
-                  f"final loss {stats['final_loss']:.4f} | trained tokens/step {stats['trained_tokens_per_step']}",
-                  flush=True)  # fmt: skip
+            print(
+                f"  {stats['tokens_per_s']:.0f} tokens/s | peak RSS {peak_rss:.0f} MiB | "
+                f"final loss {stats['final_loss']:.4f} | trained tokens/step {stats['trained_tokens_per_step']}",
+                flush=True,
+            )
 
     probe_after = resolve_precision("auto", torch.device("cpu"), load_config(model_path), budget_s=4.0).probe
     probe_flops = {name: max(rate, probe_after.get(name, 0.0)) for name, rate in probe_before.items()}
@@ -565,7 +677,7 @@ def main(argv: list[str] | None = None) -> dict | None:
         "load_avg_start": load_avg_start,
         "load_avg_end": list(os.getloadavg()),
         "config": {k: v for k, v in vars(args).items() if k not in ("trl_child", "keep_runs")}
-                  | {"warmup_steps": warmup_steps, "trl_precision_kept": spec["precision"]},
+        | {"warmup_steps": warmup_steps, "trl_precision_kept": spec["precision"]},
         "peak_flops": peak_flops,
         "peak_dtype": peak_dtype,
         "probe_flops": probe_flops,
@@ -582,7 +694,7 @@ def main(argv: list[str] | None = None) -> dict | None:
         "runs": runs,
         "summary": summarize_arms(runs),
         "versions": arm_package_versions(),
-    }  # fmt: skip
+    }
     markdown = render_throughput_report(result)
     print(markdown)
     output = Path(args.output)
