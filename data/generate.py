@@ -484,11 +484,31 @@ def _yes(flag: bool) -> str:
     return "yes" if flag else "no"
 
 
-def _years(key: str, facts: dict, stated_as_year: bool) -> str:
-    """An age in years, with the subtraction written out when the broker gave a year."""
-    if stated_as_year:
-        return f"{rulebook.REFERENCE_YEAR}-{rulebook.REFERENCE_YEAR - facts[key]}={facts[key]}"
-    return str(facts[key])
+AGE_LABELS = {"age": ("age", "born"), "roof_age": ("roof", "roof built"), "building_age": ("building", "built")}
+# An age compared with a limit is the year compared with (reference year - limit), sign flipped.
+FLIPPED = {">": "<", ">=": "<=", "<=": ">=", "<": ">"}
+COMPARE = {">": int.__gt__, ">=": int.__ge__, "<=": int.__le__, "<": int.__lt__}
+
+
+def _age_fact(key: str, facts: dict, year_keys: set[str]) -> str:
+    """An age fact as the broker gave it: "age 42" / "roof 5 years", or "born 1983" / "roof built 2020"."""
+    age_label, year_label = AGE_LABELS[key]
+    if key in year_keys:
+        return f"{year_label} {rulebook.REFERENCE_YEAR - facts[key]}"
+    return f"{age_label} {facts[key]}" + ("" if key == "age" else " years")
+
+
+def _age_atom(key: str, op: str, limit: int, facts: dict, year_keys: set[str]) -> tuple[str, bool]:
+    """One age comparison, written in the unit the broker used, so no subtraction is needed.
+
+    "age 42 > 70" for an age; for a year the same test on the year: born 1983 < 1955 (2025 - 70).
+    """
+    age_label, year_label = AGE_LABELS[key]
+    truth = COMPARE[op](facts[key], limit)
+    if key in year_keys:
+        year, bound = rulebook.REFERENCE_YEAR - facts[key], rulebook.REFERENCE_YEAR - limit
+        return f"{year_label} {year} {FLIPPED[op]} {bound}", truth
+    return f"{age_label} {facts[key]} {op} {limit}", truth
 
 
 def worksheet_facts(lob: str, facts: dict, year_keys: set[str]) -> str:
@@ -497,17 +517,17 @@ def worksheet_facts(lob: str, facts: dict, year_keys: set[str]) -> str:
     Args:
         lob: line of business.
         facts: the case facts.
-        year_keys: the age facts the broker stated as a year ("born 1983"), written as 2025-1983=42.
+        year_keys: the age facts the broker stated as a year ("born 1983"): kept as the year.
 
     Returns:
-        e.g. "Facts: age 42; face $500,000; BMI 27.1; smoker no; medical history none; occupation
+        e.g. "Facts: born 1983; face $500k; BMI 27.1; smoker no; medical history none; occupation
         teacher, not hazardous."
     """
     f = facts
     if lob == "term_life":
         hazardous = "hazardous" if rulebook.LIFE_OCCUPATIONS[f["occupation"]] else "not hazardous"
         items = [
-            f"age {_years('age', f, 'age' in year_keys)}",
+            _age_fact("age", f, year_keys),
             f"face {_money(f['face_amount'])}",
             f"BMI {f['bmi']}",
             f"smoker {_yes(f['smoker'])}",
@@ -517,7 +537,7 @@ def worksheet_facts(lob: str, facts: dict, year_keys: set[str]) -> str:
     elif lob == "homeowners":
         items = [
             f"construction {f['construction'].replace('_', '-')}",
-            f"roof {_years('roof_age', f, 'roof_age' in year_keys)} years",
+            _age_fact("roof_age", f, year_keys),
             f"fire station {f['fire_station_miles']:g} miles",
             f"hydrant {f['hydrant_feet']} ft",
             f"claims {f['prior_claims']}",
@@ -528,7 +548,7 @@ def worksheet_facts(lob: str, facts: dict, year_keys: set[str]) -> str:
         items = [
             f"occupancy {f['occupancy']}, {rulebook.OCCUPANCY_HAZARD[f['occupancy']]} hazard",
             f"sprinklered {_yes(f['sprinklered'])}",
-            f"building {_years('building_age', f, 'building_age' in year_keys)} years",
+            _age_fact("building_age", f, year_keys),
             f"wiring updated {_yes(f['wiring_updated'])}",
             f"revenue {_money(f['annual_revenue'])}",
             f"TIV {_money(f['tiv'])}",
@@ -537,58 +557,111 @@ def worksheet_facts(lob: str, facts: dict, year_keys: set[str]) -> str:
     return "Facts: " + "; ".join(items) + "."
 
 
-# What each rule compares, written with the case's numbers; the answer is appended from `applies`.
-CHECK_TEXTS = {
-    "L-1": lambda f: f"age {f['age']} > 70",
-    "L-2": lambda f: "serious history",
-    "L-3": lambda f: f"BMI {f['bmi']} >= 40",
-    "L-4": lambda f: f"age {f['age']} >= 50 and face {_money(f['face_amount'])} > $1000k",
-    "L-5": lambda f: f"smoker and BMI {f['bmi']} >= 35",
-    "L-6": lambda f: "smoker",
-    "L-7": lambda f: "hazardous occupation",
-    "L-8": lambda f: f"BMI {f['bmi']} from 30 to 39.9",
-    "L-9": lambda f: "controlled condition",
-    "H-1": lambda f: f"claims {f['prior_claims']} >= 3",
-    "H-2": lambda f: f"station {f['fire_station_miles']:g} > 5 and hydrant {f['hydrant_feet']} > 1000",
-    "H-3": lambda f: f"roof {f['roof_age']} > {rulebook.roof_age_limit(f['construction'])}",
-    "H-4": lambda f: f"coastal and dwelling {_money(f['dwelling_value'])} > $1000k",
-    "H-5": lambda f: f"claims {f['prior_claims']} = 2",
-    "H-6": lambda f: "coastal",
-    "H-7": lambda f: f"roof {f['roof_age']} from 15 to {rulebook.roof_age_limit(f['construction'])}",
-    "H-8": lambda f: f"exactly one of station {f['fire_station_miles']:g} > 5, hydrant {f['hydrant_feet']} > 1000",
-    "B-1": lambda f: "high hazard and not sprinklered",
-    "B-2": lambda f: f"losses {f['prior_losses']} >= 3",
-    "B-3": lambda f: f"building {f['building_age']} > 50 and wiring not updated",
-    "B-4": lambda f: f"TIV {_money(f['tiv'])} > 5 x {_money(f['annual_revenue'])} = {_money(5 * f['annual_revenue'])}",
-    "B-5": lambda f: "high hazard and sprinklered",
-    "B-6": lambda f: f"losses {f['prior_losses']} = 2",
-    "B-7": lambda f: f"building {f['building_age']} from 31 to 50 and wiring not updated",
-    "B-8": lambda f: "moderate hazard and not sprinklered",
-}
+def check_atoms(rule_id: str, f: dict, year_keys: set[str]) -> list[tuple[str, bool]]:
+    """The comparisons one rule makes, each with its truth, written with the case's numbers.
+
+    A rule of one comparison gets its answer only from the rule's predicate; a rule of several
+    (an "and", a band, H-8's "exactly one") writes each part with its own yes/no first, so the
+    model never has to do two comparisons in one step.
+
+    Args:
+        rule_id: e.g. "H-2".
+        f: the case facts.
+        year_keys: the age facts the broker stated as a year (compared as years).
+
+    Returns:
+        [(text, truth), ...], e.g. [("station 7.2 > 5", True), ("hydrant 1350 > 1000", True)].
+    """
+    hazard = rulebook.OCCUPANCY_HAZARD.get(f.get("occupancy", ""), "")
+    money = _money
+    roof_limit = rulebook.roof_age_limit(f["construction"]) if "construction" in f else 0
+    station_hydrant = (
+        [
+            (f"station {f['fire_station_miles']:g} > 5", f["fire_station_miles"] > 5),
+            (f"hydrant {f['hydrant_feet']} > 1000", f["hydrant_feet"] > 1000),
+        ]
+        if "fire_station_miles" in f
+        else []
+    )
+    atoms = {
+        "L-1": lambda: [_age_atom("age", ">", 70, f, year_keys)],
+        "L-2": lambda: [("serious history", f["medical_history"] == "serious")],
+        "L-3": lambda: [(f"BMI {f['bmi']} >= 40", f["bmi"] >= 40)],
+        "L-4": lambda: [
+            _age_atom("age", ">=", 50, f, year_keys),
+            (f"face {money(f['face_amount'])} > $1000k", f["face_amount"] > 1_000_000),
+        ],
+        "L-5": lambda: [("smoker", f["smoker"]), (f"BMI {f['bmi']} >= 35", f["bmi"] >= 35)],
+        "L-6": lambda: [("smoker", f["smoker"])],
+        "L-7": lambda: [("hazardous occupation", rulebook.LIFE_OCCUPATIONS[f["occupation"]])],
+        "L-8": lambda: [(f"BMI {f['bmi']} >= 30", f["bmi"] >= 30), (f"BMI {f['bmi']} < 40", f["bmi"] < 40)],
+        "L-9": lambda: [("controlled condition", f["medical_history"] == "controlled")],
+        "H-1": lambda: [(f"claims {f['prior_claims']} >= 3", f["prior_claims"] >= 3)],
+        "H-2": lambda: station_hydrant,
+        "H-3": lambda: [_age_atom("roof_age", ">", roof_limit, f, year_keys)],
+        "H-4": lambda: [
+            ("coastal", f["wind_zone"] == "coastal"),
+            (f"dwelling {money(f['dwelling_value'])} > $1000k", f["dwelling_value"] > 1_000_000),
+        ],
+        "H-5": lambda: [(f"claims {f['prior_claims']} = 2", f["prior_claims"] == 2)],
+        "H-6": lambda: [("coastal", f["wind_zone"] == "coastal")],
+        "H-7": lambda: [
+            _age_atom("roof_age", ">=", 15, f, year_keys),
+            _age_atom("roof_age", "<=", roof_limit, f, year_keys),
+        ],
+        "H-8": lambda: station_hydrant,
+        "B-1": lambda: [("high hazard", hazard == "high"), ("not sprinklered", not f["sprinklered"])],
+        "B-2": lambda: [(f"losses {f['prior_losses']} >= 3", f["prior_losses"] >= 3)],
+        "B-3": lambda: [
+            _age_atom("building_age", ">", 50, f, year_keys),
+            ("wiring not updated", not f["wiring_updated"]),
+        ],
+        "B-4": lambda: [
+            (
+                f"TIV {money(f['tiv'])} > 5 x {money(f['annual_revenue'])} = {money(5 * f['annual_revenue'])}",
+                f["tiv"] > 5 * f["annual_revenue"],
+            )
+        ],
+        "B-5": lambda: [("high hazard", hazard == "high"), ("sprinklered", f["sprinklered"])],
+        "B-6": lambda: [(f"losses {f['prior_losses']} = 2", f["prior_losses"] == 2)],
+        "B-7": lambda: [
+            _age_atom("building_age", ">", 30, f, year_keys),
+            _age_atom("building_age", "<=", 50, f, year_keys),
+            ("wiring not updated", not f["wiring_updated"]),
+        ],
+        "B-8": lambda: [("moderate hazard", hazard == "moderate"), ("not sprinklered", not f["sprinklered"])],
+    }
+    return atoms[rule_id]()
 
 
-def worksheet_checks(lob: str, facts: dict) -> list[str]:
+def worksheet_checks(lob: str, facts: dict, year_keys: set[str]) -> list[str]:
     """The check lines: every rule of the line (the grant rule aside), one per line, in rule order.
 
-    Each line writes the rule's comparison with the case's numbers, the answer of the rule's
-    predicate (with the rule's effect after a yes), and after "->" the running result: the effect
-    of the first fired rule (rules go from most to least severe, so the first fired one decides)
-    and every rule fired so far. Carrying the result from line to line keeps the decision a local
-    step: copy the previous result, and on a yes append the rule.
+    Each line writes the rule's comparisons with the case's numbers (several parts each with its
+    own yes/no), the answer of the rule's predicate (with the rule's effect after a yes), and after
+    "->" the running result: the effect of the first fired rule (rules go from most to least
+    severe, so the first fired one decides) and every rule fired so far. Carrying the result from
+    line to line keeps the decision a local step: copy the previous result, and on a yes append
+    the rule.
 
     Args:
         lob: line of business.
         facts: the case facts.
+        year_keys: the age facts the broker stated as a year.
 
     Returns:
-        e.g. ["L-1 age 54 > 70: no -> none", ..., "L-4 age 54 >= 50 and face $1500k > $1000k: yes,
-        refer -> refer L-4", ...].
+        e.g. ["L-1 age 54 > 70: no -> none", ..., "L-4 age 54 >= 50 yes, face $1500k > $1000k yes:
+        yes, refer -> refer L-4", ...].
     """
     lines, first_effect, fired = [], None, []
     for rule in rulebook.RULES[lob]:
         if rule.applies is None:
             continue
-        comparison = f"{rule.rule_id} {CHECK_TEXTS[rule.rule_id](facts)}"
+        atoms = check_atoms(rule.rule_id, facts, year_keys)
+        if len(atoms) == 1:
+            comparison = atoms[0][0]
+        else:
+            comparison = ", ".join(f"{text} {_yes(truth)}" for text, truth in atoms)
         if rule.applies(facts):
             first_effect = first_effect or rule.effect
             fired.append(rule.rule_id)
@@ -596,7 +669,9 @@ def worksheet_checks(lob: str, facts: dict) -> list[str]:
         else:
             answer = "no"
         result = f"{first_effect} {', '.join(fired)}" if fired else "none"
-        lines.append(f"{comparison}: {answer} -> {result}")
+        if rule.rule_id == "H-8":
+            comparison = "exactly one of " + comparison
+        lines.append(f"{rule.rule_id} {comparison}: {answer} -> {result}")
     return lines
 
 
@@ -619,7 +694,7 @@ def write_decision_turn(lob: str, facts: dict, decision: dict, year_keys: set[st
         outcome += " " + rng.choice(["Condition: {c}.", "Subject to: {c}."]).format(c="; ".join(decision["conditions"]))
     lines = [
         worksheet_facts(lob, facts, year_keys),
-        *worksheet_checks(lob, facts),
+        *worksheet_checks(lob, facts, year_keys),
         outcome,
         format_decision_line(decision["outcome"], decision["risk_class"], decision["rules"]),
     ]
@@ -853,27 +928,30 @@ submission with some facts; the assistant asks for exactly the missing ones (2-4
 all); the last assistant turn works the case out on a short worksheet and ends with one
 machine-readable line:
 
-    Facts: age 2025-1971=54; face $1500k; BMI 31.2; smoker no; medical history none; occupation nurse, not hazardous.
-    L-1 age 54 > 70: no -> none
+    Facts: born 1971; face $1500k; BMI 31.2; smoker no; medical history none; occupation nurse, not hazardous.
+    L-1 born 1971 < 1955: no -> none
     L-2 serious history: no -> none
     L-3 BMI 31.2 >= 40: no -> none
-    L-4 age 54 >= 50 and face $1500k > $1000k: yes, refer -> refer L-4
+    L-4 born 1971 <= 1975 yes, face $1500k > $1000k yes: yes, refer -> refer L-4
     ... (one line per rule)
-    L-8 BMI 31.2 from 30 to 39.9: yes, standard -> refer L-4, L-8
+    L-8 BMI 31.2 >= 30 yes, BMI 31.2 < 40 yes: yes, standard -> refer L-4, L-8
     L-9 controlled condition: no -> refer L-4, L-8
     Refer to a senior underwriter.
     DECISION: refer | CLASS: n/a | RULES: L-4, L-8
 
 Why a worksheet: a 135M-parameter model cannot make the whole rulebook decision in the tokens of
-one line. Restating every fact once, in the rulebook's order and units (years turned into ages,
-dollars in thousands), then writing each rule's comparison next to its yes/no, turns the decision
-into short local steps: copy a number, compare it with the threshold beside it. Rules are
-numbered from most to least severe, so the outcome is the effect of the first fired rule; each
-check line carries the running result after "->" (that first effect and every rule fired so far),
-so the decision is built one line at a time instead of by collecting the yeses at the end (a
-model trained with a separate "Fired:" line listed its own yeses right in 4 of 60 validation
-replies). Every yes/no comes from the rule's predicate in `data/rulebook.py`, so `decide()` stays
-the only source of labels.
+one line. Restating every fact once, in the rulebook's order and units (dollars in thousands),
+then writing each rule's comparison next to its yes/no, turns the decision into short local
+steps: copy a number, compare it with the threshold beside it. A rule with several parts (an
+"and", a band) answers each part first. An age the broker gave as a year stays a year and is
+compared with the limit as a year ("born 1971 < 1955" is "age 54 > 70"), so no step needs a
+subtraction (a model asked to write "2025-1998=27" got the difference wrong most of the time).
+Rules are numbered from most to least severe, so the outcome is the effect of the first fired
+rule; each check line carries the running result after "->" (that first effect and every rule
+fired so far), so the decision is built one line at a time instead of by collecting the yeses at
+the end (a model trained with a separate "Fired:" line listed its own yeses right in 4 of 60
+validation replies). Every rule's yes/no comes from its predicate in `data/rulebook.py`, so
+`decide()` stays the only source of labels.
 
 Everything is generated from seeded templates: the data tests rule-following and fact gathering,
 not real-world underwriting. Years ("born 1983") are read as of {rulebook.REFERENCE_YEAR}.

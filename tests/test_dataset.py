@@ -155,12 +155,31 @@ def test_worksheet_checks_match_the_rulebook(splits):
 
 def test_running_result_carries_from_line_to_line():
     facts = {**LIFE, "age": 55, "face_amount": 1_500_000, "bmi": 31.2, "smoker": False, "occupation": "nurse"}
-    lines = generate.worksheet_checks("term_life", facts)
+    lines = generate.worksheet_checks("term_life", facts, year_keys=set())
     assert lines[0] == "L-1 age 55 > 70: no -> none"
-    assert lines[3] == "L-4 age 55 >= 50 and face $1500k > $1000k: yes, refer -> refer L-4"
+    assert lines[3] == "L-4 age 55 >= 50 yes, face $1500k > $1000k yes: yes, refer -> refer L-4"
     assert lines[6] == "L-7 hazardous occupation: no -> refer L-4"
-    assert lines[7] == "L-8 BMI 31.2 from 30 to 39.9: yes, standard -> refer L-4, L-8"
+    assert lines[7] == "L-8 BMI 31.2 >= 30 yes, BMI 31.2 < 40 yes: yes, standard -> refer L-4, L-8"
     assert rulebook.decide("term_life", facts)["rules"] == ["L-4", "L-8"]
+    # A year the broker gave is compared as a year (1970 <= 1975 is age 55 >= 50): no subtraction.
+    by_year = generate.worksheet_checks("term_life", facts, year_keys={"age"})
+    assert by_year[0] == "L-1 born 1970 < 1955: no -> none"
+    assert by_year[3].startswith("L-4 born 1970 <= 1975 yes, face $1500k > $1000k yes: yes, refer")
+
+
+@pytest.mark.parametrize("year_keys", [set(), {"age", "roof_age", "building_age"}])
+def test_check_parts_agree_with_the_rule(splits, year_keys):
+    # Each part's yes/no is its own comparison; together ("and", H-8 "exactly one") they give the
+    # rulebook predicate's answer, in both the age and the year form.
+    for records in splits.values():
+        for record in records:
+            lob, facts = record["line_of_business"], record["facts"]
+            for rule in rulebook.RULES[lob]:
+                if rule.applies is None:
+                    continue
+                truths = [truth for _, truth in generate.check_atoms(rule.rule_id, facts, year_keys)]
+                combined = truths[0] != truths[1] if rule.rule_id == "H-8" else all(truths)
+                assert combined == rule.applies(facts), (record["id"], rule.rule_id)
 
 
 def test_worksheet_errors_counts_each_wrong_step():
@@ -183,11 +202,10 @@ def test_worksheet_facts_restate_every_fact():
     facts["medical_history"] = "controlled"
     line = generate.worksheet_facts("term_life", facts, year_keys={"age"})
     assert line == (
-        "Facts: age 2025-1983=42; face $1250k; BMI 31.5; smoker yes; medical history controlled; "
-        "occupation logger, hazardous."
+        "Facts: born 1983; face $1250k; BMI 31.5; smoker yes; medical history controlled; occupation logger, hazardous."
     )
     assert "age 42;" in generate.worksheet_facts("term_life", facts, year_keys=set())
-    business = generate.worksheet_checks("small_business_property", {**BUSINESS, "tiv": 5_050_000})
+    business = generate.worksheet_checks("small_business_property", {**BUSINESS, "tiv": 5_050_000}, set())
     assert "B-4 TIV $5050k > 5 x $1000k = $5000k: yes, refer -> refer B-4" in business
 
 
