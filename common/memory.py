@@ -33,6 +33,7 @@ alive at once:
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -309,12 +310,19 @@ def estimate_memory(
     Raises:
         MemoryEstimateError: unknown quantization, dtype, device or target module, or bad sizes.
     """
-    if quantization not in (None, "nf4"):
-        raise MemoryEstimateError(f"quantization must be None or 'nf4', got '{quantization}'")
-    if device not in ("cuda", "cpu"):
-        raise MemoryEstimateError(f"device must be 'cuda' or 'cpu', got '{device}'")
-    if min(batch_size, seq_len, rank) < 1 or not 0 < trained_fraction <= 1:
-        raise MemoryEstimateError("batch_size, seq_len and rank must be >= 1 and trained_fraction in (0, 1]")
+    _check_estimate_settings(quantization, device, batch_size, seq_len, rank, trained_fraction)
+    settings = {
+        "batch_size": batch_size,
+        "seq_len": seq_len,
+        "rank": rank,
+        "target_modules": None,  # the resolved names, below
+        "quantization": quantization,
+        "gradient_checkpointing": gradient_checkpointing,
+        "trained_fraction": trained_fraction,
+        "device": device,
+        "lora_dropout": lora_dropout,
+        "padded": padded,
+    }
     arch = describe_architecture(config)
     targets = resolve_target_modules(target_modules)
     dtype = _dtype_name(dtype)
@@ -326,14 +334,7 @@ def estimate_memory(
     layers, hidden, vocab = arch["layers"], arch["hidden"], arch["vocab"]
     shapes = linear_shapes(arch)
 
-    # Weights. QLoRA: prepare_model_for_kbit_training casts every non-4-bit tensor to fp32.
-    if quantization == "nf4":
-        non_quantized = params["embedding"] + params["head"] + params["other"]
-        weights = layers * sum(nf4_bytes(i * o) for i, o in shapes.values()) + 4 * non_quantized
-        stored_bytes = 4  # embeddings, norms and head are fp32: the residual stream is fp32
-    else:
-        weights = params["total"] * DTYPE_BYTES[dtype]
-        stored_bytes = DTYPE_BYTES[dtype]
+    weights, stored_bytes = _weight_bytes(quantization, params, layers, shapes, dtype)
     # 4-bit linears return their input dtype (fp32 here), so QLoRA's MLP intermediates are fp32.
     mlp_bytes = stored_bytes if quantization == "nf4" else c
 
@@ -361,18 +362,7 @@ def estimate_memory(
 
     weight_copies = linear_copy + head_copy
     kept_for_backward = activations + weight_copies + logits
-    if device == "cuda":
-        fixed, allocator = CUDA_CONTEXT_BYTES, CUDA_ALLOCATOR_FRACTION * kept_for_backward
-        overhead_note = (
-            f"CUDA context {CUDA_CONTEXT_BYTES // MIB} MiB + {CUDA_ALLOCATOR_FRACTION:.0%} of activations, weight "
-            "copies and logits for caching-allocator slack"
-        )
-    else:
-        fixed, allocator = CPU_RUNTIME_BYTES, CPU_ALLOCATOR_FRACTION * kept_for_backward
-        overhead_note = (
-            f"libraries + tokenizer {CPU_RUNTIME_BYTES // MIB} MiB + {CPU_ALLOCATOR_FRACTION:.0%} of activations, "
-            "weight copies and logits for glibc malloc retention"
-        )
+    fixed, allocator, overhead_note = _overhead_bytes(device, kept_for_backward)
     overhead = fixed + allocator
     components = {
         "weights": weights,
@@ -398,22 +388,46 @@ def estimate_memory(
             "weight_dtype": "nf4" if quantization == "nf4" else dtype,
             "compute_dtype": compute_dtype,
             "nf4_bits_per_param": NF4_BITS_PER_PARAM,
-            "settings": {
-                "batch_size": batch_size,
-                "seq_len": seq_len,
-                "rank": rank,
-                "target_modules": targets,
-                "quantization": quantization,
-                "gradient_checkpointing": gradient_checkpointing,
-                "trained_fraction": trained_fraction,
-                "device": device,
-                "lora_dropout": lora_dropout,
-                "padded": padded,
-            },
+            "settings": settings | {"target_modules": targets},
             "overhead": overhead_note,
             "allocator_allowance": round(allocator),
         },
     }
+
+
+def _check_estimate_settings(
+    quantization: str | None, device: str, batch_size: int, seq_len: int, rank: int, trained_fraction: float
+) -> None:
+    if quantization not in (None, "nf4"):
+        raise MemoryEstimateError(f"quantization must be None or 'nf4', got '{quantization}'")
+    if device not in ("cuda", "cpu"):
+        raise MemoryEstimateError(f"device must be 'cuda' or 'cpu', got '{device}'")
+    if min(batch_size, seq_len, rank) < 1 or not 0 < trained_fraction <= 1:
+        raise MemoryEstimateError("batch_size, seq_len and rank must be >= 1 and trained_fraction in (0, 1]")
+
+
+def _weight_bytes(quantization: str | None, params: dict, layers: int, shapes: dict, dtype: str) -> tuple[float, int]:
+    """(bytes of the base weights, bytes per element of the stored non-4-bit tensors)."""
+    if quantization == "nf4":  # prepare_model_for_kbit_training casts every non-4-bit tensor to fp32
+        non_quantized = params["embedding"] + params["head"] + params["other"]
+        weights = layers * sum(nf4_bytes(i * o) for i, o in shapes.values()) + 4 * non_quantized
+        return weights, 4  # embeddings, norms and head are fp32: the residual stream is fp32
+    return params["total"] * DTYPE_BYTES[dtype], DTYPE_BYTES[dtype]
+
+
+def _overhead_bytes(device: str, kept_for_backward: float) -> tuple[int, float, str]:
+    """(fixed runtime bytes, allocator allowance, the note saying how they were counted)."""
+    if device == "cuda":
+        note = (
+            f"CUDA context {CUDA_CONTEXT_BYTES // MIB} MiB + {CUDA_ALLOCATOR_FRACTION:.0%} of activations, weight "
+            "copies and logits for caching-allocator slack"
+        )
+        return CUDA_CONTEXT_BYTES, CUDA_ALLOCATOR_FRACTION * kept_for_backward, note
+    note = (
+        f"libraries + tokenizer {CPU_RUNTIME_BYTES // MIB} MiB + {CPU_ALLOCATOR_FRACTION:.0%} of activations, "
+        "weight copies and logits for glibc malloc retention"
+    )
+    return CPU_RUNTIME_BYTES, CPU_ALLOCATOR_FRACTION * kept_for_backward, note
 
 
 def _largest_fitting(fits, low: int, high: int) -> int:
@@ -485,104 +499,60 @@ def recommend_setup(
     if not 0 <= safety_margin < 1 or not 0 <= error_band < 1:
         raise MemoryEstimateError(f"safety margin and error band must be in [0, 1), got {safety_margin}, {error_band}")
     usable = gpu_memory_gb * GIB * (1 - safety_margin)
-    methods = {"lora": (None, lora_dtype), "qlora": ("nf4", compute_dtype)}
-
-    def total(method: str, gc: bool, batch: int, seq: int) -> int:
-        quantization, dtype = methods[method]
-        return estimate_memory(
-            config,
-            batch,
-            seq,
-            rank,
-            target_modules,
-            quantization,
-            dtype,
-            gc,
-            trained_fraction,
-            device=device,
-            compute_dtype=compute_dtype,
-            lora_dropout=lora_dropout,
-        )["total"]
-
-    def fits(method: str, gc: bool, batch: int, seq: int) -> bool:
-        return total(method, gc, batch, seq) * (1 + error_band) <= usable
-
-    candidates = []
-    for method in methods:
-        for gc in (False, True):
-            max_batch = _largest_fitting(lambda b, m=method, g=gc: fits(m, g, b, seq_len), 1, batch_size)
-            candidates.append(
-                {
-                    "method": method,
-                    "gradient_checkpointing": gc,
-                    "estimated_gb": total(method, gc, batch_size, seq_len) / GIB,
-                    "fits": max_batch >= batch_size,
-                    "max_micro_batch_size": max(max_batch, 0),
-                }
-            )
-    best = {}  # method -> its best setting, or None when not even one sequence fits
-    for method in methods:
-        no_gc, gc = (c for c in candidates if c["method"] == method)
-        if no_gc["fits"] or gc["fits"]:
-            best[method] = no_gc if no_gc["fits"] else gc
-        elif max(no_gc["max_micro_batch_size"], gc["max_micro_batch_size"]) >= 1:
-            best[method] = gc if gc["max_micro_batch_size"] > no_gc["max_micro_batch_size"] else no_gc
-        else:
-            best[method] = None
-    lora, qlora = best["lora"], best["qlora"]
+    # total(method, checkpointing, batch, length) -> bytes; fits(...) -> estimate + error band <= usable
+    total = functools.partial(
+        _setup_bytes,
+        config=config,
+        rank=rank,
+        target_modules=target_modules,
+        trained_fraction=trained_fraction,
+        lora_dtype=lora_dtype,
+        compute_dtype=compute_dtype,
+        lora_dropout=lora_dropout,
+        device=device,
+    )
+    fits = functools.partial(_fits_budget, total, usable, error_band)
+    candidates = _setup_candidates(total, fits, batch_size, seq_len)
+    lora, qlora = (_best_setting([c for c in candidates if c["method"] == m]) for m in ("lora", "qlora"))
     lora_batch = lora["max_micro_batch_size"] if lora else 0
     why_not_lora = ""
     if lora and (lora["fits"] or lora_batch >= 2):
         chosen = lora
     elif qlora and qlora["max_micro_batch_size"] > lora_batch:
         chosen = qlora
-        if lora:
-            setting = "with" if lora["gradient_checkpointing"] else "without"
-            lora_gb = total("lora", lora["gradient_checkpointing"], 1, seq_len) / GIB
-            why_not_lora = (
-                f"LoRA on the {lora_dtype} base fits only micro-batch 1 of {batch_size} ({setting} checkpointing: "
-                f"{lora_gb:.1f} GiB + {error_band:.0%} estimate error = {lora_gb * (1 + error_band):.1f} of "
-                f"{usable / GIB:.1f} GiB usable), so "
-            )
-        else:
-            why_not_lora = (
-                f"LoRA does not fit one sequence of {seq_len} tokens with the {error_band:.0%} estimate error, so "
-            )
+        why_not_lora = _why_not_lora(lora, total, batch_size, seq_len, lora_dtype, error_band, usable)
     else:
         chosen = lora
-    max_positions = describe_architecture(config)["max_positions"] or 131072
     if chosen is None:  # not even one sequence: QLoRA + checkpointing at a shorter length
-        method, gc, micro_batch = "qlora", True, 1
-        max_seq = _largest_fitting(lambda s: fits("qlora", True, 1, s), 16, seq_len)
-        reason = f"no method fits one sequence of {seq_len} tokens in {usable / GIB:.1f} GiB"
-        if max_seq >= 16:
-            reason += f"; QLoRA with checkpointing fits sequences up to {max_seq} tokens"
-        else:
-            method, gc, micro_batch, max_seq = "none", True, 0, 0
-            reason += "; even the 4-bit weights do not fit: use a larger GPU or a smaller model"
+        method, gc, micro_batch, max_seq, reason = _shorter_sequence_setup(fits, seq_len, usable)
         usable_seq = max_seq
     else:
         method, gc, micro_batch = chosen["method"], chosen["gradient_checkpointing"], chosen["max_micro_batch_size"]
         # the largest divisor of the batch that fits, so accumulation keeps the effective batch exactly
         micro_batch = max(d for d in range(1, min(micro_batch, batch_size) + 1) if batch_size % d == 0)
         usable_seq = seq_len
-        max_seq = _largest_fitting(lambda s: fits(method, gc, micro_batch, s), seq_len, max_positions)
+        max_positions = describe_architecture(config)["max_positions"] or 131072
+        max_seq = _largest_fitting(
+            functools.partial(_fits_length, fits, method, gc, micro_batch), seq_len, max_positions
+        )
         label = f"LoRA on the {lora_dtype} base" if method == "lora" else "QLoRA"
         reason = (
             f"{why_not_lora}{label} {'with' if gc else 'without'} gradient checkpointing fits micro-batch "
             f"{micro_batch} x {seq_len} tokens"
         )
-    accumulation = batch_size // micro_batch if micro_batch else 0
     estimated = total(method if method != "none" else "qlora", gc, max(micro_batch, 1), max(usable_seq, 16))
     max_micro = next(
         (c["max_micro_batch_size"] for c in candidates if c["method"] == method and c["gradient_checkpointing"] == gc),
         0,
     )
     if method != "none" and max_micro >= batch_size:  # how far the batch could grow at this length
-        max_micro = _largest_fitting(lambda b: fits(method, gc, b, seq_len), batch_size, 64 * batch_size)
+        max_micro = _largest_fitting(
+            functools.partial(_fits_batch, fits, method, gc, seq_len), batch_size, 64 * batch_size
+        )
     headroom = usable - estimated * (1 + error_band)
     if why_not_lora:
         reason += f", with {headroom / GIB:.1f} GiB to spare"
+    accumulation = batch_size // micro_batch if micro_batch else 0
     return {
         "method": method,
         "quantization": "nf4" if method == "qlora" else None,
@@ -604,6 +574,107 @@ def recommend_setup(
         "reason": reason,
         "candidates": candidates,
     }
+
+
+def _setup_bytes(
+    method: str,
+    gc: bool,
+    batch: int,
+    seq: int,
+    *,
+    config,
+    rank: int,
+    target_modules: list[str] | str,
+    trained_fraction: float,
+    lora_dtype: str,
+    compute_dtype: str,
+    lora_dropout: float,
+    device: str,
+) -> int:
+    """Estimated bytes of LoRA (on the `lora_dtype` base) or QLoRA at one checkpointing/batch/length."""
+    quantization, dtype = (None, lora_dtype) if method == "lora" else ("nf4", compute_dtype)
+    return estimate_memory(
+        config,
+        batch,
+        seq,
+        rank,
+        target_modules,
+        quantization,
+        dtype,
+        gc,
+        trained_fraction,
+        device=device,
+        compute_dtype=compute_dtype,
+        lora_dropout=lora_dropout,
+    )["total"]
+
+
+def _fits_budget(total, usable: float, error_band: float, method: str, gc: bool, batch: int, seq: int) -> bool:
+    return total(method, gc, batch, seq) * (1 + error_band) <= usable
+
+
+def _fits_batch(fits, method: str, gc: bool, seq: int, batch: int) -> bool:
+    return fits(method, gc, batch, seq)
+
+
+def _fits_length(fits, method: str, gc: bool, batch: int, seq: int) -> bool:
+    return fits(method, gc, batch, seq)
+
+
+def _setup_candidates(total, fits, batch_size: int, seq_len: int) -> list[dict]:
+    """LoRA and QLoRA, each without and with checkpointing: the estimate and the largest micro-batch that fits."""
+    candidates = []
+    for method in ("lora", "qlora"):
+        for gc in (False, True):
+            max_batch = _largest_fitting(functools.partial(_fits_batch, fits, method, gc, seq_len), 1, batch_size)
+            candidates.append(
+                {
+                    "method": method,
+                    "gradient_checkpointing": gc,
+                    "estimated_gb": total(method, gc, batch_size, seq_len) / GIB,
+                    "fits": max_batch >= batch_size,
+                    "max_micro_batch_size": max(max_batch, 0),
+                }
+            )
+    return candidates
+
+
+def _best_setting(candidates: list[dict]) -> dict | None:
+    """A method's better setting: no checkpointing if the full batch fits, else checkpointing if it does,
+    else the one fitting the larger micro-batch; None when not even one sequence fits."""
+    no_gc, gc = candidates
+    if no_gc["fits"] or gc["fits"]:
+        return no_gc if no_gc["fits"] else gc
+    if max(no_gc["max_micro_batch_size"], gc["max_micro_batch_size"]) >= 1:
+        return gc if gc["max_micro_batch_size"] > no_gc["max_micro_batch_size"] else no_gc
+    return None
+
+
+def _why_not_lora(lora, total, batch_size: int, seq_len: int, lora_dtype: str, error_band: float, usable: float) -> str:
+    """The start of the reason when QLoRA is chosen over a LoRA that fits only micro-batch 1 (or nothing)."""
+    if not lora:
+        return f"LoRA does not fit one sequence of {seq_len} tokens with the {error_band:.0%} estimate error, so "
+    setting = "with" if lora["gradient_checkpointing"] else "without"
+    lora_gb = total("lora", lora["gradient_checkpointing"], 1, seq_len) / GIB
+    return (
+        f"LoRA on the {lora_dtype} base fits only micro-batch 1 of {batch_size} ({setting} checkpointing: "
+        f"{lora_gb:.1f} GiB + {error_band:.0%} estimate error = {lora_gb * (1 + error_band):.1f} of "
+        f"{usable / GIB:.1f} GiB usable), so "
+    )
+
+
+def _shorter_sequence_setup(fits, seq_len: int, usable: float) -> tuple[str, bool, int, int, str]:
+    """When no method fits one sequence: QLoRA + checkpointing at batch 1 and the longest length that fits.
+
+    Returns:
+        (method, gradient checkpointing, micro-batch, max sequence length, reason); method "none" when
+        even the 4-bit weights do not fit.
+    """
+    max_seq = _largest_fitting(functools.partial(_fits_length, fits, "qlora", True, 1), 16, seq_len)
+    reason = f"no method fits one sequence of {seq_len} tokens in {usable / GIB:.1f} GiB"
+    if max_seq >= 16:
+        return "qlora", True, 1, max_seq, reason + f"; QLoRA with checkpointing fits sequences up to {max_seq} tokens"
+    return "none", True, 0, 0, reason + "; even the 4-bit weights do not fit: use a larger GPU or a smaller model"
 
 
 def device_memory_bytes(device: str) -> int:
@@ -738,6 +809,70 @@ def build_random_batch(
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
+def _load_lora_model(
+    model: str,
+    quantization: str | None,
+    dtype: torch.dtype,
+    on_cuda: bool,
+    rank: int,
+    target_modules: list[str] | str,
+    lora_dropout: float,
+    gradient_checkpointing: bool,
+):
+    """The base as train.py loads it, with LoRA (alpha 2 x rank) applied, in train mode; and its tokenizer."""
+    from common.lora import apply_lora, parse_target_modules
+    from common.model import load_model_and_tokenizer
+
+    base, tokenizer = load_model_and_tokenizer(
+        model,
+        quantization=quantization,
+        dtype=dtype,
+        device_map={"": torch.cuda.current_device()} if on_cuda and quantization else None,
+    )
+    if on_cuda and not quantization:
+        base.to("cuda")
+    peft_model = apply_lora(
+        base,
+        rank=rank,
+        alpha=2 * rank,
+        dropout=lora_dropout,
+        target_modules=parse_target_modules(target_modules) if isinstance(target_modules, str) else target_modules,
+        quantized=quantization is not None,
+        gradient_checkpointing=gradient_checkpointing,
+    )
+    peft_model.train()
+    return peft_model, tokenizer
+
+
+def _run_steps(loss_model, trainable: list, optimizer, scaler, batch: dict, autocast: dict, steps: int):
+    """`steps` training steps on one batch (torch.autocast(**autocast), backward, clip, AdamW).
+
+    Returns:
+        (seconds per step, loss per step).
+    """
+    import time
+
+    step_times, losses = [], []
+    for _ in range(steps):
+        start = time.perf_counter()
+        with torch.autocast(**autocast):
+            row_losses, row_counts = loss_model(**batch)  # per row (or already summed): sum either way
+            loss = row_losses.sum() / row_counts.sum()
+        (scaler.scale(loss) if scaler else loss).backward()
+        if scaler:
+            scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        if scaler:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())  # a host sync: the step is finished before the clock stops
+        step_times.append(time.perf_counter() - start)
+    return step_times, losses
+
+
 def measure_training_memory(
     model: str,
     quantization: str | None,
@@ -778,11 +913,7 @@ def measure_training_memory(
          max reserved), "baseline_bytes", "load_peak_bytes", "peak_reset", "max_allocated_bytes",
          "max_reserved_bytes", "tokens", "trained_tokens", "step_times_s", "losses", "dtype", "compute_dtype"}
     """
-    import time
-
-    from common.lora import apply_lora, parse_target_modules
     from common.loss import TrainedTokenLoss
-    from common.model import load_model_and_tokenizer
 
     torch_dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
     on_cuda = device == "cuda"
@@ -790,24 +921,9 @@ def measure_training_memory(
         compute_dtype = "bf16" if not on_cuda or torch.cuda.get_device_capability() >= (8, 0) else "fp16"
     if dtype is None:
         dtype = compute_dtype if quantization else ("fp16" if on_cuda else "fp32")
-    base, tokenizer = load_model_and_tokenizer(
-        model,
-        quantization=quantization,
-        dtype=torch_dtypes[dtype],
-        device_map={"": torch.cuda.current_device()} if on_cuda and quantization else None,
+    peft_model, tokenizer = _load_lora_model(
+        model, quantization, torch_dtypes[dtype], on_cuda, rank, target_modules, lora_dropout, gradient_checkpointing
     )
-    if on_cuda and not quantization:
-        base.to("cuda")
-    peft_model = apply_lora(
-        base,
-        rank=rank,
-        alpha=2 * rank,
-        dropout=lora_dropout,
-        target_modules=parse_target_modules(target_modules) if isinstance(target_modules, str) else target_modules,
-        quantized=quantization is not None,
-        gradient_checkpointing=gradient_checkpointing,
-    )
-    peft_model.train()
     loss_model = TrainedTokenLoss(peft_model)
     trainable = [p for p in peft_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-4)
@@ -823,24 +939,8 @@ def measure_training_memory(
         peak_reset = True
     else:
         peak_reset = _reset_peak_rss()
-    step_times, losses = [], []
-    for _ in range(steps):
-        start = time.perf_counter()
-        with torch.autocast(device, dtype=torch_dtypes[compute_dtype], enabled=compute_dtype != "fp32"):
-            row_losses, row_counts = loss_model(**batch)  # per row (or already summed): sum either way
-            loss = row_losses.sum() / row_counts.sum()
-        (scaler.scale(loss) if scaler else loss).backward()
-        if scaler:
-            scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-        if scaler:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())  # a host sync: the step is finished before the clock stops
-        step_times.append(time.perf_counter() - start)
+    autocast = {"device_type": device, "dtype": torch_dtypes[compute_dtype], "enabled": compute_dtype != "fp32"}
+    step_times, losses = _run_steps(loss_model, trainable, optimizer, scaler, batch, autocast, steps)
 
     result = {
         "device": device,

@@ -312,38 +312,65 @@ def render_eval_report(metrics: dict, samples: Sequence[dict] = ()) -> str:
         f"Greedy decoding, max {metrics['settings']['max_new_tokens']} new tokens, {metrics['settings']['dtype']}. "
         f"Intervals: 95% bootstrap over examples ({metrics['settings']['bootstrap']} resamples).",
         "",
-        "| metric | " + " | ".join(names) + (" | finetuned - base |" if comparison else " |"),
+        *_table_head("metric", names, comparison),
+    ]
+    lines += _metric_rows(results, names, comparison)
+    lines += _asking_turn_lines(results, names, comparison)
+    if comparison:
+        lines += _confidence_lines(comparison["loss_delta"], comparison["significant"])
+    decision = {n: results[n].get("decision") for n in names}
+    if all(decision.values()):
+        lines += _line_of_business_lines(decision, names)
+        for key, label in [("outcome_confusion", "Outcome"), ("risk_class_confusion", "Risk class")]:
+            lines += _confusion_lines(decision, names, key, label)
+    if samples:
+        lines += _sample_lines(samples, names)
+    return "\n".join(lines) + "\n"
+
+
+def _table_head(first: str, names: list[str], comparison: dict | None) -> list[str]:
+    return [
+        f"| {first} | " + " | ".join(names) + (" | finetuned - base |" if comparison else " |"),
         "|---" * (len(names) + 1 + bool(comparison)) + "|",
     ]
 
-    def row(label: str, values: list[str], delta: str = "") -> None:
-        lines.append(f"| {label} | " + " | ".join(values) + (f" | {delta} |" if comparison else " |"))
 
-    def interval(ci: dict, key: str = "mean", digits: int = 4) -> str:
-        return f"{ci[key]:.{digits}g} [{ci['low']:.{digits}g}, {ci['high']:.{digits}g}]"
+def _row(label: str, values: list[str], delta: str, comparison: dict | None) -> str:
+    return f"| {label} | " + " | ".join(values) + (f" | {delta} |" if comparison else " |")
 
-    row(
-        "mean cross-entropy (assistant tokens)",
-        [interval(results[n]["loss"]) for n in names],
-        interval(comparison["loss_delta"]) if comparison else "",
-    )
-    row(
-        "perplexity",
-        [interval(results[n]["perplexity"], "value") for n in names],
-        f"x{comparison['perplexity_ratio']:.3f}" if comparison else "",
-    )
-    scalar_rows = [("ROUGE-1", "rouge", "rouge1"), ("ROUGE-2", "rouge", "rouge2"), ("ROUGE-L", "rouge", "rougeL")]
-    scalar_rows += [
-        (label, "decision", key)
-        for label, key in [
-            ("decision parse rate", "parse_rate"),
-            ("outcome accuracy", "outcome_accuracy"),
-            ("risk-class accuracy", "risk_class_accuracy"),
-            ("rule-citation precision", "rule_precision"),
-            ("rule-citation recall", "rule_recall"),
-            ("rule-citation F1", "rule_f1"),
-        ]
+
+def _interval(ci: dict, key: str = "mean", digits: int = 4) -> str:
+    return f"{ci[key]:.{digits}g} [{ci['low']:.{digits}g}, {ci['high']:.{digits}g}]"
+
+
+REPORT_DECISION_ROWS = [
+    ("decision parse rate", "parse_rate"),
+    ("outcome accuracy", "outcome_accuracy"),
+    ("risk-class accuracy", "risk_class_accuracy"),
+    ("rule-citation precision", "rule_precision"),
+    ("rule-citation recall", "rule_recall"),
+    ("rule-citation F1", "rule_f1"),
+]
+
+
+def _metric_rows(results: dict, names: list[str], comparison: dict | None) -> list[str]:
+    """Loss, perplexity, ROUGE, the decision metrics and re-asking at the decision turn, per model."""
+    lines = [
+        _row(
+            "mean cross-entropy (assistant tokens)",
+            [_interval(results[n]["loss"]) for n in names],
+            _interval(comparison["loss_delta"]) if comparison else "",
+            comparison,
+        ),
+        _row(
+            "perplexity",
+            [_interval(results[n]["perplexity"], "value") for n in names],
+            f"x{comparison['perplexity_ratio']:.3f}" if comparison else "",
+            comparison,
+        ),
     ]
+    scalar_rows = [("ROUGE-1", "rouge", "rouge1"), ("ROUGE-2", "rouge", "rouge2"), ("ROUGE-L", "rouge", "rougeL")]
+    scalar_rows += [(label, "decision", key) for label, key in REPORT_DECISION_ROWS]
     for label, group, key in scalar_rows:
         if group not in results[names[0]]:
             continue
@@ -352,98 +379,107 @@ def render_eval_report(metrics: dict, samples: Sequence[dict] = ()) -> str:
         if key == "outcome_accuracy" and not all(intervals):  # metrics.json written before decision_ci existed
             intervals = [results[n]["outcome_accuracy_ci"] for n in names]
         cells = [_value_with_interval(v, ci) for v, ci in zip(values, intervals)]
-        row(label, cells, f"{values[-1] - values[0]:+.3f}" if comparison else "")
+        lines.append(_row(label, cells, f"{values[-1] - values[0]:+.3f}" if comparison else "", comparison))
     if all("asks_at_decision_rate" in results[n] for n in names):
         values = [results[n]["asks_at_decision_rate"] for n in names]
-        row(
-            "decision turn asks again instead",
-            [f"{v:.3f}" for v in values],
-            f"{values[-1] - values[0]:+.3f}" if comparison else "",
-        )
+        delta = f"{values[-1] - values[0]:+.3f}" if comparison else ""
+        lines.append(_row("decision turn asks again instead", [f"{v:.3f}" for v in values], delta, comparison))
+    return lines
+
+
+def _asking_turn_lines(results: dict, names: list[str], comparison: dict | None) -> list[str]:
+    """The asking-turn table (precision, recall, exact asks, early decisions), when every model has one."""
     asks = {n: results[n].get("asks") for n in names}
-    if all(a and a["n_turns"] for a in asks.values()):
-        lines += [
-            "",
-            f"Asking turns: {asks[names[0]]['n_turns']} intermediate assistant turns, each generated from the "
-            "conversation before it and scored on the facts it asks for (the names the dataset uses) against "
-            "the facts still missing there.",
-            "",
-        ]
-        lines += [
-            "| asking-turn metric | " + " | ".join(names) + (" | finetuned - base |" if comparison else " |"),
-            "|---" * (len(names) + 1 + bool(comparison)) + "|",
-        ]
-        for label, key in [
-            ("ask precision (asked facts that are missing)", "ask_precision"),
-            ("ask recall (missing facts asked for)", "ask_recall"),
-            ("asks for exactly the missing facts", "exact_rate"),
-            ("decides too early (DECISION at an asking turn)", "early_decision_rate"),
-        ]:
-            values = [asks[n][key] for n in names]
-            cells = [_value_with_interval(v, asks[n][f"{key}_ci"]) for v, n in zip(values, names)]
-            row(label, cells, f"{values[-1] - values[0]:+.3f}" if comparison else "")
+    if not all(a and a["n_turns"] for a in asks.values()):
+        return []
+    lines = [
+        "",
+        f"Asking turns: {asks[names[0]]['n_turns']} intermediate assistant turns, each generated from the "
+        "conversation before it and scored on the facts it asks for (the names the dataset uses) against "
+        "the facts still missing there.",
+        "",
+        *_table_head("asking-turn metric", names, comparison),
+    ]
+    for label, key in [
+        ("ask precision (asked facts that are missing)", "ask_precision"),
+        ("ask recall (missing facts asked for)", "ask_recall"),
+        ("asks for exactly the missing facts", "exact_rate"),
+        ("decides too early (DECISION at an asking turn)", "early_decision_rate"),
+    ]:
+        values = [asks[n][key] for n in names]
+        cells = [_value_with_interval(v, asks[n][f"{key}_ci"]) for v, n in zip(values, names)]
+        lines.append(_row(label, cells, f"{values[-1] - values[0]:+.3f}" if comparison else "", comparison))
+    return lines
 
-    if comparison:
-        delta = comparison["loss_delta"]
-        verdict = (
-            "the interval excludes 0, so the difference is not resampling noise"
-            if comparison["significant"]
-            else "the interval includes 0: on these examples the two models cannot be told apart"
-        )
-        lines += [
-            "",
-            f"How sure: the finetuned model's mean loss is {'lower' if delta['mean'] < 0 else 'higher'} than the "
-            f"base's by {abs(delta['mean']):.4f} nats/token "
-            f"(95% CI of finetuned - base [{delta['low']:+.4f}, {delta['high']:+.4f}], "
-            f"paired bootstrap over {delta['n']} examples); "
-            f"{verdict}.",
-        ]
 
-    decision = {n: results[n].get("decision") for n in names}
-    if all(decision.values()):
-        lines += ["", f"## Per line of business ({' / '.join(names)})", ""]
-        lines += [
-            "| line of business | n | parse rate | outcome acc. | risk-class acc. | rule F1 |",
-            "|---|---|---|---|---|---|",
-        ]
-        for lob, first in decision[names[0]]["by_line_of_business"].items():
-            per = [decision[n]["by_line_of_business"][lob] for n in names]
-            cells = [
-                _cell([p[key] for p in per])
-                for key in ("parse_rate", "outcome_accuracy", "risk_class_accuracy", "rule_f1")
-            ]
-            lines.append(f"| {lob} | {first['n']} | " + " | ".join(cells) + " |")
-        for key, label in [("outcome_confusion", "Outcome"), ("risk_class_confusion", "Risk class")]:
-            confusion = decision[names[0]][key]
-            columns = list(dict.fromkeys(c for n in names for c in decision[n][key]["columns"]))
-            lines += ["", f"## {label} confusion (rows: reference, columns: predicted; cells {' / '.join(names)})", ""]
-            lines += ["| reference | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
-            for i, label_row in enumerate(confusion["labels"]):
-                cells = []
-                for column in columns:
-                    counts = []
-                    for n in names:
-                        matrix = decision[n][key]
-                        j = matrix["columns"].index(column) if column in matrix["columns"] else None
-                        counts.append(0 if j is None else matrix["matrix"][i][j])
-                    cells.append(" / ".join(str(c) for c in counts))
-                lines.append(f"| {label_row} | " + " | ".join(cells) + " |")
+def _confidence_lines(delta: dict, significant: bool) -> list[str]:
+    """How sure: the paired loss difference and whether its interval excludes 0."""
+    verdict = (
+        "the interval excludes 0, so the difference is not resampling noise"
+        if significant
+        else "the interval includes 0: on these examples the two models cannot be told apart"
+    )
+    return [
+        "",
+        f"How sure: the finetuned model's mean loss is {'lower' if delta['mean'] < 0 else 'higher'} than the "
+        f"base's by {abs(delta['mean']):.4f} nats/token "
+        f"(95% CI of finetuned - base [{delta['low']:+.4f}, {delta['high']:+.4f}], "
+        f"paired bootstrap over {delta['n']} examples); "
+        f"{verdict}.",
+    ]
 
-    if samples:
-        lines += ["", "## Sample predictions", ""]
-        for sample in samples:
-            lines += [
-                f"### {sample['id']} ({sample['line_of_business']})",
-                "",
-                "Reference:",
-                "```",
-                sample["reference"],
-                "```",
-            ]
+
+def _line_of_business_lines(decision: dict, names: list[str]) -> list[str]:
+    """The decision metrics per line of business, all models in one cell."""
+    lines = ["", f"## Per line of business ({' / '.join(names)})", ""]
+    lines += [
+        "| line of business | n | parse rate | outcome acc. | risk-class acc. | rule F1 |",
+        "|---|---|---|---|---|---|",
+    ]
+    for lob, first in decision[names[0]]["by_line_of_business"].items():
+        per = [decision[n]["by_line_of_business"][lob] for n in names]
+        cells = [
+            _cell([p[key] for p in per]) for key in ("parse_rate", "outcome_accuracy", "risk_class_accuracy", "rule_f1")
+        ]
+        lines.append(f"| {lob} | {first['n']} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _confusion_lines(decision: dict, names: list[str], key: str, label: str) -> list[str]:
+    """One confusion matrix (rows: reference, columns: predicted), every model's count in each cell."""
+    confusion = decision[names[0]][key]
+    columns = list(dict.fromkeys(c for n in names for c in decision[n][key]["columns"]))
+    lines = ["", f"## {label} confusion (rows: reference, columns: predicted; cells {' / '.join(names)})", ""]
+    lines += ["| reference | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for i, label_row in enumerate(confusion["labels"]):
+        cells = []
+        for column in columns:
+            counts = []
             for n in names:
-                lines += [f"{n}:", "```", sample.get(f"generated_{n}", ""), "```"]
-            lines.append("")
-    return "\n".join(lines) + "\n"
+                matrix = decision[n][key]
+                j = matrix["columns"].index(column) if column in matrix["columns"] else None
+                counts.append(0 if j is None else matrix["matrix"][i][j])
+            cells.append(" / ".join(str(c) for c in counts))
+        lines.append(f"| {label_row} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _sample_lines(samples: Sequence[dict], names: list[str]) -> list[str]:
+    """A few predictions: the reference and each model's reply."""
+    lines = ["", "## Sample predictions", ""]
+    for sample in samples:
+        lines += [
+            f"### {sample['id']} ({sample['line_of_business']})",
+            "",
+            "Reference:",
+            "```",
+            sample["reference"],
+            "```",
+        ]
+        for n in names:
+            lines += [f"{n}:", "```", sample.get(f"generated_{n}", ""), "```"]
+        lines.append("")
+    return lines
 
 
 def decision_intervals(parsed: Sequence[dict | None], reference: Sequence[dict], indices: np.ndarray) -> dict:

@@ -531,23 +531,37 @@ def plot_run(logs: dict, output_dir: str | Path) -> dict[str, Path]:
 
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    steps, evals, base = logs["steps"], logs["evals"], logs["baseline"]
-    x = [s["step"] for s in steps]
-    span = _span(len(steps))
+    figures = {
+        "loss": _plot_loss(plt, logs),
+        "val_ppl": _plot_val_ppl(plt, logs["evals"], logs["baseline"]) if logs["evals"] else None,
+        "lr": _plot_lr(plt, logs["steps"]) if any("lr" in s for s in logs["steps"]) else None,
+        "grad_norm": _plot_grad_norm(plt, logs["steps"]),
+        "lora_grad_heatmap": _plot_lora_heatmap(plt, matplotlib, logs["grads"]) if logs["grads"] else None,
+        "update_ratio": _plot_update_ratio(plt, logs["update_ratios"]) if logs["update_ratios"] else None,
+    }
     written = {}
-
-    def save(fig, name: str) -> None:
+    for name, fig in figures.items():
+        if fig is None:
+            continue
         fig.tight_layout()
         fig.savefig(output_dir / f"{name}.png", dpi=100)
         plt.close(fig)
         written[name] = output_dir / f"{name}.png"
+    return written
 
-    def raw_and_smoothed(ax, values: list[float], label: str, color: str) -> None:
-        ax.plot(x, values, color=color, alpha=0.3, linewidth=1, label=f"{label} (raw)")
-        ax.plot(x, smooth(values, span), color=color, linewidth=2, label=f"{label} (EMA span {span})")
 
+def _raw_and_smoothed(ax, x: list[int], values: list[float], label: str, color: str) -> None:
+    span = _span(len(values))
+    ax.plot(x, values, color=color, alpha=0.3, linewidth=1, label=f"{label} (raw)")
+    ax.plot(x, smooth(values, span), color=color, linewidth=2, label=f"{label} (EMA span {span})")
+
+
+def _plot_loss(plt, logs: dict):
+    """Train (raw and smoothed) and validation loss per step, and per epoch."""
+    steps, evals = logs["steps"], logs["evals"]
     fig, (ax_step, ax_epoch) = plt.subplots(1, 2, figsize=(12, 4))
-    raw_and_smoothed(ax_step, [s.get("loss", float("nan")) for s in steps], "train loss", "tab:blue")
+    x = [s["step"] for s in steps]
+    _raw_and_smoothed(ax_step, x, [s.get("loss", float("nan")) for s in steps], "train loss", "tab:blue")
     if evals:
         ax_step.plot([e["step"] for e in evals], [e["val_loss"] for e in evals], "o-", color="tab:orange", label="val")
     ax_step.set(xlabel="optimizer step", ylabel="cross-entropy", title="Loss per step")
@@ -563,67 +577,76 @@ def plot_run(logs: dict, output_dir: str | Path) -> dict[str, Path]:
         ax_epoch.plot([e.get("epoch", 0) for e in evals], [e["val_loss"] for e in evals], "o-", label="validation")
     ax_epoch.set(xlabel="epoch", ylabel="cross-entropy", title="Loss per epoch")
     ax_epoch.legend()
-    save(fig, "loss")
+    return fig
 
-    if evals:
-        fig, ax = plt.subplots(figsize=(6, 4))
-        ax.plot([e["step"] for e in evals], [e["val_ppl"] for e in evals], "o-", label="finetuned")
-        if base is not None:
-            ax.axhline(base["val_ppl"], color="gray", linestyle="--", label=f"base model {base['val_ppl']:.2f}")
-        ax.set(xlabel="optimizer step", ylabel="perplexity", title="Validation perplexity")
-        ax.legend()
-        save(fig, "val_ppl")
 
-    if any("lr" in s for s in steps):
-        fig, ax = plt.subplots(figsize=(6, 4))
-        ax.plot(x, [s.get("lr", float("nan")) for s in steps])
-        ax.set(xlabel="optimizer step", ylabel="learning rate", title="Learning rate schedule")
-        save(fig, "lr")
+def _plot_val_ppl(plt, evals: list[dict], base: dict | None):
+    """Validation perplexity per evaluation, with the base model's as a line."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot([e["step"] for e in evals], [e["val_ppl"] for e in evals], "o-", label="finetuned")
+    if base is not None:
+        ax.axhline(base["val_ppl"], color="gray", linestyle="--", label=f"base model {base['val_ppl']:.2f}")
+    ax.set(xlabel="optimizer step", ylabel="perplexity", title="Validation perplexity")
+    ax.legend()
+    return fig
 
-    if any(s.get("grad_norm") is not None for s in steps):
-        fig, ax = plt.subplots(figsize=(6, 4))
-        norms = [s["grad_norm"] if s.get("grad_norm") is not None else float("nan") for s in steps]
-        raw_and_smoothed(ax, norms, "grad norm", "tab:green")
-        ax.set(xlabel="optimizer step", ylabel="global L2 norm", title="Gradient norm", yscale="log")
-        ax.legend()
-        save(fig, "grad_norm")
 
-    grads = logs["grads"]
-    if grads:
-        fig, axes = plt.subplots(1, 2, figsize=(12, 5), sharey=True)
-        for ax, matrix in zip(axes, ("A", "B")):
-            keys = sorted({k[:-2] for r in grads for k in r["norms"] if k.endswith(f".{matrix}")}, key=_key_order)
-            grid = np.array([[_as_float(r["norms"].get(f"{k}.{matrix}")) for r in grads] for k in keys])
-            # exact zeros (lora_A before lora_B has moved) are drawn gray so they do not stretch the color scale
-            cmap = matplotlib.colormaps["viridis"].with_extremes(bad="lightgray")
-            log_grid = np.ma.masked_invalid(np.log10(np.where(grid > 0, grid, np.nan)))
-            image = ax.imshow(log_grid, aspect="auto", cmap=cmap, interpolation="nearest")
-            ax.set_yticks(range(len(keys)), keys, fontsize=7)
-            ticks = np.linspace(0, len(grads) - 1, min(len(grads), 6)).astype(int)
-            ax.set_xticks(ticks, [grads[i]["step"] for i in ticks])
-            ax.set(xlabel="optimizer step", title=f"log10 grad norm of lora_{matrix} (gray: 0)")
-            fig.colorbar(image, ax=ax)
-        axes[0].set_ylabel("layer.module")
-        save(fig, "lora_grad_heatmap")
+def _plot_lr(plt, steps: list[dict]):
+    """The learning-rate schedule."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot([s["step"] for s in steps], [s.get("lr", float("nan")) for s in steps])
+    ax.set(xlabel="optimizer step", ylabel="learning rate", title="Learning rate schedule")
+    return fig
 
-    ratios = logs["update_ratios"]
-    if ratios:
-        modules = sorted({k.split(".", 1)[1] for k in ratios})
-        layers = sorted({int(k.split(".", 1)[0]) for k in ratios})
-        fig, ax = plt.subplots(figsize=(max(6, len(layers) * 0.5), 4))
-        width = 0.8 / len(modules)
-        for i, module in enumerate(modules):
-            ax.bar(
-                [layer + (i - (len(modules) - 1) / 2) * width for layer in layers],
-                [ratios.get(f"{layer}.{module}", 0.0) for layer in layers],
-                width,
-                label=module,
-            )
-        ax.set_xticks(layers)
-        ax.set(xlabel="layer", ylabel="||scale·B·A|| / ||W||", title="Adapter update-to-weight ratio (final)")
-        ax.legend()
-        save(fig, "update_ratio")
-    return written
+
+def _plot_grad_norm(plt, steps: list[dict]):
+    """The global gradient norm (raw and smoothed, log scale), or None when none was logged."""
+    if not any(s.get("grad_norm") is not None for s in steps):
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4))
+    norms = [s["grad_norm"] if s.get("grad_norm") is not None else float("nan") for s in steps]
+    _raw_and_smoothed(ax, [s["step"] for s in steps], norms, "grad norm", "tab:green")
+    ax.set(xlabel="optimizer step", ylabel="global L2 norm", title="Gradient norm", yscale="log")
+    ax.legend()
+    return fig
+
+
+def _plot_lora_heatmap(plt, matplotlib, grads: list[dict]):
+    """log10 gradient norm of every lora_A / lora_B matrix over the logged steps."""
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5), sharey=True)
+    for ax, matrix in zip(axes, ("A", "B")):
+        keys = sorted({k[:-2] for r in grads for k in r["norms"] if k.endswith(f".{matrix}")}, key=_key_order)
+        grid = np.array([[_as_float(r["norms"].get(f"{k}.{matrix}")) for r in grads] for k in keys])
+        # exact zeros (lora_A before lora_B has moved) are drawn gray so they do not stretch the color scale
+        cmap = matplotlib.colormaps["viridis"].with_extremes(bad="lightgray")
+        log_grid = np.ma.masked_invalid(np.log10(np.where(grid > 0, grid, np.nan)))
+        image = ax.imshow(log_grid, aspect="auto", cmap=cmap, interpolation="nearest")
+        ax.set_yticks(range(len(keys)), keys, fontsize=7)
+        ticks = np.linspace(0, len(grads) - 1, min(len(grads), 6)).astype(int)
+        ax.set_xticks(ticks, [grads[i]["step"] for i in ticks])
+        ax.set(xlabel="optimizer step", title=f"log10 grad norm of lora_{matrix} (gray: 0)")
+        fig.colorbar(image, ax=ax)
+    axes[0].set_ylabel("layer.module")
+    return fig
+
+
+def _plot_update_ratio(plt, ratios: dict):
+    """The final adapter update-to-weight ratio per layer and module."""
+    modules = sorted({k.split(".", 1)[1] for k in ratios})
+    layers = sorted({int(k.split(".", 1)[0]) for k in ratios})
+    fig, ax = plt.subplots(figsize=(max(6, len(layers) * 0.5), 4))
+    width = 0.8 / len(modules)
+    for i, module in enumerate(modules):
+        ax.bar(
+            [layer + (i - (len(modules) - 1) / 2) * width for layer in layers],
+            [ratios.get(f"{layer}.{module}", 0.0) for layer in layers],
+            width,
+            label=module,
+        )
+    ax.set_xticks(layers)
+    ax.set(xlabel="layer", ylabel="||scale·B·A|| / ||W||", title="Adapter update-to-weight ratio (final)")
+    ax.legend()
+    return fig
 
 
 def _as_float(value) -> float:
