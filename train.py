@@ -271,7 +271,7 @@ class Inputs:
     tokenizer: object
     train_examples: list[dict]
     val_examples: list[dict]
-    val_records: list[dict]
+    sample_records: list[dict]  # validation records whose replies are generated at each evaluation
     resume_folder: Path | None  # the checkpoint --resume-from chose
     split: dict | None  # the validation split held out of --train-file (None with --validation-file)
     derived: dict  # tokenization stats, attention, memory verdict: recorded in config.json
@@ -358,7 +358,8 @@ def load_inputs(args: argparse.Namespace, accelerator: Accelerator, dtype: torch
         "memory_preflight": memory_preflight,
         "tokenize_stats": {"train": vars(train_stats), "validation": vars(val_stats)},
     }
-    return Inputs(model, tokenizer, train_examples, val_examples, val_records, resume_folder, split, derived)
+    samples = [val_records[e["index"]] for e in val_examples[: args.num_samples]]
+    return Inputs(model, tokenizer, train_examples, val_examples, samples, resume_folder, split, derived)
 
 
 def check_memory(model_config, args: argparse.Namespace, device: torch.device, dtype, seq_len: int, logger) -> str:
@@ -851,8 +852,15 @@ def early_stop_reason(state: TrainState, args: argparse.Namespace, logger: loggi
     return reason
 
 
-def finish(state: TrainState, status: str, stop_reason: str, args, accelerator, model, tokenizer, config, logger):
-    """Write final/ (unless the run diverged), update_ratios.json and summary.json; return the summary."""
+def finish(state: TrainState, status: str, stop_reason: str, args, accelerator, model, tokenizer, config, logger, lock):
+    """Write final/ (unless the run diverged), update_ratios.json and summary.json; release the lock.
+
+    Returns:
+        The run summary (summary.json).
+
+    Raises:
+        SystemExit: the run stopped on too many non-finite steps in a row (after writing its summary).
+    """
     output_dir, num_processes = Path(args.output_dir), accelerator.num_processes
     trainable = [p for p in model.parameters() if p.requires_grad]
     in_sync = run_folder.check_ranks_in_sync(trainable, accelerator)
@@ -869,6 +877,9 @@ def finish(state: TrainState, status: str, stop_reason: str, args, accelerator, 
         f"at step {summary['best_step']} (baseline {summary['baseline_val_ppl']}) | {summary['train_time_s']:.0f}s"
     )
     accelerator.end_training()
+    run_folder.release_lock(lock)
+    if status == "stopped_bad_steps":
+        sys.exit(f"error: training stopped: {stop_reason}")
     return summary
 
 
@@ -904,8 +915,8 @@ def main(argv: list[str] | None = None) -> dict:
         KEEP_UNTIL_EXIT.extend([accelerator, loss_model])  # the DDP model must outlive main(): see exit_distributed
     trainable = [p for p in model.parameters() if p.requires_grad]
     flops = (count_matmul_params(model), precision_choice.peak_flops, accelerator.device)  # for the MFU
-    samples = [inputs.val_records[e["index"]] for e in inputs.val_examples[: args.num_samples]]
     # validate()'s arguments after (state, epoch): the same at every evaluation
+    samples = inputs.sample_records
     evaluation = (args, accelerator, loss_model, model, tokenizer, eval_dataloader, samples, config, logger)
     state = resume(accelerator, model, optimizer, lr_scheduler, inputs.resume_folder, logger)
     init_trackers(accelerator, args)
@@ -970,11 +981,7 @@ def main(argv: list[str] | None = None) -> dict:
         if status != "completed" or state.global_step >= total_steps:
             break
     progress.close()
-    summary = finish(state, status, stop_reason, args, accelerator, model, tokenizer, config, logger)
-    run_folder.release_lock(lock)
-    if status == "stopped_bad_steps":
-        sys.exit(f"error: training stopped: {stop_reason}")
-    return summary
+    return finish(state, status, stop_reason, args, accelerator, model, tokenizer, config, logger, lock)
 
 
 def exit_distributed(code: int | str | None) -> None:

@@ -52,7 +52,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from common.jsonio import read_jsonl, write_json  # noqa: E402  (the repo root must be on sys.path first)
+from common.jsonio import read_jsonl, write_json, write_jsonl  # noqa: E402  (the repo root must be on sys.path first)
 
 # The LoRA both arms train (the issue's configuration; also train.py's defaults).
 LORA = {"rank": 16, "alpha": 32, "dropout": 0.05, "target_modules": ["q_proj", "k_proj", "v_proj"]}
@@ -435,18 +435,11 @@ def run_trl(args: argparse.Namespace, run_dir: Path, spec: dict) -> tuple[list[d
     return result.pop("steps"), peak_rss, result
 
 
-def train_trl_child(spec_file: str) -> None:
-    """The TRL arm (runs in the child process): SFTTrainer on the pre-tokenized, pre-ordered examples."""
-    import datasets
-    from peft import LoraConfig
-    from transformers import TrainerCallback
-    from trl import SFTConfig, SFTTrainer
+def trl_config(spec: dict):
+    """SFTConfig matching train.py's recipe: same schedule, optimizer, clipping, order, padding and dtype."""
+    from trl import SFTConfig
 
-    from common.model import load_tokenizer
-
-    spec = json.loads(Path(spec_file).read_text())
-    rows = [json.loads(line) for line in Path(spec["data_file"]).read_text().splitlines()]
-    config = SFTConfig(
+    return SFTConfig(
         output_dir=spec["output_dir"],
         per_device_train_batch_size=spec["batch_size"],
         gradient_accumulation_steps=spec["grad_accum"],
@@ -478,6 +471,20 @@ def train_trl_child(spec_file: str) -> None:
         disable_tqdm=True,
         model_init_kwargs={"dtype": spec["base_dtype"]},  # the frozen base in the dtype train.py stores it in
     )
+
+
+def train_trl_child(spec_file: str) -> None:
+    """The TRL arm (runs in the child process): SFTTrainer on the pre-tokenized, pre-ordered examples."""
+    import datasets
+    from peft import LoraConfig
+    from transformers import TrainerCallback
+    from trl import SFTTrainer
+
+    from common.model import load_tokenizer
+
+    spec = json.loads(Path(spec_file).read_text())
+    rows = [json.loads(line) for line in Path(spec["data_file"]).read_text().splitlines()]
+    config = trl_config(spec)
     lora = LoraConfig(
         r=LORA["rank"],
         lora_alpha=LORA["alpha"],
@@ -555,13 +562,15 @@ def arm_package_versions() -> dict:
     return versions
 
 
-def main(argv: list[str] | None = None) -> dict | None:
-    """Run the A/B benchmark; print the table; append it to --output and write the JSON next to it."""
-    args = parse_args(argv)
-    if args.trl_child:
-        train_trl_child(args.trl_child)
-        return None
-    validate_args(args)
+def prepare_inputs(args: argparse.Namespace) -> tuple[str, dict, list[dict], list[dict], dict]:
+    """Probe the matmul rates, tokenize the data and plan the steps both arms train on.
+
+    Returns:
+        (model folder, the probe's FLOP/s per dtype, tokenized examples, the step plan, matmul parameters).
+
+    Raises:
+        SystemExit: the model or the data cannot be loaded.
+    """
     import torch
 
     from common.data import DataError, load_records, tokenize_records
@@ -570,7 +579,6 @@ def main(argv: list[str] | None = None) -> dict | None:
     from common.perf import count_matmul_params
     from common.precision import resolve_precision
 
-    load_avg_start = list(os.getloadavg())
     try:
         model_path = resolve_model_path(args.model)
         # the same probe train.py runs, with a longer budget: every dtype's rate at the model's shapes
@@ -592,46 +600,29 @@ def main(argv: list[str] | None = None) -> dict | None:
     )
     del model
     gc.collect()
-    warmup_steps = math.ceil(0.1 * args.steps)  # train.py's default --warmup-ratio 0.1
+    return model_path, probe_before, examples, plan, matmul_params
 
-    work = Path(tempfile.mkdtemp(prefix="throughput-"))
-    validation_file = work / "validation.jsonl"  # a few records: train.py's untimed end-of-run eval stays short
-    validation_file.write_text("".join((REPO / "data/validation.jsonl").read_text().splitlines(True)[:8]))
-    data_file = work / "trl_train.jsonl"  # the planned examples, in step order
-    data_file.write_text(
-        "".join(
-            json.dumps({"input_ids": examples[i]["input_ids"], "labels": examples[i]["labels"]}) + "\n"
-            for step in plan
-            for i in step["indices"]
-        )
-    )
-    spec = {
-        "model_path": model_path,
-        "data_file": str(data_file),
-        "batch_size": args.batch_size,
-        "grad_accum": args.grad_accum,
-        "steps": args.steps,
-        "lr": args.lr,
-        "warmup_steps": warmup_steps,
-        "precision": "no",
-        "seed": args.seed,
-        "max_seq_len": args.max_seq_len,
-        "base_dtype": "float32",
-    }
 
-    trl_precision, trl_probe = args.trl_precision, {}
-    if not args.skip_trl and args.trl_precision == "best":  # TRL at its best here too: fp32 vs bf16, short runs
-        rates = {}
-        for precision in ("no", "bf16"):
-            print(f"TRL precision probe: {precision}, {args.trl_probe_steps} steps ...", flush=True)
-            probe_spec = trl_spec(spec, precision) | {"steps": args.trl_probe_steps}
-            steps, _, _ = run_trl(args, work / f"trl_probe_{precision}", probe_spec)
-            rates[precision] = summarize_steps(steps)["tokens_per_s"]
-        trl_precision = pick_faster(rates)
-        trl_probe = {"runs": rates, "kept": trl_precision}
-        print(f"  {fmt_trl_probe(trl_probe)}", flush=True)
-    spec = trl_spec(spec, trl_precision if trl_precision != "best" else "no")
+def probe_trl_precision(args: argparse.Namespace, work: Path, spec: dict) -> tuple[str, dict]:
+    """Short TRL runs in fp32 and bf16; (the faster precision, the probe's rates)."""
+    rates = {}
+    for precision in ("no", "bf16"):
+        print(f"TRL precision probe: {precision}, {args.trl_probe_steps} steps ...", flush=True)
+        probe_spec = trl_spec(spec, precision) | {"steps": args.trl_probe_steps}
+        steps, _, _ = run_trl(args, work / f"trl_probe_{precision}", probe_spec)
+        rates[precision] = summarize_steps(steps)["tokens_per_s"]
+    trl_precision = pick_faster(rates)
+    trl_probe = {"runs": rates, "kept": trl_precision}
+    print(f"  {fmt_trl_probe(trl_probe)}", flush=True)
+    return trl_precision, trl_probe
 
+
+def run_arms(args: argparse.Namespace, work: Path, plan: list[dict], spec: dict, validation_file: Path):
+    """--repeats rounds of train.py (and TRL unless --skip-trl), alternating.
+
+    Returns:
+        (one summary per run, TRL's own checks of its loss normalization).
+    """
     runs, trl_info = [], {}
     for repeat in range(1, args.repeats + 1):
         for arm in ("ours",) if args.skip_trl else ("ours", "trl"):
@@ -652,8 +643,17 @@ def main(argv: list[str] | None = None) -> dict | None:
                 f"final loss {stats['final_loss']:.4f} | trained tokens/step {stats['trained_tokens_per_step']}",
                 flush=True,
             )
+    return runs, trl_info
 
-    probe_after = resolve_precision("auto", torch.device("cpu"), load_config(model_path), budget_s=4.0).probe
+
+def build_result(args, runs: list[dict], plan: list[dict], trl_info: dict, matmul_params: dict, probes, load_avg_start):
+    """The benchmark's JSON: configuration, the peak rate (the better of two probes), every run with its MFU,
+    whether both arms trained on the planned tokens, and how each normalizes the loss.
+
+    Args:
+        probes: (matmul rates before the runs, after the runs, TRL's precision probe).
+    """
+    probe_before, probe_after, trl_probe = probes
     probe_flops = {name: max(rate, probe_after.get(name, 0.0)) for name, rate in probe_before.items()}
     peak_dtype = max(probe_flops, key=probe_flops.get)  # the fastest dtype, whichever arm used it
     peak_flops = probe_flops[peak_dtype]  # the least disturbed of the two measurements
@@ -671,13 +671,12 @@ def main(argv: list[str] | None = None) -> dict | None:
             + ("in use: the same mean." if trl_info["model_accepts_loss_kwargs"] else "NOT in use: a mean of means.")
         )
     trl_checks = ", ".join(f"{k} {v}" for k, v in trl_info.items() if k != "model_accepts_loss_kwargs")
-    result = {
+    return {
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "machine": args.machine or describe_machine(),
         "load_avg_start": load_avg_start,
         "load_avg_end": list(os.getloadavg()),
-        "config": {k: v for k, v in vars(args).items() if k not in ("trl_child", "keep_runs")}
-        | {"warmup_steps": warmup_steps, "trl_precision_kept": spec["precision"]},
+        "config": {k: v for k, v in vars(args).items() if k not in ("trl_child", "keep_runs")},
         "peak_flops": peak_flops,
         "peak_dtype": peak_dtype,
         "probe_flops": probe_flops,
@@ -695,6 +694,59 @@ def main(argv: list[str] | None = None) -> dict | None:
         "summary": summarize_arms(runs),
         "versions": arm_package_versions(),
     }
+
+
+def main(argv: list[str] | None = None) -> dict | None:
+    """Run the A/B benchmark; print the table; append it to --output and write the JSON next to it."""
+    args = parse_args(argv)
+    if args.trl_child:
+        train_trl_child(args.trl_child)
+        return None
+    validate_args(args)
+    import torch
+
+    from common.model import load_config
+    from common.precision import resolve_precision
+
+    load_avg_start = list(os.getloadavg())
+    model_path, probe_before, examples, plan, matmul_params = prepare_inputs(args)
+    warmup_steps = math.ceil(0.1 * args.steps)  # train.py's default --warmup-ratio 0.1
+
+    work = Path(tempfile.mkdtemp(prefix="throughput-"))
+    validation_file = work / "validation.jsonl"  # a few records: train.py's untimed end-of-run eval stays short
+    validation_file.write_text("".join((REPO / "data/validation.jsonl").read_text().splitlines(True)[:8]))
+    data_file = work / "trl_train.jsonl"  # the planned examples, in step order
+    rows = [
+        {"input_ids": examples[i]["input_ids"], "labels": examples[i]["labels"]} for p in plan for i in p["indices"]
+    ]
+    write_jsonl(data_file, rows, sort_keys=False)
+    spec = {
+        "model_path": model_path,
+        "data_file": str(data_file),
+        "batch_size": args.batch_size,
+        "grad_accum": args.grad_accum,
+        "steps": args.steps,
+        "lr": args.lr,
+        "warmup_steps": warmup_steps,
+        "precision": "no",
+        "seed": args.seed,
+        "max_seq_len": args.max_seq_len,
+        "base_dtype": "float32",
+    }
+
+    trl_precision, trl_probe = args.trl_precision, {}
+    if not args.skip_trl and args.trl_precision == "best":  # TRL at its best here too: fp32 vs bf16, short runs
+        trl_precision, trl_probe = probe_trl_precision(args, work, spec)
+    spec = trl_spec(spec, trl_precision if trl_precision != "best" else "no")
+
+    runs, trl_info = run_arms(args, work, plan, spec, validation_file)
+
+    probe_after = resolve_precision("auto", torch.device("cpu"), load_config(model_path), budget_s=4.0).probe
+    result = build_result(
+        args, runs, plan, trl_info, matmul_params, (probe_before, probe_after, trl_probe), load_avg_start
+    )
+    result["config"] |= {"warmup_steps": warmup_steps, "trl_precision_kept": spec["precision"]}
+    masks_match = result["masks_match"]
     markdown = render_throughput_report(result)
     print(markdown)
     output = Path(args.output)

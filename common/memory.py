@@ -339,17 +339,16 @@ def estimate_memory(
     mlp_bytes = stored_bytes if quantization == "nf4" else c
 
     lora_params = layers * sum(rank * (shapes[name][0] + shapes[name][1]) for name in targets)
-    if lora_dropout <= 0:
-        mask_bytes = 0
-    else:  # CUDA's fused dropout keeps a bool mask; CPU keeps the noise in the (fp32) adapter dtype
-        mask_bytes = 1 if device == "cuda" else 4
+    # CUDA's fused dropout keeps a bool mask; CPU keeps the noise in the (fp32) adapter dtype
+    mask_bytes = 0 if lora_dropout <= 0 else 1 if device == "cuda" else 4
     layer_bytes = _layer_activation_bytes(arch, batch_size, seq_len, targets, rank, c, mlp_bytes, mask_bytes, padded)
     tokens = batch_size * seq_len
     final_norm = 4 * tokens * hidden + 4 * tokens
-    if gradient_checkpointing:  # each layer keeps its input; one layer is live again during its backward
-        activations = layers * stored_bytes * tokens * hidden + layer_bytes + final_norm
-    else:
-        activations = layers * layer_bytes + final_norm
+    # with checkpointing each layer keeps its input; one layer is live again during its backward
+    kept_layers = (
+        layers * stored_bytes * tokens * hidden + layer_bytes if gradient_checkpointing else layers * layer_bytes
+    )
+    activations = kept_layers + final_norm
 
     # autocast multiplies fp32 weights through a compute-dtype copy that backward needs: decoder
     # linears when the base is stored in fp32, and the LM head whenever it is not in compute dtype
@@ -527,14 +526,9 @@ def recommend_setup(
         method, gc, micro_batch, max_seq, reason = _shorter_sequence_setup(fits, seq_len, usable)
         usable_seq = max_seq
     else:
-        method, gc, micro_batch = chosen["method"], chosen["gradient_checkpointing"], chosen["max_micro_batch_size"]
-        # the largest divisor of the batch that fits, so accumulation keeps the effective batch exactly
-        micro_batch = max(d for d in range(1, min(micro_batch, batch_size) + 1) if batch_size % d == 0)
-        usable_seq = seq_len
         max_positions = describe_architecture(config)["max_positions"] or 131072
-        max_seq = _largest_fitting(
-            functools.partial(_fits_length, fits, method, gc, micro_batch), seq_len, max_positions
-        )
+        method, gc, micro_batch, max_seq = _fit_chosen(chosen, fits, batch_size, seq_len, max_positions)
+        usable_seq = seq_len
         label = f"LoRA on the {lora_dtype} base" if method == "lora" else "QLoRA"
         reason = (
             f"{why_not_lora}{label} {'with' if gc else 'without'} gradient checkpointing fits micro-batch "
@@ -661,6 +655,15 @@ def _why_not_lora(lora, total, batch_size: int, seq_len: int, lora_dtype: str, e
         f"{lora_gb:.1f} GiB + {error_band:.0%} estimate error = {lora_gb * (1 + error_band):.1f} of "
         f"{usable / GIB:.1f} GiB usable), so "
     )
+
+
+def _fit_chosen(chosen: dict, fits, batch_size: int, seq_len: int, max_positions: int) -> tuple[str, bool, int, int]:
+    """The chosen setting's micro-batch (the largest divisor of the batch that fits, so accumulation
+    keeps the effective batch exactly) and the longest sequence it fits: (method, gc, micro-batch, max length)."""
+    method, gc, micro_batch = chosen["method"], chosen["gradient_checkpointing"], chosen["max_micro_batch_size"]
+    micro_batch = max(d for d in range(1, min(micro_batch, batch_size) + 1) if batch_size % d == 0)
+    max_seq = _largest_fitting(functools.partial(_fits_length, fits, method, gc, micro_batch), seq_len, max_positions)
+    return method, gc, micro_batch, max_seq
 
 
 def _shorter_sequence_setup(fits, seq_len: int, usable: float) -> tuple[str, bool, int, int, str]:
