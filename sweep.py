@@ -39,7 +39,7 @@ import time
 from pathlib import Path
 
 from common.data import DEFAULT_VALIDATION_SPLIT, DataError, hold_out_validation, load_records
-from common.jsonio import read_jsonl, write_json
+from common.jsonio import read_json, read_jsonl, write_json
 
 REPO = Path(__file__).resolve().parent
 logger = logging.getLogger("sweep")
@@ -144,8 +144,8 @@ def default_name(grid: list[tuple[str, list[str]]], fixed: list[str]) -> str:
 def is_finished(run_dir: Path) -> bool:
     """A configuration is done when its summary.json reports a finished status."""
     try:
-        return json.loads((run_dir / "summary.json").read_text()).get("status") in FINISHED
-    except (OSError, json.JSONDecodeError):
+        return read_json(run_dir / "summary.json").get("status") in FINISHED
+    except (OSError, ValueError):
         return False
 
 
@@ -284,7 +284,7 @@ def collect_result(run_dir: Path, slug: str) -> dict:
     row = dict.fromkeys(COLUMNS)
     row.update(config=slug, run_dir=str(run_dir), is_best=False)
     summary_file = run_dir / "summary.json"
-    summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
+    summary = read_json(summary_file, missing_ok=True) or {}
     row["status"] = summary.get("status", "not finished")
     evals = [e for e in read_jsonl(run_dir / "eval_log.jsonl", skip_torn_last_line=True) if not e.get("baseline")]
     evals = [e for e in evals if isinstance(e.get("val_loss"), float | int) and math.isfinite(e["val_loss"])]

@@ -40,7 +40,7 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402  (the repo root must be on sys.path first)
 
-from common.jsonio import write_json  # noqa: E402
+from common.jsonio import read_jsonl, write_json  # noqa: E402
 from common.model import DEFAULT_MODEL  # noqa: E402
 
 # run name -> (train.py --mixed-precision, --quantization, needs bf16 tensor cores)
@@ -109,7 +109,7 @@ def summarize_train_run(run_dir: Path) -> dict:
     Raises:
         ValueError: fewer than 2 step records (nothing left to time after the first).
     """
-    records = [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
+    records = read_jsonl(run_dir / "train_log.jsonl")
     steps = [r for r in records if r.get("type") == "step"]
     if len(steps) < 2:
         raise ValueError(f"{run_dir}: {len(steps)} step(s) logged; need 2 or more")

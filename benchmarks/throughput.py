@@ -52,7 +52,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from common.jsonio import read_jsonl, write_json, write_jsonl  # noqa: E402  (the repo root must be on sys.path first)
+from common.jsonio import read_json, read_jsonl, write_json, write_jsonl  # noqa: E402  (the repo root must be on sys.path first)
 
 # The LoRA both arms train (the configuration; also train.py's defaults).
 LORA = {"rank": 16, "alpha": 32, "dropout": 0.05, "target_modules": ["q_proj", "k_proj", "v_proj"]}
@@ -431,7 +431,7 @@ def run_trl(args: argparse.Namespace, run_dir: Path, spec: dict) -> tuple[list[d
     )
     if code != 0:
         sys.exit(f"error: the TRL run failed (exit {code}); see {run_dir.with_suffix('.log')}")
-    result = json.loads((run_dir / "result.json").read_text())
+    result = read_json(run_dir / "result.json")
     return result.pop("steps"), peak_rss, result
 
 
