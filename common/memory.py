@@ -350,29 +350,16 @@ def estimate_memory(
     )
     activations = kept_layers + final_norm
 
-    # autocast multiplies fp32 weights through a compute-dtype copy that backward needs: decoder
-    # linears when the base is stored in fp32, and the LM head whenever it is not in compute dtype
-    linear_copy = 0 if quantization == "nf4" or stored_bytes == c else c * params["linear"]
-    if gradient_checkpointing:
-        linear_copy //= layers
-    head_copy = 0 if stored_bytes == c else c * vocab * hidden
+    weight_copies = _weight_copy_bytes(
+        quantization, stored_bytes, c, params["linear"], vocab * hidden, layers, gradient_checkpointing
+    )
     trained_tokens = max(1, round(tokens * trained_fraction))
     logits = 12 * trained_tokens * vocab
-
-    weight_copies = linear_copy + head_copy
     kept_for_backward = activations + weight_copies + logits
     fixed, allocator, overhead_note = _overhead_bytes(device, kept_for_backward)
-    overhead = fixed + allocator
-    components = {
-        "weights": weights,
-        "lora_params": ADAPTER_BYTES["lora_params"] * lora_params,
-        "lora_grads": ADAPTER_BYTES["lora_grads"] * lora_params,
-        "optimizer_states": ADAPTER_BYTES["optimizer_states"] * lora_params,
-        "activations": activations,
-        "weight_copies": weight_copies,
-        "logits": logits,
-        "overhead": overhead,
-    }
+    adapter = {name: per_param * lora_params for name, per_param in ADAPTER_BYTES.items()}
+    components = {"weights": weights, **adapter, "activations": activations, "weight_copies": weight_copies}
+    components |= {"logits": logits, "overhead": fixed + allocator}
     components = {name: round(value) for name, value in components.items()}
     return {
         "components": components,
@@ -412,6 +399,24 @@ def _weight_bytes(quantization: str | None, params: dict, layers: int, shapes: d
         weights = layers * sum(nf4_bytes(i * o) for i, o in shapes.values()) + 4 * non_quantized
         return weights, 4  # embeddings, norms and head are fp32: the residual stream is fp32
     return params["total"] * DTYPE_BYTES[dtype], DTYPE_BYTES[dtype]
+
+
+def _weight_copy_bytes(
+    quantization: str | None,
+    stored_bytes: int,
+    c: int,
+    linear_params: int,
+    head_params: int,
+    layers: int,
+    gradient_checkpointing: bool,
+) -> int:
+    """autocast multiplies fp32 weights through a compute-dtype copy that backward needs: decoder
+    linears when the base is stored in fp32, and the LM head whenever it is not in compute dtype."""
+    linear_copy = 0 if quantization == "nf4" or stored_bytes == c else c * linear_params
+    if gradient_checkpointing:
+        linear_copy //= layers
+    head_copy = 0 if stored_bytes == c else c * head_params
+    return linear_copy + head_copy
 
 
 def _overhead_bytes(device: str, kept_for_backward: float) -> tuple[int, float, str]:
