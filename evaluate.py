@@ -104,7 +104,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-seq-len", type=int, default=2048, help="longer examples lose their oldest turns")
     # --- generation ---
     parser.add_argument("--batch-size", type=int, default=8, help="examples per forward / generate call")
-    parser.add_argument("--max-new-tokens", type=int, default=320, help="generation budget per reply (worksheet ~250)")
+    parser.add_argument("--max-new-tokens", type=int, default=400, help="tokens per reply (a worksheet ~275)")
     parser.add_argument("--no-ask-turns", action="store_true", help="skip scoring the intermediate (asking) turns")
     parser.add_argument("--no-base", action="store_true", help="with --adapter: score only the finetuned model")
     dtype_help = "model and autocast dtype (auto: the fastest measured on this CPU, bf16/fp16 on a GPU)"

@@ -143,7 +143,7 @@ def add_evaluation_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eval-batch-size", type=int, default=8, help="validation micro-batch size")
     parser.add_argument("--no-baseline", action="store_true", help="skip the step-0 evaluation of the base")
     parser.add_argument("--num-samples", type=int, default=5, help="sample replies generated per evaluation")
-    parser.add_argument("--max-new-tokens", type=int, default=320, help="tokens per sample reply (a worksheet ~250)")
+    parser.add_argument("--max-new-tokens", type=int, default=400, help="tokens per sample reply (a worksheet ~275)")
     parser.add_argument("--early-stopping-patience", type=int, default=2, help="evaluations without improvement")
     parser.add_argument("--early-stopping-min-delta", type=float, default=0.0, help="loss drop that counts")
     parser.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (and every epoch end)")
