@@ -53,7 +53,7 @@ from pathlib import Path
 
 import torch
 from peft import PeftModel
-from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, pipeline
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedTokenizerBase, pipeline
 
 from common.artifacts import build_generation_config, round_trip_nf4
 from common.checkpoint import CheckpointError, open_adapter, publish_folder
@@ -282,6 +282,42 @@ def check_parity(
     return info
 
 
+def load_base_for_merge(
+    base_name: str, adapter_dir: Path, chat_template_file: str | None, trust_remote_code: bool
+) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
+    """Load the base in float32 with the tokenizer the adapter was trained with.
+
+    Args:
+        base_name: alias, folder or hub id of the base.
+        adapter_dir: the adapter folder (its saved chat template and tokenizer files win).
+        chat_template_file: `--chat-template FILE`, or None for the adapter's own template.
+        trust_remote_code: allow custom model code from the hub.
+
+    Returns:
+        (float32 base model, tokenizer with the chat template).
+
+    Raises:
+        SystemExit: the base cannot be loaded.
+    """
+    try:
+        # --chat-template FILE, else the template the adapter was trained with (saved next to it)
+        chat_template = chat_template_file or saved_chat_template(adapter_dir)
+        model, tokenizer = load_model_and_tokenizer(
+            base_name,
+            quantization=None,
+            dtype=torch.float32,
+            trust_remote_code=trust_remote_code,
+            chat_template=chat_template,
+        )
+    except ModelLoadError as err:
+        sys.exit(f"merge_and_load.py: error: cannot load the base model '{base_name}': {err}; pass --base-model")
+    if (adapter_dir / "tokenizer_config.json").is_file():  # the exported tokenizer wins, with the template above
+        template = tokenizer.chat_template
+        tokenizer = AutoTokenizer.from_pretrained(adapter_dir, trust_remote_code=trust_remote_code)
+        tokenizer.chat_template = template
+    return model, tokenizer
+
+
 def main(argv: list[str] | None = None) -> dict:
     """Merge (or, with --load-only, load and generate); returns what was written to merge_info.json."""
     args = parse_args(argv)
@@ -303,22 +339,7 @@ def main(argv: list[str] | None = None) -> dict:
         quantization = training_config.get("args", {}).get("quantization") or "none"
 
     # --- the base exactly as the adapter saw it, in full precision ---
-    try:
-        # --chat-template FILE, else the template the adapter was trained with (saved next to it)
-        chat_template = args.chat_template or saved_chat_template(adapter_dir)
-        model, tokenizer = load_model_and_tokenizer(
-            base_name,
-            quantization=None,
-            dtype=torch.float32,
-            trust_remote_code=args.trust_remote_code,
-            chat_template=chat_template,
-        )
-    except ModelLoadError as err:
-        sys.exit(f"merge_and_load.py: error: cannot load the base model '{base_name}': {err}; pass --base-model")
-    if (adapter_dir / "tokenizer_config.json").is_file():  # the exported tokenizer wins, with the template above
-        template = tokenizer.chat_template
-        tokenizer = AutoTokenizer.from_pretrained(adapter_dir, trust_remote_code=args.trust_remote_code)
-        tokenizer.chat_template = template
+    model, tokenizer = load_base_for_merge(base_name, adapter_dir, args.chat_template, args.trust_remote_code)
     nf4_dtype = resolve_nf4_dtype(args.nf4_dtype, training_config) if quantization == "nf4" else None
     if nf4_dtype is not None:
         rounded = round_trip_nf4(model, nf4_dtype)
