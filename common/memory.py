@@ -39,6 +39,7 @@ import math
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -517,6 +518,40 @@ def recommend_setup(
     )
     fits = functools.partial(_fits_budget, total, usable, error_band)
     candidates = _setup_candidates(total, fits, batch_size, seq_len)
+    choice = _choose_setting(config, candidates, total, fits, batch_size, seq_len, lora_dtype, error_band, usable)
+    return _build_recommendation(
+        choice, candidates, total, fits, batch_size, seq_len, gpu_memory_gb, usable, safety_margin, error_band
+    )
+
+
+def _choose_setting(
+    config,
+    candidates: list[dict],
+    total: Callable[..., int],
+    fits: Callable[..., bool],
+    batch_size: int,
+    seq_len: int,
+    lora_dtype: str,
+    error_band: float,
+    usable: float,
+) -> dict:
+    """The method choice of `recommend_setup` (rules 1-3, or a shorter sequence), with its micro-batch.
+
+    Args:
+        config: transformers config of the base model (its max_position_embeddings bounds `max_seq_len`).
+        candidates: `_setup_candidates`'s four settings (LoRA and QLoRA, without and with checkpointing).
+        total: (method, gc, batch, seq) -> estimated bytes.
+        fits: (method, gc, batch, seq) -> whether the estimate plus the error band fits `usable`.
+        batch_size: the effective batch to keep.
+        seq_len: the asked sequence length.
+        lora_dtype: stored dtype of the base for LoRA (named in the reason).
+        error_band: relative error of the estimate (named in the reason).
+        usable: usable bytes (budget minus the safety margin).
+
+    Returns:
+        {"method": "lora"|"qlora"|"none", "gradient_checkpointing", "micro_batch_size", "seq_len" (the
+         length it trains at), "max_seq_len", "reason", "why_not_lora" ("" unless QLoRA beat LoRA)}
+    """
     lora, qlora = (_best_setting([c for c in candidates if c["method"] == m]) for m in ("lora", "qlora"))
     lora_batch = lora["max_micro_batch_size"] if lora else 0
     why_not_lora = ""
@@ -539,6 +574,45 @@ def recommend_setup(
             f"{why_not_lora}{label} {'with' if gc else 'without'} gradient checkpointing fits micro-batch "
             f"{micro_batch} x {seq_len} tokens"
         )
+    return {
+        "method": method,
+        "gradient_checkpointing": gc,
+        "micro_batch_size": micro_batch,
+        "seq_len": usable_seq,
+        "max_seq_len": max_seq,
+        "reason": reason,
+        "why_not_lora": why_not_lora,
+    }
+
+
+def _build_recommendation(
+    choice: dict,
+    candidates: list[dict],
+    total: Callable[..., int],
+    fits: Callable[..., bool],
+    batch_size: int,
+    seq_len: int,
+    gpu_memory_gb: float,
+    usable: float,
+    safety_margin: float,
+    error_band: float,
+) -> dict:
+    """`recommend_setup`'s result for the chosen setting: its estimate, headroom, accumulation and
+    the largest micro-batch it fits.
+
+    Args:
+        choice: `_choose_setting`'s result.
+        candidates, total, fits, batch_size, seq_len: as for `_choose_setting`.
+        gpu_memory_gb: the budget in GiB.
+        usable: usable bytes (budget minus the safety margin).
+        safety_margin: fraction of the budget kept free.
+        error_band: relative error of the estimate.
+
+    Returns:
+        The dict `recommend_setup` documents.
+    """
+    method, gc, micro_batch = choice["method"], choice["gradient_checkpointing"], choice["micro_batch_size"]
+    usable_seq, reason = choice["seq_len"], choice["reason"]
     estimated = total(method if method != "none" else "qlora", gc, max(micro_batch, 1), max(usable_seq, 16))
     max_micro = next(
         (c["max_micro_batch_size"] for c in candidates if c["method"] == method and c["gradient_checkpointing"] == gc),
@@ -549,7 +623,7 @@ def recommend_setup(
             functools.partial(_fits_batch, fits, method, gc, seq_len), batch_size, 64 * batch_size
         )
     headroom = usable - estimated * (1 + error_band)
-    if why_not_lora:
+    if choice["why_not_lora"]:
         reason += f", with {headroom / GIB:.1f} GiB to spare"
     accumulation = batch_size // micro_batch if micro_batch else 0
     return {
@@ -561,7 +635,7 @@ def recommend_setup(
         "effective_batch_size": micro_batch * accumulation,
         "seq_len": usable_seq,
         "max_micro_batch_size": max_micro,
-        "max_seq_len": max_seq,
+        "max_seq_len": choice["max_seq_len"],
         "estimated_gb": estimated / GIB,
         "estimated_with_band_gb": estimated * (1 + error_band) / GIB,
         "headroom_gb": headroom / GIB,
