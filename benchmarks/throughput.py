@@ -35,6 +35,7 @@ Results: a markdown section appended to --output and the JSON next to it (throug
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import hashlib
 import importlib.metadata
@@ -47,7 +48,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+
+from transformers import TrainerCallback
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -473,11 +477,46 @@ def trl_config(spec: dict):
     )
 
 
+def record_micro_batch(examples: list[dict], collate: Callable[[list[dict]], dict], micro_batches: list[dict]) -> dict:
+    """Collate a micro-batch with TRL's own collator and record what TRL really trains on.
+
+    Args:
+        examples: the micro-batch's rows, as the dataloader hands them to the collator.
+        collate: TRL's data collator.
+        micro_batches: gets one {"tokens", "trained_tokens", "sum_sq_len"} record appended.
+
+    Returns:
+        The collated batch, unchanged.
+    """
+    batch = collate(examples)
+    lengths = batch["attention_mask"].sum(1)
+    micro_batches.append(
+        {
+            "tokens": int(lengths.sum()),
+            "trained_tokens": int((batch["labels"][:, 1:] != -100).sum()),
+            "sum_sq_len": int((lengths**2).sum()),
+        }
+    )
+    return batch
+
+
+class StepClock(TrainerCallback):
+    """TRL's step clock: `time.perf_counter()` at the start of training and at each optimizer step's end."""
+
+    def __init__(self, step_ends: list[float]) -> None:
+        self.step_ends = step_ends
+
+    def on_train_begin(self, *_, **__) -> None:
+        self.step_ends.append(time.perf_counter())
+
+    def on_step_end(self, *_, **__) -> None:
+        self.step_ends.append(time.perf_counter())
+
+
 def train_trl_child(spec_file: str) -> None:
     """The TRL arm (runs in the child process): SFTTrainer on the pre-tokenized, pre-ordered examples."""
     import datasets
     from peft import LoraConfig
-    from transformers import TrainerCallback
     from trl import SFTTrainer
 
     from common.model import load_tokenizer
@@ -501,30 +540,11 @@ def train_trl_child(spec_file: str) -> None:
         peft_config=lora,
     )
 
-    micro_batches, step_ends = [], []
-    collate = trainer.data_collator
-
-    def recording_collate(examples: list[dict]) -> dict:  # what TRL really trains on, per micro-batch
-        batch = collate(examples)
-        lengths = batch["attention_mask"].sum(1)
-        micro_batches.append(
-            {
-                "tokens": int(lengths.sum()),
-                "trained_tokens": int((batch["labels"][:, 1:] != -100).sum()),
-                "sum_sq_len": int((lengths**2).sum()),
-            }
-        )
-        return batch
-
-    class StepClock(TrainerCallback):
-        def on_train_begin(self, *_, **__):
-            step_ends.append(time.perf_counter())
-
-        def on_step_end(self, *_, **__):
-            step_ends.append(time.perf_counter())
-
-    trainer.data_collator = recording_collate
-    trainer.add_callback(StepClock())
+    micro_batches, step_ends = [], []  # what TRL really trains on, per micro-batch; its step clock
+    trainer.data_collator = functools.partial(
+        record_micro_batch, collate=trainer.data_collator, micro_batches=micro_batches
+    )
+    trainer.add_callback(StepClock(step_ends))
     trainer.train()
 
     losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
