@@ -62,6 +62,7 @@ from common.model import (
     resolve_model_path,
 )
 from common.model_card import render_model_card
+from common.run_folder import is_locked
 
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
 UNSAFE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
@@ -248,7 +249,7 @@ def main(argv: list[str] | None = None) -> Path:
     final_dir = output_dir / f"{args.name}-v{args.version}"
     if final_dir.exists() and not args.force:
         sys.exit(f"export.py: error: {final_dir} already exists; choose a new --version, or pass --force to replace it")
-    if (run_dir / ".lock").exists():
+    if is_locked(run_dir):  # a live run holds its lock; a stale .lock left by a killed run does not count
         print(f"warning: {run_dir} is locked by a training process; exporting its current files", file=sys.stderr)
 
     try:  # only a complete checkpoint with finite safetensors weights is exported

@@ -139,6 +139,37 @@ def release_lock(lock: RunLock | None) -> None:
     os.close(lock.fd)
 
 
+def is_locked(output_dir: Path) -> bool:
+    """Whether a live run holds `output_dir/.lock`; a stale file left by a killed run does not count.
+
+    Asks the kernel rather than the file's existence: a non-blocking shared `fcntl.flock` on the
+    file fails only while a run holds its exclusive lock (the kernel drops that lock when the
+    holder dies). A probe that succeeds is released at once; the file is neither created nor
+    removed. Trap: for the instant the probe holds its shared lock, a run starting in this folder
+    would be refused, so call this once, not in a loop.
+
+    Args:
+        output_dir: the run folder.
+
+    Returns:
+        True when a process (this one included, through `acquire_lock`) holds the lock, or when the
+        file exists but cannot be opened to ask; False when there is no lock file or nobody holds it.
+    """
+    try:
+        fd = os.open(output_dir / ".lock", os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    except OSError:  # cannot ask (e.g. no read permission): assume a run holds it
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # closing the descriptor releases the probe's lock, if it got one
+    return False
+
+
 def preflight_write(output_dir: Path, reserve_mb: float) -> None:
     """Prove the output folder is writable and has room before any training happens.
 

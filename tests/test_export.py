@@ -252,6 +252,40 @@ def test_push_to_hub_offline_fails_with_one_message_and_keeps_the_export(lora_ru
     assert (out / "toy-v3.0" / "adapter_model.safetensors").is_file() and (out / "toy-v3.0" / "README.md").is_file()
 
 
+# Takes the run lock with run_folder's own function, says so, and holds it until killed.
+LOCK_HOLDER = """
+import sys, time
+from pathlib import Path
+sys.path.insert(0, sys.argv[1])
+from common.run_folder import acquire_lock
+lock = acquire_lock(Path(sys.argv[2]))
+print("held", flush=True)
+time.sleep(600)
+"""
+
+
+def test_locked_warning_only_while_a_process_holds_the_lock(lora_run, tmp_path, capsys):
+    run = tmp_path / "toy"
+    shutil.copytree(lora_run, run)
+    argv = ["--run", str(run), "--version", "0.2", "--output-dir", str(tmp_path / "exports"), "--force"]
+    warning = "is locked by a training process"
+
+    (run / ".lock").write_text("12345 somehost 2026-01-01T00:00:00\n")  # stale: its run was killed
+    export.main(argv)
+    assert warning not in capsys.readouterr().err
+
+    holder = subprocess.Popen(
+        [sys.executable, "-c", LOCK_HOLDER, str(REPO), str(run)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline() == "held\n"
+        export.main(argv)
+        assert f"warning: {run} {warning}" in capsys.readouterr().err
+    finally:
+        holder.kill()
+        holder.wait(timeout=60)
+
+
 # --- common.artifacts ---
 
 

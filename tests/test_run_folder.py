@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from common.jsonio import dumps, loads, read_jsonl, to_strict
-from common.run_folder import RunFolderError, acquire_lock, release_lock
+from common.run_folder import RunFolderError, acquire_lock, is_locked, release_lock
 from tests.conftest import REPO
 
 # A racer imports the lock code, says it is ready, spins until the "go" file appears, then tries to
@@ -103,6 +103,29 @@ def test_lock_names_its_holder_and_a_killed_holder_does_not_block(tmp_path):
     assert (folder / ".lock").read_text().split()[0] == str(os.getpid())
     release_lock(lock)
     assert not (folder / ".lock").exists()
+
+
+def test_is_locked_asks_the_kernel_not_the_file(tmp_path):
+    """No file or a stale file: not locked; a live holder in another process or in this one: locked"""
+    folder = tmp_path / "run"
+    folder.mkdir()
+    assert not is_locked(folder)
+    assert not (folder / ".lock").exists()  # asking creates nothing
+    (folder / ".lock").write_text("12345 somehost 2026-01-01T00:00:00\n")  # left by a killed run
+    assert not is_locked(folder)
+    assert (folder / ".lock").read_text().startswith("12345")  # the stale file is left as it was
+    (holder,) = start_racers(folder, count=1, hold_s=600)
+    try:
+        assert holder.stdout.readline().startswith("won")
+        assert is_locked(folder)
+    finally:
+        os.kill(holder.pid, signal.SIGKILL)
+        holder.wait(timeout=60)
+    assert not is_locked(folder)  # the holder died: its flock went with it, the file stays
+    lock = acquire_lock(folder)
+    assert is_locked(folder)
+    release_lock(lock)
+    assert not is_locked(folder)
 
 
 def test_strict_json_writes_null_and_a_flag_and_reads_back(tmp_path):
