@@ -874,24 +874,15 @@ def percent(count: int, total: int) -> str:
     return f"{count} ({100 * count / total:.1f}%)"
 
 
-def write_data_card(
-    path: Path, splits: dict, hashes: dict, seed: int, tokens: tuple[dict | None, str], tokenizer_name: str
-) -> None:
-    """Write the data card; the rule table comes from the rulebook so the card never drifts from it.
+def split_stat_rows(splits: dict) -> tuple[list, list, list, list, list]:
+    """The data card's per-split tables: outcomes, risk classes, outcomes per line, families, shapes.
 
     Args:
-        path: where to write (data/README.md by default).
         splits: split name -> records.
-        hashes: split name -> sha256 of its file.
-        seed: the generation seed.
-        tokens: `measure_token_lengths` output, or (None, reason).
-        tokenizer_name: the tokenizer the token counts are for.
+
+    Returns:
+        (outcome_rows, class_rows, lob_rows, family_rows, shape_rows), rows for `markdown_table`.
     """
-    rule_rows = [
-        [rule.rule_id, lob, rule.effect, rule.condition or "", rule.description]
-        for lob, rules in rulebook.RULES.items()
-        for rule in rules
-    ]
     outcome_rows, class_rows, lob_rows, family_rows, shape_rows = [], [], [], [], []
     for split, records in splits.items():
         n = len(records)
@@ -909,18 +900,24 @@ def write_data_card(
         shape_rows.append(
             [split, *(turns[t] for t in USER_TURN_WEIGHTS), *summarize([count_chars(r) for r in records])]
         )
+    return outcome_rows, class_rows, lob_rows, family_rows, shape_rows
 
+
+def token_length_section(tokens: tuple[dict | None, str], tokenizer_name: str) -> str:
+    """The data card's token-length table, or the reason it is missing."""
     lengths, reason = tokens
     if lengths is None:
-        token_section = f"token stats unavailable: {reason}"
-    else:
-        token_rows = [[split, *summarize(values)] for split, values in lengths.items()]
-        token_section = (
-            f"Tokens of the whole conversation after `apply_chat_template` with `{tokenizer_name}`:\n\n"
-            + markdown_table(["split", "min", "mean", "p50", "p95", "max"], token_rows)
-        )
+        return f"token stats unavailable: {reason}"
+    token_rows = [[split, *summarize(values)] for split, values in lengths.items()]
+    return (
+        f"Tokens of the whole conversation after `apply_chat_template` with `{tokenizer_name}`:\n\n"
+        + markdown_table(["split", "min", "mean", "p50", "p95", "max"], token_rows)
+    )
 
-    card = f"""# Underwriting conversations (synthetic)
+
+def card_introduction(seed: int) -> str:
+    """The data card's text up to the rulebook: what the data is, the worksheet, how to regenerate, the format."""
+    return f"""# Underwriting conversations (synthetic)
 
 Short chat conversations between an insurance broker (user) and an underwriting assistant, for
 LoRA finetuning. The broker presents a term life, homeowners or small-business property
@@ -973,7 +970,32 @@ missing there, which that turn asks for by the names in `common/decision.py::FAC
 (evaluate.py scores generated asking turns against it). `rulebook.decide(line_of_business, facts)
 == decision` for every record.
 
-## Rulebook
+"""
+
+
+def write_data_card(
+    path: Path, splits: dict, hashes: dict, seed: int, tokens: tuple[dict | None, str], tokenizer_name: str
+) -> None:
+    """Write the data card; the rule table comes from the rulebook so the card never drifts from it.
+
+    Args:
+        path: where to write (data/README.md by default).
+        splits: split name -> records.
+        hashes: split name -> sha256 of its file.
+        seed: the generation seed.
+        tokens: `measure_token_lengths` output, or (None, reason).
+        tokenizer_name: the tokenizer the token counts are for.
+    """
+    rule_rows = [
+        [rule.rule_id, lob, rule.effect, rule.condition or "", rule.description]
+        for lob, rules in rulebook.RULES.items()
+        for rule in rules
+    ]
+    outcome_rows, class_rows, lob_rows, family_rows, shape_rows = split_stat_rows(splits)
+    token_section = token_length_section(tokens, tokenizer_name)
+    card = (
+        card_introduction(seed)
+        + f"""## Rulebook
 
 A decline rule firing means decline; else a refer rule means refer (class `n/a`); else approve
 at the worst class a fired rule caps it to, with the conditions of the fired rules. When no
@@ -1012,6 +1034,7 @@ Profiles (fact sets) are disjoint across splits. The test split adds the phrasin
 
 {token_section}
 """
+    )
     path.write_text(card, encoding="utf-8", newline="\n")
 
 
