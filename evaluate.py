@@ -426,7 +426,6 @@ def run_model(name: str, model, tokenizer, examples: list[dict], targets: dict, 
                 args.max_new_tokens,
                 progress=f"{name}: generating",
             )
-        with precision.autocast():
             ask_replies = generate_replies(
                 model,
                 tokenizer,
