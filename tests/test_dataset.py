@@ -156,14 +156,15 @@ def test_worksheet_checks_match_the_rulebook(splits):
 def test_running_result_carries_from_line_to_line():
     facts = {**LIFE, "age": 55, "face_amount": 1_500_000, "bmi": 31.2, "smoker": False, "occupation": "nurse"}
     lines = generate.worksheet_checks("term_life", facts, year_keys=set())
-    assert lines[0] == "L-1 age 55 > 70: no -> none"
+    assert lines[0] == "L-1 age 55 > 70 no: no -> none"
     assert lines[3] == "L-4 age 55 >= 50 yes, face $1500k > $1000k yes: yes, refer -> refer L-4"
-    assert lines[6] == "L-7 hazardous occupation: no -> refer L-4"
+    assert lines[1] == "L-2 medical history none = serious no: no -> none"
+    assert lines[6] == "L-7 occupation not hazardous = hazardous no: no -> refer L-4"
     assert lines[7] == "L-8 BMI 31.2 >= 30 yes, BMI 31.2 < 40 yes: yes, standard -> refer L-4, L-8"
     assert rulebook.decide("term_life", facts)["rules"] == ["L-4", "L-8"]
     # A year the broker gave is compared as a year (1970 <= 1975 is age 55 >= 50): no subtraction.
     by_year = generate.worksheet_checks("term_life", facts, year_keys={"age"})
-    assert by_year[0] == "L-1 born 1970 < 1955: no -> none"
+    assert by_year[0] == "L-1 born 1970 < 1955 no: no -> none"
     assert by_year[3].startswith("L-4 born 1970 <= 1975 yes, face $1500k > $1000k yes: yes, refer")
 
 
@@ -177,7 +178,9 @@ def test_check_parts_agree_with_the_rule(splits, year_keys):
             for rule in rulebook.RULES[lob]:
                 if rule.applies is None:
                     continue
-                truths = [truth for _, truth in generate.check_atoms(rule.rule_id, facts, year_keys)]
+                truths = [
+                    truth for _, truth in generate.check_atoms(rule.rule_id, facts, year_keys) if truth is not None
+                ]
                 combined = truths[0] != truths[1] if rule.rule_id == "H-8" else all(truths)
                 assert combined == rule.applies(facts), (record["id"], rule.rule_id)
 
@@ -187,7 +190,9 @@ def test_worksheet_errors_counts_each_wrong_step():
     decision = rulebook.decide("term_life", facts)
     reference = generate.write_decision_turn("term_life", facts, decision, set(), random.Random(0))
     # The model says yes to L-1 (age 55 > 70) but carries "none" on, and copies BMI wrong.
-    wrong = reference.replace("L-1 age 55 > 70: no", "L-1 age 55 > 70: yes, decline").replace("BMI 31.2;", "BMI 32.1;")
+    wrong = reference.replace("L-1 age 55 > 70 no: no", "L-1 age 55 > 70 no: yes, decline").replace(
+        "BMI 31.2;", "BMI 32.1;"
+    )
     record = {"reference": reference, "reference_decision": decision}
     counts = worksheet_errors.score([{**record, "generated": reference}, {**record, "generated": wrong}], "generated")
     assert counts["n_replies"] == 2 and counts["n_checks"] == 18
@@ -206,7 +211,9 @@ def test_worksheet_facts_restate_every_fact():
     )
     assert "age 42;" in generate.worksheet_facts("term_life", facts, year_keys=set())
     business = generate.worksheet_checks("small_business_property", {**BUSINESS, "tiv": 5_050_000}, set())
-    assert "B-4 TIV $5050k > 5 x $1000k = $5000k: yes, refer -> refer B-4" in business
+    assert "B-4 5 x revenue $1000k = $5000k, TIV $5050k > $5000k yes: yes, refer -> refer B-4" in business
+    homeowners = generate.worksheet_checks("homeowners", {**HOME, "construction": "masonry", "roof_age": 22}, set())
+    assert homeowners[2] == "H-3 masonry limit 25, roof 22 > 25 no: no -> none"
 
 
 def test_asking_turns_name_exactly_the_missing_facts(splits):
