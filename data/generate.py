@@ -525,7 +525,7 @@ def worksheet_facts(lob: str, facts: dict, year_keys: set[str]) -> str:
     """
     f = facts
     if lob == "term_life":
-        hazardous = "hazardous" if rulebook.LIFE_OCCUPATIONS[f["occupation"]] else "not hazardous"
+        hazardous = _occupation_hazard(f["occupation"])
         items = [
             _age_fact("age", f, year_keys),
             f"face {_money(f['face_amount'])}",
@@ -555,6 +555,11 @@ def worksheet_facts(lob: str, facts: dict, year_keys: set[str]) -> str:
             f"losses {f['prior_losses']}",
         ]
     return "Facts: " + "; ".join(items) + "."
+
+
+def _occupation_hazard(occupation: str) -> str:
+    """How the worksheet writes a life occupation's rule-L-7 flag: "hazardous" or "not hazardous"."""
+    return "hazardous" if rulebook.LIFE_OCCUPATIONS[occupation] else "not hazardous"
 
 
 def _is(name: str, value: str, target: str) -> tuple[str, bool]:
@@ -590,26 +595,19 @@ def check_atoms(rule_id: str, f: dict, year_keys: set[str]) -> list[tuple[str, b
         if "fire_station_miles" in f
         else []
     )
-    life = "occupation" in f and f["occupation"] in rulebook.LIFE_OCCUPATIONS
-    hazardous = ("hazardous" if rulebook.LIFE_OCCUPATIONS[f["occupation"]] else "not hazardous") if life else ""
-    smoker = _is("smoker", _yes(f.get("smoker", False)), "yes")
-    history = f.get("medical_history", "")
-    sprinklered = _yes(f.get("sprinklered", False))
-    wiring = _is("wiring updated", _yes(f.get("wiring_updated", False)), "no")
-    limit = 5 * f.get("annual_revenue", 0)
     atoms = {
         "L-1": lambda: [_age_atom("age", ">", 70, f, year_keys)],
-        "L-2": lambda: [_is("medical history", history, "serious")],
+        "L-2": lambda: [_is("medical history", f["medical_history"], "serious")],
         "L-3": lambda: [(f"BMI {f['bmi']} >= 40", f["bmi"] >= 40)],
         "L-4": lambda: [
             _age_atom("age", ">=", 50, f, year_keys),
             (f"face {money(f['face_amount'])} > $1000k", f["face_amount"] > 1_000_000),
         ],
-        "L-5": lambda: [smoker, (f"BMI {f['bmi']} >= 35", f["bmi"] >= 35)],
-        "L-6": lambda: [smoker],
-        "L-7": lambda: [_is("occupation", hazardous, "hazardous")],
+        "L-5": lambda: [_is("smoker", _yes(f["smoker"]), "yes"), (f"BMI {f['bmi']} >= 35", f["bmi"] >= 35)],
+        "L-6": lambda: [_is("smoker", _yes(f["smoker"]), "yes")],
+        "L-7": lambda: [_is("occupation", _occupation_hazard(f["occupation"]), "hazardous")],
         "L-8": lambda: [(f"BMI {f['bmi']} >= 30", f["bmi"] >= 30), (f"BMI {f['bmi']} < 40", f["bmi"] < 40)],
-        "L-9": lambda: [_is("medical history", history, "controlled")],
+        "L-9": lambda: [_is("medical history", f["medical_history"], "controlled")],
         "H-1": lambda: [(f"claims {f['prior_claims']} >= 3", f["prior_claims"] >= 3)],
         "H-2": lambda: station_hydrant,
         "H-3": lambda: [roof_step, _age_atom("roof_age", ">", roof_limit, f, year_keys)],
@@ -625,21 +623,24 @@ def check_atoms(rule_id: str, f: dict, year_keys: set[str]) -> list[tuple[str, b
             _age_atom("roof_age", "<=", roof_limit, f, year_keys),
         ],
         "H-8": lambda: station_hydrant,
-        "B-1": lambda: [_is("hazard", hazard, "high"), _is("sprinklered", sprinklered, "no")],
+        "B-1": lambda: [_is("hazard", hazard, "high"), _is("sprinklered", _yes(f["sprinklered"]), "no")],
         "B-2": lambda: [(f"losses {f['prior_losses']} >= 3", f["prior_losses"] >= 3)],
-        "B-3": lambda: [_age_atom("building_age", ">", 50, f, year_keys), wiring],
-        "B-4": lambda: [
-            (f"5 x revenue {money(f['annual_revenue'])} = {money(limit)}", None),
-            (f"TIV {money(f['tiv'])} > {money(limit)}", f["tiv"] > limit),
+        "B-3": lambda: [
+            _age_atom("building_age", ">", 50, f, year_keys),
+            _is("wiring updated", _yes(f["wiring_updated"]), "no"),
         ],
-        "B-5": lambda: [_is("hazard", hazard, "high"), _is("sprinklered", sprinklered, "yes")],
+        "B-4": lambda: [
+            (f"5 x revenue {money(f['annual_revenue'])} = {money(5 * f['annual_revenue'])}", None),
+            (f"TIV {money(f['tiv'])} > {money(5 * f['annual_revenue'])}", f["tiv"] > 5 * f["annual_revenue"]),
+        ],
+        "B-5": lambda: [_is("hazard", hazard, "high"), _is("sprinklered", _yes(f["sprinklered"]), "yes")],
         "B-6": lambda: [(f"losses {f['prior_losses']} = 2", f["prior_losses"] == 2)],
         "B-7": lambda: [
             _age_atom("building_age", ">", 30, f, year_keys),
             _age_atom("building_age", "<=", 50, f, year_keys),
-            wiring,
+            _is("wiring updated", _yes(f["wiring_updated"]), "no"),
         ],
-        "B-8": lambda: [_is("hazard", hazard, "moderate"), _is("sprinklered", sprinklered, "no")],
+        "B-8": lambda: [_is("hazard", hazard, "moderate"), _is("sprinklered", _yes(f["sprinklered"]), "no")],
     }
     return atoms[rule_id]()
 
