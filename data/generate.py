@@ -562,6 +562,15 @@ def _occupation_hazard(occupation: str) -> str:
     return "hazardous" if rulebook.LIFE_OCCUPATIONS[occupation] else "not hazardous"
 
 
+def _tiv_atoms(f: dict) -> list[tuple[str, bool | None]]:
+    """B-4's steps: 5 x revenue worked out first (no yes/no), then the TIV compared with it."""
+    limit = 5 * f["annual_revenue"]
+    return [
+        (f"5 x revenue {_money(f['annual_revenue'])} = {_money(limit)}", None),
+        (f"TIV {_money(f['tiv'])} > {_money(limit)}", f["tiv"] > limit),
+    ]
+
+
 def _is(name: str, value: str, target: str) -> tuple[str, bool]:
     """A fact compared with the value a rule looks for, the fact's value copied: "smoker no = yes"."""
     return f"{name} {value} = {target}", value == target
@@ -629,10 +638,7 @@ def check_atoms(rule_id: str, f: dict, year_keys: set[str]) -> list[tuple[str, b
             _age_atom("building_age", ">", 50, f, year_keys),
             _is("wiring updated", _yes(f["wiring_updated"]), "no"),
         ],
-        "B-4": lambda: [
-            (f"5 x revenue {money(f['annual_revenue'])} = {money(5 * f['annual_revenue'])}", None),
-            (f"TIV {money(f['tiv'])} > {money(5 * f['annual_revenue'])}", f["tiv"] > 5 * f["annual_revenue"]),
-        ],
+        "B-4": lambda: _tiv_atoms(f),
         "B-5": lambda: [_is("hazard", hazard, "high"), _is("sprinklered", _yes(f["sprinklered"]), "yes")],
         "B-6": lambda: [(f"losses {f['prior_losses']} = 2", f["prior_losses"] == 2)],
         "B-7": lambda: [
