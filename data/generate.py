@@ -655,11 +655,11 @@ def worksheet_checks(lob: str, facts: dict, year_keys: set[str]) -> list[str]:
     """The check lines: every rule of the line (the grant rule aside), one per line, in rule order.
 
     Each line writes the rule's steps with the case's numbers, every comparison with its own yes/no
-    (one comparison per step, so no step needs two), then the answer of the rule's predicate (with
-    the rule's effect after a yes), and after "->" the running result: the effect of the first
+    (one comparison per step, so no step needs two). A rule that does not fire ends there. A rule
+    that fires adds ":", its effect and, after "->", the running result: the effect of the first
     fired rule (rules go from most to least severe, so the first fired one decides) and every rule
-    fired so far. Carrying the result from line to line keeps the decision a local step: copy the
-    previous result, and on a yes append the rule.
+    fired so far. The result is written only where it changes, so the last "->" of the worksheet is
+    the decision, and each one is a local step: copy the previous result and append the rule.
 
     Args:
         lob: line of business.
@@ -667,8 +667,8 @@ def worksheet_checks(lob: str, facts: dict, year_keys: set[str]) -> list[str]:
         year_keys: the age facts the broker stated as a year.
 
     Returns:
-        e.g. ["L-1 age 54 > 70 no: no -> none", ..., "L-4 age 54 >= 50 yes, face $1500k > $1000k yes:
-        yes, refer -> refer L-4", ...].
+        e.g. ["L-1 age 54 > 70 no", ..., "L-4 age 54 >= 50 yes, face $1500k > $1000k yes: refer ->
+        refer L-4", ...].
     """
     lines, first_effect, fired = [], None, []
     for rule in rulebook.RULES[lob]:
@@ -676,16 +676,14 @@ def worksheet_checks(lob: str, facts: dict, year_keys: set[str]) -> list[str]:
             continue
         atoms = check_atoms(rule.rule_id, facts, year_keys)
         comparison = ", ".join(text if truth is None else f"{text} {_yes(truth)}" for text, truth in atoms)
+        if rule.rule_id == "H-8":
+            comparison = "exactly one of " + comparison
+        line = f"{rule.rule_id} {comparison}"
         if rule.applies(facts):
             first_effect = first_effect or rule.effect
             fired.append(rule.rule_id)
-            answer = f"yes, {rule.effect}"
-        else:
-            answer = "no"
-        result = f"{first_effect} {', '.join(fired)}" if fired else "none"
-        if rule.rule_id == "H-8":
-            comparison = "exactly one of " + comparison
-        lines.append(f"{rule.rule_id} {comparison}: {answer} -> {result}")
+            line += f": {rule.effect} -> {first_effect} {', '.join(fired)}"
+        lines.append(line)
     return lines
 
 
@@ -700,7 +698,7 @@ def write_decision_turn(lob: str, facts: dict, decision: dict, year_keys: set[st
         rng: the split's random generator.
 
     Returns:
-        "Facts: ...", the check lines of `worksheet_checks` (the last one's running result is the
+        "Facts: ...", the check lines of `worksheet_checks` (the last running result is the
         decision), the outcome sentence with any conditions, then the DECISION line; one line each.
     """
     outcome = rng.choice(OUTCOME_SENTENCES[decision["outcome"]]).format(risk_class=decision["risk_class"])
@@ -940,13 +938,13 @@ all); the last assistant turn works the case out on a short worksheet and ends w
 machine-readable line:
 
     Facts: born 1971; face $1500k; BMI 31.2; smoker no; medical history none; occupation nurse, not hazardous.
-    L-1 born 1971 < 1955 no: no -> none
-    L-2 medical history none = serious no: no -> none
-    L-3 BMI 31.2 >= 40 no: no -> none
-    L-4 born 1971 <= 1975 yes, face $1500k > $1000k yes: yes, refer -> refer L-4
+    L-1 born 1971 < 1955 no
+    L-2 medical history none = serious no
+    L-3 BMI 31.2 >= 40 no
+    L-4 born 1971 <= 1975 yes, face $1500k > $1000k yes: refer -> refer L-4
     ... (one line per rule)
-    L-8 BMI 31.2 >= 30 yes, BMI 31.2 < 40 yes: yes, standard -> refer L-4, L-8
-    L-9 medical history none = controlled no: no -> refer L-4, L-8
+    L-8 BMI 31.2 >= 30 yes, BMI 31.2 < 40 yes: standard -> refer L-4, L-8
+    L-9 medical history none = controlled no
     Refer to a senior underwriter.
     DECISION: refer | CLASS: n/a | RULES: L-4, L-8
 
@@ -954,8 +952,8 @@ Why a worksheet: a 135M-parameter model cannot make the whole rulebook decision 
 one line. Restating every fact once, in the rulebook's order and units (dollars in thousands),
 then writing each rule's comparison next to its yes/no, turns the decision into short local
 steps: copy a number, compare it with the threshold beside it. Every comparison gets its own
-yes/no before the rule's answer, a lone one too (a model that wrote only the rule's answer after
-a lone comparison got 16% of them wrong, against under 1% of the parts of multi-part rules); a
+yes/no, a lone one too (a model that wrote only the rule's answer after a lone comparison got 16%
+of them wrong, against under 1% of the parts of multi-part rules); a
 categorical fact is copied beside the value the rule wants ("wind zone inland = coastal no")
 instead of being looked up in the Facts line; H-3 and H-7 first write the roof limit of the
 construction ("frame limit 20"), and B-4 works out 5 x revenue before comparing it with the TIV.
@@ -963,11 +961,14 @@ An age the broker gave as a year stays a year and is
 compared with the limit as a year ("born 1971 < 1955" is "age 54 > 70"), so no step needs a
 subtraction (a model asked to write "2025-1998=27" got the difference wrong most of the time).
 Rules are numbered from most to least severe, so the outcome is the effect of the first fired
-rule; each check line carries the running result after "->" (that first effect and every rule
-fired so far), so the decision is built one line at a time instead of by collecting the yeses at
-the end (a model trained with a separate "Fired:" line listed its own yeses right in 4 of 60
-validation replies). Every rule's yes/no comes from its predicate in `data/rulebook.py`, so
-`decide()` stays the only source of labels.
+rule. A rule that fires ends its line with its effect and, after "->", the running result (that
+first effect and every rule fired so far), so the decision is built one line at a time instead of
+by collecting the yeses at the end (a model trained with a separate "Fired:" line listed its own
+yeses right in 4 of 60 validation replies); the last "->" is the decision. A rule that does not
+fire ends after its comparisons: the result is written only where it changes (worksheet v5: the
+same steps in 15% fewer tokens than v4's `: no -> refer L-4` on every line, for the token
+budget). Every rule's yes/no comes from its predicate in `data/rulebook.py`, so `decide()` stays
+the only source of labels.
 
 Everything is generated from seeded templates: the data tests rule-following and fact gathering,
 not real-world underwriting. Years ("born 1983") are read as of {rulebook.REFERENCE_YEAR}.

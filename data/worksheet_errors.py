@@ -2,8 +2,9 @@
 
 Reads a predictions.jsonl written by evaluate.py (reference and generated final replies) and
 compares them line by line: each fact of the Facts line, each check line's comparison (the numbers
-copied), its yes/no, its running result (against the reference, and against the model's own
-previous result and answer), and whether the DECISION line follows the model's own last result.
+copied), its answer (the effect of a rule that fires, else "no"), its running result (against
+the reference, and against the model's own previous result and answer; a line without "->" carries
+the previous result on), and whether the DECISION line follows the model's own last result.
 Use it on the validation split when choosing a recipe or a data format:
 
     python evaluate.py --adapter runs/exp/best --split validation --no-base --no-ask-turns
@@ -23,7 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common.decision import parse_decision_line
 
-CHECK_LINE = re.compile(r"([LHB]-\d+) (.*): (yes, \w+|no) -> (.*)")
+# "L-4 age 54 >= 50 yes, face $1500k > $1000k yes: refer -> refer L-4", or without the ": ..." tail.
+CHECK_LINE = re.compile(r"([LHB]-\d+) (.*?)(?:: (\w+) -> (.*))?")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -43,11 +45,16 @@ def parse_worksheet(text: str) -> tuple[list[str], list[tuple[str, str, str, str
 
     Returns:
         (facts, checks): the "; "-separated items of the Facts line (empty when missing) and, per
-        check line, (rule id, comparison, answer, running result).
+        check line, (rule id, comparison, answer, running result): the answer is the effect of a
+        rule that fires and "no" for one that does not, whose running result is None (not written).
     """
     lines = text.splitlines()
     facts = lines[0].removeprefix("Facts: ").rstrip(".").split("; ") if lines and lines[0].startswith("Facts: ") else []
-    checks = [match.groups() for line in lines if (match := CHECK_LINE.fullmatch(line))]
+    checks = []
+    for line in lines:
+        if match := CHECK_LINE.fullmatch(line):
+            rule_id, comparison, effect, result = match.groups()
+            checks.append((rule_id, comparison, effect or "no", result))
     return facts, checks
 
 
@@ -55,8 +62,7 @@ def next_result(previous: str, rule_id: str, answer: str) -> str:
     """The running result after one check, computed from the previous result and the answer."""
     if answer == "no":
         return previous
-    effect = answer.removeprefix("yes, ")
-    return f"{effect} {rule_id}" if previous == "none" else f"{previous}, {rule_id}"
+    return f"{answer} {rule_id}" if previous == "none" else f"{previous}, {rule_id}"
 
 
 def decision_from_result(result: str) -> tuple[str, str, list[str]] | None:
@@ -89,20 +95,24 @@ def score(records: list[dict], key: str) -> Counter:
             counts[f"n_fact {name}"] += 1
             counts[f"fact {name}"] += index < len(facts) and facts[index] == item
         counts["all checks present"] += [c[0] for c in checks] == [c[0] for c in ref_checks]
-        previous, consistent = "none", True
+        previous, ref_previous, consistent = "none", "none", True
         for check, ref in zip(checks, ref_checks, strict=False):
             counts["n_checks"] += 1
             counts["comparison copied right"] += check[:2] == ref[:2]
             counts["answer right"] += check[2] == ref[2]
-            counts["result right"] += check[3] == ref[3]
-            counts["result follows own answer"] += check[3] == next_result(previous, check[0], check[2])
-            consistent &= check[3] == next_result(previous, check[0], check[2])
-            previous = check[3]
+            if check[3] is not None:
+                follows = check[3] == next_result(previous, check[0], check[2])
+                counts["n_results"] += 1
+                counts["result follows own answer"] += follows
+                consistent &= follows
+            previous = check[3] or previous
+            ref_previous = ref[3] or ref_previous
+            counts["result right"] += previous == ref_previous
         counts["every result follows its answers"] += bool(checks) and consistent
         counts["all answers right"] += bool(checks) and [c[2] for c in checks] == [c[2] for c in ref_checks]
         decision = parse_decision_line(record[key])
         if checks and decision is not None:
-            implied = decision_from_result(checks[-1][3])
+            implied = decision_from_result(next((c[3] for c in reversed(checks) if c[3]), "none"))
             own = (decision["outcome"], decision["risk_class"], decision["rules"])
             counts["DECISION follows own last result"] += (implied is None and own[:2] == ("approve", "preferred")) or (
                 implied == own
@@ -123,8 +133,10 @@ def main(argv: list[str] | None = None) -> None:
         print(f"  {name:40s} {counts[name]:4d} / {replies}")
     for name in ("DECISION follows own last result", "outcome right"):
         print(f"  {name:40s} {counts[name]:4d} / {replies}")
-    for name in ("comparison copied right", "answer right", "result right", "result follows own answer"):
+    for name in ("comparison copied right", "answer right", "result right"):
         print(f"  check: {name:33s} {counts[name]:4d} / {checks}")
+    followed, written = counts["result follows own answer"], counts["n_results"]
+    print(f"  check: {'result follows own answer':33s} {followed:4d} / {written} written results")
     for name in sorted(k for k in counts if k.startswith("fact ")):
         print(f"  {name:40s} {counts[name]:4d} / {counts['n_' + name]}")
     shown = 0

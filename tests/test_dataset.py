@@ -130,9 +130,9 @@ def test_final_turn_decision_line_matches_record(splits):
 
 
 def test_worksheet_checks_match_the_rulebook(splits):
-    # Every rule of the line (the grant rule aside) is checked once, on its own line, in rule order,
-    # with the answer rulebook's predicate gives; the running result after "->" is the effect of the
-    # first fired rule plus every rule fired so far, and the last one is the decision.
+    # Every rule of the line (the grant rule aside) is checked once, on its own line, in rule order.
+    # Exactly the rules whose rulebook predicate is true end with ": <effect> -> <running result>":
+    # the effect of the first fired rule plus every rule fired so far; the last one is the decision.
     for records in splits.values():
         for record in records:
             lob, facts, decision = record["line_of_business"], record["facts"], record["decision"]
@@ -140,11 +140,11 @@ def test_worksheet_checks_match_the_rulebook(splits):
             rules = [rule for rule in rulebook.RULES[lob] if rule.applies is not None]
             assert lines[0].startswith("Facts: "), record["id"]
             check_lines = lines[1 : 1 + len(rules)]
-            checks = [re.fullmatch(r"([LHB]-\d+) .*: (yes, \w+|no) -> (.*)", line) for line in check_lines]
+            checks = [re.fullmatch(r"([LHB]-\d+) [^:]*(?:: (\w+) -> (.*))?", line) for line in check_lines]
             assert all(checks), (record["id"], check_lines)
-            expected = [(r.rule_id, f"yes, {r.effect}" if r.applies(facts) else "no") for r in rules]
+            expected = [(r.rule_id, r.effect if r.applies(facts) else None) for r in rules]
             assert [(m.group(1), m.group(2)) for m in checks] == expected, record["id"]
-            final = checks[-1].group(3)
+            final = next((m.group(3) for m in reversed(checks) if m.group(3)), "none")
             if decision["outcome"] == "approve" and decision["risk_class"] == "preferred":
                 assert final == "none", record["id"]
             else:
@@ -156,16 +156,16 @@ def test_worksheet_checks_match_the_rulebook(splits):
 def test_running_result_carries_from_line_to_line():
     facts = {**LIFE, "age": 55, "face_amount": 1_500_000, "bmi": 31.2, "smoker": False, "occupation": "nurse"}
     lines = generate.worksheet_checks("term_life", facts, year_keys=set())
-    assert lines[0] == "L-1 age 55 > 70 no: no -> none"
-    assert lines[3] == "L-4 age 55 >= 50 yes, face $1500k > $1000k yes: yes, refer -> refer L-4"
-    assert lines[1] == "L-2 medical history none = serious no: no -> none"
-    assert lines[6] == "L-7 occupation not hazardous = hazardous no: no -> refer L-4"
-    assert lines[7] == "L-8 BMI 31.2 >= 30 yes, BMI 31.2 < 40 yes: yes, standard -> refer L-4, L-8"
+    assert lines[0] == "L-1 age 55 > 70 no"
+    assert lines[3] == "L-4 age 55 >= 50 yes, face $1500k > $1000k yes: refer -> refer L-4"
+    assert lines[1] == "L-2 medical history none = serious no"
+    assert lines[6] == "L-7 occupation not hazardous = hazardous no"
+    assert lines[7] == "L-8 BMI 31.2 >= 30 yes, BMI 31.2 < 40 yes: standard -> refer L-4, L-8"
     assert rulebook.decide("term_life", facts)["rules"] == ["L-4", "L-8"]
     # A year the broker gave is compared as a year (1970 <= 1975 is age 55 >= 50): no subtraction.
     by_year = generate.worksheet_checks("term_life", facts, year_keys={"age"})
-    assert by_year[0] == "L-1 born 1970 < 1955 no: no -> none"
-    assert by_year[3].startswith("L-4 born 1970 <= 1975 yes, face $1500k > $1000k yes: yes, refer")
+    assert by_year[0] == "L-1 born 1970 < 1955 no"
+    assert by_year[3].startswith("L-4 born 1970 <= 1975 yes, face $1500k > $1000k yes: refer")
 
 
 @pytest.mark.parametrize("year_keys", [set(), {"age", "roof_age", "building_age"}])
@@ -189,16 +189,19 @@ def test_worksheet_errors_counts_each_wrong_step():
     facts = {**LIFE, "age": 55, "face_amount": 1_500_000, "bmi": 31.2, "occupation": "nurse"}
     decision = rulebook.decide("term_life", facts)
     reference = generate.write_decision_turn("term_life", facts, decision, set(), random.Random(0))
-    # The model says yes to L-1 (age 55 > 70) but carries "none" on, and copies BMI wrong.
-    wrong = reference.replace("L-1 age 55 > 70 no: no", "L-1 age 55 > 70 no: yes, decline").replace(
+    # The model says L-1 (age 55 > 70) fires, then forgets that result at L-4, and copies BMI wrong.
+    wrong = reference.replace("L-1 age 55 > 70 no\n", "L-1 age 55 > 70 no: decline -> decline L-1\n").replace(
         "BMI 31.2;", "BMI 32.1;"
     )
     record = {"reference": reference, "reference_decision": decision}
     counts = worksheet_errors.score([{**record, "generated": reference}, {**record, "generated": wrong}], "generated")
     assert counts["n_replies"] == 2 and counts["n_checks"] == 18
     assert counts["facts line right"] == 1 and counts["fact BMI"] == 1 and counts["fact age"] == 2
-    assert counts["answer right"] == 17 and counts["result right"] == 18
-    assert counts["result follows own answer"] == 17 and counts["every result follows its answers"] == 1
+    # The wrong reply's carried result is wrong after L-1, L-2 and L-3 ("decline L-1"), right from L-4.
+    assert counts["answer right"] == 17 and counts["result right"] == 15
+    # Written results: L-4 and L-8 in both, L-1 in the wrong one; its L-4 ignores the previous result.
+    assert counts["n_results"] == 5 and counts["result follows own answer"] == 4
+    assert counts["every result follows its answers"] == 1
     assert counts["DECISION follows own last result"] == 2 and counts["outcome right"] == 2
 
 
@@ -211,9 +214,9 @@ def test_worksheet_facts_restate_every_fact():
     )
     assert "age 42;" in generate.worksheet_facts("term_life", facts, year_keys=set())
     business = generate.worksheet_checks("small_business_property", {**BUSINESS, "tiv": 5_050_000}, set())
-    assert "B-4 5 x revenue $1000k = $5000k, TIV $5050k > $5000k yes: yes, refer -> refer B-4" in business
+    assert "B-4 5 x revenue $1000k = $5000k, TIV $5050k > $5000k yes: refer -> refer B-4" in business
     homeowners = generate.worksheet_checks("homeowners", {**HOME, "construction": "masonry", "roof_age": 22}, set())
-    assert homeowners[2] == "H-3 masonry limit 25, roof 22 > 25 no: no -> none"
+    assert homeowners[2] == "H-3 masonry limit 25, roof 22 > 25 no"
 
 
 def test_asking_turns_name_exactly_the_missing_facts(splits):
