@@ -953,13 +953,13 @@ one line. Restating every fact once, in the rulebook's order and units (dollars 
 then writing each rule's comparison next to its yes/no, turns the decision into short local
 steps: copy a number, compare it with the threshold beside it. Every comparison gets its own
 yes/no, a lone one too (a model that wrote only the rule's answer after a lone comparison got 16%
-of them wrong, against under 1% of the parts of multi-part rules); a
-categorical fact is copied beside the value the rule wants ("wind zone inland = coastal no")
-instead of being looked up in the Facts line; H-3 and H-7 first write the roof limit of the
-construction ("frame limit 20"), and B-4 works out 5 x revenue before comparing it with the TIV.
-An age the broker gave as a year stays a year and is
-compared with the limit as a year ("born 1971 < 1955" is "age 54 > 70"), so no step needs a
-subtraction (a model asked to write "2025-1998=27" got the difference wrong most of the time).
+of them wrong, against under 1% of the parts of multi-part rules); a categorical fact is copied
+beside the value the rule wants ("wind zone inland = coastal no") instead of being looked up in
+the Facts line; H-3 and H-7 first write the roof limit of the construction ("frame limit 20"),
+and B-4 works out 5 x revenue before comparing it with the TIV. An age the broker gave as a year
+stays a year and is compared with the limit as a year ("born 1971 < 1955" is "age 54 > 70"), so no
+step needs a subtraction (a model asked to write "2025-1998=27" got the difference wrong most of
+the time).
 Rules are numbered from most to least severe, so the outcome is the effect of the first fired
 rule. A rule that fires ends its line with its effect and, after "->", the running result (that
 first effect and every rule fired so far), so the decision is built one line at a time instead of

@@ -37,7 +37,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def parse_worksheet(text: str) -> tuple[list[str], list[tuple[str, str, str, str]]]:
+def parse_worksheet(text: str) -> tuple[list[str], list[tuple[str, str, str, str | None]]]:
     """Split a worksheet into its facts and its check lines.
 
     Args:
