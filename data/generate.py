@@ -966,7 +966,7 @@ first effect and every rule fired so far), so the decision is built one line at 
 by collecting the yeses at the end (a model trained with a separate "Fired:" line listed its own
 yeses right in 4 of 60 validation replies); the last "->" is the decision. A rule that does not
 fire ends after its comparisons: the result is written only where it changes (worksheet v5: the
-same steps in 15% fewer tokens than v4's `: no -> refer L-4` on every line, for the token
+same steps in 13% fewer trained tokens than v4's `: no -> refer L-4` on every line, for the token
 budget). Every rule's yes/no comes from its predicate in `data/rulebook.py`, so `decide()` stays
 the only source of labels.
 
