@@ -29,6 +29,7 @@ THRESHOLDS = {
     "divergence_rebound": 0.50,
     "oscillation_rel_std": 0.15,
     "oscillation_sign_changes": 0.15,
+    "oscillation_autocorr": 0.3,
     "plateau_decline": 0.02,
     "still_improving": 0.05,
     "overfit_evals": 2,
@@ -48,6 +49,7 @@ THRESHOLD_NOTES = {
     "divergence_rebound": "divergence if the late-window mean exceeds the smoothed minimum by this fraction",
     "oscillation_rel_std": "oscillation needs std(raw - smoothed) / mean(smoothed) over the last half above this",
     "oscillation_sign_changes": "... and the smoothed first difference changing sign on more than this share",
+    "oscillation_autocorr": "... and |autocorrelation| of that spread at lag 1 or 2 above this (else minibatch noise)",
     "plateau_decline": "plateau if the loss declines less than this fraction across the last third",
     "still_improving": "'train longer' if it still declines more than this fraction across the last third",
     "overfit_evals": "overfitting needs at least this many evaluations above the validation minimum ...",
@@ -143,14 +145,18 @@ def detect_convergence(losses: list[float]) -> dict:
 
     Checked in that order (see `THRESHOLDS`): non-finite losses or a late window well above the
     early window or the minimum is divergence; a large spread around the trend whose smoothed
-    slope keeps changing sign is oscillation; a small decline across the last third is a plateau.
+    slope keeps changing sign is oscillation, if the spread is correlated from step to step (a
+    bounce or spikes that take steps to recover; the per-step loss of a small batch scatters
+    independently around a falling trend, which is noise, not oscillation); a small decline across
+    the last third is a plateau.
 
     Args:
         losses: per-step training losses.
 
     Returns:
         {"verdict", "reason", and the numbers: "early_mean", "late_mean", "min_smoothed",
-         "rel_std", "sign_change_rate", "last_third_decline", "total_decline", "non_finite"}.
+         "rel_std", "sign_change_rate", "residual_autocorr", "last_third_decline", "total_decline",
+         "non_finite"}.
     """
     t = THRESHOLDS
     n = len(losses)
@@ -166,6 +172,7 @@ def detect_convergence(losses: list[float]) -> dict:
     trend = np.asarray(smoothed[n // 2 :], dtype=float)
     ok = np.isfinite(half)
     rel_std = float(np.std(half[ok] - trend[ok]) / max(np.mean(trend[ok]), 1e-12)) if ok.sum() > 1 else 0.0
+    residual_autocorr = _largest_autocorrelation(half[ok] - trend[ok], lags=(1, 2))
     slope_signs = np.sign(np.diff(trend))
     slope_signs = slope_signs[slope_signs != 0]
     sign_change_rate = float(np.mean(slope_signs[1:] != slope_signs[:-1])) if slope_signs.size > 1 else 0.0
@@ -178,6 +185,7 @@ def detect_convergence(losses: list[float]) -> dict:
         "min_smoothed": min_smoothed,
         "rel_std": rel_std,
         "sign_change_rate": sign_change_rate,
+        "residual_autocorr": residual_autocorr,
         "last_third_decline": (first - second) / max(abs(first), 1e-12),
         "total_decline": (early - late) / max(abs(early), 1e-12),
         "non_finite": non_finite,
@@ -193,10 +201,15 @@ def detect_convergence(losses: list[float]) -> dict:
             "divergence",
             f"late-window mean {late:.4g} is {rebound:.0%} above the minimum {min_smoothed:.4g}",
         )
-    elif rel_std > t["oscillation_rel_std"] and sign_change_rate > t["oscillation_sign_changes"]:
+    elif (
+        rel_std > t["oscillation_rel_std"]
+        and sign_change_rate > t["oscillation_sign_changes"]
+        and abs(residual_autocorr) > t["oscillation_autocorr"]
+    ):
         verdict = "oscillation"
         reason = (
-            f"spread around the trend {rel_std:.0%} of the loss, smoothed slope changes sign {sign_change_rate:.0%}"
+            f"spread around the trend {rel_std:.0%} of the loss, smoothed slope changes sign {sign_change_rate:.0%}, "
+            f"spread autocorrelation {residual_autocorr:+.2f}"
         )
     elif numbers["last_third_decline"] < t["plateau_decline"]:
         verdict, reason = "plateau", f"loss fell only {numbers['last_third_decline']:.1%} across the last third"
@@ -205,7 +218,21 @@ def detect_convergence(losses: list[float]) -> dict:
             "smooth decline",
             f"loss fell {numbers['total_decline']:.0%} from the first to the last window",
         )
+    noisy = rel_std > t["oscillation_rel_std"] and abs(residual_autocorr) <= t["oscillation_autocorr"]
+    if verdict in ("plateau", "smooth decline") and noisy:
+        reason += (
+            f" (spread around the trend {rel_std:.0%} of the loss, uncorrelated from step to step"
+            f" (autocorrelation {residual_autocorr:+.2f}): minibatch noise, not oscillation)"
+        )
     return {"verdict": verdict, "reason": reason, **numbers}
+
+
+def _largest_autocorrelation(residuals: np.ndarray, lags: tuple[int, ...]) -> float:
+    """The autocorrelation of largest magnitude among `lags` (signed); 0.0 for too short a series."""
+    centred = residuals - residuals.mean() if residuals.size else residuals
+    energy = float(np.sum(centred * centred))
+    values = [float(np.sum(centred[lag:] * centred[:-lag]) / energy) for lag in lags if centred.size > lag + 1]
+    return max(values, key=abs) if values and energy > 0 else 0.0
 
 
 def _nanmean(values: list[float]) -> float:

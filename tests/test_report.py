@@ -176,8 +176,18 @@ def test_plateau_and_oscillation_curves():
     oscillation = detect_convergence(bouncing)
     assert oscillation["verdict"] == "oscillation"
     assert oscillation["rel_std"] > THRESHOLDS["oscillation_rel_std"]
+    assert abs(oscillation["residual_autocorr"]) > THRESHOLDS["oscillation_autocorr"]
+    alternating = detect_convergence(list(1.5 + 0.5 * (-1.0) ** steps))  # up, down, up, ...
+    assert alternating["verdict"] == "oscillation" and alternating["residual_autocorr"] < -0.9
     # ordinary minibatch noise on a declining curve is not oscillation
     assert detect_convergence(decaying(noise=0.05))["verdict"] == "smooth decline"
+    # batch 2: each step's loss scatters ~30% independently around the trend (the demo: 24%)
+    scattered = list(np.exp(-steps / 30) * (1 + 0.3 * rng.standard_normal(100)) + 0.01)
+    noisy = detect_convergence(scattered)
+    assert noisy["rel_std"] > THRESHOLDS["oscillation_rel_std"]
+    assert noisy["sign_change_rate"] > THRESHOLDS["oscillation_sign_changes"]
+    assert abs(noisy["residual_autocorr"]) < THRESHOLDS["oscillation_autocorr"]
+    assert noisy["verdict"] == "smooth decline" and "minibatch noise, not oscillation" in noisy["reason"]
     assert detect_convergence([1.0] * 5)["verdict"] == "insufficient data"
 
 
