@@ -49,7 +49,7 @@ THRESHOLD_NOTES = {
     "divergence_rebound": "divergence if the late-window mean exceeds the smoothed minimum by this fraction",
     "oscillation_rel_std": "oscillation needs std(raw - smoothed) / mean(smoothed) over the last half above this",
     "oscillation_sign_changes": "... and the smoothed first difference changing sign on more than this share",
-    "oscillation_autocorr": "... and |autocorrelation| of that spread at lag 1 or 2 above this (else minibatch noise)",
+    "oscillation_autocorr": "... and the absolute autocorrelation of that spread at lag 1 or 2 above this (else minibatch noise)",
     "plateau_decline": "plateau if the loss declines less than this fraction across the last third",
     "still_improving": "'train longer' if it still declines more than this fraction across the last third",
     "overfit_evals": "overfitting needs at least this many evaluations above the validation minimum ...",
