@@ -171,8 +171,9 @@ def detect_convergence(losses: list[float]) -> dict:
     half = np.asarray(losses[n // 2 :], dtype=float)
     trend = np.asarray(smoothed[n // 2 :], dtype=float)
     ok = np.isfinite(half)
-    rel_std = float(np.std(half[ok] - trend[ok]) / max(np.mean(trend[ok]), 1e-12)) if ok.sum() > 1 else 0.0
-    residual_autocorr = _largest_autocorrelation(half[ok] - trend[ok], lags=(1, 2))
+    spread = half[ok] - trend[ok]
+    rel_std = float(np.std(spread) / max(np.mean(trend[ok]), 1e-12)) if ok.sum() > 1 else 0.0
+    residual_autocorr = _largest_autocorrelation(spread, lags=(1, 2))
     slope_signs = np.sign(np.diff(trend))
     slope_signs = slope_signs[slope_signs != 0]
     sign_change_rate = float(np.mean(slope_signs[1:] != slope_signs[:-1])) if slope_signs.size > 1 else 0.0
