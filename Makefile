@@ -22,9 +22,9 @@ setup: $(STAMP)
 # convergence report -> versioned export -> merged model with parity check. Each stage's time and
 # the total are printed at the end (and kept in runs/demo-timings.txt).
 # The recipe for the 135M default (README, "Choosing the recipe"): lr 2e-3, all-linear targets,
-# batch 2 for 2 epochs (300 updates, within the token budget), chosen on the validation split;
+# batch 1 for 2 epochs (600 updates, within the token budget), chosen on the validation split;
 # train.py's own defaults stay the usual 1-7B ones.
-DEMO_RECIPE := --lr 2e-3 --target-modules all-linear --batch-size 2 --effective-batch-size 2 --epochs 2
+DEMO_RECIPE := --lr 2e-3 --target-modules all-linear --batch-size 1 --effective-batch-size 1 --epochs 2
 DEMO_STAGES := \
 	"data/generate.py" \
 	"train.py --run-name demo --output-dir runs/demo --overwrite $(DEMO_RECIPE)" \
