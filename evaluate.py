@@ -12,7 +12,8 @@ examples: with the adapter, and inside `model.disable_adapter()` (the untouched 
 - greedy generation of the final assistant reply (batched, left padding, stops at the end-of-turn
   token), ROUGE-1/2/L against the reference reply
 - decision accuracy from the `DECISION | CLASS | RULES` line: parse rate, outcome and risk-class
-  accuracy, rule-citation F1, per line of business, and confusion matrices
+  accuracy, rule-citation F1, per line of business, and confusion matrices; where the references
+  carry the rulebook's approval conditions, whether each approval names exactly them
 It writes metrics.json, predictions.jsonl (one line per example: reference and both replies) and
 report.md (the comparison table). If `--model` is given and differs from the adapter's base model,
 it exits with an error instead of scoring the adapter on the wrong weights.
@@ -236,7 +237,8 @@ def score_model(loss_sums, counts, indices, replies, references, reference_decis
 
     Returns:
         {"loss", "perplexity", "trained_tokens", "rouge", "decision", "decision_ci" (95% intervals of
-        parse rate, outcome and risk-class accuracy, rule F1), "outcome_accuracy_ci", "asks_at_decision_rate"}.
+        parse rate, outcome and risk-class accuracy, rule F1, and condition accuracy where the
+        references have conditions), "outcome_accuracy_ci", "asks_at_decision_rate"}.
     """
     loss = bootstrap_ratio_ci(loss_sums, counts, indices=indices)
     result = {"loss": loss, "perplexity": perplexity_from_loss_ci(loss), "trained_tokens": int(counts.sum())}

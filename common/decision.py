@@ -24,6 +24,11 @@ DECISION_LINE = re.compile(
     re.IGNORECASE,
 )
 RULE_ID = re.compile(r"^([A-Za-z])\s*-\s*(\d+)$")
+# The approval conditions of the outcome sentence: "Approve at standard. Condition: roof inspection
+# within 30 days." or "Subject to: a; b." (the dataset writes both; several are joined by "; ").
+CONDITION_PHRASE = re.compile(
+    r"(?:^|[.!]\s+)(?:condition|subject to)\s*:\s*(?P<conditions>[^\n]*?)\s*\.?\s*$", re.I | re.M
+)
 # What the assistant calls each fact when it asks for it (the dataset writes these words; evaluation
 # reads them back to score the asking turns).
 FACT_ASK_NAMES = {
@@ -115,6 +120,22 @@ def parse_decision_line(text: str) -> dict | None:
         if outcome in OUTCOMES and risk_class in RISK_CLASSES and rules:
             return {"outcome": outcome, "risk_class": risk_class, "rules": rules}
     return None
+
+
+def parse_conditions(text: str) -> list[str]:
+    """Read the approval conditions a reply names in its outcome sentence.
+
+    Args:
+        text: the assistant reply (any number of lines).
+
+    Returns:
+        The conditions of the last "Condition: ..." / "Subject to: ..." phrase, lowercased and split
+        on ";" (e.g. ["roof inspection within 30 days"]); [] when the reply names none.
+    """
+    matches = CONDITION_PHRASE.findall(text)
+    if not matches:
+        return []
+    return [part.strip().lower() for part in matches[-1].split(";") if part.strip()]
 
 
 def parse_asked_facts(text: str) -> set[str]:

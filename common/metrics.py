@@ -12,7 +12,9 @@ can be tested against hand-computed values and copied on its own.
 Conventions: a reply whose decision line cannot be parsed counts as wrong for the accuracies and as
 citing no rule for the rule F1 (so a model cannot score well by staying silent); the parse rate is
 reported next to them. Rule F1 is micro-averaged: true/false positives and false negatives are
-summed over all examples before precision and recall are computed.
+summed over all examples before precision and recall are computed. Where the references carry
+approval conditions, the condition accuracy is over the reference approvals: the reply approves and
+names exactly the rulebook's conditions ("Condition: ..." in its outcome sentence, none where none).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from common.decision import OUTCOMES, RISK_CLASSES, parse_asked_facts, parse_decision_line
+from common.decision import OUTCOMES, RISK_CLASSES, parse_asked_facts, parse_conditions, parse_decision_line
 
 UNPARSED = "unparsed"
 # exp() of a mean cross-entropy above this overflows float64; a model that bad is reported as inf.
@@ -221,7 +223,10 @@ def score_decisions(parsed: Sequence[dict | None], reference: Sequence[dict]) ->
 
     Returns:
         {"n", "parse_rate", "outcome_accuracy", "risk_class_accuracy", "rule_precision",
-         "rule_recall", "rule_f1"}; accuracies are over all n examples (unparsed = wrong).
+         "rule_recall", "rule_f1"}; accuracies are over all n examples (unparsed = wrong). Where
+        every reference has "conditions" and the parsed decisions carry them (`decision_metrics`
+        adds them), also "condition_accuracy" over the `n_approvals` reference approvals (None
+        when there are none).
     """
     n = len(reference)
     if n == 0:
@@ -229,7 +234,7 @@ def score_decisions(parsed: Sequence[dict | None], reference: Sequence[dict]) ->
     outcome_hits = sum(p is not None and p["outcome"] == r["outcome"] for p, r in zip(parsed, reference))
     class_hits = sum(p is not None and p["risk_class"] == r["risk_class"] for p, r in zip(parsed, reference))
     rules = rule_citation_f1([p["rules"] if p else None for p in parsed], [r.get("rules", []) for r in reference])
-    return {
+    scores = {
         "n": n,
         "parse_rate": sum(p is not None for p in parsed) / n,
         "outcome_accuracy": outcome_hits / n,
@@ -238,6 +243,38 @@ def score_decisions(parsed: Sequence[dict | None], reference: Sequence[dict]) ->
         "rule_recall": rules["recall"],
         "rule_f1": rules["f1"],
     }
+    hits = condition_hits(parsed, reference)
+    if hits is not None:
+        scores["n_approvals"] = int(sum(hits[1]))
+        scores["condition_accuracy"] = sum(hits[0]) / scores["n_approvals"] if scores["n_approvals"] else None
+    return scores
+
+
+def condition_hits(parsed: Sequence[dict | None], reference: Sequence[dict]) -> tuple[list, list] | None:
+    """Per example, whether a reference approval got its approval conditions right.
+
+    Args:
+        parsed: per example, a parsed decision with "conditions" (`decision_metrics` adds them), or None.
+        reference: per example, the reference decision with "conditions".
+
+    Returns:
+        (hits, is_approval), two lists of 0.0/1.0: a hit is a reference approval whose reply approves
+        and names exactly its conditions (order and case ignored). None when a reference has no
+        "conditions" or a parsed decision was not given its conditions (nothing to score).
+    """
+    if any("conditions" not in r for r in reference) or any(p is not None and "conditions" not in p for p in parsed):
+        return None
+    is_approval = [float(r["outcome"] == "approve") for r in reference]
+    hits = [
+        float(
+            approval == 1.0
+            and p is not None
+            and p["outcome"] == "approve"
+            and sorted(p["conditions"]) == sorted(c.lower() for c in r["conditions"])
+        )
+        for p, r, approval in zip(parsed, reference, is_approval)
+    ]
+    return hits, is_approval
 
 
 def decision_metrics(
@@ -253,7 +290,8 @@ def decision_metrics(
     Returns:
         {"overall": `score_decisions` dict, "by_line_of_business": {lob: dict},
          "outcome_confusion": `confusion_matrix` dict, "risk_class_confusion": dict,
-         "parsed": the parsed decision of each reply (None where unparsable)}.
+         "parsed": the parsed decision of each reply, with the conditions it names (None where
+         unparsable)}.
 
     Raises:
         ValueError: the inputs differ in length.
@@ -261,6 +299,9 @@ def decision_metrics(
     if len(generated) != len(reference) or (lines_of_business is not None and len(lines_of_business) != len(generated)):
         raise ValueError("generated, reference and lines_of_business must have the same length")
     parsed = [parse_decision_line(text) for text in generated]
+    for decision, text in zip(parsed, generated):
+        if decision is not None:
+            decision["conditions"] = parse_conditions(text)
     by_lob = {}
     if lines_of_business is not None:
         for lob in sorted(set(lines_of_business)):
@@ -350,6 +391,7 @@ REPORT_DECISION_ROWS = [
     ("rule-citation precision", "rule_precision"),
     ("rule-citation recall", "rule_recall"),
     ("rule-citation F1", "rule_f1"),
+    ("approval conditions right (reference approvals)", "condition_accuracy"),
 ]
 
 
@@ -374,7 +416,11 @@ def _metric_rows(results: dict, names: list[str], comparison: dict | None) -> li
     for label, group, key in scalar_rows:
         if group not in results[names[0]]:
             continue
-        values = [results[n][group]["overall"][key] if group == "decision" else results[n][group][key] for n in names]
+        values = [
+            results[n][group]["overall"].get(key) if group == "decision" else results[n][group][key] for n in names
+        ]
+        if None in values:  # no condition accuracy: references without conditions, or no approvals
+            continue
         intervals = [results[n].get("decision_ci", {}).get(key) for n in names]
         if key == "outcome_accuracy" and not all(intervals):  # metrics.json written before decision_ci existed
             intervals = [results[n]["outcome_accuracy_ci"] for n in names]
@@ -493,7 +539,9 @@ def decision_intervals(parsed: Sequence[dict | None], reference: Sequence[dict],
     Returns:
         {"parse_rate", "outcome_accuracy", "risk_class_accuracy", "rule_f1"}, each a
         `bootstrap_ratio_ci` dict. Rule F1 is resampled as the ratio of sums 2TP / (2TP + FP + FN),
-        which is the micro F1 of `rule_citation_f1` on every resample.
+        which is the micro F1 of `rule_citation_f1` on every resample. With conditions on both sides
+        (`condition_hits`) and at least one reference approval, also "condition_accuracy", resampled
+        as hits over approvals.
 
     Raises:
         ValueError: the inputs differ in length or are empty.
@@ -511,6 +559,9 @@ def decision_intervals(parsed: Sequence[dict | None], reference: Sequence[dict],
         f1_den.append(2.0 * counts["tp"] + counts["fp"] + counts["fn"])
     intervals = {key: bootstrap_ratio_ci(values, indices=indices) for key, values in hits.items()}
     intervals["rule_f1"] = bootstrap_ratio_ci(f1_num, f1_den, indices=indices)
+    conditions = condition_hits(parsed, reference)
+    if conditions is not None and sum(conditions[1]):
+        intervals["condition_accuracy"] = bootstrap_ratio_ci(*conditions, indices=indices)
     return intervals
 
 

@@ -102,11 +102,13 @@ def test_asking_turns_are_generated_and_scored(evaluated):
         assert asks["ask_recall"] == recall
         assert 0.0 <= asks["early_decision_rate"] <= 1.0
         ci = metrics["models"][name]["decision_ci"]
-        assert set(ci) == {"parse_rate", "outcome_accuracy", "risk_class_accuracy", "rule_f1"}
+        # the generated records carry the rulebook's conditions, and some are approvals
+        assert set(ci) == {"parse_rate", "outcome_accuracy", "risk_class_accuracy", "rule_f1", "condition_accuracy"}
         assert all(c["low"] <= c["mean"] <= c["high"] for c in ci.values())
     report = (output_dir / "report.md").read_text()
     assert "| ask recall (missing facts asked for) |" in report
     assert "| decides too early (DECISION at an asking turn) |" in report
+    assert "| approval conditions right (reference approvals) |" in report
 
 
 def test_model_mismatch_exits_with_message(adapter_dir, toy_data_dir, tmp_path, capsys):

@@ -128,8 +128,8 @@ REPLIES = [
 
 def test_decision_parser_good_and_bad_lines():
     parsed = decision_metrics(REPLIES, REFERENCES)["parsed"]
-    assert parsed[0] == {"outcome": "approve", "risk_class": "standard", "rules": ["L-3"]}
-    assert parsed[1] == {"outcome": "refer", "risk_class": "n/a", "rules": ["H-2", "H-5"]}
+    assert parsed[0] == {"outcome": "approve", "risk_class": "standard", "rules": ["L-3"], "conditions": []}
+    assert parsed[1] == {"outcome": "refer", "risk_class": "n/a", "rules": ["H-2", "H-5"], "conditions": []}
     assert parsed[2] is None
     assert decision_metrics(["DECISION: maybe | CLASS: standard | RULES: L-1"], REFERENCES[:1])["parsed"] == [None]
     assert decision_metrics(["DECISION: approve | CLASS: standard | RULES:"], REFERENCES[:1])["parsed"] == [None]
@@ -149,6 +149,42 @@ def test_decision_metrics_overall_and_by_line_of_business():
     outcome = result["outcome_confusion"]
     assert outcome["matrix"][outcome["labels"].index("decline")] == [1, 0, 0, 1]  # one approve, one unparsed
     assert score_decisions([], []) == {"n": 0}
+
+
+def test_condition_accuracy_over_reference_approvals():
+    inspect, rider = "roof inspection within 30 days", "hazardous-activity exclusion rider"
+    reference = [
+        {"outcome": "approve", "risk_class": "standard", "rules": ["H-7"], "conditions": [inspect]},
+        {"outcome": "approve", "risk_class": "substandard", "rules": ["L-7"], "conditions": [rider]},
+        {"outcome": "approve", "risk_class": "preferred", "rules": ["L-10"], "conditions": []},
+        {"outcome": "approve", "risk_class": "standard", "rules": ["H-7"], "conditions": [inspect]},
+        {"outcome": "refer", "risk_class": "n/a", "rules": ["H-3"], "conditions": []},
+    ]
+    replies = [
+        "Approve at standard. Condition: Roof inspection within 30 days.\nDECISION: approve | CLASS: standard | RULES: H-7",
+        "Approved. Condition: roof inspection within 30 days.\nDECISION: approve | CLASS: substandard | RULES: L-7",
+        "Approve at preferred. Subject to: 5% named-storm deductible.\nDECISION: approve | CLASS: preferred | RULES: L-10",
+        "Refer.\nDECISION: refer | CLASS: n/a | RULES: H-7",  # no approval: the conditions cannot be right
+        "Refer. Condition: none of these count.\nDECISION: refer | CLASS: n/a | RULES: H-3",  # not an approval
+    ]
+    result = decision_metrics(replies, reference)
+    assert result["parsed"][0]["conditions"] == [inspect]  # case ignored
+    assert result["parsed"][2]["conditions"] == ["5% named-storm deductible"]
+    overall = result["overall"]
+    assert overall["n_approvals"] == 4
+    assert overall["condition_accuracy"] == pytest.approx(1 / 4)  # only the first: wrong, extra, not approved
+    intervals = decision_intervals(result["parsed"], reference, bootstrap_indices(5, 300, seed=2))
+    assert intervals["condition_accuracy"]["mean"] == pytest.approx(1 / 4)
+    assert intervals["condition_accuracy"]["low"] < intervals["condition_accuracy"]["high"]
+    # References without conditions (bring-your-own data) leave the metric out instead of scoring 0.
+    no_conditions = [{"outcome": "approve", "risk_class": "standard", "rules": ["H-7"]}]
+    plain = decision_metrics(replies[:1], no_conditions)
+    assert "condition_accuracy" not in plain["overall"]
+    assert "condition_accuracy" not in decision_intervals(plain["parsed"], no_conditions, bootstrap_indices(1, 10))
+    assert "condition_accuracy" not in score_decisions(no_conditions, reference[:1])  # parsed without conditions
+    assert score_decisions([None], reference[:1])["condition_accuracy"] == 0.0  # unparsed: wrong
+    refer_only = decision_metrics(replies[4:], reference[4:])
+    assert refer_only["overall"]["n_approvals"] == 0 and refer_only["overall"]["condition_accuracy"] is None
 
 
 def test_render_eval_report_table():
