@@ -267,12 +267,12 @@ def condition_hits(parsed: Sequence[dict | None], reference: Sequence[dict]) -> 
     is_approval = [float(r["outcome"] == "approve") for r in reference]
     hits = [
         float(
-            approval == 1.0
-            and p is not None
-            and p["outcome"] == "approve"
+            r["outcome"] == p["outcome"] == "approve"
             and sorted(p["conditions"]) == sorted(c.lower() for c in r["conditions"])
         )
-        for p, r, approval in zip(parsed, reference, is_approval)
+        if p is not None
+        else 0.0
+        for p, r in zip(parsed, reference)
     ]
     return hits, is_approval
 
