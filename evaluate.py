@@ -39,13 +39,15 @@ from common.checkpoint import CheckpointError, open_adapter
 from common.data import (
     DataError,
     collate_batch,
+    dataset_sha256,
     hold_out_validation,
     load_records,
     read_recorded_split,
     tokenize_records,
 )
 from common.decision import parse_decision_line
-from common.generation import generate_replies, prompt_messages
+from common.eval_cache import cache_key, entry_path, load_entry, model_digest, save_entry
+from common.generation import GenerationStats, generate_replies, prompt_messages
 from common.jsonio import write_json, write_jsonl
 from common.loss import compute_token_losses
 from common.metrics import (
@@ -64,6 +66,7 @@ from common.model import (
     ModelLoadError,
     load_config,
     load_model_and_tokenizer,
+    local_model_folder,
     resolve_model_path,
     saved_chat_template,
 )
@@ -104,10 +107,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--limit", type=int, help="evaluate only the first N examples")
     parser.add_argument("--max-seq-len", type=int, default=2048, help="longer examples lose their oldest turns")
     # --- generation ---
-    parser.add_argument("--batch-size", type=int, default=8, help="examples per forward / generate call")
+    parser.add_argument("--batch-size", type=int, default=8, help="examples per forward pass of the loss")
+    parser.add_argument("--gen-batch-size", type=int, default=16, help="replies decoded together at most")
     parser.add_argument("--max-new-tokens", type=int, default=400, help="tokens per reply (a worksheet ~275)")
     parser.add_argument("--no-ask-turns", action="store_true", help="skip scoring the intermediate (asking) turns")
     parser.add_argument("--no-base", action="store_true", help="with --adapter: score only the finetuned model")
+    parser.add_argument("--no-cache", action="store_true", help="recompute the base model's results (and re-cache)")
     dtype_help = "model and autocast dtype (auto: the fastest measured on this CPU, bf16/fp16 on a GPU)"
     parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help=dtype_help)
     # --- statistics and output ---
@@ -119,7 +124,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.report and args.adapter:
         parser.error("--report reads a run's logs; do not combine it with --adapter")
-    for name in ("limit", "batch_size", "max_new_tokens", "bootstrap", "max_seq_len"):
+    for name in ("limit", "batch_size", "gen_batch_size", "max_new_tokens", "bootstrap", "max_seq_len"):
         value = getattr(args, name)
         if value is not None and value < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {value}")
@@ -411,32 +416,91 @@ def generation_targets(records: list[dict], no_ask_turns: bool) -> dict:
 def run_model(name: str, model, tokenizer, examples: list[dict], targets: dict, args, precision, adapter_off: bool):
     """One model's per-example losses, replies and asking-turn replies (the adapter disabled for the base).
 
+    The final replies and the asking turns are generated in one continuous batch.
+
     Returns:
-        (loss sums, trained-token counts, replies, asking-turn replies).
+        {"loss_sums", "counts", "replies", "ask_replies", "generation": useful new tokens, prompt
+        tokens, seconds and tokens/s of the generation}.
     """
     logger.info("%s: scoring %d examples, generating %d replies", name, len(examples), len(targets["prompts"]))
+    prompts = targets["prompts"] + targets["ask_prompts"]
+    stats = GenerationStats()
     with model.disable_adapter() if adapter_off else contextlib.nullcontext():
         loss_sums, counts = compute_example_losses(
             model, examples, tokenizer.pad_token_id, args.batch_size, precision, progress=f"{name}: scoring"
         )
         with precision.autocast():
+            progress = f"{name}: generating (+ {len(targets['ask_prompts'])} asking turns)"
             replies = generate_replies(
-                model,
-                tokenizer,
-                targets["prompts"],
-                args.batch_size,
-                args.max_new_tokens,
-                progress=f"{name}: generating",
+                model, tokenizer, prompts, args.gen_batch_size, args.max_new_tokens, progress=progress, stats=stats
             )
-            ask_replies = generate_replies(
-                model,
-                tokenizer,
-                targets["ask_prompts"],
-                args.batch_size,
-                args.max_new_tokens,
-                progress=f"{name}: asking turns",
-            )
-    return loss_sums, counts, replies, ask_replies
+    logger.info(
+        "%s: generated %d useful new tokens in %.1f s (%.1f tok/s; %d prompt tokens)",
+        name,
+        stats.new_tokens,
+        stats.seconds,
+        stats.tokens_per_s,
+        stats.prompt_tokens,
+    )
+    split = len(targets["prompts"])
+    generation = vars(stats) | {"tokens_per_s": stats.tokens_per_s}
+    return {
+        "loss_sums": loss_sums,
+        "counts": counts,
+        "replies": replies[:split],
+        "ask_replies": replies[split:],
+        "generation": generation,
+    }
+
+
+def base_cache_key(args, model_name: str, data_file: Path, held_out, tokenizer, precision) -> tuple[str, dict]:
+    """The cache key of the base model's evaluation: model files, data, settings, precision, packages.
+
+    Returns:
+        (key, the parts it was computed from), as `common.eval_cache.cache_key`.
+
+    Raises:
+        ModelLoadError: the base model has no local folder (not downloaded).
+    """
+    parts = {
+        "model": model_digest(local_model_folder(model_name)),
+        "chat_template": tokenizer.chat_template,
+        "data": {
+            "sha256": dataset_sha256(data_file),
+            "held_out": held_out,
+            "split": args.split,
+            "limit": args.limit,
+        },
+        "settings": {
+            "max_seq_len": args.max_seq_len,
+            "batch_size": args.batch_size,
+            "gen_batch_size": args.gen_batch_size,
+            "max_new_tokens": args.max_new_tokens,
+            "ask_turns": not args.no_ask_turns,
+        },
+        "precision": {"precision": precision.precision, "dtype": str(precision.dtype)},
+    }
+    return cache_key(parts)
+
+
+def run_base_cached(key: str, parts: dict, run, no_cache: bool) -> dict:
+    """The base model's outputs from the cache, else from `run()` (then cached).
+
+    Returns:
+        The outputs of `run_model`, with "cache": {"used", "file", "key"}.
+    """
+    entry = None if no_cache else load_entry(key)
+    if entry is not None:
+        outputs = entry["outputs"]
+        outputs["loss_sums"], outputs["counts"] = np.array(outputs["loss_sums"]), np.array(outputs["counts"])
+        file = str(entry_path(key))
+        logger.info("base: reusing the cached evaluation %s (same model files, data, settings, packages)", file)
+        return outputs | {"cache": {"used": True, "file": file, "key": key}}
+    outputs = run()
+    stored = outputs | {"loss_sums": outputs["loss_sums"].tolist(), "counts": outputs["counts"].tolist()}
+    file = str(save_entry(key, parts, stored))
+    logger.info("base: evaluation cached in %s%s", file, " (--no-cache: recomputed)" if no_cache else "")
+    return outputs | {"cache": {"used": False, "file": file, "key": key}}
 
 
 def build_metrics(
@@ -459,6 +523,7 @@ def build_metrics(
         "settings": {
             "max_new_tokens": args.max_new_tokens,
             "batch_size": args.batch_size,
+            "gen_batch_size": args.gen_batch_size,
             "bootstrap": args.bootstrap,
             "seed": args.seed,
             "dtype": str(precision.dtype).replace("torch.", ""),
@@ -544,20 +609,30 @@ def main(argv: list[str] | None = None) -> dict:
     names = ["base", "finetuned"] if adapter_dir is not None else ["base"]
     for name in names[1:] if args.no_base and adapter_dir is not None else names:
         adapter_off = adapter_dir is not None and name == "base"
-        loss_sums, counts, replies, asked[name] = run_model(
-            name, model, tokenizer, examples, targets, args, precision, adapter_off
-        )
-        per_model[name] = (loss_sums, counts, replies)
+
+        def run(name=name, adapter_off=adapter_off):
+            return run_model(name, model, tokenizer, examples, targets, args, precision, adapter_off)
+
+        if name == "base":
+            key, parts = base_cache_key(args, model_name, data_file, held_out, tokenizer, precision)
+            outputs = run_base_cached(key, parts, run, args.no_cache)
+        else:
+            outputs = run()
+        per_model[name] = (outputs["loss_sums"], outputs["counts"], outputs["replies"])
+        asked[name] = outputs["ask_replies"]
         results[name] = score_model(
-            loss_sums,
-            counts,
+            outputs["loss_sums"],
+            outputs["counts"],
             indices,
-            replies,
+            outputs["replies"],
             targets["references"],
             targets["reference_decisions"],
             targets["lobs"],
             args.seed,
         )
+        results[name]["generation"] = outputs["generation"]
+        if "cache" in outputs:
+            results[name]["cache"] = outputs["cache"]
         if targets["ask_prompts"]:
             results[name]["asks"] = ask_metrics(asked[name], targets["ask_expected"], args.bootstrap, args.seed)
         logger.info(

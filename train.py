@@ -68,8 +68,8 @@ from common.loss import TrainedTokenLoss, evaluate_loss
 from common.memory import check_fits
 from common.metrics import score_samples
 from common.model import DEFAULT_MODEL, ModelLoadError, load_config, load_model_and_tokenizer
-from common.perf import count_matmul_params, estimate_train_flops, gpu_utilization, peak_memory_mb
-from common.precision import PrecisionChoice, enable_cpu_fp16, resolve_precision_on_main
+from common.perf import MfuMeter, count_matmul_params, gpu_utilization, peak_memory_mb
+from common.precision import PrecisionChoice, enable_cpu_fp16, remeasure_peak, resolve_precision_on_main
 from common.seed import seed_everything
 
 REPO = Path(__file__).resolve().parent
@@ -690,40 +690,40 @@ def record_bad_step(
     )
 
 
-def step_record(
-    step: int,
-    epoch: float,
-    lr: float,
-    loss: float,
-    grad_norm: float,
-    stepped: bool,
-    tokens: float,
-    trained: float,
-    sum_sq: float,
-    seconds: float,
-    elapsed: float,
-    flops: tuple[dict, float, torch.device],
-) -> dict:
+@dataclass
+class StepStats:
+    """What one optimizer update measured, summed over its micro-batches and all ranks."""
+
+    loss: float  # mean over the update's trained tokens
+    grad_norm: float
+    stepped: bool  # False: skipped by the NaN guard or the GradScaler
+    tokens: float  # non-padding tokens
+    trained: float  # tokens with a label
+    sum_sq: float  # sum of squared sequence lengths (attention FLOPs)
+    seconds: float  # the update's wall time
+
+
+def step_record(state: TrainState, epoch: float, lr: float, stats: StepStats, elapsed: float, meter: MfuMeter, device):
     """The update's train_log.jsonl record: loss, schedule, gradient, throughput, MFU and memory.
 
     Args:
-        tokens, trained, sum_sq: the window's tokens, trained tokens and sum of squared lengths (all ranks).
-        seconds: the update's wall time; elapsed: training time so far (across resumes).
-        flops: (count_matmul_params of the model, the MFU denominator in FLOP/s, the device).
+        epoch: epochs done (fractional); elapsed: training time so far (across resumes).
+        meter: the MFU against the measured peak (never above 1.0: see `common.perf.MfuMeter`).
     """
-    matmul_params, peak_flops, device = flops
+    mfu = meter.mfu(stats.tokens, stats.trained, stats.sum_sq, stats.seconds)
     return {
         "type": "step",
-        "step": step,
+        "step": state.global_step,
         "epoch": epoch,
-        "loss": loss,
+        "loss": stats.loss,
         "lr": lr,
-        "grad_norm": grad_norm,
-        "skipped": not stepped,
-        "tokens": int(tokens),
-        "trained_tokens": int(trained),
-        "tokens_per_s": tokens / seconds,
-        "mfu": estimate_train_flops(matmul_params, tokens, trained, sum_sq) / seconds / peak_flops,
+        "grad_norm": stats.grad_norm,
+        "skipped": not stats.stepped,
+        "tokens": int(stats.tokens),
+        "trained_tokens": int(stats.trained),
+        "tokens_per_s": stats.tokens / stats.seconds,
+        "mfu": mfu,
+        "peak_flops": meter.peak_flops,
         "peak_mem_mb": peak_memory_mb(device),
         "gpu_util": gpu_utilization(device),
         "elapsed_s": elapsed,
@@ -741,7 +741,7 @@ def log_step(state: TrainState, record: dict, layer_norms: dict, args: argparse.
     if state.global_step % args.log_every == 0:
         logger.info(
             f"step {record['step']} | loss {record['loss']:.4f} | lr {record['lr']:.2e} | "
-            f"grad {record['grad_norm']:.3f} | {record['tokens_per_s']:.0f} tok/s | mfu {record['mfu']:.1%} | "
+            f"grad {record['grad_norm']:.3f} | {record['tokens_per_s']:.0f} tok/s | mfu {record['mfu'] or 0:.1%} | "
             f"{record['peak_mem_mb']:.0f} MiB"
         )
 
@@ -914,7 +914,9 @@ def main(argv: list[str] | None = None) -> dict:
     if num_processes > 1:
         KEEP_UNTIL_EXIT.extend([accelerator, loss_model])  # the DDP model must outlive main(): see exit_distributed
     trainable = [p for p in model.parameters() if p.requires_grad]
-    flops = (count_matmul_params(model), precision_choice.peak_flops, accelerator.device)  # for the MFU
+    # MFU against the probed peak; a step that beats it has the peak measured again (never > 100%)
+    meter = MfuMeter(count_matmul_params(model), precision_choice.peak_flops)
+    meter.remeasure = functools.partial(remeasure_peak, precision_choice, model.config)
     # validate()'s arguments after (state, epoch): the same at every evaluation
     samples = inputs.sample_records
     evaluation = (args, accelerator, loss_model, model, tokenizer, eval_dataloader, samples, config, logger)
@@ -959,8 +961,9 @@ def main(argv: list[str] | None = None) -> dict:
                 break
             seconds, step_start = time.perf_counter() - step_start, time.perf_counter()
             epoch_done = epoch + state.batches_done_in_epoch / len(train_dataloader)
-            step_stats = (loss, grad_norm, stepped, tokens, trained, sum_sq, seconds, time.perf_counter() - clock)
-            record = step_record(state.global_step, epoch_done, lr_scheduler.get_last_lr()[0], *step_stats, flops)
+            stats = StepStats(loss, grad_norm, stepped, tokens, trained, sum_sq, seconds)
+            lr = lr_scheduler.get_last_lr()[0]
+            record = step_record(state, epoch_done, lr, stats, time.perf_counter() - clock, meter, accelerator.device)
             log_step(state, record, layer_norms, args, accelerator, logger)
             if args.eval_every and state.global_step % args.eval_every == 0:
                 validate(state, record["epoch"], *evaluation)

@@ -156,6 +156,29 @@ def resolve_model_path(name_or_path: str) -> str:
     return name_or_path
 
 
+def local_model_folder(name_or_path: str) -> Path:
+    """The local folder holding a model's files: an alias's converted folder, a folder, a hub snapshot.
+
+    Args:
+        name_or_path: as for `resolve_model_path`.
+
+    Returns:
+        The folder (a hub id: its snapshot in the local Hugging Face cache).
+
+    Raises:
+        ModelLoadError: a hub id that is not in the local cache.
+    """
+    resolved = resolve_model_path(name_or_path)
+    if Path(resolved).is_dir():
+        return Path(resolved)
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(resolved, local_files_only=True))
+    except Exception as err:  # not downloaded: huggingface_hub raises one of several errors
+        raise ModelLoadError(f"model '{resolved}' is not in the local Hugging Face cache ({err})") from err
+
+
 def recreate_command(alias: str, folder: str | Path) -> str:
     """One shell command that rebuilds an embedded model's converted folder at `folder` on another machine.
 

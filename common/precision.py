@@ -47,6 +47,7 @@ PROBE_TOKENS = 512  # rows of each probed matmul: a micro-batch of 4 x 128 non-p
 PROBE_MAX_WIDTH = 16384  # a wider LM head runs at the same rate per FLOP; keeps the probe short
 PROBE_MAX_FLOPS = 1e10  # per matmul: fewer rows for big models (~40 ms at 0.25 TFLOP/s)
 PROBE_MIN_REPEATS, PROBE_MAX_REPEATS = 1, 20  # timed calls per shape, after one warm-up call
+PROBE_ROUNDS = 3  # the dtypes are timed in turn this many times; each keeps its best round
 MIN_SPEEDUP = 1.10  # a lower precision must be this much faster than the more accurate choice
 CPU_FP16_FLAGS = ("avx512_fp16", "amx_fp16")  # native fp16 matmul; without them fp16 is emulated
 GPU_PEAK_SIZE = 4096  # square matmul that saturates a GPU's tensor cores (the card's own peak)
@@ -260,10 +261,12 @@ def probe_cpu(config, budget_s: float = PROBE_BUDGET_S, flags: set[str] | None =
         candidates["fp16"] = torch.float16
     shapes = probe_shapes(config)
     start = time.perf_counter()
-    figures = {
-        name: measure_matmul_flops(torch.device("cpu"), dtype, shapes, budget_s / len(candidates))
-        for name, dtype in candidates.items()
-    }
+    figures: dict[str, float] = {}
+    # Interleaved rounds, best of each: a burst of other work on the CPU spoils one round, not a dtype's figure.
+    for _ in range(PROBE_ROUNDS):
+        for name, dtype in candidates.items():
+            rate = measure_matmul_flops(torch.device("cpu"), dtype, shapes, budget_s / len(candidates) / PROBE_ROUNDS)
+            figures[name] = max(figures.get(name, 0.0), rate)
     return figures, shapes, time.perf_counter() - start
 
 
@@ -286,6 +289,28 @@ def _resolve_cpu(requested: str, config, measure_peak: bool, budget_s: float, lo
         if requested == "fp16" and not any(flag in read_cpu_flags() for flag in CPU_FP16_FLAGS):
             logger.warning("warning: this CPU has no native fp16 matmul (AVX512-FP16/AMX-FP16); fp16 will be slow")
     return _with_peak(requested, precision, "cpu", reason, figures, seconds, shapes)
+
+
+def remeasure_peak(choice: PrecisionChoice, config=None, budget_s: float = PROBE_BUDGET_S) -> float:
+    """Time the peak dtype's matmuls again (the MFU denominator), e.g. when a step beat the first probe.
+
+    Args:
+        choice: the resolved precision whose `peak_dtype` is timed again.
+        config: the model's config (CPU: the probe's shapes).
+        budget_s: seconds the measurement may take.
+
+    Returns:
+        The better of the new figure and `choice.peak_flops` (0.0 when nothing was probed).
+    """
+    if not choice.peak_dtype:
+        return 0.0
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[choice.peak_dtype]
+    if choice.device_type == "cuda":
+        device, shapes = torch.device("cuda"), [(GPU_PEAK_SIZE, GPU_PEAK_SIZE, GPU_PEAK_SIZE, 1.0)]
+    else:
+        device, shapes = torch.device("cpu"), probe_shapes(config)
+    rate = max(measure_matmul_flops(device, dtype, shapes, budget_s / PROBE_ROUNDS) for _ in range(PROBE_ROUNDS))
+    return max(rate, choice.peak_flops or 0.0)
 
 
 def _resolve_cuda(requested: str, device: torch.device, measure_peak: bool, logger) -> PrecisionChoice:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,8 @@ if str(REPO) not in sys.path:
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# evaluate.py's cache of base-model results: one empty folder per test session, never the user's.
+os.environ["UNDERWRITE_EVAL_CACHE"] = tempfile.mkdtemp(prefix="eval-cache-")
 
 
 def make_conversation(i: int) -> dict:

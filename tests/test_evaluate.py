@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -175,3 +176,50 @@ def test_no_base_scores_only_the_adapter(adapter_dir, tiny_model_dir, toy_data_d
     assert list(metrics["models"]) == ["finetuned"] and "comparison" not in metrics
     assert metrics["models"]["finetuned"]["asks"]["n_turns"] == 2
     assert "| metric | finetuned |" in (tmp_path / "report.md").read_text()
+
+
+def test_base_results_are_cached_and_reused_until_an_input_changes(
+    adapter_dir, tiny_model_dir, toy_data_dir, tmp_path, monkeypatch, caplog
+):
+    """The base model's outputs are computed once per (model files, data, settings, precision, packages)."""
+    import logging
+
+    monkeypatch.setenv("UNDERWRITE_EVAL_CACHE", str(tmp_path / "cache"))
+    argv = ["--adapter", str(adapter_dir), "--model", str(tiny_model_dir), "--data-file"]
+    argv += [str(toy_data_dir / "test.jsonl"), "--limit", "3", "--max-new-tokens", "6", "--bootstrap", "50"]
+    first = evaluate.main([*argv, "--output-dir", str(tmp_path / "first")])
+    stored = first["models"]["base"]["cache"]
+    assert stored["used"] is False and Path(stored["file"]).parent == tmp_path / "cache"
+    assert json.loads(Path(stored["file"]).read_text())["outputs"]["replies"] == [
+        json.loads(line)["generated_base"] for line in (tmp_path / "first/predictions.jsonl").read_text().splitlines()
+    ]
+
+    real_run_model = evaluate.run_model
+
+    def finetuned_only(name, *args, **kwargs):
+        assert name != "base", "the base model ran although its results were cached"
+        return real_run_model(name, *args, **kwargs)
+
+    monkeypatch.setattr(evaluate, "run_model", finetuned_only)
+    with caplog.at_level(logging.INFO, logger="evaluate"):
+        second = evaluate.main([*argv, "--output-dir", str(tmp_path / "second")])
+    assert second["models"]["base"]["cache"] == {"used": True, "file": stored["file"], "key": stored["key"]}
+    assert "base: reusing the cached evaluation" in caplog.text
+    for key in ("loss", "rouge", "decision", "asks"):  # the same numbers, recomputed from the cached outputs
+        assert second["models"]["base"][key] == first["models"]["base"][key]
+    first_lines, second_lines = ((tmp_path / d / "predictions.jsonl").read_text() for d in ("first", "second"))
+    assert first_lines == second_lines
+    written = json.loads((tmp_path / "second/metrics.json").read_text())
+    assert written["models"]["base"]["cache"]["used"] is True
+
+    monkeypatch.setattr(evaluate, "run_model", real_run_model)
+    again = evaluate.main([*argv, "--output-dir", str(tmp_path / "third"), "--no-cache"])  # recomputed on request
+    assert (
+        again["models"]["base"]["cache"]["used"] is False and again["models"]["base"]["cache"]["key"] == stored["key"]
+    )
+    changed = [*argv[:-4], "--max-new-tokens", "5", "--bootstrap", "50", "--output-dir", str(tmp_path / "fourth")]
+    other = evaluate.main(changed)  # another generation setting: another key, computed afresh
+    assert (
+        other["models"]["base"]["cache"]["used"] is False and other["models"]["base"]["cache"]["key"] != stored["key"]
+    )
+    assert len(list((tmp_path / "cache").glob("*.json"))) == 2

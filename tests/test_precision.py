@@ -10,15 +10,18 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from pathlib import Path
 
 import pytest
 import torch
 
 import train
+from common import perf
 from common import precision as precision_module
 from common.precision import (
     MIN_SPEEDUP,
     PROBE_MAX_FLOPS,
+    PROBE_ROUNDS,
     choose_fastest,
     enable_cpu_fp16,
     measure_matmul_flops,
@@ -237,7 +240,7 @@ def test_train_records_the_probe_and_stores_the_base_in_the_chosen_dtype(
 
 def test_train_divides_mfu_by_the_fastest_dtypes_peak(fake_cpu, monkeypatch, tiny_model_dir, toy_data_dir, tmp_path):
     fake_cpu({torch.float32: 1e11, torch.bfloat16: 4e11})
-    monkeypatch.setattr(train, "estimate_train_flops", lambda *args: 1e9)  # every step "does" 1 GFLOP
+    monkeypatch.setattr(perf, "estimate_train_flops", lambda *args: 1e9)  # every step "does" 1 GFLOP
     run = tmp_path / "fp32"
     train.main(train_args(tiny_model_dir, toy_data_dir, run, "no"))
     derived = json.loads((run / "config.json").read_text())["derived"]
@@ -248,6 +251,41 @@ def test_train_divides_mfu_by_the_fastest_dtypes_peak(fake_cpu, monkeypatch, tin
     assert len(steps) == 2
     for s in steps:  # mfu = 1 GFLOP / step seconds / the FASTEST dtype's 4e11, not fp32's own 1e11
         assert s["mfu"] == pytest.approx(1e9 / (s["tokens"] / s["tokens_per_s"]) / 4e11, rel=1e-6)
+
+
+def read_steps(run: Path) -> list[dict]:
+    """The step records of a run's train_log.jsonl."""
+    records = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
+    return [r for r in records if r["type"] == "step"]
+
+
+def test_a_probe_that_read_too_low_never_logs_mfu_above_100_percent(fake_cpu, tiny_model_dir, toy_data_dir, tmp_path):
+    """The startup probe reads 1 kFLOP/s (as if the CPU were busy): each step beats it, the peak is measured again
+    (still slow here), and then the step's own rate is the peak: MFU 100%, not 10^7 %."""
+    probed = fake_cpu({torch.float32: 1e3})
+    run = tmp_path / "slow-probe"
+    train.main(train_args(tiny_model_dir, toy_data_dir, run, "no"))
+    steps = read_steps(run)
+    assert len(steps) == 2 and all(s["mfu"] <= 1.0 for s in steps)
+    assert steps[0]["mfu"] == pytest.approx(1.0)  # the first step beat the re-measured peak: it is the peak
+    assert all(s["peak_flops"] > 1e3 for s in steps)
+    assert len(probed) > PROBE_ROUNDS  # the startup probe, then at least one re-measurement
+    assert "mfu 100.0%" in (run / "train.log").read_text() and "mfu 1000" not in (run / "train.log").read_text()
+
+
+def test_a_step_beating_the_probe_has_the_peak_measured_again(monkeypatch):
+    """MfuMeter: a step above the peak triggers a re-measurement, whose better figure becomes the denominator."""
+    calls = []
+    meter = perf.MfuMeter({"body": 1, "head": 0, "lora": 0, "layers": 1, "hidden": 1}, peak_flops=10.0)
+    meter.remeasure = lambda: calls.append(1) or 1000.0
+    monkeypatch.setattr(perf, "estimate_train_flops", lambda *args: 100.0)
+    assert meter.mfu(1, 1, 1, seconds=1.0) == pytest.approx(0.1)  # 100 FLOP/s > 10: re-measured at 1000
+    assert calls == [1] and meter.peak_flops == 1000.0
+    assert meter.mfu(1, 1, 1, seconds=1.0) == pytest.approx(0.1) and calls == [1]  # below the peak: no re-measure
+    meter.remeasure = lambda: calls.append(1) or 5.0  # a re-measurement that reads low never lowers the peak
+    monkeypatch.setattr(perf, "estimate_train_flops", lambda *args: 4000.0)
+    assert meter.mfu(1, 1, 1, seconds=1.0) == 1.0 and meter.peak_flops == 4000.0 and len(calls) == 2
+    assert perf.MfuMeter({}, peak_flops=None).mfu(1, 1, 1, 1.0) is None
 
 
 def test_train_fp16_on_cpu_uses_our_autocast_and_grad_scaler(tiny_model_dir, toy_data_dir, tmp_path):
@@ -303,7 +341,7 @@ def test_a_sweep_measures_once_and_every_configuration_uses_that_precision(fake_
     commands = [json.loads(line) for line in calls.read_text().splitlines()]
     assert len(commands) == 2 and all(c[c.index("--mixed-precision") + 1] == "bf16" for c in commands)
     assert all(c[-2:] == ["--max-steps", "2"] for c in commands)  # the arguments after `--` stay last
-    assert len(probed) == 2  # fp32 and bf16, timed once for the whole sweep
+    assert len(probed) == 2 * PROBE_ROUNDS  # fp32 and bf16, probed once for the whole sweep
     record = json.loads((tmp_path / "sweeps/p/sweep.json").read_text())
     assert record["mixed_precision"] == "bf16"
 

@@ -1,0 +1,201 @@
+"""Generation vs training throughput of the same model on this machine, in one sitting.
+
+    python benchmarks/generation.py --adapter runs/demo/best                  # test split, all replies
+    python benchmarks/generation.py --adapter runs/demo/best --limit 20 --compare-generate
+
+Two fresh subprocesses, one after the other, both on the adapter's base model with its LoRA config:
+- training: `train.py` for `--train-steps` updates of the adapter run's own recipe (batch size,
+  targets, rank, precision auto); tokens/s = non-padding tokens / step seconds over the steps after
+  the first (warm-up), from its train_log.jsonl;
+- generation: `evaluate.py --adapter ... --no-base` on `--split` (final replies + asking turns, its
+  default generation settings); tokens/s = useful new tokens (up to and including each reply's
+  end-of-turn) / generation seconds, from its metrics.json.
+It prints both and the ratio generation / training, and appends a section to --output.
+
+`--compare-generate` also times the previous algorithm in this process on the same prompts
+(`model.generate` in length-sorted batches of 8, adapter unmerged: what evaluate.py did before
+continuous batching) and counts the replies that are identical to evaluate.py's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from common.jsonio import read_json, read_jsonl  # noqa: E402  (the repo root must be on sys.path first)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse the command line."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--adapter", required=True, help="adapter folder of a train.py run (e.g. runs/demo/best)")
+    parser.add_argument("--split", default="test", choices=["validation", "test"], help="data/<split>.jsonl")
+    parser.add_argument("--limit", type=int, default=None, help="only the first N conversations")
+    parser.add_argument("--train-steps", type=int, default=12, help="training updates timed (the first is warm-up)")
+    parser.add_argument("--compare-generate", action="store_true", help="also time the previous generate() path")
+    parser.add_argument("--output", default=str(REPO / "benchmarks/results/generation.md"), help="markdown to append")
+    return parser.parse_args(argv)
+
+
+def run_logged(command: list[str], log: Path) -> None:
+    """Run a child process with its output in `log`; exit with the log's tail if it fails."""
+    with open(log, "w") as handle:
+        code = subprocess.run(command, cwd=REPO, stdout=handle, stderr=subprocess.STDOUT).returncode
+    if code:
+        sys.exit(f"error: {' '.join(command[1:3])} failed ({code}); log {log}:\n{log.read_text()[-2000:]}")
+
+
+def training_throughput(adapter: Path, steps: int, work: Path) -> dict:
+    """Time `steps` updates of train.py with the adapter run's recipe; tokens/s after the first update."""
+    config = read_json(adapter / "config.json")["args"]
+    recipe = ["--target-modules", str(config["target_modules"]), "--rank", str(config["rank"])]
+    recipe += ["--alpha", str(config["alpha"]), "--batch-size", str(config["batch_size"])]
+    recipe += ["--effective-batch-size", str(config["effective_batch_size"]), "--lr", str(config["lr"])]
+    run_dir = work / "train"
+    command = [sys.executable, "train.py", "--model", config["model"], "--output-dir", str(run_dir)]
+    command += [*recipe, "--max-steps", str(steps), "--no-baseline", "--num-samples", "0", "--report-to", "none"]
+    command += ["--eval-batch-size", "8", "--save-total-limit", "1"]
+    run_logged(command, work / "train.log")
+    records = [r for r in read_jsonl(run_dir / "train_log.jsonl") if r.get("type") == "step"][1:]
+    tokens = sum(r["tokens"] for r in records)
+    seconds = sum(r["tokens"] / r["tokens_per_s"] for r in records)
+    return {"steps": len(records), "tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds}
+
+
+def generation_throughput(adapter: Path, split: str, limit: int | None, work: Path) -> dict:
+    """evaluate.py on the finetuned model only; its generation figures from metrics.json."""
+    command = [sys.executable, "evaluate.py", "--adapter", str(adapter), "--split", split, "--no-base"]
+    command += ["--output-dir", str(work / "eval"), "--bootstrap", "10"]
+    command += ["--limit", str(limit)] if limit else []
+    run_logged(command, work / "evaluate.log")
+    metrics = read_json(work / "eval" / "metrics.json")
+    generation = metrics["models"]["finetuned"]["generation"]
+    replies = [p["generated_finetuned"] for p in read_jsonl(work / "eval" / "predictions.jsonl")]
+    asks = [p["generated_finetuned"] for p in read_jsonl(work / "eval" / "ask_predictions.jsonl")]
+    return generation | {"settings": metrics["settings"], "texts": replies + asks}
+
+
+def previous_generate(adapter: Path, split: str, limit: int | None, settings: dict) -> tuple[list[str], float, int]:
+    """The pre-continuous-batching path: `generate` per length-sorted batch of 8, adapter unmerged.
+
+    Returns:
+        (replies in evaluate.py's order: final replies then asking turns, seconds, useful new tokens).
+    """
+    import torch
+    from peft import PeftModel
+    from transformers import GenerationConfig
+
+    from common.data import load_records
+    from common.generation import end_of_turn_ids, prompt_messages
+    from common.model import load_model_and_tokenizer, saved_chat_template
+
+    base = read_json(adapter / "config.json")["args"]["model"]
+    dtype = getattr(torch, settings["dtype"])
+    model, tokenizer = load_model_and_tokenizer(base, dtype=dtype, chat_template=saved_chat_template(adapter))
+    model = PeftModel.from_pretrained(model, str(adapter)).eval()
+    records = load_records(REPO / "data" / f"{split}.jsonl")[:limit]
+    prompts = [prompt_messages(r["messages"]) for r in records]
+    for record in records:  # the asking turns, as evaluate.py's build_ask_turns lists them
+        turns = [i for i, m in enumerate(record["messages"]) if m["role"] == "assistant"][:-1]
+        prompts += [record["messages"][:i] for i in turns[: len(record.get("ask_facts") or [])]]
+    texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
+    ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    stop = end_of_turn_ids(tokenizer)
+    config = GenerationConfig(
+        max_new_tokens=settings["max_new_tokens"],
+        do_sample=False,
+        eos_token_id=stop,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    order, replies, useful = sorted(range(len(ids)), key=lambda i: len(ids[i])), [""] * len(ids), 0
+    tokenizer.padding_side = "left"
+    start = time.perf_counter()
+    autocast = torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32)
+    with torch.no_grad(), autocast:
+        for first in range(0, len(order), 8):
+            rows = order[first : first + 8]
+            batch = tokenizer.pad({"input_ids": [ids[i] for i in rows]}, return_tensors="pt")
+            new = model.generate(**batch, generation_config=config)[:, batch["input_ids"].shape[1] :]
+            for row, i in enumerate(rows):
+                replies[i] = tokenizer.decode(new[row], skip_special_tokens=True).strip()
+            ended = torch.isin(new, torch.tensor(stop))
+            useful += int((ended.cumsum(1) - ended.int() == 0).sum())
+    return replies, time.perf_counter() - start, useful
+
+
+def render(result: dict) -> str:
+    """The markdown section appended to --output."""
+    train, gen = result["training"], result["generation"]
+    lines = [
+        f"## {result['date']} | {result['machine']} | {result['adapter']} on {result['split']}",
+        "",
+        "| what | tokens | seconds | tokens/s |",
+        "|---|---|---|---|",
+        f"| training (train.py, {train['steps']} timed updates) | {train['tokens']} | {train['seconds']:.1f} | "
+        f"{train['tokens_per_s']:.1f} |",
+        f"| generation (evaluate.py, {gen['replies']} replies, useful new tokens) | {gen['new_tokens']} | "
+        f"{gen['seconds']:.1f} | {gen['tokens_per_s']:.1f} |",
+    ]
+    if "previous" in result:
+        prev = result["previous"]
+        lines.append(
+            f"| previous generate() path (batches of 8, unmerged) | {prev['new_tokens']} | {prev['seconds']:.1f} | "
+            f"{prev['tokens_per_s']:.1f} |"
+        )
+    lines += ["", f"generation / training = **{result['ratio']:.2f}**"]
+    if "previous" in result:
+        prev = result["previous"]
+        lines.append(
+            f"; continuous batching / previous = {gen['tokens_per_s'] / prev['tokens_per_s']:.2f}x; "
+            f"identical replies {prev['identical']} of {gen['replies']}"
+        )
+    return "\n".join(lines) + "\n\n"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Run both measurements and report them."""
+    args = parse_args(argv)
+    from benchmarks.throughput import describe_machine
+
+    adapter = Path(args.adapter).resolve()
+    if not (adapter / "config.json").is_file():
+        sys.exit(f"error: {adapter} has no config.json: pass an adapter folder written by train.py (runs/<run>/best)")
+    with tempfile.TemporaryDirectory(prefix="bench-generation-") as tmp:
+        work = Path(tmp)
+        training = training_throughput(adapter, args.train_steps, work)
+        generation = generation_throughput(adapter, args.split, args.limit, work)
+    texts = generation.pop("texts")
+    result = {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "machine": describe_machine(),
+        "adapter": str(Path(args.adapter)),
+        "split": args.split,
+        "threads": os.cpu_count(),
+        "training": training,
+        "generation": generation,
+        "ratio": generation["tokens_per_s"] / training["tokens_per_s"],
+    }
+    if args.compare_generate:
+        replies, seconds, useful = previous_generate(adapter, args.split, args.limit, generation["settings"])
+        identical = sum(a == b for a, b in zip(replies, texts, strict=True))
+        result["previous"] = {"seconds": seconds, "new_tokens": useful, "tokens_per_s": useful / seconds}
+        result["previous"]["identical"] = identical
+    report = render(result)
+    print(report)
+    with open(args.output, "a") as handle:
+        handle.write(report)
+    Path(args.output).with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,169 @@
+"""common.generation: continuous-batching greedy decode against transformers' own `generate`, one prompt at a time.
+
+The reference is `model.generate(do_sample=False)` on each prompt alone (no padding, no batch, the
+library's cache and stopping), so every path of ours is checked against an independent computation:
+rows that stop early and leave the batch, refills that join a running batch with a different cache
+length, left-padding columns dropped, the budget cap, the merged adapter and its exact restore.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from common.generation import GenerationStats, generate_replies, greedy_decode, merged_lora
+
+# Prompts of different lengths (the decode sorts them; refills join batches of other lengths).
+PROMPTS = [
+    [{"role": "user", "content": "Applicant is 44, smoker."}],
+    [{"role": "system", "content": "You underwrite."}, {"role": "user", "content": "Roof 21 years, frame."}],
+    [{"role": "user", "content": "Hi"}],
+    [{"role": "user", "content": "Revenue 2.5M, TIV 9M, three claims in five years, sprinklered, hydrant 300 ft."}],
+    [
+        {"role": "user", "content": "BMI 31"},
+        {"role": "assistant", "content": "Age?"},
+        {"role": "user", "content": "52"},
+    ],
+    [{"role": "user", "content": "Term life 500k, non-smoker, age 38, no conditions."}],
+    [{"role": "user", "content": "ok"}],
+]
+
+
+@pytest.fixture(scope="module")
+def chatty_model_dir(tmp_path_factory, default_tokenizer):
+    """A 2-layer random Llama whose greedy text varies from prompt to prompt.
+
+    The shared tiny model ties its embeddings, so its greedy reply repeats the prompt's last token
+    forever; untied weights at std 0.2 give every prompt its own token sequence (and clear argmax
+    margins, so batch composition cannot flip a token).
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=len(default_tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=False,
+        initializer_range=0.2,
+    )
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("chatty-llama")
+    LlamaForCausalLM(config).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny(chatty_model_dir, default_tokenizer):
+    """The chatty tiny model in eval mode and its tokenizer."""
+    model = AutoModelForCausalLM.from_pretrained(chatty_model_dir).eval()
+    return model, default_tokenizer
+
+
+def prompt_ids(tokenizer, prompts) -> list[list[int]]:
+    """Token ids of each prompt with the generation prompt, as generate_replies builds them."""
+    texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
+    return [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+
+
+@torch.no_grad()
+def reference(model, ids: list[list[int]], stop_ids: list[int], max_new_tokens: int) -> list[list[int]]:
+    """transformers' greedy generate on each prompt alone; the new ids up to and including the first stop id."""
+    replies = []
+    for row in ids:
+        output = model.generate(
+            torch.tensor([row]), do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=stop_ids, pad_token_id=0
+        )[0, len(row) :].tolist()
+        end = next((k + 1 for k, token in enumerate(output) if token in stop_ids), len(output))
+        replies.append(output[:end])
+    return replies
+
+
+def pick_stops(model, ids: list[list[int]]) -> list[int]:
+    """A stop id that ends about half of the rows early: the token found in closest to half of the free runs."""
+    free = reference(model, ids, stop_ids=[-1], max_new_tokens=12)
+    candidates = sorted({token for run in free for token in run})
+    return [min(candidates, key=lambda t: abs(sum(t in run for run in free) - len(free) / 2))]
+
+
+def test_greedy_decode_equals_generate_on_each_prompt_alone(tiny):
+    model, tokenizer = tiny
+    ids = prompt_ids(tokenizer, PROMPTS)
+    stops = pick_stops(model, ids)
+    expected = reference(model, ids, stops, max_new_tokens=12)
+    assert any(len(r) < 12 for r in expected) and any(len(r) == 12 for r in expected)  # both ends are exercised
+    for batch_size in (1, 3, 16):  # 3: rows leave early and refills join a running batch
+        with torch.no_grad():
+            got = dict(greedy_decode(model, ids, stops, batch_size, 12, pad_token_id=0))
+        assert [got[i] for i in range(len(ids))] == expected, f"batch size {batch_size}"
+
+
+def test_a_reply_that_stops_at_once_is_empty_and_finished(tiny):
+    model, tokenizer = tiny
+    ids = prompt_ids(tokenizer, PROMPTS[:3])
+    first = [r[0] for r in reference(model, ids, stop_ids=[-1], max_new_tokens=1)]
+    with torch.no_grad():
+        got = dict(greedy_decode(model, ids, [first[1]], batch_size=2, max_new_tokens=5, pad_token_id=0))
+    assert got[1] == [first[1]]  # the stop token itself, nothing after it
+
+
+@pytest.fixture
+def lora_model(chatty_model_dir):
+    """The tiny model with an all-linear LoRA whose B is random (so the adapter changes the outputs)."""
+    from peft import LoraConfig, get_peft_model
+
+    base = AutoModelForCausalLM.from_pretrained(chatty_model_dir)
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.1))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.3)
+    return model.eval()
+
+
+def test_merged_adapter_gives_the_unmerged_text_and_restores_the_weights_exactly(lora_model, default_tokenizer):
+    model, tokenizer = lora_model, default_tokenizer
+    ids = prompt_ids(tokenizer, PROMPTS)
+    stops = pick_stops(model, ids)
+    unmerged = reference(model, ids, stops, max_new_tokens=10)  # PEFT's own forward, adapter not merged
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with merged_lora(model) as merged:
+        assert merged == 2 * 7  # 2 layers x (q, k, v, o, gate, up, down)
+        changed = [n for n, p in model.named_parameters() if "base_layer" in n and not torch.equal(p, before[n])]
+        assert len(changed) == 14  # the merge really wrote the adapter into the base weights
+        with torch.no_grad():
+            merged_ids = dict(greedy_decode(model, ids, stops, 3, 10, pad_token_id=0))
+    assert [merged_ids[i] for i in range(len(ids))] == unmerged
+    for name, param in model.named_parameters():  # bit-exact, not base + delta - delta
+        assert torch.equal(param, before[name]), name
+    assert not any(getattr(m, "merged", False) for m in model.modules())
+
+
+def test_generate_replies_merges_only_an_enabled_adapter(lora_model, default_tokenizer, chatty_model_dir):
+    model, tokenizer = lora_model, default_tokenizer
+    base = AutoModelForCausalLM.from_pretrained(chatty_model_dir).eval()
+    ids = prompt_ids(tokenizer, PROMPTS[:4])
+    stops = pick_stops(base, prompt_ids(tokenizer, PROMPTS))[:1]
+    with model.disable_adapter(), merged_lora(model) as merged:
+        assert merged == 0  # a disabled adapter is not merged into the base
+    with model.disable_adapter(), torch.no_grad():
+        off = dict(greedy_decode(model, ids, stops, 4, 8, pad_token_id=0))
+    assert [off[i] for i in range(len(ids))] == reference(base, ids, stops, 8)  # the untouched base
+
+
+def test_generate_replies_decodes_and_counts_useful_tokens(tiny, monkeypatch):
+    model, tokenizer = tiny
+    ids = prompt_ids(tokenizer, PROMPTS)
+    stops = pick_stops(model, ids)
+    monkeypatch.setattr("common.generation.end_of_turn_ids", lambda tokenizer: stops)
+    expected = reference(model, ids, stops, max_new_tokens=12)
+    stats = GenerationStats()
+    replies = generate_replies(model, tokenizer, PROMPTS, batch_size=3, max_new_tokens=12, stats=stats)
+    assert replies == [tokenizer.decode(r, skip_special_tokens=True).strip() for r in expected]
+    assert stats.new_tokens == sum(len(r) for r in expected) and stats.replies == len(PROMPTS)
+    assert stats.prompt_tokens == sum(len(r) for r in ids) and stats.seconds > 0
+    assert model.training is False
