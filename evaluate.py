@@ -108,7 +108,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-seq-len", type=int, default=2048, help="longer examples lose their oldest turns")
     # --- generation ---
     parser.add_argument("--batch-size", type=int, default=8, help="examples per forward pass of the loss")
-    parser.add_argument("--gen-batch-size", type=int, default=16, help="replies decoded together at most")
+    parser.add_argument("--gen-batch-size", type=int, default=64, help="replies decoded together at most")
     parser.add_argument("--max-new-tokens", type=int, default=400, help="tokens per reply (a worksheet ~275)")
     parser.add_argument("--no-ask-turns", action="store_true", help="skip scoring the intermediate (asking) turns")
     parser.add_argument("--no-base", action="store_true", help="with --adapter: score only the finetuned model")

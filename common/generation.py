@@ -8,6 +8,9 @@ and an unmerged LoRA layer runs two extra matmuls per linear per token. Here:
 - prompts are sorted by length and prefilled in groups; each decode step runs only unfinished rows;
   a row leaves the batch the step it ends, and when half the slots are free the next prompts are
   prefilled and join (their cache left-padded to the running one's length);
+- a prompt that is the beginning of another prompt (an asking turn of a conversation whose final
+  reply is also generated) is not prefilled again: its cache is the first positions of the longer
+  prompt's, and its first token comes from the longer prompt's hidden state at its last position;
 - the cache appends into spare room (capacity doubles) instead of concatenating at every step;
 - a LoRA adapter is merged into the base weights while generating, and the base weights are copied
   back exactly afterwards (train.py generates samples mid-training);
@@ -110,6 +113,17 @@ class _AppendLayer(DynamicLayer):
         self._k, self._v = self._k[..., columns:, :], self._v[..., columns:, :]
         self.keys, self.values = self.keys[..., columns:, :], self.values[..., columns:, :]
 
+    def take_prefixes(self, sources: list[int], starts: list[int], lengths: list[int]) -> None:
+        """Make row j the `lengths[j]` positions of row `sources[j]` from column `starts[j]`, right-aligned."""
+        width = self.get_seq_length()
+        shape = [len(sources), self.keys.shape[1], max(2 * width, 64), self.keys.shape[-1]]
+        k, v = self.keys.new_zeros(shape), self.values.new_zeros([*shape[:-1], self.values.shape[-1]])
+        for j, (source, start, length) in enumerate(zip(sources, starts, lengths, strict=True)):
+            k[j, :, width - length : width] = self.keys[source, :, start : start + length]
+            v[j, :, width - length : width] = self.values[source, :, start : start + length]
+        self._k, self._v = k, v
+        self.keys, self.values = k[..., :width, :], v[..., :width, :]
+
     def join(self, other: _AppendLayer, length: int) -> None:
         """Append `other`'s rows below these, both right-aligned (left-padded) to `length` positions."""
         rows = self.keys.shape[0] + other.keys.shape[0]
@@ -141,26 +155,61 @@ class _Batch:
     last: torch.Tensor  # (rows,) each row's newest token, the next step's input
 
 
-def _prefill(model, prompt_ids: list[list[int]], rows: list[int], pad_token_id: int, device) -> _Batch:
-    """Run the prompts `rows` (left-padded) through the model; their first new token is the argmax."""
-    width = max(len(prompt_ids[i]) for i in rows)
-    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for r, i in enumerate(rows):
+def prefix_groups(prompt_ids: list[list[int]]) -> list[list[int]]:
+    """Group each prompt under the longest prompt that begins with it: [[root, prompts inside it...], ...].
+
+    Args:
+        prompt_ids: token ids of each prompt.
+
+    Returns:
+        The groups (root first), shortest root first; every prompt index appears exactly once.
+    """
+    roots: list[int] = []
+    groups: dict[int, list[int]] = {}
+    for i in sorted(range(len(prompt_ids)), key=lambda i: -len(prompt_ids[i])):
+        ids = prompt_ids[i]
+        root = next((r for r in roots if prompt_ids[r][: len(ids)] == ids), None)
+        if root is None:
+            roots.append(i)
+            groups[i] = [i]
+        else:
+            groups[root].append(i)
+    return sorted(groups.values(), key=lambda group: len(prompt_ids[group[0]]))
+
+
+def _prefill(model, prompt_ids: list[list[int]], groups: list[list[int]], pad_token_id: int, device) -> _Batch:
+    """Run the groups' root prompts (left-padded) through the model; every member's first token is the argmax.
+
+    A member's cache is the first positions of its root's, and its first token comes from the root's
+    hidden state at the member's last prompt position (causal attention: the same as its own prefill).
+    """
+    roots = [group[0] for group in groups]
+    width = max(len(prompt_ids[i]) for i in roots)
+    input_ids = torch.full((len(roots), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(roots), width), dtype=torch.long)
+    for r, i in enumerate(roots):
         input_ids[r, width - len(prompt_ids[i]) :] = torch.tensor(prompt_ids[i])
         mask[r, width - len(prompt_ids[i]) :] = 1
     input_ids, mask = input_ids.to(device), mask.to(device)
     position_ids = (mask.cumsum(1) - 1).clamp_min(0)  # left padding: each row starts at position 0
     cache = _AppendCache()
-    out = model(
-        input_ids=input_ids,
-        attention_mask=mask,
-        position_ids=position_ids,
-        past_key_values=cache,
-        use_cache=True,
-        logits_to_keep=1,  # the LM head on the last position only
-    )
-    return _Batch(list(rows), cache, mask, mask.sum(1), out.logits[:, -1].argmax(-1))
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    # The decoder, then the LM head only where a prompt ends (as common.loss scores trained positions).
+    hidden = base.get_decoder()(
+        input_ids=input_ids, attention_mask=mask, position_ids=position_ids, past_key_values=cache, use_cache=True
+    ).last_hidden_state
+    rows = [i for group in groups for i in group]
+    sources = [r for r, group in enumerate(groups) for _ in group]
+    starts = [width - len(prompt_ids[roots[r]]) for r in sources]  # where each root's prompt begins
+    lengths = [len(prompt_ids[i]) for i in rows]
+    last = [start + length - 1 for start, length in zip(starts, lengths, strict=True)]
+    first_tokens = base.get_output_embeddings()(hidden[sources, last]).argmax(-1)
+    if len(rows) > len(roots):
+        for layer in cache.layers:
+            layer.take_prefixes(sources, starts, lengths)
+        mask = torch.arange(width, device=device)[None, :] >= width - torch.tensor(lengths, device=device)[:, None]
+        mask = mask.long()
+    return _Batch(rows, cache, mask, mask.sum(1), first_tokens)
 
 
 def _join(batch: _Batch | None, new: _Batch) -> _Batch:
@@ -214,15 +263,17 @@ def greedy_decode(
     """
     device = next(model.parameters()).device
     stops = torch.tensor(stop_ids, device=device)
-    pending = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
+    pending = prefix_groups(prompt_ids)  # shortest first; a group is prefilled once, for all its members
     generated: dict[int, list[int]] = {}
     batch: _Batch | None = None
     while pending or batch is not None:
         active = 0 if batch is None else len(batch.rows)
         if pending and active <= batch_size // 2:  # refill when half the slots are free
-            admitted, pending = pending[: batch_size - active], pending[batch_size - active :]
+            admitted = [pending.pop(0)]
+            while pending and active + sum(map(len, admitted)) + len(pending[0]) <= batch_size:
+                admitted.append(pending.pop(0))
             batch = _join(batch, _prefill(model, prompt_ids, admitted, pad_token_id, device))
-            generated.update({i: [] for i in admitted})
+            generated.update({i: [] for group in admitted for i in group})
             fresh = active  # only the admitted rows have a new token (from their prefill)
         else:
             fresh = 0
@@ -251,10 +302,12 @@ def greedy_decode(
 
 
 def _uses_standard_cache(model) -> bool:
-    """True for decoders whose every layer is full attention (no sliding window, no linear attention)."""
+    """True for decoder + LM head models whose every layer is full attention (no sliding window, no linear attention)."""
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     layer_types = set(getattr(config, "layer_types", None) or ["full_attention"])
-    return layer_types == {"full_attention"} and not getattr(config, "sliding_window", None)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    has_parts = hasattr(base, "get_decoder") and base.get_output_embeddings() is not None
+    return has_parts and layer_types == {"full_attention"} and not getattr(config, "sliding_window", None)
 
 
 @contextlib.contextmanager

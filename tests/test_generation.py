@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from common.generation import GenerationStats, generate_replies, greedy_decode, merged_lora
+from common.generation import GenerationStats, generate_replies, greedy_decode, merged_lora, prefix_groups
 
 # Prompts of different lengths (the decode sorts them; refills join batches of other lengths).
 PROMPTS = [
@@ -27,6 +27,8 @@ PROMPTS = [
     ],
     [{"role": "user", "content": "Term life 500k, non-smoker, age 38, no conditions."}],
     [{"role": "user", "content": "ok"}],
+    [{"role": "user", "content": "BMI 31"}],  # the beginning of the conversation two lines up (an asking turn)
+    [{"role": "user", "content": "Hi"}],  # the same prompt twice
 ]
 
 
@@ -99,6 +101,16 @@ def test_greedy_decode_equals_generate_on_each_prompt_alone(tiny):
         with torch.no_grad():
             got = dict(greedy_decode(model, ids, stops, batch_size, 12, pad_token_id=0))
         assert [got[i] for i in range(len(ids))] == expected, f"batch size {batch_size}"
+
+
+def test_prompts_that_begin_another_share_its_prefill(tiny):
+    ids = [[1, 2, 3, 4], [1, 2], [5, 6], [1, 2, 3], [5, 6], [9]]
+    assert prefix_groups(ids) == [[5], [2, 4], [0, 3, 1]]  # shortest root first; each root keeps its prefixes
+    _model, tokenizer = tiny
+    ids = prompt_ids(tokenizer, PROMPTS)
+    groups = prefix_groups(ids)
+    assert [7, 4] not in groups and any(group[0] == 4 and 7 in group for group in groups)  # an asking turn rides along
+    assert sorted(i for group in groups for i in group) == list(range(len(ids)))
 
 
 def test_a_reply_that_stops_at_once_is_empty_and_finished(tiny):
