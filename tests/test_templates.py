@@ -418,3 +418,72 @@ def test_conversations_a_template_refuses_name_their_line(tiny_model_dir):
         tokenize_records([{"messages": two_users, "_line": 3}], gemma, 512)
     with pytest.raises(DataError, match=r"record at line 2: the conversation opens with an assistant turn"):
         tokenize_records([{"messages": CONVERSATION[2:], "_line": 2}], build_tokenizer(tiny_model_dir, "smollm2"), 512)
+
+
+# --- SentencePiece-style tokenizers (Metaspace "▁", special tokens with rstrip/lstrip), built offline ---
+
+NO_SYSTEM_PADDED = [
+    {"role": "user", "content": "  Term life, age 42, 500k, non-smoker. "},
+    {"role": "assistant", "content": " What is the applicant's BMI?\n"},
+    {"role": "user", "content": "27.5\n"},
+    {"role": "assistant", "content": "\tStandard class applies.\nDECISION: approve | CLASS: standard | RULES: L-8  "},
+]
+# family -> template, special tokens as the real tokenizer configs declare them (rstrip on Phi-3's role tokens),
+# whether the tokenizer adds BOS itself, end-of-turn token, whether the template trims the replies
+SENTENCEPIECE_FAMILIES = {
+    "mistral-v0.3": (MISTRAL_V03, {"[INST]": {}, "[/INST]": {}}, "</s>", True),
+    "phi3": (PHI3, {"<|user|>": {"rstrip": True}, "<|assistant|>": {"rstrip": True}, "<|system|>": {"rstrip": True},
+                    "<|end|>": {"rstrip": True}, "<|endoftext|>": {}}, "<|end|>", False),
+    "gemma": (GEMMA, {"<start_of_turn>": {}, "<end_of_turn>": {}, "<pad>": {}}, "<end_of_turn>", True),
+}  # fmt: skip
+
+
+def build_sentencepiece_tokenizer(family: str):
+    """A small BPE with a Metaspace pre-tokenizer (as Mistral/Phi-3/Gemma convert), trained here, adding BOS."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    template, added, _, _ = SENTENCEPIECE_FAMILIES[family]
+    eos = "<eos>" if family == "gemma" else ("<|endoftext|>" if family == "phi3" else "</s>")
+    bos = "<bos>" if family == "gemma" else "<s>"
+    model = Tokenizer(models.BPE(unk_token="<unk>"))
+    model.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    model.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+    corpus = [m["content"] for m in CONVERSATION + NO_SYSTEM_PADDED] * 3 + [SYSTEM]
+    model.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", bos, "</s>", eos]))
+    model.add_special_tokens([AddedToken(t, special=True, normalized=False, **o) for t, o in added.items()])
+    # like the real configs, the tokenizer itself puts BOS first (add_special_tokens=True)
+    model.post_processor = processors.TemplateProcessing(single=f"{bos} $A", special_tokens=[(bos, model.token_to_id(bos))])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=model, bos_token=bos, eos_token=eos, unk_token="<unk>")
+    tokenizer.pad_token = "<pad>" if family == "gemma" else eos
+    tokenizer.chat_template = template.strip()
+    return tokenizer
+
+
+@pytest.mark.parametrize("family", list(SENTENCEPIECE_FAMILIES))
+@pytest.mark.parametrize("conversation", ["with_system", "no_system_whitespace"])
+def test_sentencepiece_style_tokenizers_train_exactly_the_replies(family, conversation):
+    """On "▁"-tokens, rstrip specials and a tokenizer that adds BOS itself: BOS only as the template writes it
+    (once), and the trained tokens
+    are each reply (trimmed where the template trims) and its end-of-turn token, nothing of the user turns"""
+    _, _, end_of_turn, trims = SENTENCEPIECE_FAMILIES[family]
+    messages = CONVERSATION if conversation == "with_system" else NO_SYSTEM_PADDED
+    tokenizer = build_sentencepiece_tokenizer(family)
+    assert tokenizer("a")["input_ids"][0] == tokenizer.bos_token_id  # the tokenizer adds BOS itself
+    prepare_chat_template(tokenizer, f"test/{family}")
+    example = tokenize_messages(tokenizer, messages)
+    if tokenizer.apply_chat_template(messages, tokenize=False).startswith(tokenizer.bos_token):
+        assert example["input_ids"][0] == tokenizer.bos_token_id and example["input_ids"][1] != tokenizer.bos_token_id
+    else:  # Phi-3's template writes no BOS: the tokenizer must not add one either
+        assert tokenizer.bos_token_id not in example["input_ids"]
+    replies = [m["content"] for m in messages if m["role"] == "assistant"]
+    expected = [(r.strip() if trims else r) + end_of_turn for r in replies]
+    # Metaspace decoding drops the "▁" word marks at a run's start; compare without the outer whitespace
+    assert [run.strip() for run in trained_runs(tokenizer, example)] == [e.strip() for e in expected]
+    eot_id = tokenizer.convert_tokens_to_ids(end_of_turn)
+    trained = [t for t, label in zip(example["input_ids"], example["labels"]) if label != IGNORE_INDEX]
+    assert trained.count(eot_id) == 2 and trained[-1] == eot_id
+    untrained = tokenizer.decode([t for t, lab in zip(example["input_ids"], example["labels"]) if lab == IGNORE_INDEX])
+    for message in messages:
+        if message["role"] != "assistant":
+            assert message["content"].strip() in untrained, (family, message["content"])
