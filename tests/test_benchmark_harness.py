@@ -13,6 +13,7 @@ import pytest
 
 from tests.conftest import REPO
 
+
 @pytest.fixture(scope="module")
 def bench():
     """benchmarks/throughput.py imported as a module (scripts are not a package)."""

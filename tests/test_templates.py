@@ -453,7 +453,9 @@ def build_sentencepiece_tokenizer(family: str):
     model.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", bos, "</s>", eos]))
     model.add_special_tokens([AddedToken(t, special=True, normalized=False, **o) for t, o in added.items()])
     # like the real configs, the tokenizer itself puts BOS first (add_special_tokens=True)
-    model.post_processor = processors.TemplateProcessing(single=f"{bos} $A", special_tokens=[(bos, model.token_to_id(bos))])
+    model.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A", special_tokens=[(bos, model.token_to_id(bos))]
+    )
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=model, bos_token=bos, eos_token=eos, unk_token="<unk>")
     tokenizer.pad_token = "<pad>" if family == "gemma" else eos
     tokenizer.chat_template = template.strip()
