@@ -569,8 +569,10 @@ def resume(accelerator, model, optimizer, lr_scheduler, folder: Path | None, log
 
 
 def init_trackers(accelerator: Accelerator, args: argparse.Namespace) -> None:
-    """Start TensorBoard / wandb with the scalar flags as the run's hyperparameters."""
-    tracker_config = {k: v for k, v in vars(args).items() if isinstance(v, int | float | str | bool)}
+    """Start TensorBoard / wandb with the scalar flags as the run's hyperparameters (secrets redacted:
+    a path or a --config value may hold a token, and wandb uploads these)."""
+    scalars = {k: v for k, v in vars(args).items() if isinstance(v, int | float | str | bool)}
+    tracker_config = redact_secrets(scalars, secret_env_values())
     accelerator.init_trackers("tensorboard" if args.report_to == "tensorboard" else args.run_name, tracker_config)
 
 

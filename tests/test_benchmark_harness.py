@@ -1,4 +1,5 @@
-"""Fast tests of benchmarks/throughput.py's pure functions (no training; the benchmark itself needs TRL).
+"""Fast tests of benchmarks/throughput.py's pure functions (no training, no TRL: they run in CI; the
+benchmark itself needs TRL, imported only where it runs its arm).
 
 The numbers are worked out by hand in the comments, so a change of the formulas shows up here.
 """
@@ -11,10 +12,6 @@ import json
 import pytest
 
 from tests.conftest import REPO
-
-pytestmark = pytest.mark.skipif(
-    importlib.util.find_spec("trl") is None, reason="benchmark dependency: pip install -r requirements-bench.txt"
-)
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from pathlib import Path
 
 import datasets
@@ -132,15 +133,27 @@ def shape_files(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.mark.parametrize("shape", ["sharegpt", "alpaca", "save_to_disk"])
-def test_each_shape_trains_two_steps(tiny_model_dir, shape_files, tmp_path, shape):
+def test_each_shape_trains_two_steps(tiny_model_dir, shape_files, tmp_path, shape, default_tokenizer):
+    """Each step trains on the assistant tokens of the examples it logged (counted here from the file), and
+    the untrained tiny model's loss is ~ln(vocab)"""
     run = tmp_path / shape
     data = shape_files[shape]
-    summary = train.main(["--model", str(tiny_model_dir), "--train-file", str(data), "--output-dir", str(run), *FAST])
+    argv = ["--model", str(tiny_model_dir), "--train-file", str(data), "--output-dir", str(run), "--log-examples"]
+    summary = train.main([*argv, *FAST])
     assert summary["status"] == "max_steps" and summary["global_step"] == 2
     steps = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
-    assert [s["step"] for s in steps if s["type"] == "step"] == [1, 2]
-    assert all(0 < s["loss"] < 20 and s["trained_tokens"] > 0 for s in steps if s["type"] == "step")
+    steps = [s for s in steps if s["type"] == "step"]
+    assert [s["step"] for s in steps] == [1, 2]
+    assert all(s["loss"] == pytest.approx(math.log(len(default_tokenizer)), abs=0.1) for s in steps)
     config = json.loads((run / "config.json").read_text())
     assert config["dataset"]["train_file"] == str(data) and len(config["dataset"]["train_sha256"]) == 64
-    assert config["dataset"]["validation_split"]["validation_examples"] == 1  # only a train file: 1 of 12 held out
+    split = config["dataset"]["validation_split"]
+    assert split["validation_examples"] == 1  # only a train file: 1 of 12 held out
+    held_out = set(split["held_out_indices"])
+    kept = [r for i, r in enumerate(load_records(data)) if i not in held_out]
+    examples, _ = tokenize_records(kept, default_tokenizer, 1024)
+    logged = [json.loads(line) for line in (run / "examples_rank0.jsonl").read_text().splitlines()]
+    assert [len(m["index"]) for m in logged] == [2, 2]  # one micro-batch of 2 per step
+    for step, micro in zip(steps, logged):
+        assert step["trained_tokens"] == sum(examples[i]["n_trained"] for i in micro["index"])
     assert (run / "final" / "adapter_model.safetensors").is_file()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 from pathlib import Path
 
@@ -223,3 +224,80 @@ def test_base_results_are_cached_and_reused_until_an_input_changes(
         other["models"]["base"]["cache"]["used"] is False and other["models"]["base"]["cache"]["key"] != stored["key"]
     )
     assert len(list((tmp_path / "cache").glob("*.json"))) == 2
+
+
+# Known replies for the first four test conversations (toy-200..203: decline n/a L-3, approve standard
+# L-1, refer n/a L-2, decline n/a L-3), keyed by the applicant's age in the prompt (30 + i % 20).
+FINETUNED_FINAL = {
+    "30": "Rule L-3 applies.\nDECISION: decline | CLASS: n/a | RULES: L-3",  # all right (= the reference)
+    "31": "Approve.\nDECISION: approve | CLASS: preferred | RULES: L-1, L-2",  # outcome right, class wrong, 1 extra rule
+    "32": "I still need the BMI.",  # no decision line: unparsed, asks at the decision turn, misses L-2
+    "33": "decision : REFER|class: N/A|rules: l - 3.",  # lenient parse: outcome wrong, class and rule right
+}
+BASE_FINAL = "Approve. Condition: a medical exam.\nDECISION: approve | CLASS: standard | RULES: L-1"
+FINETUNED_ASK = {
+    "30": "What is the BMI?",  # exactly the missing fact
+    "31": "I need the BMI and smoking status.",  # right, plus one fact already given
+    "32": "DECISION: approve | CLASS: standard | RULES: L-1",  # decides too early
+    "33": "Thanks.",  # asks nothing
+}
+
+
+DECISION_KEYS = ("parse_rate", "outcome_accuracy", "risk_class_accuracy", "rule_f1")
+ASK_KEYS = ("ask_precision", "ask_recall", "exact_rate", "early_decision_rate")
+
+
+def pick(metrics: dict, keys: tuple[str, ...]) -> dict:
+    return {key: metrics[key] for key in keys}
+
+
+def fake_generate_replies(model, tokenizer, prompts, batch_size, max_new_tokens, progress=None, **kwargs):
+    """Stands in for common.generation.generate_replies: fixed replies per conversation and model."""
+    base = any(getattr(module, "disable_adapters", False) for module in model.modules() if hasattr(module, "lora_A"))
+    replies = []
+    for messages in prompts:
+        age = re.search(r"Applicant is (\d+)", str(messages)).group(1)
+        final = "BMI is" in str(messages[-1])  # the final turn follows the user's answer
+        if base:
+            replies.append(BASE_FINAL)
+        else:
+            replies.append((FINETUNED_FINAL if final else FINETUNED_ASK)[age])
+    return replies
+
+
+def test_metrics_of_known_replies(adapter_dir, tiny_model_dir, toy_data_dir, tmp_path, monkeypatch):
+    """Stubbed generator, replies scored by hand: decision metrics, asking turns, their files and report rows"""
+    monkeypatch.setattr(evaluate, "generate_replies", fake_generate_replies)
+    monkeypatch.setenv("UNDERWRITE_EVAL_CACHE", str(tmp_path / "cache"))  # the stub's base replies stay here
+    argv = ["--adapter", str(adapter_dir), "--model", str(tiny_model_dir), "--data-file"]
+    argv += [str(toy_data_dir / "test.jsonl"), "--limit", "4", "--bootstrap", "200", "--output-dir", str(tmp_path)]
+    metrics = evaluate.main(argv)
+    tuned, base = metrics["models"]["finetuned"], metrics["models"]["base"]
+    # finetuned: parsed 3 of 4; outcome right for 200, 201; class right for 200, 203;
+    # rules: 3 right, 1 extra (L-2 at 201), 1 missed (L-2 at 202) -> F1 = 2*3 / (2*3 + 1 + 1)
+    assert pick(tuned["decision"]["overall"], DECISION_KEYS) == pytest.approx(
+        {"parse_rate": 0.75, "outcome_accuracy": 0.5, "risk_class_accuracy": 0.5, "rule_f1": 0.75}
+    )
+    assert tuned["asks_at_decision_rate"] == 0.25
+    assert tuned["decision_ci"]["condition_accuracy"]["mean"] == 1.0  # the one approval names no condition, right
+    # base: approves everything citing L-1: outcome and class right only for 201; rules 1 right, 3 extra,
+    # 3 missed -> F1 = 2 / (2 + 3 + 3); the approval names a condition the reference has not
+    assert pick(base["decision"]["overall"], DECISION_KEYS) == pytest.approx(
+        {"parse_rate": 1.0, "outcome_accuracy": 0.25, "risk_class_accuracy": 0.25, "rule_f1": 0.25}
+    )
+    assert base["asks_at_decision_rate"] == 0.0 and base["decision_ci"]["condition_accuracy"]["mean"] == 0.0
+    outcomes = tuned["decision"]["outcome_confusion"]
+    assert outcomes["matrix"][outcomes["labels"].index("decline")] == [0, 1, 1, 0]  # one right, one called refer
+    # asking turns (each should ask for the BMI only): asked bmi, bmi + smoker, nothing (decided), nothing
+    assert pick(tuned["asks"], ASK_KEYS) == pytest.approx(
+        {"ask_precision": 2 / 3, "ask_recall": 0.5, "exact_rate": 0.25, "early_decision_rate": 0.25}
+    )
+    assert tuned["asks"]["n_turns"] == 4 and base["asks"]["early_decision_rate"] == 1.0
+    assert base["asks"]["ask_recall"] == 0.0
+    lines = [json.loads(line) for line in (tmp_path / "predictions.jsonl").read_text().splitlines()]
+    assert [line["generated_finetuned"] for line in lines] == list(FINETUNED_FINAL.values())
+    assert lines[3]["decision_finetuned"]["outcome"] == "refer" and lines[2]["decision_finetuned"] is None
+    assert all(line["generated_base"] == BASE_FINAL for line in lines)
+    report = (tmp_path / "report.md").read_text()
+    assert re.search(r"\| outcome accuracy \| 0\.250 [^|]*\| 0\.500 ", report), report
+    assert re.search(r"\| ask recall \(missing facts asked for\) \| 0\.000 [^|]*\| 0\.500 ", report), report

@@ -437,9 +437,11 @@ def test_flipped_bytes_in_tensor_data_are_detected(checkpoints, record_property)
 def test_nan_loss_and_inf_gradients_skip_updates_and_are_counted(
     tiny_model_dir, toy_data_dir, tmp_path, record_property
 ):
-    """NaN loss at step 2 and inf gradients at step 4: both updates skipped, logged and counted; every saved tensor finite"""
+    """NaN loss at step 2 and inf gradients at step 4 under --max-bad-steps 1: both updates skipped, logged and
+    counted, the run completes (the in-a-row counter resets after step 3); every saved tensor finite"""
     run = tmp_path / "run"
-    summary = train.main(in_process_args(tiny_model_dir, toy_data_dir, run, "--fault-inject", "loss:2,grad:4"))
+    faults = ("--fault-inject", "loss:2,grad:4", "--max-bad-steps", "1")
+    summary = train.main(in_process_args(tiny_model_dir, toy_data_dir, run, *faults))
     records = read_jsonl(run / "train_log.jsonl")
     bad = {r["step"]: r["reason"] for r in records if r["type"] == "bad_step"}
     steps = steps_by_number(records)

@@ -254,7 +254,9 @@ def test_script_writes_table_and_recommendation(tmp_path, capsys):
 # --- estimate vs measured: real training steps in a fresh process, peak RSS minus the bare import ---
 
 
-def _measured_ratio(model: str, quantization: str | None, batch_size: int, seq_len: int) -> tuple[float, dict]:
+def _measured_ratio(
+    model: str, quantization: str | None, batch_size: int, seq_len: int, checkpointing: bool = False
+) -> tuple[float, dict]:
     measurement = measure_in_subprocess(
         model=model,
         quantization=quantization,
@@ -262,7 +264,7 @@ def _measured_ratio(model: str, quantization: str | None, batch_size: int, seq_l
         seq_len=seq_len,
         rank=16,
         target_modules="q_proj,k_proj,v_proj",
-        gradient_checkpointing=False,
+        gradient_checkpointing=checkpointing,
         device="cpu",
         steps=2,
     )
@@ -274,17 +276,30 @@ def _measured_ratio(model: str, quantization: str | None, batch_size: int, seq_l
         "q_proj,k_proj,v_proj",
         quantization,
         "bf16" if quantization else "fp32",
-        False,
+        checkpointing,
         measurement["trained_tokens"] / (batch_size * seq_len),
         device="cpu",
     )
     return compare_to_measurement(estimate, measurement)["ratio"], measurement
 
 
-@pytest.mark.parametrize("quantization", [None, "nf4"])
-@pytest.mark.parametrize("seq_len", [256, 512])
-def test_estimate_within_tolerance_of_measured_default_model(quantization, seq_len):
-    ratio, measurement = _measured_ratio("smollm2-135m-instruct", quantization, 2, seq_len)
+# Table 1 of benchmarks/results/memory_profile_cpu.md: LoRA and QLoRA, gradient checkpointing off and on,
+# 256 and 512 tokens. One LoRA and one QLoRA run by default (one without, one with checkpointing); the other
+# six are marked slow: `python -m pytest -q -m slow tests/test_memory.py`.
+MEASURED = [
+    pytest.param(None, 256, False, id="lora-256"),
+    pytest.param("nf4", 256, True, id="qlora-256-checkpointing"),
+    *[
+        pytest.param(q, n, gc, id=f"{'qlora' if q else 'lora'}-{n}{'-checkpointing' if gc else ''}", marks=pytest.mark.slow)
+        for q, n, gc in [(None, 512, False), (None, 256, True), (None, 512, True), ("nf4", 256, False),
+                         ("nf4", 512, False), ("nf4", 512, True)]
+    ],
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("quantization", "seq_len", "checkpointing"), MEASURED)
+def test_estimate_within_tolerance_of_measured_default_model(quantization, seq_len, checkpointing):
+    ratio, measurement = _measured_ratio("smollm2-135m-instruct", quantization, 2, seq_len, checkpointing)
     assert measurement["peak_reset"]  # the peak is the training steps', not the loading's
     assert 1 - TOLERANCE <= ratio <= 1 + TOLERANCE, (ratio, measurement["measured_bytes"] / 2**20)
 

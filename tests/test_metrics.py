@@ -262,3 +262,23 @@ def test_decision_intervals_match_the_point_metrics():
         assert intervals[key]["mean"] == pytest.approx(point[key]), key
         assert intervals[key]["low"] <= point[key] <= intervals[key]["high"], key
     assert intervals["parse_rate"]["low"] < intervals["parse_rate"]["high"]  # it varies across resamples
+
+
+def test_interval_widths_are_95_percent_on_known_cases():
+    """100 outcomes, 50 right: the 95% half-width is 1.96 * sqrt(0.5 * 0.5 / 100) = 0.098 (a 50% interval
+    would be 0.034); the same for the decision metrics and the asking-turn rates built on it"""
+    hits = [1.0, 0.0] * 50
+    normal = 1.96 * math.sqrt(0.25 / 100)
+    assert bootstrap_ratio_ci(hits, n_resamples=4000, seed=0)["half_width"] == pytest.approx(normal, rel=0.1)
+    assert bootstrap_ratio_ci(hits, n_resamples=4000, seed=0, confidence=0.5)["half_width"] == pytest.approx(
+        0.674 * math.sqrt(0.25 / 100), rel=0.15
+    )
+    reference = [{"outcome": "approve", "risk_class": "standard", "rules": ["L-8"]}] * 100
+    wrong = {"outcome": "decline", "risk_class": "n/a", "rules": ["L-8"]}
+    parsed = [reference[0], wrong] * 50
+    intervals = decision_intervals(parsed, reference, bootstrap_indices(100, 4000, seed=0))
+    assert intervals["outcome_accuracy"]["mean"] == 0.5
+    assert intervals["outcome_accuracy"]["half_width"] == pytest.approx(normal, rel=0.1)
+    assert intervals["risk_class_accuracy"]["half_width"] == pytest.approx(normal, rel=0.1)
+    asks = ask_metrics(["What is the BMI?", "Thanks."] * 50, [["bmi"]] * 100, n_resamples=4000)
+    assert asks["exact_rate"] == 0.5 and asks["exact_rate_ci"]["half_width"] == pytest.approx(normal, rel=0.1)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import ast
 import importlib
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -58,13 +59,21 @@ def secret_run(tmp_path_factory, tiny_model_dir, toy_data_dir) -> dict:
     """A tiny run and its export, made with fake secrets in the environment."""
     root = tmp_path_factory.mktemp("secrets")
     run = root / "run"
+    # The secrets also reach train.py through its inputs, so that the run config would carry them:
+    # the data folder's name holds the HF token (given by a flag), the --config file's folder holds
+    # the W&B key, and that file names the training file in the token's folder.
+    data = root / f"data-{FAKE_SECRETS['HF_TOKEN']}"
+    shutil.copytree(toy_data_dir, data)
+    config_file = root / f"config-{FAKE_SECRETS['WANDB_API_KEY']}" / "run.yaml"
+    config_file.parent.mkdir()
+    config_file.write_text(f"train_file: {data / 'train.jsonl'}\nrank: 4\n")
     with pytest.MonkeyPatch.context() as patch:
         for name, value in FAKE_SECRETS.items():
             patch.setenv(name, value)
         train.main([
-            "--model", str(tiny_model_dir), "--train-file", str(toy_data_dir / "train.jsonl"),
-            "--validation-file", str(toy_data_dir / "validation.jsonl"), "--output-dir", str(run),
-            "--epochs", "1", "--batch-size", "4", "--grad-accum", "1", "--rank", "4", "--save-every", "2",
+            "--config", str(config_file), "--model", str(tiny_model_dir),
+            "--validation-file", str(data / "validation.jsonl"), "--output-dir", str(run),
+            "--epochs", "1", "--batch-size", "4", "--grad-accum", "1", "--save-every", "2",
             "--mixed-precision", "no", "--report-to", "tensorboard", "--num-samples", "1", "--max-new-tokens", "4",
         ])  # fmt: skip
         export = pytest.importorskip("export")
@@ -96,7 +105,8 @@ def test_only_safetensors_and_text_are_written(secret_run, record_property):
 
 
 def test_secrets_never_reach_run_folder_logs_or_export(secret_run, record_property):
-    """HF_TOKEN / WANDB_API_KEY set during training and export appear in no file of the run folder or the export"""
+    """HF_TOKEN / WANDB_API_KEY in the environment, in a flag's value and in a --config file appear in no file of
+    the run folder (config.json, train.log, every JSON) or the export"""
     files = [p for folder in secret_run.values() for p in folder.rglob("*") if p.is_file()]
     for path in files:
         data = path.read_bytes()
@@ -106,6 +116,10 @@ def test_secrets_never_reach_run_folder_logs_or_export(secret_run, record_proper
     assert (run / "train.log").stat().st_size > 0 and (secret_run["export"] / "README.md").stat().st_size > 0
     config = json.loads((run / "config.json").read_text())
     assert not {"hf_token", "wandb_api_key", "HF_TOKEN", "WANDB_API_KEY"} & set(config["args"])
+    # the flag, the --config file and the value it set are all in the config, redacted
+    for key in ("config", "train_file", "validation_file"):
+        assert "<redacted>" in config["args"][key], key
+    assert config["args"]["rank"] == 4  # the --config file was read
     record_property(
         "observed", f"scanned {len(files)} files (config.json, train.log, TensorBoard, model card): no secret"
     )

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import csv
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -226,8 +225,11 @@ def test_sweep_with_real_train_script(tmp_path, tiny_model_dir, toy_data_dir):
     assert config["args"]["lr"] == 1e-3 and config["args"]["subset"] == 8
     assert rows[0]["is_best"] and rows[0]["best_val_loss"] is not None and rows[0]["val_loss_ci95"] is not None
     assert (tmp_path / "sweeps" / "real" / "logs" / "lr=1e-3.log").stat().st_size > 0
-    sweep.main(
+    # the table's number is the run's own: the lowest validation loss in its eval_log.jsonl
+    evals = [json.loads(line) for line in (run_dir / "eval_log.jsonl").read_text().splitlines()]
+    assert rows[0]["best_val_loss"] == pytest.approx(min(e["val_loss"] for e in evals))
+    again = sweep.main(
         ["--grid", "lr=1e-3", "--subset", "8", "--name", "real", "--sweeps-dir", str(tmp_path / "sweeps"), "--", *fixed]
     )
     assert json.loads((run_dir / "summary.json").read_text()) == summary  # not retrained
-    assert sys.executable  # the runs used this interpreter
+    assert again[0]["best_val_loss"] == rows[0]["best_val_loss"]

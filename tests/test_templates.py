@@ -23,7 +23,7 @@ import train
 from common.artifacts import build_generation_config
 from common.data import IGNORE_INDEX, DataError, collate_batch, tokenize_messages, tokenize_records
 from common.generation import end_of_turn_ids
-from common.model import ModelLoadError, prepare_chat_template
+from common.model import ModelLoadError, load_tokenizer, prepare_chat_template
 from tests.conftest import make_conversation, write_jsonl
 
 SYSTEM = "You are an underwriting assistant."
@@ -94,6 +94,38 @@ PHI3 = r"""
 {%- endif %}{%- endfor %}
 {%- if add_generation_prompt %}{{- '<|assistant|>\n' }}{%- else %}{{- eos_token }}{%- endif %}
 """
+GEMMA3 = r"""
+{{- bos_token }}
+{%- if messages[0]['role'] == 'system' %}{%- set first_user_prefix = messages[0]['content'] + '\n\n' %}
+{%- set loop_messages = messages[1:] %}{%- else %}{%- set first_user_prefix = '' %}{%- set loop_messages = messages %}{%- endif %}
+{%- for message in loop_messages %}
+{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}
+{{- raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{%- endif %}
+{%- if message['role'] == 'assistant' %}{%- set role = 'model' %}{%- else %}{%- set role = message['role'] %}{%- endif %}
+{{- '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else '') }}
+{{- message['content'] | trim }}{{- '<end_of_turn>\n' }}
+{%- endfor %}
+{%- if add_generation_prompt %}{{- '<start_of_turn>model\n' }}{%- endif %}
+"""
+PHI4 = r"""
+{%- for message in messages %}
+{{- '<|im_start|>' + message['role'] + '<|im_sep|>' + message['content'] + '<|im_end|>' }}
+{%- endfor %}
+{%- if add_generation_prompt %}{{- '<|im_start|>assistant<|im_sep|>' }}{%- endif %}
+"""
+PHI4_MINI = r"""
+{%- for message in messages %}{{- '<|' + message['role'] + '|>' + message['content'] + '<|end|>' }}{%- endfor %}
+{%- if add_generation_prompt %}{{- '<|assistant|>' }}{%- else %}{{- eos_token }}{%- endif %}
+"""
+# The first Phi-3-mini release: no system role (the turn is dropped), the assistant header closes each user turn.
+PHI3_MINI_ORIGINAL = r"""
+{{- bos_token }}{%- for message in messages %}
+{%- if message['role'] == 'user' %}{{- '<|user|>\n' + message['content'] + '<|end|>\n<|assistant|>\n' }}
+{%- elif message['role'] == 'assistant' %}{{- message['content'] + '<|end|>\n' }}{%- endif %}
+{%- endfor %}
+"""
+LLAMA3_TOKENS = ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+
 # Qwen3-style: the reply after the last user turn gets an empty think block, earlier ones do not,
 # so turn 1 renders differently once turn 2 follows.
 QWEN3_LIKE = r"""
@@ -134,6 +166,37 @@ FAMILIES = {
          "extra_special_tokens": ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]},
         "<|end|>", "",
     ),
+    # Llama 3.1/3.2-Instruct: eos is <|eot_id|> itself and there is no pad token
+    "llama3.1": (
+        LLAMA3,
+        {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>", "pad_token": None,
+         "extra_special_tokens": ["<|start_header_id|>", "<|end_header_id|>", "<|end_of_text|>"]},
+        "<|eot_id|>", "",
+    ),
+    "gemma3": (
+        GEMMA3,
+        {"bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>",
+         "extra_special_tokens": ["<start_of_turn>", "<end_of_turn>"]},
+        "<end_of_turn>", "",
+    ),
+    "phi4": (
+        PHI4,
+        {"bos_token": "<|endoftext|>", "eos_token": "<|im_end|>", "pad_token": "<|dummy_85|>",
+         "extra_special_tokens": ["<|im_start|>", "<|im_sep|>"]},
+        "<|im_end|>", "",
+    ),
+    "phi4-mini": (
+        PHI4_MINI,
+        {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>",
+         "extra_special_tokens": ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]},
+        "<|end|>", "",
+    ),
+    "phi3-mini-original": (
+        PHI3_MINI_ORIGINAL,
+        {"bos_token": "<s>", "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>",
+         "extra_special_tokens": ["<|user|>", "<|assistant|>", "<|end|>"]},
+        "<|end|>", "",
+    ),
 }  # fmt: skip
 
 
@@ -142,7 +205,9 @@ def build_tokenizer(tiny_model_dir: Path, family: str):
     template, special_tokens, _, _ = FAMILIES[family]
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     if special_tokens:
-        tokenizer.add_special_tokens(special_tokens)
+        tokenizer.add_special_tokens({k: v for k, v in special_tokens.items() if v is not None})
+    if special_tokens.get("pad_token", "") is None:
+        tokenizer.pad_token = None  # the family ships without one
     if template is not None:
         tokenizer.chat_template = template.strip()
     return tokenizer
@@ -163,11 +228,17 @@ def trained_runs(tokenizer, example: dict) -> list[str]:
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_exactly_the_replies_and_their_end_of_turn_token_are_trained(tiny_model_dir, family, caplog):
+def test_exactly_the_replies_and_their_end_of_turn_token_are_trained(tiny_model_dir, family, caplog, tmp_path):
     _, _, end_of_turn, lead = FAMILIES[family]
     tokenizer = build_tokenizer(tiny_model_dir, family)
     with caplog.at_level(logging.WARNING):
-        prepare_chat_template(tokenizer, f"test/{family}")
+        if tokenizer.pad_token is None:  # loaded as the scripts load it, which gives it a pad token
+            tokenizer.save_pretrained(tmp_path / family)
+            (tmp_path / family / "config.json").write_bytes((tiny_model_dir / "config.json").read_bytes())
+            tokenizer = load_tokenizer(str(tmp_path / family))
+            assert tokenizer.pad_token == tokenizer.eos_token == end_of_turn  # Llama 3.1: pad = eos = <|eot_id|>
+        else:
+            prepare_chat_template(tokenizer, f"test/{family}")
     example = tokenize_messages(tokenizer, CONVERSATION)
     assert trained_runs(tokenizer, example) == [f"{lead}{reply}{end_of_turn}" for reply in REPLIES]
     eot_id = tokenizer.convert_tokens_to_ids(end_of_turn)
@@ -236,9 +307,11 @@ def test_generation_stops_at_the_family_end_of_turn_token(tiny_model_dir, family
 def test_llama3_dated_system_header_is_never_trained(tiny_model_dir):
     tokenizer = build_tokenizer(tiny_model_dir, "llama3")
     prepare_chat_template(tokenizer, "meta-llama/Llama-3.2-1B-Instruct")
+    before = time.strftime("%d %b %Y")
     example = tokenize_messages(tokenizer, CONVERSATION)
+    dates = {before, time.strftime("%d %b %Y")}  # the template reads the clock: midnight may pass in between
     text = tokenizer.decode(example["input_ids"])
-    assert f"Today Date: {time.strftime('%d %b %Y')}" in text and "Cutting Knowledge Date" in text
+    assert any(f"Today Date: {date}" in text for date in dates) and "Cutting Knowledge Date" in text
     assert "Today Date" not in "".join(trained_runs(tokenizer, example))
 
 
@@ -345,3 +418,74 @@ def test_conversations_a_template_refuses_name_their_line(tiny_model_dir):
         tokenize_records([{"messages": two_users, "_line": 3}], gemma, 512)
     with pytest.raises(DataError, match=r"record at line 2: the conversation opens with an assistant turn"):
         tokenize_records([{"messages": CONVERSATION[2:], "_line": 2}], build_tokenizer(tiny_model_dir, "smollm2"), 512)
+
+
+# --- SentencePiece-style tokenizers (Metaspace "▁", special tokens with rstrip/lstrip), built offline ---
+
+NO_SYSTEM_PADDED = [
+    {"role": "user", "content": "  Term life, age 42, 500k, non-smoker. "},
+    {"role": "assistant", "content": " What is the applicant's BMI?\n"},
+    {"role": "user", "content": "27.5\n"},
+    {"role": "assistant", "content": "\tStandard class applies.\nDECISION: approve | CLASS: standard | RULES: L-8  "},
+]
+# family -> template, special tokens as the real tokenizer configs declare them (rstrip on Phi-3's role tokens),
+# whether the tokenizer adds BOS itself, end-of-turn token, whether the template trims the replies
+SENTENCEPIECE_FAMILIES = {
+    "mistral-v0.3": (MISTRAL_V03, {"[INST]": {}, "[/INST]": {}}, "</s>", True),
+    "phi3": (PHI3, {"<|user|>": {"rstrip": True}, "<|assistant|>": {"rstrip": True}, "<|system|>": {"rstrip": True},
+                    "<|end|>": {"rstrip": True}, "<|endoftext|>": {}}, "<|end|>", False),
+    "gemma": (GEMMA, {"<start_of_turn>": {}, "<end_of_turn>": {}, "<pad>": {}}, "<end_of_turn>", True),
+}  # fmt: skip
+
+
+def build_sentencepiece_tokenizer(family: str):
+    """A small BPE with a Metaspace pre-tokenizer (as Mistral/Phi-3/Gemma convert), trained here, adding BOS."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    template, added, _, _ = SENTENCEPIECE_FAMILIES[family]
+    eos = "<eos>" if family == "gemma" else ("<|endoftext|>" if family == "phi3" else "</s>")
+    bos = "<bos>" if family == "gemma" else "<s>"
+    model = Tokenizer(models.BPE(unk_token="<unk>"))
+    model.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    model.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+    corpus = [m["content"] for m in CONVERSATION + NO_SYSTEM_PADDED] * 3 + [SYSTEM]
+    model.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", bos, "</s>", eos]))
+    model.add_special_tokens([AddedToken(t, special=True, normalized=False, **o) for t, o in added.items()])
+    # like the real configs, the tokenizer itself puts BOS first (add_special_tokens=True)
+    model.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A", special_tokens=[(bos, model.token_to_id(bos))]
+    )
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=model, bos_token=bos, eos_token=eos, unk_token="<unk>")
+    tokenizer.pad_token = "<pad>" if family == "gemma" else eos
+    tokenizer.chat_template = template.strip()
+    return tokenizer
+
+
+@pytest.mark.parametrize("family", list(SENTENCEPIECE_FAMILIES))
+@pytest.mark.parametrize("conversation", ["with_system", "no_system_whitespace"])
+def test_sentencepiece_style_tokenizers_train_exactly_the_replies(family, conversation):
+    """On "▁"-tokens, rstrip specials and a tokenizer that adds BOS itself: BOS only as the template writes it
+    (once), and the trained tokens
+    are each reply (trimmed where the template trims) and its end-of-turn token, nothing of the user turns"""
+    _, _, end_of_turn, trims = SENTENCEPIECE_FAMILIES[family]
+    messages = CONVERSATION if conversation == "with_system" else NO_SYSTEM_PADDED
+    tokenizer = build_sentencepiece_tokenizer(family)
+    assert tokenizer("a")["input_ids"][0] == tokenizer.bos_token_id  # the tokenizer adds BOS itself
+    prepare_chat_template(tokenizer, f"test/{family}")
+    example = tokenize_messages(tokenizer, messages)
+    if tokenizer.apply_chat_template(messages, tokenize=False).startswith(tokenizer.bos_token):
+        assert example["input_ids"][0] == tokenizer.bos_token_id and example["input_ids"][1] != tokenizer.bos_token_id
+    else:  # Phi-3's template writes no BOS: the tokenizer must not add one either
+        assert tokenizer.bos_token_id not in example["input_ids"]
+    replies = [m["content"] for m in messages if m["role"] == "assistant"]
+    expected = [(r.strip() if trims else r) + end_of_turn for r in replies]
+    # Metaspace decoding drops the "▁" word marks at a run's start; compare without the outer whitespace
+    assert [run.strip() for run in trained_runs(tokenizer, example)] == [e.strip() for e in expected]
+    eot_id = tokenizer.convert_tokens_to_ids(end_of_turn)
+    trained = [t for t, label in zip(example["input_ids"], example["labels"]) if label != IGNORE_INDEX]
+    assert trained.count(eot_id) == 2 and trained[-1] == eot_id
+    untrained = tokenizer.decode([t for t, lab in zip(example["input_ids"], example["labels"]) if lab == IGNORE_INDEX])
+    for message in messages:
+        if message["role"] != "assistant":
+            assert message["content"].strip() in untrained, (family, message["content"])

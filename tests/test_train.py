@@ -212,8 +212,10 @@ def test_early_stopping_triggers_after_patience(tiny_model_dir, toy_data_dir, tm
 
 
 def test_nan_guard_skips_counts_and_stops(tiny_model_dir, toy_data_dir, tmp_path):
+    """Isolated bad steps under --max-bad-steps 1 complete (the counter resets after a good step); two in a row stop"""
     run = tmp_path / "one_nan"
-    summary = train.main(base_args(tiny_model_dir, toy_data_dir, run, "--fault-inject", "loss:2,grad:5", "--num-samples", "0"))  # fmt: skip
+    summary = train.main(base_args(tiny_model_dir, toy_data_dir, run, "--fault-inject", "loss:2,grad:5", "--num-samples", "0",
+                                   "--max-bad-steps", "1"))  # fmt: skip
     bad = [r for r in read_jsonl(run / "train_log.jsonl") if r["type"] == "bad_step"]
     assert [r["step"] for r in bad] == [2, 5] and summary["bad_steps_total"] == 2
     assert summary["status"] == "completed"
@@ -223,11 +225,12 @@ def test_nan_guard_skips_counts_and_stops(tiny_model_dir, toy_data_dir, tmp_path
     assert "non-finite loss nan" in (run / "train.log").read_text()
 
     run = tmp_path / "many_nan"
-    with pytest.raises(SystemExit, match=r"training stopped: 3 non-finite steps in a row \(> --max-bad-steps 2\)"):
-        train.main(base_args(tiny_model_dir, toy_data_dir, run, "--fault-inject", "loss:1,loss:2,grad:3",
-                             "--max-bad-steps", "2", "--num-samples", "0"))  # fmt: skip
+    with pytest.raises(SystemExit, match=r"training stopped: 2 non-finite steps in a row \(> --max-bad-steps 1\)"):
+        train.main(base_args(tiny_model_dir, toy_data_dir, run, "--fault-inject", "loss:1,grad:2",
+                             "--max-bad-steps", "1", "--num-samples", "0", "--no-baseline"))  # fmt: skip
     assert not (run / "final").exists() and not (run / "best").exists()
-    assert json.loads((run / "summary.json").read_text())["status"] == "stopped_bad_steps"
+    stopped = json.loads((run / "summary.json").read_text())
+    assert stopped["status"] == "stopped_bad_steps" and stopped["global_step"] == 2 and stopped["bad_steps_total"] == 2
 
 
 def test_qlora_nf4_path_trains_on_cpu(tiny_model_dir, toy_data_dir, tmp_path):
