@@ -9,13 +9,17 @@ Adapter mode loads the base model once, adds the adapter, and measures both mode
 examples: with the adapter, and inside `model.disable_adapter()` (the untouched base).
 - mean cross-entropy and perplexity over assistant tokens, with a bootstrap 95% interval that
   resamples examples, and the paired finetuned-minus-base difference on the same resamples
-- greedy generation of the final assistant reply (batched, left padding, stops at the end-of-turn
-  token), ROUGE-1/2/L against the reference reply
+- greedy generation of the final assistant reply and of the asking turns in one continuous batch
+  (common/generation.py: finished rows leave at once, a conversation's prompts share one prefill,
+  the adapter is merged while it runs), ROUGE-1/2/L against the reference reply
 - decision accuracy from the `DECISION | CLASS | RULES` line: parse rate, outcome and risk-class
   accuracy, rule-citation F1, per line of business, and confusion matrices; where the references
   carry the rulebook's approval conditions, whether each approval names exactly them
 It writes metrics.json, predictions.jsonl (one line per example: reference and both replies) and
-report.md (the comparison table). If `--model` is given and differs from the adapter's base model,
+report.md (the comparison table). The base model's outputs are cached (common/eval_cache.py, keyed by
+the base model's files, the data, the generation settings, the precision and the package versions)
+and reused by the next evaluation with the same key: the log and metrics.json say so; `--no-cache`
+recomputes them. If `--model` is given and differs from the adapter's base model,
 it exits with an error instead of scoring the adapter on the wrong weights.
 
 Report mode reads only the run's logs (see docs/run_folder.md) and writes PNG plots and report.md:
