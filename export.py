@@ -44,6 +44,7 @@ from common.artifacts import (
     build_generation_config,
     collect_secret_values,
     count_base_parameters,
+    end_of_turn_token_ids,
     estimate_inference_memory,
     find_secrets_in_folder,
     redact_secrets,
@@ -51,6 +52,22 @@ from common.artifacts import (
     validate_export_name,
 )
 from common.checkpoint import CheckpointError, open_adapter, publish_folder
+from common.data import DataError, load_records
+from common.gguf_export import (
+    GGUF_TYPES,
+    QUANTIZE_TYPES,
+    GGUFError,
+    build_merged_folder,
+    check_gguf,
+    convert_lora_to_gguf,
+    convert_to_gguf,
+    failed_checks,
+    find_converter,
+    llama_cpp_available,
+    nf4_dtype_of,
+    quantize_gguf,
+    run_reference,
+)
 from common.jsonio import read_json, read_jsonl, write_json
 from common.model import (
     EMBEDDED_MODELS,
@@ -62,10 +79,25 @@ from common.model import (
     resolve_model_path,
 )
 from common.model_card import render_model_card
+from common.modelfile import (
+    TemplateError,
+    build_modelfile,
+    build_ollama_template,
+    check_modelfile,
+    derive_template_parts,
+)
 from common.run_folder import is_locked
 
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
 UNSAFE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+GGUF_CHECK_PROMPTS = 3  # validation prompts for the GGUF checks, each with up to...
+GGUF_CHECK_NEW_TOKENS = 48  # ...this many greedy tokens
+BUILTIN_CHECK_PROMPTS = [  # when the run's validation file is not available
+    [
+        {"role": "system", "content": "You are an insurance underwriting assistant."},
+        {"role": "user", "content": "Applicant is 34, non-smoker, wants 250k term life. BMI is 23."},
+    ]
+]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -87,6 +119,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--private", action="store_true", help="create the hub repo as private")
     parser.add_argument("--trust-remote-code", action="store_true", help="allow custom tokenizer/model code")
     parser.add_argument("--chat-template", metavar="FILE", help="Jinja chat template replacing the run's own")
+    # --- GGUF for llama.cpp / Ollama / LM Studio (docs/gguf.md; run `make gguf-setup` once) ---
+    parser.add_argument(
+        "--gguf", metavar="TYPES", help=f"also write checked GGUFs of the merged model: {','.join(GGUF_TYPES)}"
+    )
+    parser.add_argument(
+        "--gguf-lora", action="store_true", help="with --gguf: also the adapter as a llama.cpp LoRA GGUF"
+    )
+    parser.add_argument("--quantize", choices=sorted(QUANTIZE_TYPES), help="with --gguf: also llama.cpp's quantization")
     args = parser.parse_args(argv)
 
     run_dir = Path(args.run)
@@ -107,7 +147,34 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             validate_repo_id(args.push_to_hub)
         except HFValidationError as err:
             parser.error(f"--push-to-hub {args.push_to_hub!r}: {err}")
+    validate_gguf_args(parser, args)
     return args
+
+
+def validate_gguf_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """--gguf TYPES becomes a list; the converter (and llama-cpp-python for --quantize) must be installed.
+
+    Raises:
+        SystemExit: a bad flag (usage error), or a missing tool (one line saying what to run).
+    """
+    if args.gguf is None:
+        if args.gguf_lora or args.quantize:
+            parser.error("--gguf-lora and --quantize need --gguf TYPES (e.g. --gguf f16)")
+        return
+    args.gguf = list(dict.fromkeys(t.strip() for t in args.gguf.split(",") if t.strip()))
+    unknown = [t for t in args.gguf if t not in GGUF_TYPES]
+    if unknown or not args.gguf:
+        parser.error(f"--gguf {','.join(unknown) or args.gguf!r}: choose among {','.join(GGUF_TYPES)}")
+    if args.quantize and not {"f32", "bf16", "f16"} & set(args.gguf):
+        parser.error("--quantize starts from a f32, bf16 or f16 GGUF: add f16 to --gguf")
+    try:
+        args.converter = find_converter()
+    except GGUFError as err:
+        sys.exit(f"export.py: error: --gguf: {err}")
+    if args.quantize and not llama_cpp_available():
+        sys.exit(
+            "export.py: error: --quantize needs llama-cpp-python (a ~10 minute CPU build): pip install llama-cpp-python"
+        )
 
 
 def checkpoint_step(checkpoint: Path, checkpoint_metrics: dict | None) -> int | None:
@@ -240,6 +307,94 @@ def push_export(final_dir: Path, args: argparse.Namespace, secrets: list[str]) -
     print(f"pushed {final_dir} -> {url}")
 
 
+def load_check_conversations(run_config: dict, limit: int) -> list[list[dict]]:
+    """Prompts for the GGUF checks: each validation record's turns before its last assistant reply."""
+    data_file = Path(run_config.get("dataset", {}).get("validation_file") or "")
+    try:
+        records = load_records(data_file) if data_file.is_file() else []
+    except DataError:
+        records = []
+    conversations = []
+    for record in records[:limit]:
+        last = max(i for i, m in enumerate(record["messages"]) if m["role"] == "assistant")
+        conversations.append(record["messages"][:last])
+    return conversations or BUILTIN_CHECK_PROMPTS
+
+
+def training_system_prompt(run_config: dict) -> str | None:
+    """The system prompt most training conversations start with (the Modelfile's SYSTEM), or None."""
+    train_file = Path(run_config.get("dataset", {}).get("train_file") or "")
+    try:
+        records = load_records(train_file) if train_file.is_file() else []
+    except DataError:
+        return None
+    systems = [r["messages"][0]["content"] for r in records if r.get("messages", [{}])[0].get("role") == "system"]
+    return max(set(systems), key=systems.count) if systems else None
+
+
+def write_modelfile(gguf_dir: Path, gguf_name: str, tokenizer, eos_ids: list[int], run_config: dict) -> dict:
+    """gguf/Modelfile (FROM the first GGUF, TEMPLATE, stop tokens, SYSTEM) and its rendering check."""
+    system = training_system_prompt(run_config)
+    template = build_ollama_template(derive_template_parts(tokenizer))
+    stops = tokenizer.convert_ids_to_tokens(eos_ids)
+    modelfile = build_modelfile(gguf_name, template, stops, system)
+    (gguf_dir / "Modelfile").write_text(modelfile)
+    conversations = load_check_conversations(run_config, GGUF_CHECK_PROMPTS)
+    conversations.append([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}])
+    conversations[-1].append({"role": "user", "content": "Applicant is 61, smoker, wants 1M term life."})
+    return check_modelfile(modelfile, tokenizer, conversations, system) | {"from": gguf_name, "stop": stops}
+
+
+def export_gguf(export_dir: Path, base_dir: str, run_config: dict, args: argparse.Namespace) -> dict:
+    """--gguf: merge the adapter, convert it, check every file, write <export>/gguf/ with gguf_check.json.
+
+    Returns:
+        The gguf_check.json report.
+
+    Raises:
+        SystemExit: conversion or a check failed; the export is then not published (earlier ones stay).
+    """
+    gguf_dir, stem = export_dir / "gguf", f"{args.name}-v{args.version}"
+    gguf_dir.mkdir()
+    tokenizer = AutoTokenizer.from_pretrained(export_dir)
+    eos_ids = GenerationConfig.from_pretrained(export_dir).eos_token_id
+    eos_ids = [eos_ids] if isinstance(eos_ids, int) else list(eos_ids)
+    conversations = load_check_conversations(run_config, GGUF_CHECK_PROMPTS)
+    prompts = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations]
+    prompt_ids = [tokenizer(p, add_special_tokens=False, return_tensors="pt")["input_ids"] for p in prompts]
+    report = {"converter": str(args.converter), "prompts": len(prompts), "max_new_tokens": GGUF_CHECK_NEW_TOKENS}
+    try:
+        started = time.time()
+        with tempfile.TemporaryDirectory(prefix=".merged-", dir=export_dir.parent) as merged_dir:
+            merged = build_merged_folder(base_dir, export_dir, tokenizer, nf4_dtype_of(run_config), Path(merged_dir))
+            reference = run_reference(merged, prompt_ids, eos_ids, GGUF_CHECK_NEW_TOKENS)
+            del merged
+            files = convert_to_gguf(args.converter, Path(merged_dir), gguf_dir, stem, args.gguf)
+        if args.gguf_lora:
+            lora_file = convert_lora_to_gguf(args.converter, export_dir, Path(base_dir), gguf_dir / f"{stem}-lora.gguf")
+            report["lora"] = {"file": lora_file.name, "bytes": lora_file.stat().st_size, "base": base_dir}
+        if args.quantize:
+            source = next(files[t] for t in ("f32", "bf16", "f16") if t in files)
+            files[args.quantize] = quantize_gguf(source, gguf_dir / f"{stem}-{args.quantize}.gguf", args.quantize)
+        report["convert_s"] = round(time.time() - started, 1)
+        report["files"] = {t: check_gguf(p, t, prompts, reference, tokenizer, eos_ids) for t, p in files.items()}
+        report["modelfile"] = write_modelfile(gguf_dir, files[args.gguf[0]].name, tokenizer, eos_ids, run_config)
+    except (GGUFError, TemplateError) as err:
+        sys.exit(f"export.py: error: --gguf: {err}; nothing was published")
+    report["check_s"] = round(time.time() - started - report["convert_s"], 1)
+    report["passed"] = not failed_checks(report)
+    write_json(gguf_dir / "gguf_check.json", report)
+    for gguf_type, result in report["files"].items():
+        hf = result["transformers"]
+        print(
+            f"gguf {gguf_type}: {result['bytes'] / 2**20:.1f} MiB | max |dlogit| {hf['max_abs_logit_diff']:.3g} "
+            f"| greedy identical {hf['identical_generations']}/{hf['prompts']} | passed {result['passed']}"
+        )
+    if not report["passed"]:
+        sys.exit(f"export.py: error: GGUF check failed ({'; '.join(failed_checks(report))}); nothing was published")
+    return report
+
+
 def main(argv: list[str] | None = None) -> Path:
     """Export the adapter; returns the published export folder."""
     args = parse_args(argv)
@@ -279,6 +434,7 @@ def main(argv: list[str] | None = None) -> Path:
         write_json(tmp_dir / "training_args.json", redact_secrets(run_config, secrets))
         write_json(tmp_dir / "metrics.json", redact_secrets(metrics, secrets))
         (tmp_dir / "VERSION").write_text(f"{args.version}\n")
+        gguf = export_gguf(tmp_dir, adapter_config["base_model_name_or_path"], run_config, args) if args.gguf else None
 
         adapter_bytes = sum(t.numel() * t.element_size() for t in adapter_tensors.values())
         memory, memory_note = estimate_export_memory(recorded_base, run_config, adapter_bytes, args.trust_remote_code)
@@ -294,6 +450,8 @@ def main(argv: list[str] | None = None) -> Path:
             memory=memory,
             memory_note=memory_note,
             base_recreate=base_recreate,
+            stop_tokens=tokenizer.convert_ids_to_tokens(end_of_turn_token_ids(tokenizer)),
+            gguf=gguf,
             lineage={
                 "run": str(run_dir),
                 "checkpoint": str(checkpoint),

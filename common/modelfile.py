@@ -215,7 +215,7 @@ def _parse_if(tokens: list[tuple[str, str]], position: int) -> tuple[list, int]:
         condition = text[len("else if") :] if text.startswith("else if ") else None
         if condition is None:
             body, position = _parse(tokens, position + 1, ("end",))
-            return branches + [(None, body)], position
+            return [*branches, (None, body)], position
 
 
 def _execute(nodes: list, dot: Mapping, root: Mapping) -> str:
@@ -259,3 +259,34 @@ def render_go_template(template: str, values: Mapping) -> str:
     tokens.append(("text", template[last:]))
     nodes, _ = _parse([t for t in tokens if t != ("text", "")], 0, ())
     return _execute(nodes, values, values)
+
+
+def check_modelfile(modelfile: str, tokenizer, conversations: Sequence[Sequence[Mapping]], system: str | None) -> dict:
+    """Render the Modelfile's TEMPLATE as Ollama would and compare with `apply_chat_template`.
+
+    Each conversation is checked as given and without its system messages (Ollama then inserts the
+    Modelfile's SYSTEM, or the template its default system block).
+
+    Args:
+        modelfile: the Modelfile text.
+        tokenizer: the export's tokenizer.
+        conversations: message lists ending with a user turn.
+        system: the Modelfile's SYSTEM, or None.
+
+    Returns:
+        {"conversations", "mismatches", "passed", "first_mismatch" (only on a mismatch)}.
+    """
+    template = read_modelfile_template(modelfile)
+    result = {"conversations": 0, "mismatches": 0}
+    for messages in conversations:
+        for variant in (list(messages), [m for m in messages if m["role"] != "system"]):
+            values = ollama_values(variant, system)
+            with_system = [{"role": m["Role"], "content": m["Content"]} for m in values["Messages"]]
+            expected = strip_added_bos(tokenizer, _render(tokenizer, with_system, True))
+            rendered = render_go_template(template, values)
+            result["conversations"] += 1
+            if rendered != expected:
+                result["mismatches"] += 1
+                result.setdefault("first_mismatch", {"expected": expected, "rendered": rendered})
+    result["passed"] = result["mismatches"] == 0
+    return result
