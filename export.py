@@ -59,6 +59,7 @@ from common.gguf_export import (
     GGUFError,
     build_merged_folder,
     check_gguf,
+    check_gguf_tokenizer,
     convert_lora_to_gguf,
     convert_to_gguf,
     failed_checks,
@@ -377,6 +378,7 @@ def export_gguf(export_dir: Path, base_dir: str, run_config: dict, args: argpars
             source = next(files[t] for t in ("f32", "bf16", "f16") if t in files)
             files[args.quantize] = quantize_gguf(source, gguf_dir / f"{stem}-{args.quantize}.gguf", args.quantize)
         report["convert_s"] = round(time.time() - started, 1)
+        report["tokenizer"] = check_gguf_tokenizer(files[args.gguf[0]], prompts, tokenizer)
         report["files"] = {t: check_gguf(p, t, prompts, reference, tokenizer, eos_ids) for t, p in files.items()}
         report["modelfile"] = write_modelfile(gguf_dir, files[args.gguf[0]].name, tokenizer, eos_ids, run_config)
     except (GGUFError, TemplateError) as err:

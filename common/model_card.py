@@ -366,22 +366,20 @@ def run_it_section(name: str, folder: str, base: str, stop_tokens: Sequence[str]
         first = gguf["modelfile"]["from"]
         out += [
             f'# llama.cpp: chat template and EOS ({stops}) come from the GGUF; raw /completion requests: "stop": {stop_json}',
-            f"llama-server -m {folder}/gguf/{first} --jinja",
+            f"llama-server -m exports/{folder}/gguf/{first} --jinja",
         ]
         if "lora" in gguf:
-            out.append(f"llama-server -m <GGUF of {base}> --lora {folder}/gguf/{gguf['lora']['file']} --jinja")
+            out.append(f"llama-server -m <GGUF of {base}> --lora exports/{folder}/gguf/{gguf['lora']['file']} --jinja")
         out += [
             "# Ollama: the Modelfile holds the TEMPLATE, SYSTEM and PARAMETER stop " + stop_json,
-            f"cd {folder}/gguf && ollama create {name.lower()} -f Modelfile && ollama run {name.lower()}",
+            f"cd exports/{folder}/gguf && ollama create {name.lower()} -f Modelfile && ollama run {name.lower()}",
         ]
     out += [
         f"# vLLM, merged model (stops at generation_config.json's eos {stops}):",
         f"python merge_and_load.py --adapter exports/{folder} --output merged/{folder}",
         f"vllm serve merged/{folder}",
-        "# vLLM, the adapter on its base (pass the stop strings in each request):",
+        f'# vLLM, the adapter on its base; requests to model {name} add "stop": {stop_json}',
         f"vllm serve {base} --enable-lora --lora-modules {name}=exports/{folder}",
-        f'curl localhost:8000/v1/chat/completions -H "Content-Type: application/json" -d \'{{"model": "{name}", '
-        f'"messages": [{{"role": "user", "content": "Applicant is 45, smoker, wants 500k term life."}}], "stop": {stop_json}}}\'',
         "```",
     ]
     if not gguf:
