@@ -4,6 +4,7 @@
     python export.py --run runs/demo --version 1.1 --name underwrite --output-dir /shared/exports
     python export.py --run runs/demo --version 1.0 --checkpoint runs/demo/checkpoints/step_000120 --force
     python export.py --run runs/demo --version 1.0 --push-to-hub my-org/underwrite-lora --private
+    make gguf-setup && python export.py --run runs/demo --version 1.0 --gguf f16,q8_0   # + gguf/ (docs/gguf.md)
 
 Load an export without this project: `peft.AutoPeftModelForCausalLM.from_pretrained("exports/demo-v1.0")`
 or `transformers.pipeline("text-generation", model="exports/demo-v1.0")`.
@@ -20,6 +21,13 @@ What is written to <output-dir>/<name>-v<version>/:
     README.md                   model card (base, data + sha256, hyperparameters, time, hardware,
                                 metrics vs baseline, samples, use and limits, memory, how to load, lineage)
     VERSION
+    gguf/                       with --gguf TYPES: <name>-v<version>-<type>.gguf of the merged model (f32, f16,
+                                bf16, q8_0; --quantize Q4_K_M needs llama-cpp-python), --gguf-lora: the adapter
+                                as a llama.cpp LoRA GGUF, an Ollama Modelfile, and gguf_check.json: EOS, chat
+                                template and pre-tokenizer in each GGUF; logits and greedy text of each GGUF
+                                reloaded with transformers (and llama.cpp if installed) vs the merged model;
+                                the Modelfile TEMPLATE rendered vs apply_chat_template. A failed check
+                                publishes nothing (common/gguf_export.py, common/modelfile.py).
 
 Safety: the checkpoint must have its COMPLETE marker and finite weights (the run's best/ by
 default). Names and versions are single folder names (no "/", no ".."), so an export cannot land
@@ -52,7 +60,6 @@ from common.artifacts import (
     validate_export_name,
 )
 from common.checkpoint import CheckpointError, open_adapter, publish_folder
-from common.data import DataError, load_records
 from common.gguf_export import (
     GGUF_TYPES,
     QUANTIZE_TYPES,
@@ -65,6 +72,7 @@ from common.gguf_export import (
     failed_checks,
     find_converter,
     llama_cpp_available,
+    load_check_conversations,
     nf4_dtype_of,
     quantize_gguf,
     run_reference,
@@ -80,25 +88,13 @@ from common.model import (
     resolve_model_path,
 )
 from common.model_card import render_model_card
-from common.modelfile import (
-    TemplateError,
-    build_modelfile,
-    build_ollama_template,
-    check_modelfile,
-    derive_template_parts,
-)
+from common.modelfile import MULTI_TURN_CHECK, TemplateError, build_modelfile, check_modelfile, training_system_prompt
 from common.run_folder import is_locked
 
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
 UNSAFE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 GGUF_CHECK_PROMPTS = 3  # validation prompts for the GGUF checks, each with up to...
 GGUF_CHECK_NEW_TOKENS = 48  # ...this many greedy tokens
-BUILTIN_CHECK_PROMPTS = [  # when the run's validation file is not available
-    [
-        {"role": "system", "content": "You are an insurance underwriting assistant."},
-        {"role": "user", "content": "Applicant is 34, non-smoker, wants 250k term life. BMI is 23."},
-    ]
-]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -308,44 +304,6 @@ def push_export(final_dir: Path, args: argparse.Namespace, secrets: list[str]) -
     print(f"pushed {final_dir} -> {url}")
 
 
-def load_check_conversations(run_config: dict, limit: int) -> list[list[dict]]:
-    """Prompts for the GGUF checks: each validation record's turns before its last assistant reply."""
-    data_file = Path(run_config.get("dataset", {}).get("validation_file") or "")
-    try:
-        records = load_records(data_file) if data_file.is_file() else []
-    except DataError:
-        records = []
-    conversations = []
-    for record in records[:limit]:
-        last = max(i for i, m in enumerate(record["messages"]) if m["role"] == "assistant")
-        conversations.append(record["messages"][:last])
-    return conversations or BUILTIN_CHECK_PROMPTS
-
-
-def training_system_prompt(run_config: dict) -> str | None:
-    """The system prompt most training conversations start with (the Modelfile's SYSTEM), or None."""
-    train_file = Path(run_config.get("dataset", {}).get("train_file") or "")
-    try:
-        records = load_records(train_file) if train_file.is_file() else []
-    except DataError:
-        return None
-    systems = [r["messages"][0]["content"] for r in records if r.get("messages", [{}])[0].get("role") == "system"]
-    return max(set(systems), key=systems.count) if systems else None
-
-
-def write_modelfile(gguf_dir: Path, gguf_name: str, tokenizer, eos_ids: list[int], run_config: dict) -> dict:
-    """gguf/Modelfile (FROM the first GGUF, TEMPLATE, stop tokens, SYSTEM) and its rendering check."""
-    system = training_system_prompt(run_config)
-    template = build_ollama_template(derive_template_parts(tokenizer))
-    stops = tokenizer.convert_ids_to_tokens(eos_ids)
-    modelfile = build_modelfile(gguf_name, template, stops, system)
-    (gguf_dir / "Modelfile").write_text(modelfile)
-    conversations = load_check_conversations(run_config, GGUF_CHECK_PROMPTS)
-    conversations.append([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}])
-    conversations[-1].append({"role": "user", "content": "Applicant is 61, smoker, wants 1M term life."})
-    return check_modelfile(modelfile, tokenizer, conversations, system) | {"from": gguf_name, "stop": stops}
-
-
 def export_gguf(export_dir: Path, base_dir: str, run_config: dict, args: argparse.Namespace) -> dict:
     """--gguf: merge the adapter, convert it, check every file, write <export>/gguf/ with gguf_check.json.
 
@@ -360,7 +318,8 @@ def export_gguf(export_dir: Path, base_dir: str, run_config: dict, args: argpars
     tokenizer = AutoTokenizer.from_pretrained(export_dir)
     eos_ids = GenerationConfig.from_pretrained(export_dir).eos_token_id
     eos_ids = [eos_ids] if isinstance(eos_ids, int) else list(eos_ids)
-    conversations = load_check_conversations(run_config, GGUF_CHECK_PROMPTS)
+    dataset = run_config.get("dataset", {})
+    conversations = load_check_conversations(dataset.get("validation_file"), GGUF_CHECK_PROMPTS)
     prompts = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations]
     prompt_ids = [tokenizer(p, add_special_tokens=False, return_tensors="pt")["input_ids"] for p in prompts]
     report = {"converter": str(args.converter), "prompts": len(prompts), "max_new_tokens": GGUF_CHECK_NEW_TOKENS}
@@ -380,7 +339,11 @@ def export_gguf(export_dir: Path, base_dir: str, run_config: dict, args: argpars
         report["convert_s"] = round(time.time() - started, 1)
         report["tokenizer"] = check_gguf_tokenizer(files[args.gguf[0]], prompts, tokenizer)
         report["files"] = {t: check_gguf(p, t, prompts, reference, tokenizer, eos_ids) for t, p in files.items()}
-        report["modelfile"] = write_modelfile(gguf_dir, files[args.gguf[0]].name, tokenizer, eos_ids, run_config)
+        system, source = training_system_prompt(dataset.get("train_file")), files[args.gguf[0]].name
+        modelfile = build_modelfile(source, tokenizer, eos_ids, system)
+        (gguf_dir / "Modelfile").write_text(modelfile)
+        report["modelfile"] = check_modelfile(modelfile, tokenizer, [*conversations, MULTI_TURN_CHECK], system)
+        report["modelfile"] |= {"from": source, "stop": tokenizer.convert_ids_to_tokens(eos_ids)}
     except (GGUFError, TemplateError) as err:
         sys.exit(f"export.py: error: --gguf: {err}; nothing was published")
     report["check_s"] = round(time.time() - started - report["convert_s"], 1)

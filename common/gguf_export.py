@@ -56,6 +56,14 @@ LOGIT_TOLERANCE = {"f32": 1e-4, "f16": 0.1, "bf16": 0.5}
 GREEDY_GATED = ("f32", "f16", "bf16", "q8_0")
 
 
+BUILTIN_CHECK_PROMPTS = [  # when the run's validation file is not available
+    [
+        {"role": "system", "content": "You are an insurance underwriting assistant."},
+        {"role": "user", "content": "Applicant is 34, non-smoker, wants 250k term life. BMI is 23."},
+    ]
+]
+
+
 class GGUFError(RuntimeError):
     """The converter is missing or failed, or a GGUF check failed (the message says which and what to do)."""
 
@@ -390,6 +398,30 @@ def quantize_gguf(source: Path, target: Path, quant_type: str) -> Path:
     if llama_cpp.llama_model_quantize(str(source).encode(), str(target).encode(), ctypes.byref(params)) != 0:
         raise GGUFError(f"llama.cpp could not quantize {source.name} to {quant_type}")
     return target
+
+
+def load_check_conversations(validation_file: str | None, limit: int) -> list[list[dict]]:
+    """Prompts for the checks: each validation record's turns before its last assistant reply.
+
+    Args:
+        validation_file: the run's validation JSONL (its config.json's dataset.validation_file), or None.
+        limit: how many records to use.
+
+    Returns:
+        Message lists ending with a user turn (`BUILTIN_CHECK_PROMPTS` when the file is not there).
+    """
+    from common.data import DataError, load_records
+
+    path = Path(validation_file or "")
+    try:
+        records = load_records(path) if validation_file and path.is_file() else []
+    except DataError:
+        records = []
+    conversations = []
+    for record in records[:limit]:
+        last = max(i for i, m in enumerate(record["messages"]) if m["role"] == "assistant")
+        conversations.append(record["messages"][:last])
+    return conversations or [list(c) for c in BUILTIN_CHECK_PROMPTS]
 
 
 def nf4_dtype_of(run_config: dict) -> torch.dtype | None:

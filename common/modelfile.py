@@ -19,9 +19,16 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 # Marker contents: rendered through the Jinja template, then located to cut it into parts.
 MARKERS = {"system": "SYSTEMMARKER7f3a", "user": "USERMARKER7f3a", "assistant": "ASSISTANTMARKER7f3a"}
+# Checked besides the validation prompts: a conversation without system turn, with an earlier reply.
+MULTI_TURN_CHECK = [
+    {"role": "user", "content": "Hi"},
+    {"role": "assistant", "content": "Hello.\nWhat can I do for you?"},
+    {"role": "user", "content": "Applicant is 61, smoker, wants 1M term life."},
+]
 GO_ACTION = re.compile(r"\{\{(.*?)\}\}", re.DOTALL)
 
 
@@ -117,20 +124,38 @@ def build_ollama_template(parts: Mapping[str, str]) -> str:
     return system + turns + parts["generation_prompt"]
 
 
-def build_modelfile(gguf_name: str, template: str, stop_tokens: Sequence[str], system: str | None) -> str:
+def training_system_prompt(train_file: str | None) -> str | None:
+    """The system prompt most training conversations start with (the Modelfile's SYSTEM), or None."""
+    from common.data import DataError, load_records
+
+    path = Path(train_file or "")
+    try:
+        records = load_records(path) if train_file and path.is_file() else []
+    except DataError:
+        return None
+    first = [r["messages"][0] for r in records if r.get("messages")]
+    systems = [m["content"] for m in first if m.get("role") == "system"]
+    return max(set(systems), key=systems.count) if systems else None
+
+
+def build_modelfile(gguf_name: str, tokenizer, eos_ids: Sequence[int], system: str | None) -> str:
     """The Ollama Modelfile: FROM the GGUF next to it, TEMPLATE, one `PARAMETER stop` per end token, SYSTEM.
 
     Args:
         gguf_name: the GGUF file's name (the Modelfile sits in the same folder).
-        template: from `build_ollama_template`.
-        stop_tokens: the end-of-turn tokens as text (e.g. ["<|im_end|>"]).
+        tokenizer: the export's tokenizer (its chat template becomes the TEMPLATE).
+        eos_ids: generation_config.json's end ids (each becomes a stop string).
         system: the training data's system prompt, or None.
 
     Returns:
         The Modelfile text.
+
+    Raises:
+        TemplateError: the chat template cannot be written as a Go TEMPLATE.
     """
+    template = build_ollama_template(derive_template_parts(tokenizer))
     lines = [f"FROM ./{gguf_name}", f'TEMPLATE """{template}"""']
-    lines += [f'PARAMETER stop "{token}"' for token in stop_tokens]
+    lines += [f'PARAMETER stop "{token}"' for token in tokenizer.convert_ids_to_tokens(list(eos_ids))]
     if system:
         if '"""' in system:
             raise TemplateError('the system prompt holds """, which a Modelfile cannot quote')
