@@ -161,7 +161,8 @@ def validate_gguf_args(parser: argparse.ArgumentParser, args: argparse.Namespace
     args.gguf = list(dict.fromkeys(t.strip() for t in args.gguf.split(",") if t.strip()))
     unknown = [t for t in args.gguf if t not in GGUF_TYPES]
     if unknown or not args.gguf:
-        parser.error(f"--gguf {','.join(unknown) or args.gguf!r}: choose among {','.join(GGUF_TYPES)}")
+        given = ",".join(unknown) if unknown else "''"
+        parser.error(f"--gguf {given}: choose among {','.join(GGUF_TYPES)}")
     if args.quantize and not {"f32", "bf16", "f16"} & set(args.gguf):
         parser.error("--quantize starts from a f32, bf16 or f16 GGUF: add f16 to --gguf")
     try:
