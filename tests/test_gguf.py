@@ -279,3 +279,21 @@ def test_llama_cpp_loads_q8_0_without_extra_buffer_types_and_matches(gguf_export
         result = report["files"][gguf_type]["llama_cpp"]
         assert result["passed"] and result["identical_generations"] == 3 and result["use_extra_bufts"] is False
         assert result["tokens_identical"] and result["stopped_at_end_of_turn"] == result["expected_stops"]
+
+
+def test_greedy_divergence_passes_only_at_a_near_tie():
+    step_logits = torch.zeros(3, 5)
+    step_logits[1, 2], step_logits[1, 4] = 1.0, 0.9  # step 1: the reference's 2 beats 4 by 0.1
+    assert gguf_export.first_divergence([1, 2, 3], [1, 4, 0], step_logits) == pytest.approx({"step": 1, "margin": 0.1})
+    assert gguf_export.first_divergence([1, 2], [1, 2, 3], step_logits)["margin"] == float("inf")
+
+    def report(max_diff: float, margin: float) -> dict:
+        metadata = check_metadata({"tokenizer.ggml.eos_token_id": 2, "tokenizer.chat_template": "T"}, "T", [2])
+        hf = {"max_abs_logit_diff": max_diff, "tolerance": None, "identical_generations": 2, "prompts": 3}
+        hf |= {"divergences": [{"step": 7, "margin": margin}], "near_tie_divergences": int(margin <= max_diff)}
+        return {"files": {"q8_0": {"metadata": metadata, "transformers": hf}}}
+
+    assert gguf_export.failed_checks(report(max_diff=0.8, margin=0.3)) == []
+    assert gguf_export.failed_checks(report(max_diff=0.8, margin=2.5)) == [
+        "q8_0: greedy text identical 2/3 (step 7 by 2.5)"
+    ]
