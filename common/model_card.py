@@ -389,7 +389,12 @@ def run_it_section(name: str, folder: str, base: str, stop_tokens: Sequence[str]
             t,
             _mb(r["bytes"]),
             r["transformers"]["max_abs_logit_diff"],
-            f"{r['transformers']['identical_generations']}/{r['transformers']['prompts']}",
+            f"{r['transformers']['identical_generations']}/{r['transformers']['prompts']}"
+            + (
+                f" (+{r['transformers']['near_tie_divergences']} at a near tie)"
+                if r["transformers"].get("near_tie_divergences")
+                else ""
+            ),
         )
         for t, r in files.items()
     ]
