@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint format clean
+.PHONY: setup gguf-setup demo test lint format clean
 
 $(STAMP): requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -17,6 +17,11 @@ $(STAMP): requirements.txt
 	touch $(STAMP)
 
 setup: $(STAMP)
+
+# Optional, for `export.py --gguf` (docs/gguf.md): llama.cpp's converter from the pinned llama-cpp-python
+# sdist (pip download, sha256 checked, ~2 MB unpacked into ~/.cache/underwrite-lora/); no build, no model.
+gguf-setup: $(STAMP)
+	$(PY) -c "from common.gguf_export import install_converter; print(install_converter())"
 
 # The main job on the embedded default model: data -> train -> evaluate (base vs finetuned) ->
 # convergence report -> versioned export -> merged model with parity check. Each stage's time and

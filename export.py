@@ -4,6 +4,7 @@
     python export.py --run runs/demo --version 1.1 --name underwrite --output-dir /shared/exports
     python export.py --run runs/demo --version 1.0 --checkpoint runs/demo/checkpoints/step_000120 --force
     python export.py --run runs/demo --version 1.0 --push-to-hub my-org/underwrite-lora --private
+    make gguf-setup && python export.py --run runs/demo --version 1.0 --gguf f16,q8_0   # + gguf/ (docs/gguf.md)
 
 Load an export without this project: `peft.AutoPeftModelForCausalLM.from_pretrained("exports/demo-v1.0")`
 or `transformers.pipeline("text-generation", model="exports/demo-v1.0")`.
@@ -20,6 +21,13 @@ What is written to <output-dir>/<name>-v<version>/:
     README.md                   model card (base, data + sha256, hyperparameters, time, hardware,
                                 metrics vs baseline, samples, use and limits, memory, how to load, lineage)
     VERSION
+    gguf/                       with --gguf TYPES: <name>-v<version>-<type>.gguf of the merged model (f32, f16,
+                                bf16, q8_0; --quantize Q4_K_M needs llama-cpp-python), --gguf-lora: the adapter
+                                as a llama.cpp LoRA GGUF, an Ollama Modelfile, and gguf_check.json: EOS, chat
+                                template and pre-tokenizer in each GGUF; logits and greedy text of each GGUF
+                                reloaded with transformers (and llama.cpp if installed) vs the merged model;
+                                the Modelfile TEMPLATE rendered vs apply_chat_template. A failed check
+                                publishes nothing (common/gguf_export.py, common/modelfile.py).
 
 Safety: the checkpoint must have its COMPLETE marker and finite weights (the run's best/ by
 default). Names and versions are single folder names (no "/", no ".."), so an export cannot land
@@ -44,6 +52,7 @@ from common.artifacts import (
     build_generation_config,
     collect_secret_values,
     count_base_parameters,
+    end_of_turn_token_ids,
     estimate_inference_memory,
     find_secrets_in_folder,
     redact_secrets,
@@ -51,6 +60,23 @@ from common.artifacts import (
     validate_export_name,
 )
 from common.checkpoint import CheckpointError, open_adapter, publish_folder
+from common.gguf_export import (
+    GGUF_TYPES,
+    QUANTIZE_TYPES,
+    GGUFError,
+    build_merged_folder,
+    check_gguf,
+    check_gguf_tokenizer,
+    convert_lora_to_gguf,
+    convert_to_gguf,
+    failed_checks,
+    find_converter,
+    llama_cpp_available,
+    load_check_conversations,
+    nf4_dtype_of,
+    quantize_gguf,
+    run_reference,
+)
 from common.jsonio import read_json, read_jsonl, write_json
 from common.model import (
     EMBEDDED_MODELS,
@@ -62,10 +88,13 @@ from common.model import (
     resolve_model_path,
 )
 from common.model_card import render_model_card
+from common.modelfile import MULTI_TURN_CHECK, TemplateError, build_modelfile, check_modelfile, training_system_prompt
 from common.run_folder import is_locked
 
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
 UNSAFE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+GGUF_CHECK_PROMPTS = 3  # validation prompts for the GGUF checks, each with up to...
+GGUF_CHECK_NEW_TOKENS = 48  # ...this many greedy tokens
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -87,6 +116,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--private", action="store_true", help="create the hub repo as private")
     parser.add_argument("--trust-remote-code", action="store_true", help="allow custom tokenizer/model code")
     parser.add_argument("--chat-template", metavar="FILE", help="Jinja chat template replacing the run's own")
+    # --- GGUF for llama.cpp / Ollama / LM Studio (docs/gguf.md; run `make gguf-setup` once) ---
+    parser.add_argument(
+        "--gguf", metavar="TYPES", help=f"also write checked GGUFs of the merged model: {','.join(GGUF_TYPES)}"
+    )
+    parser.add_argument(
+        "--gguf-lora", action="store_true", help="with --gguf: also the adapter as a llama.cpp LoRA GGUF"
+    )
+    parser.add_argument("--quantize", choices=sorted(QUANTIZE_TYPES), help="with --gguf: also llama.cpp's quantization")
     args = parser.parse_args(argv)
 
     run_dir = Path(args.run)
@@ -107,7 +144,35 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             validate_repo_id(args.push_to_hub)
         except HFValidationError as err:
             parser.error(f"--push-to-hub {args.push_to_hub!r}: {err}")
+    validate_gguf_args(parser, args)
     return args
+
+
+def validate_gguf_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """--gguf TYPES becomes a list; the converter (and llama-cpp-python for --quantize) must be installed.
+
+    Raises:
+        SystemExit: a bad flag (usage error), or a missing tool (one line saying what to run).
+    """
+    if args.gguf is None:
+        if args.gguf_lora or args.quantize:
+            parser.error("--gguf-lora and --quantize need --gguf TYPES (e.g. --gguf f16)")
+        return
+    args.gguf = list(dict.fromkeys(t.strip() for t in args.gguf.split(",") if t.strip()))
+    unknown = [t for t in args.gguf if t not in GGUF_TYPES]
+    if unknown or not args.gguf:
+        given = ",".join(unknown) if unknown else "''"
+        parser.error(f"--gguf {given}: choose among {','.join(GGUF_TYPES)}")
+    if args.quantize and not {"f32", "bf16", "f16"} & set(args.gguf):
+        parser.error("--quantize starts from a f32, bf16 or f16 GGUF: add f16 to --gguf")
+    try:
+        args.converter = find_converter()
+    except GGUFError as err:
+        sys.exit(f"export.py: error: --gguf: {err}")
+    if args.quantize and not llama_cpp_available():
+        sys.exit(
+            "export.py: error: --quantize needs llama-cpp-python (a ~10 minute CPU build): pip install llama-cpp-python"
+        )
 
 
 def checkpoint_step(checkpoint: Path, checkpoint_metrics: dict | None) -> int | None:
@@ -240,6 +305,62 @@ def push_export(final_dir: Path, args: argparse.Namespace, secrets: list[str]) -
     print(f"pushed {final_dir} -> {url}")
 
 
+def export_gguf(export_dir: Path, base_dir: str, run_config: dict, args: argparse.Namespace) -> dict:
+    """--gguf: merge the adapter, convert it, check every file, write <export>/gguf/ with gguf_check.json.
+
+    Returns:
+        The gguf_check.json report.
+
+    Raises:
+        SystemExit: conversion or a check failed; the export is then not published (earlier ones stay).
+    """
+    gguf_dir, stem = export_dir / "gguf", f"{args.name}-v{args.version}"
+    gguf_dir.mkdir()
+    tokenizer = AutoTokenizer.from_pretrained(export_dir)
+    eos_ids = GenerationConfig.from_pretrained(export_dir).eos_token_id
+    eos_ids = [eos_ids] if isinstance(eos_ids, int) else list(eos_ids)
+    dataset = run_config.get("dataset", {})
+    conversations = load_check_conversations(dataset.get("validation_file"), GGUF_CHECK_PROMPTS)
+    prompts = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations]
+    prompt_ids = [tokenizer(p, add_special_tokens=False, return_tensors="pt")["input_ids"] for p in prompts]
+    report = {"converter": str(args.converter), "prompts": len(prompts), "max_new_tokens": GGUF_CHECK_NEW_TOKENS}
+    try:
+        started = time.time()
+        with tempfile.TemporaryDirectory(prefix=".merged-", dir=export_dir.parent) as merged_dir:
+            merged = build_merged_folder(base_dir, export_dir, tokenizer, nf4_dtype_of(run_config), Path(merged_dir))
+            reference = run_reference(merged, prompt_ids, eos_ids, GGUF_CHECK_NEW_TOKENS)
+            del merged
+            files = convert_to_gguf(args.converter, Path(merged_dir), gguf_dir, stem, args.gguf)
+        if args.gguf_lora:
+            lora_file = convert_lora_to_gguf(args.converter, export_dir, Path(base_dir), gguf_dir / f"{stem}-lora.gguf")
+            report["lora"] = {"file": lora_file.name, "bytes": lora_file.stat().st_size, "base": base_dir}
+        if args.quantize:
+            source = next(files[t] for t in ("f32", "bf16", "f16") if t in files)
+            files[args.quantize] = quantize_gguf(source, gguf_dir / f"{stem}-{args.quantize}.gguf", args.quantize)
+        report["convert_s"] = round(time.time() - started, 1)
+        report["tokenizer"] = check_gguf_tokenizer(files[args.gguf[0]], prompts, tokenizer)
+        report["files"] = {t: check_gguf(p, t, prompts, reference, tokenizer, eos_ids) for t, p in files.items()}
+        system, source = training_system_prompt(dataset.get("train_file")), files[args.gguf[0]].name
+        modelfile = build_modelfile(source, tokenizer, eos_ids, system)
+        (gguf_dir / "Modelfile").write_text(modelfile)
+        report["modelfile"] = check_modelfile(modelfile, tokenizer, [*conversations, MULTI_TURN_CHECK], system)
+        report["modelfile"] |= {"from": source, "stop": tokenizer.convert_ids_to_tokens(eos_ids)}
+    except (GGUFError, TemplateError) as err:
+        sys.exit(f"export.py: error: --gguf: {err}; nothing was published")
+    report["check_s"] = round(time.time() - started - report["convert_s"], 1)
+    report["passed"] = not failed_checks(report)
+    write_json(gguf_dir / "gguf_check.json", report)
+    for gguf_type, result in report["files"].items():
+        hf = result["transformers"]
+        print(
+            f"gguf {gguf_type}: {result['bytes'] / 2**20:.1f} MiB | max |dlogit| {hf['max_abs_logit_diff']:.3g} "
+            f"| greedy identical {hf['identical_generations']}/{hf['prompts']} | passed {result['passed']}"
+        )
+    if not report["passed"]:
+        sys.exit(f"export.py: error: GGUF check failed ({'; '.join(failed_checks(report))}); nothing was published")
+    return report
+
+
 def main(argv: list[str] | None = None) -> Path:
     """Export the adapter; returns the published export folder."""
     args = parse_args(argv)
@@ -279,6 +400,7 @@ def main(argv: list[str] | None = None) -> Path:
         write_json(tmp_dir / "training_args.json", redact_secrets(run_config, secrets))
         write_json(tmp_dir / "metrics.json", redact_secrets(metrics, secrets))
         (tmp_dir / "VERSION").write_text(f"{args.version}\n")
+        gguf = export_gguf(tmp_dir, adapter_config["base_model_name_or_path"], run_config, args) if args.gguf else None
 
         adapter_bytes = sum(t.numel() * t.element_size() for t in adapter_tensors.values())
         memory, memory_note = estimate_export_memory(recorded_base, run_config, adapter_bytes, args.trust_remote_code)
@@ -294,6 +416,8 @@ def main(argv: list[str] | None = None) -> Path:
             memory=memory,
             memory_note=memory_note,
             base_recreate=base_recreate,
+            stop_tokens=tokenizer.convert_ids_to_tokens(end_of_turn_token_ids(tokenizer)),
+            gguf=gguf,
             lineage={
                 "run": str(run_dir),
                 "checkpoint": str(checkpoint),

@@ -81,6 +81,8 @@ def render_model_card(
     memory_note: str,
     lineage: Mapping[str, str],
     base_recreate: str | None = None,
+    stop_tokens: Sequence[str] = (),
+    gguf: Mapping | None = None,
 ) -> str:
     """Render the export's README.md: YAML front matter + every section the issue asks for.
 
@@ -97,6 +99,8 @@ def render_model_card(
         lineage: {"run", "checkpoint", "git_commit", "run_created", "exported"} (shown as listed).
         base_recreate: for an embedded alias, the one command that rebuilds the converted base folder
             recorded in adapter_config.json on another machine (`common.model.recreate_command`).
+        stop_tokens: the end-of-turn token(s) as text (generation_config.json's eos), for the "Run it" lines.
+        gguf: the gguf/gguf_check.json report when the export has GGUF files (`export.py --gguf`), else None.
 
     Returns:
         The markdown text.
@@ -115,6 +119,9 @@ def render_model_card(
     out += use_and_limitations_section(base_model, args.get("max_seq_len", "the training max_seq_len"))
     out += inference_section(memory, memory_note, run_config.get("versions", {}))
     out += how_to_load_section(f"{name}-v{version}", quantization)
+    out += run_it_section(
+        name, f"{name}-v{version}", str(adapter_config.get("base_model_name_or_path")), stop_tokens, gguf
+    )
     out += ["", "## Lineage", ""]
     out += [f"- {key.replace('_', ' ')}: `{value}`" for key, value in lineage.items()]
     return "\n".join(out) + "\n"
@@ -340,4 +347,61 @@ def how_to_load_section(folder: str, quantization: str) -> list[str]:
         f'`PeftModel.from_pretrained(base, "{folder}")` works as well on a base you loaded yourself. Or merge it '
         f"into the base: `python merge_and_load.py --adapter exports/{folder}`.",
     ]
+    return out
+
+
+def run_it_section(name: str, folder: str, base: str, stop_tokens: Sequence[str], gguf: Mapping | None) -> list[str]:
+    """Serving commands (llama.cpp, Ollama, vLLM), each with the stop token, and the GGUF checks' numbers."""
+    stops = ", ".join(f"`{t}`" for t in stop_tokens) or "the eos_token_id of generation_config.json"
+    stop_json = "[" + ", ".join(f'"{t}"' for t in stop_tokens) + "]"
+    out = [
+        "",
+        "## Run it",
+        "",
+        f"Every reply ends with the end-of-turn token {stops}: stop there (stop strings `{stop_json}`).",
+    ]
+    out += ["", "```bash"]
+    if gguf:
+        files = gguf["files"]
+        first = gguf["modelfile"]["from"]
+        out += [
+            f'# llama.cpp: chat template and EOS ({stops}) come from the GGUF; raw /completion requests: "stop": {stop_json}',
+            f"llama-server -m exports/{folder}/gguf/{first} --jinja",
+        ]
+        if "lora" in gguf:
+            out.append(f"llama-server -m <GGUF of {base}> --lora exports/{folder}/gguf/{gguf['lora']['file']} --jinja")
+        out += [
+            "# Ollama: the Modelfile holds the TEMPLATE, SYSTEM and PARAMETER stop " + stop_json,
+            f"cd exports/{folder}/gguf && ollama create {name.lower()} -f Modelfile && ollama run {name.lower()}",
+        ]
+    out += [
+        f"# vLLM, merged model (stops at generation_config.json's eos {stops}):",
+        f"python merge_and_load.py --adapter exports/{folder} --output merged/{folder}",
+        f"vllm serve merged/{folder}",
+        f'# vLLM, the adapter on its base; requests to model {name} add "stop": {stop_json}',
+        f"vllm serve {base} --enable-lora --lora-modules {name}=exports/{folder}",
+        "```",
+    ]
+    if not gguf:
+        return [*out, "", f"No GGUF in this export: `python export.py ... --gguf f16,q8_0` writes {folder}/gguf/."]
+    rows = [
+        (
+            t,
+            _mb(r["bytes"]),
+            r["transformers"]["max_abs_logit_diff"],
+            f"{r['transformers']['identical_generations']}/{r['transformers']['prompts']}"
+            + (
+                f" (+{r['transformers']['near_tie_divergences']} at a near tie)"
+                if r["transformers"].get("near_tie_divergences")
+                else ""
+            ),
+        )
+        for t, r in files.items()
+    ]
+    out += [
+        "",
+        f"GGUF checks (gguf/gguf_check.json; {gguf['prompts']} validation prompts, greedy up to {gguf['max_new_tokens']} tokens):",
+        "",
+    ]
+    out.append(_table(("GGUF", "size", "max abs logit diff vs merged", "greedy text identical"), rows))
     return out

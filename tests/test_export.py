@@ -43,6 +43,7 @@ CARD_SECTIONS = [
     "Limitations",
     "Inference requirements",
     "How to load",
+    "Run it",
     "Lineage",
 ]
 
