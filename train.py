@@ -40,7 +40,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
-from common import checkpoint, jsonio, run_folder
+from common import checkpoint, fsdp, jsonio, run_folder
 from common.artifacts import redact_secrets, secret_env_values
 from common.checkpoint import CheckpointError
 from common.cli import load_config_defaults, parse_fault_injection
@@ -189,6 +189,11 @@ def validate_args(args: argparse.Namespace, num_processes: int) -> int:
         if not ok:
             sys.exit(f"error: {message}")
     check_wandb_login(args.report_to)
+    if fsdp.fsdp_requested() and args.num_samples:
+        sys.exit(
+            "error: under FSDP the model is sharded across the processes and the main process alone cannot "
+            "generate sample replies; pass --num-samples 0 (evaluate.py generates from best/ afterwards)"
+        )
     if args.gradient_checkpointing is None:
         args.gradient_checkpointing = args.quantization == "nf4"
     args.run_name = args.run_name or time.strftime("%Y%m%d-%H%M%S")
@@ -310,6 +315,10 @@ def make_accelerator(
         project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=args.output_dir),
     )
     enable_cpu_fp16(accelerator, precision_choice)  # Accelerate's fp16 is a silent no-op on a CPU
+    try:  # Accelerate never selects FSDP on a CPU: torchrun + ACCELERATE_USE_FSDP would silently run DDP
+        fsdp.enable_cpu_fsdp(accelerator)
+    except ValueError as err:
+        sys.exit(f"error: {err}")
     return accelerator, precision_choice
 
 
@@ -332,6 +341,8 @@ def load_inputs(args: argparse.Namespace, accelerator: Accelerator, dtype: torch
             # anyway); the trainable adapters stay fp32, and so do their gradients and AdamW states.
             dtype=dtype,
             device_map={"": accelerator.device} if args.quantization else None,
+            # QLoRA + FSDP: 4-bit weights packed into the base's float dtype, so FSDP can shard them too
+            quant_storage=dtype if fsdp.fsdp_requested() else None,
             trust_remote_code=args.trust_remote_code,
             chat_template=args.chat_template,
             logger=logger,
@@ -816,9 +827,10 @@ def validate(
     elif improved:
         state.best_val_loss, state.best_step, state.best_epoch = metrics["val_loss"], step, math.ceil(epoch)
         state.evals_without_improvement = 0
+        adapter = fsdp.gather_sharded_adapter(model)  # FSDP: every rank gathers, rank 0 writes
         if accelerator.is_main_process:
             extra = {"metrics.json": record, "trainer_state.json": asdict(state), "config.json": config}
-            checkpoint.save_adapter_folder(model, tokenizer, output_dir / "best", args.model, extra)
+            checkpoint.save_adapter_folder(model, tokenizer, output_dir / "best", args.model, extra, adapter)
     else:
         state.evals_without_improvement += 1
 
@@ -864,14 +876,18 @@ def finish(state: TrainState, status: str, stop_reason: str, args, accelerator, 
         SystemExit: the run stopped on too many non-finite steps in a row (after writing its summary).
     """
     output_dir, num_processes = Path(args.output_dir), accelerator.num_processes
-    trainable = [p for p in model.parameters() if p.requires_grad]
+    # FSDP: no rank holds the adapter whole; compare the full tensors every rank gathers (and rank 0 saves).
+    adapter = fsdp.gather_sharded_adapter(model)
+    trainable = list(adapter.values()) if adapter is not None else [p for p in model.parameters() if p.requires_grad]
     in_sync = run_folder.check_ranks_in_sync(trainable, accelerator)
     if num_processes > 1:
         logger.info(f"adapter weights identical on all {num_processes} ranks: {in_sync}")
+    # Under FSDP the ratios need the sharded base weights: every rank computes them, rank 0 writes.
+    ratios = lora_update_ratios(model) if accelerator.is_main_process or adapter is not None else None
     if accelerator.is_main_process and status != "stopped_bad_steps":
         extra = {"trainer_state.json": asdict(state), "config.json": config}
-        checkpoint.save_adapter_folder(model, tokenizer, output_dir / "final", args.model, extra)
-        jsonio.write_json(output_dir / "update_ratios.json", lora_update_ratios(model))
+        checkpoint.save_adapter_folder(model, tokenizer, output_dir / "final", args.model, extra, adapter)
+        jsonio.write_json(output_dir / "update_ratios.json", ratios)
     params = count_parameters(model)
     summary = run_folder.write_run_summary(output_dir, status, stop_reason, asdict(state), params, accelerator, in_sync)
     logger.info(
@@ -915,6 +931,8 @@ def main(argv: list[str] | None = None) -> dict:
     )
     if num_processes > 1:
         KEEP_UNTIL_EXIT.extend([accelerator, loss_model])  # the DDP model must outlive main(): see exit_distributed
+    if fsdp.is_sharded(model):
+        logger.info(fsdp.describe_sharding(loss_model, num_processes))
     trainable = [p for p in model.parameters() if p.requires_grad]
     # MFU against the probed peak; a step that beats it has the peak measured again (never > 100%)
     meter = MfuMeter(count_matmul_params(model), precision_choice.peak_flops)

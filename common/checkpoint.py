@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from common import fsdp
 from common.jsonio import read_json, write_json
 
 COMPLETE_MARKER = "COMPLETE"
@@ -192,7 +193,9 @@ def list_complete(checkpoint_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.split("_")[1]))
 
 
-def save_adapter_folder(model, tokenizer, folder: Path, base_model: str, extra_json: dict) -> None:
+def save_adapter_folder(
+    model, tokenizer, folder: Path, base_model: str, extra_json: dict, state_dict: dict | None = None
+) -> None:
     """Write a PEFT adapter folder (safetensors) atomically, refusing non-finite weights.
 
     Args:
@@ -201,19 +204,21 @@ def save_adapter_folder(model, tokenizer, folder: Path, base_model: str, extra_j
         folder: destination, e.g. runs/<run>/best.
         base_model: what the user passed as --model, recorded in adapter_config.json.
         extra_json: {"file name": data} to write as JSON inside the folder.
+        state_dict: the adapter's full tensors when the model is sharded (FSDP: gathered on every
+            rank by `common.fsdp.trainable_state_dict`); None reads them from the model.
 
     Raises:
         CheckpointError: an adapter weight is NaN/inf.
     """
     from peft import get_peft_model_state_dict
 
-    assert_finite(get_peft_model_state_dict(model), str(folder))
+    assert_finite(get_peft_model_state_dict(model, state_dict=state_dict), str(folder))
     tmp = folder.with_name(f".{folder.name}.tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     model.peft_config["default"].base_model_name_or_path = base_model
-    model.save_pretrained(tmp, safe_serialization=True)
+    model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
     for name, data in extra_json.items():
@@ -242,11 +247,17 @@ def save(accelerator, model, optimizer, lr_scheduler, trainer_state: dict, folde
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     write_json(tmp / f"rng_state_rank{accelerator.process_index}.json", rng_state())
+    # FSDP: the adapter and its AdamW moments are sharded; every rank gathers them whole, rank 0 writes
+    # the same files a one-process run writes (None / the state itself when nothing is sharded).
+    adapter = fsdp.gather_sharded_adapter(model)
+    optimizer_state = optimizer.state_dict()
+    if adapter is not None:
+        optimizer_state = fsdp.gather_optimizer_state(optimizer_state)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         model.peft_config["default"].base_model_name_or_path = config["args"]["model"]
-        model.save_pretrained(tmp, safe_serialization=True)
-        tensors, meta = optimizer_state_to_files(optimizer.state_dict())
+        model.save_pretrained(tmp, safe_serialization=True, state_dict=adapter)
+        tensors, meta = optimizer_state_to_files(optimizer_state)
         save_file_atomic(tensors, tmp / "optimizer.safetensors")
         write_json(tmp / "optimizer.json", meta)
         write_json(tmp / "scheduler.json", lr_scheduler.state_dict())
@@ -298,14 +309,19 @@ def load(accelerator, model, optimizer, lr_scheduler, folder: Path) -> dict:
     Raises:
         CheckpointError: the weights do not fit this model, or the checkpoint has fewer ranks.
     """
-    from peft import set_peft_model_state_dict
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
-    result = set_peft_model_state_dict(model, load_file(folder / "adapter_model.safetensors"))
+    adapter = load_file(folder / "adapter_model.safetensors")
+    optimizer_state = optimizer_state_from_files(load_file(folder / "optimizer.safetensors"), read_json(folder / "optimizer.json"))
+    if fsdp.is_sharded(model):  # FSDP: every rank keeps its own slice of the full tensors saved
+        sharded = get_peft_model_state_dict(model)  # {file key: DTensor}, no communication
+        adapter = {key: fsdp.shard_like(value, sharded[key]) if key in sharded else value for key, value in adapter.items()}
+        optimizer_state = fsdp.shard_optimizer_state(optimizer_state, optimizer)
+    result = set_peft_model_state_dict(model, adapter)
     unexpected = getattr(result, "unexpected_keys", [])
     if unexpected:
         raise CheckpointError(f"{folder}: adapter weights do not match this model ({unexpected[:3]})")
-    meta = read_json(folder / "optimizer.json")
-    optimizer.load_state_dict(optimizer_state_from_files(load_file(folder / "optimizer.safetensors"), meta))
+    optimizer.load_state_dict(optimizer_state)
     lr_scheduler.load_state_dict(read_json(folder / "scheduler.json"))
     scaler_state = read_json(folder / "scaler.json")
     if scaler_state and accelerator.scaler is not None:

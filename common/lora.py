@@ -211,7 +211,9 @@ def lora_grad_norms(model: torch.nn.Module) -> dict[str, float]:
         key = lora_parameter_key(name)
         if key is not None and param.grad is not None:
             keys.append(key)
-            norms.append(param.grad.detach().float().norm())
+            norm = param.grad.detach().float().norm()
+            # FSDP: a sharded gradient's norm is partial on each rank; full_tensor() combines them (collective)
+            norms.append(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
     if not norms:
         return {}
     values = torch.stack(norms).tolist()

@@ -351,12 +351,17 @@ def load_tokenizer(
     return tokenizer
 
 
-def build_quantization_config(quantization: str | None, compute_dtype: torch.dtype):
+def build_quantization_config(
+    quantization: str | None, compute_dtype: torch.dtype, quant_storage: torch.dtype | None = None
+):
     """Return the BitsAndBytesConfig for `quantization` ("nf4" or None).
 
     Args:
         quantization: "nf4" for 4-bit NormalFloat with double quantization (QLoRA), or None.
         compute_dtype: dtype of the de-quantized matmuls (bf16 on CPU/Ampere+, fp16 on a T4).
+        quant_storage: dtype the packed 4-bit values are stored in; None is bitsandbytes' uint8.
+            FSDP needs a float dtype here (QLoRA + FSDP: pass the dtype of the rest of the base),
+            because it shards only floating-point parameters.
 
     Returns:
         A `BitsAndBytesConfig`, or None when not quantizing.
@@ -377,6 +382,7 @@ def build_quantization_config(quantization: str | None, compute_dtype: torch.dty
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=compute_dtype,
+        bnb_4bit_quant_storage=quant_storage or torch.uint8,
     )
 
 
@@ -388,6 +394,7 @@ def load_model_and_tokenizer(
     trust_remote_code: bool = False,
     chat_template: str | None = None,
     logger: logging.Logger | None = None,
+    quant_storage: torch.dtype | None = None,
 ):
     """Load a causal LM and its tokenizer.
 
@@ -401,6 +408,7 @@ def load_model_and_tokenizer(
         trust_remote_code: allow custom model code from the hub.
         chat_template: `--chat-template FILE` (see `load_tokenizer`).
         logger: where a system-into-user merge is reported.
+        quant_storage: with "nf4", the storage dtype of the 4-bit weights (see `build_quantization_config`).
 
     Returns:
         (model, tokenizer). The model is in eval mode on CPU unless `device_map` says otherwise.
@@ -411,7 +419,7 @@ def load_model_and_tokenizer(
     path = resolve_model_path(name_or_path)
     tokenizer = load_tokenizer(path, trust_remote_code, chat_template, logger)
     kwargs = {"dtype": dtype, "trust_remote_code": trust_remote_code}
-    quantization_config = build_quantization_config(quantization, dtype)
+    quantization_config = build_quantization_config(quantization, dtype, quant_storage)
     if quantization_config is not None:
         kwargs["quantization_config"] = quantization_config
     if device_map is not None:
