@@ -662,7 +662,7 @@ def clip_gradients(accelerator: Accelerator, trainable: list, rescale: float, ma
     torch._foreach_mul_([p.grad for p in trainable if p.grad is not None], rescale)
     if inf:
         trainable[0].grad.fill_(float("inf"))
-    return float(accelerator.clip_grad_norm_(trainable, max_grad_norm))
+    return float(fsdp.clip_grad_norm_(accelerator, trainable, max_grad_norm))  # FSDP + fp16: see there
 
 
 def optimizer_step(accelerator: Accelerator, optimizer, lr_scheduler, finite: bool) -> bool:

@@ -312,10 +312,14 @@ def load(accelerator, model, optimizer, lr_scheduler, folder: Path) -> dict:
     from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
     adapter = load_file(folder / "adapter_model.safetensors")
-    optimizer_state = optimizer_state_from_files(load_file(folder / "optimizer.safetensors"), read_json(folder / "optimizer.json"))
+    optimizer_state = optimizer_state_from_files(
+        load_file(folder / "optimizer.safetensors"), read_json(folder / "optimizer.json")
+    )
     if fsdp.is_sharded(model):  # FSDP: every rank keeps its own slice of the full tensors saved
         sharded = get_peft_model_state_dict(model)  # {file key: DTensor}, no communication
-        adapter = {key: fsdp.shard_like(value, sharded[key]) if key in sharded else value for key, value in adapter.items()}
+        adapter = {
+            key: fsdp.shard_like(value, sharded[key]) if key in sharded else value for key, value in adapter.items()
+        }
         optimizer_state = fsdp.shard_optimizer_state(optimizer_state, optimizer)
     result = set_peft_model_state_dict(model, adapter)
     unexpected = getattr(result, "unexpected_keys", [])

@@ -197,3 +197,30 @@ def describe_sharding(model: torch.nn.Module, num_processes: int) -> str:
         f"FSDP2: fully_shard units {dict(units)} over {num_processes} processes; this rank holds {local:,} of "
         f"{total:,} parameter elements ({local / max(total, 1):.1%}); {whole} tensors left whole"
     )
+
+
+def clip_grad_norm_(accelerator, parameters: list[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
+    """`accelerator.clip_grad_norm_` that also works for a subset of an FSDP2 model's parameters under fp16.
+
+    Accelerate (1.16) under FSDP unscales the GradScaler's gradients, looks for a model whose
+    parameters are exactly `parameters`, and, finding none (LoRA passes only the adapters), unscales
+    a second time: "RuntimeError: unscale_() has already been called on this optimizer since the
+    last update()". Here they are unscaled once, and the norm is that of the whole (gathered) gradients.
+
+    Args:
+        accelerator: the run's Accelerator.
+        parameters: the parameters to clip (the trainable ones).
+        max_norm: the largest global L2 norm allowed.
+
+    Returns:
+        The global gradient norm before clipping (a plain tensor, the same on every rank).
+    """
+    if not accelerator.is_fsdp2:
+        return accelerator.clip_grad_norm_(parameters, max_norm)
+    from torch.distributed.tensor import DTensor
+
+    accelerator.unscale_gradients()
+    norm = torch.nn.utils.get_total_norm([p.grad for p in parameters if p.grad is not None])
+    norm = norm.full_tensor() if isinstance(norm, DTensor) else norm  # sharded gradients: partial norms combined
+    torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, norm)
+    return norm

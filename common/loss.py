@@ -67,6 +67,15 @@ class TrainedTokenLoss(torch.nn.Module):
         """Return (loss summed over each row's trained tokens, trained tokens per row), shape (batch,)."""
         return compute_token_losses(self.model, input_ids, attention_mask, labels)
 
+    def tie_weights(self) -> None:
+        """Re-tie the wrapped model's input and output embeddings.
+
+        Accelerate's FSDP2 `cpu_ram_efficient_loading` moves the prepared module to the meta device
+        and back, which unties them, then calls `tie_weights()` on it if it has one: without this a
+        tied-embedding model (SmolLM2, Qwen2.5 up to 3B) would hold and shard two embedding copies.
+        """
+        self.model.tie_weights()
+
 
 @torch.no_grad()
 def evaluate_loss(model: torch.nn.Module, dataloader, accelerator, bootstrap: int = 200, seed: int = 0) -> dict:
