@@ -3,6 +3,7 @@
     python benchmarks/gpu_check.py                              # writes benchmarks/results/gpu.md (+ gpu.json)
     python benchmarks/gpu_check.py --runs lora-fp16,qlora-fp16  # only the T4 configurations
     python benchmarks/gpu_check.py --model Qwen/Qwen2.5-0.5B-Instruct --output /tmp/gpu.md
+    python benchmarks/gpu_check.py --multi-gpu                  # 2+ GPUs: FSDP2 LoRA and QLoRA vs 1 GPU
 
 Without CUDA it prints one line and exits 0 (nothing is measured or written).
 
@@ -21,6 +22,12 @@ What it runs, each in a fresh process, on the default model unless `--model`:
    without the CUDA context, and `max_memory_allocated` vs the estimate without the context and the
    caching-allocator allowance. The largest |ratio - 1| is the GPU's error band for
    `common.memory.ESTIMATE_ERROR_BAND`.
+
+With `--multi-gpu` (2 or more GPUs) it runs instead, for LoRA and QLoRA, FSDP2 on 2 GPUs
+(`accelerate launch --config_file accelerate_config.fsdp.yaml` / `accelerate_config.qlora_fsdp.yaml
+--num_processes 2`) and the same effective batch on 1 GPU (twice the accumulation), dropout off, and
+reports each run's tokens/s and peak memory per GPU and their parity: the largest |loss difference| of
+any step and the largest |difference| of any final adapter weight (on a CPU with gloo: 0 and 0 in fp32).
 """
 
 from __future__ import annotations
@@ -50,6 +57,11 @@ RUNS = {
     "qlora-fp16": ("fp16", "nf4", False),
     "qlora-bf16": ("bf16", "nf4", True),
 }
+# --multi-gpu: run name -> (accelerate config, train.py --quantization)
+MULTI_GPU_RUNS = {
+    "fsdp-lora": ("accelerate_config.fsdp.yaml", None),
+    "fsdp-qlora": ("accelerate_config.qlora_fsdp.yaml", "nf4"),
+}
 TIME_BUDGET_S = 7 * 60  # a run starts only if it would end by then (as long as the slowest so far): < 8 min
 LORA_FLAGS = ["--rank", "16", "--alpha", "32", "--dropout", "0.05", "--target-modules", "q_proj,k_proj,v_proj"]
 
@@ -73,6 +85,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # --- output ---
     parser.add_argument("--output", default=str(REPO / "benchmarks/results/gpu.md"), help="markdown (JSON next to it)")
     parser.add_argument("--timeout", type=float, default=240, help="seconds per subprocess before it is stopped")
+    parser.add_argument("--multi-gpu", action="store_true", help="FSDP2 LoRA and QLoRA on 2 GPUs vs 1 GPU instead")
     parser.add_argument("--allow-cpu", action="store_true", help=argparse.SUPPRESS)  # tests: the plumbing on a CPU
     args = parser.parse_args(argv)
     unknown = [name for name in args.runs.split(",") if name not in RUNS]
@@ -298,9 +311,159 @@ def error_band(memory: dict) -> float | None:
     return max(abs(r - 1) for r in ratios) if ratios else None
 
 
+def multi_gpu_commands(
+    args: argparse.Namespace, config: str, quantization: str | None, precision: str, work: Path, val: Path
+) -> tuple[list[str], list[str]]:
+    """The 1-GPU reference and the 2-GPU FSDP2 train.py commands, at the same effective batch.
+
+    Args:
+        config: the accelerate config of the FSDP run (accelerate_config.fsdp.yaml, ...).
+        precision: train.py --mixed-precision for both.
+        work: their run folders are work/one and work/two.
+        val: the validation file.
+
+    Returns:
+        (reference command, FSDP command): micro-batch --batch-size on each GPU; the reference
+        accumulates twice as many micro-batches, so every update sees the same examples.
+    """
+    flags = [
+        *("--model", args.model, "--train-file", args.train_file, "--validation-file", str(val)),
+        *("--max-steps", str(args.steps), "--subset", str(args.steps * args.batch_size * args.grad_accum * 2)),
+        *("--batch-size", str(args.batch_size), "--max-seq-len", str(args.max_seq_len)),
+        *("--mixed-precision", precision, "--no-baseline", "--num-samples", "0", "--report-to", "none"),
+        *("--early-stopping-patience", "0", *LORA_FLAGS, "--dropout", "0"),  # no dropout: ranks draw other masks
+        *(["--quantization", quantization] if quantization else []),
+    ]
+    reference = [sys.executable, str(REPO / "train.py"), *flags, "--output-dir", str(work / "one")]
+    reference += ["--grad-accum", str(args.grad_accum * 2)]
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / config)]
+    launch += ["--num_processes", "2", "--mixed_precision", precision]
+    fsdp = [*launch, str(REPO / "train.py"), *flags, "--output-dir", str(work / "two")]
+    fsdp += ["--grad-accum", str(args.grad_accum)]
+    return reference, fsdp
+
+
+def compare_runs(run_dir: Path, reference_dir: Path) -> dict:
+    """Parity of two train.py runs that saw the same batches: per-step losses and the final adapters.
+
+    Returns:
+        {"steps", "max_abs_loss_delta", "max_rel_grad_norm_delta", "max_abs_adapter_delta"}
+
+    Raises:
+        ValueError: the runs logged different steps or saved different adapter tensors.
+    """
+    from safetensors.torch import load_file
+
+    def steps(path: Path) -> dict:  # a resumed run logs replayed steps again: the last one wins
+        return {r["step"]: r for r in read_jsonl(path / "train_log.jsonl") if r.get("type") == "step"}
+
+    run, reference = steps(run_dir), steps(reference_dir)
+    if sorted(run) != sorted(reference):
+        raise ValueError(f"{run_dir} logged steps {sorted(run)}, {reference_dir} {sorted(reference)}")
+    adapter = load_file(run_dir / "final" / "adapter_model.safetensors")
+    reference_adapter = load_file(reference_dir / "final" / "adapter_model.safetensors")
+    if adapter.keys() != reference_adapter.keys():
+        raise ValueError(f"{run_dir}/final and {reference_dir}/final hold different adapter tensors")
+    return {
+        "steps": len(run),
+        "max_abs_loss_delta": max(abs(run[s]["loss"] - reference[s]["loss"]) for s in run),
+        "max_rel_grad_norm_delta": max(abs(run[s]["grad_norm"] / reference[s]["grad_norm"] - 1) for s in run),
+        "max_abs_adapter_delta": max(
+            (adapter[k].float() - reference_adapter[k].float()).abs().max().item() for k in adapter
+        ),
+    }
+
+
+def render_multi_gpu_report(result: dict) -> str:
+    """The gpu.md section of --multi-gpu: one row per run, FSDP2 on 2 GPUs against 1 GPU."""
+    lines = [
+        f"## {result['date']}: FSDP2 on 2 x {result['card']['name']} vs 1 GPU ({result['precision']})",
+        "",
+        f"Model {result['config']['model']}, {result['config']['steps']} steps, micro-batch "
+        f"{result['config']['batch_size']} per GPU, LoRA r=16 on q,k,v, dropout 0.",
+        "",
+        "| run | 1 GPU tokens/s | 2 GPUs tokens/s | 1 GPU peak MiB | per-GPU peak MiB | max abs loss delta | "
+        "max abs adapter delta |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, row in result["runs"].items():
+        if "error" in row:
+            lines.append(f"| {name} | - | - | - | - | - | {row['error']} |")
+            continue
+        one, two, parity = row["one"], row["two"], row["parity"]
+        lines.append(
+            f"| {name} | {one['tokens_per_s']:.0f} | {two['tokens_per_s']:.0f} | {one['peak_mem_mb']:.0f} | "
+            f"{two['peak_mem_mb']:.0f} | {parity['max_abs_loss_delta']:.2e} | {parity['max_abs_adapter_delta']:.2e} |"
+        )
+    return "\n".join([*lines, "", f"Wall time {result['wall_s']:.0f} s.", ""])
+
+
+def run_command(command: list[str], log: Path, timeout: float) -> str | None:
+    """Run one command (HF offline, no tracker); None when it succeeded, else what went wrong."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false"}
+    try:
+        with open(log, "w") as handle:
+            code = subprocess.run(
+                command, cwd=REPO, stdout=handle, stderr=subprocess.STDOUT, env=env, timeout=timeout, check=False
+            ).returncode
+    except subprocess.TimeoutExpired:
+        return f"did not finish within {timeout:.0f} s"
+    return None if code == 0 else f"exit {code}: " + " | ".join(log.read_text().splitlines()[-3:])
+
+
+def check_multi_gpu(args: argparse.Namespace) -> int:
+    """--multi-gpu: FSDP2 LoRA and QLoRA on 2 GPUs against 1 GPU; print and append the markdown.
+
+    Returns:
+        The exit status: 0 (also when fewer than 2 GPUs: one line, nothing written), 1 if a run failed.
+    """
+    if torch.cuda.device_count() < 2 and not args.allow_cpu:
+        print("gpu_check.py --multi-gpu: fewer than 2 CUDA devices here, nothing to check")
+        return 0
+    start = time.perf_counter()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    bf16_ok = device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
+    precision = "bf16" if bf16_ok else "fp16" if device.type == "cuda" else "no"
+    work = Path(tempfile.mkdtemp(prefix="gpu-check-fsdp-"))
+    validation = work / "validation.jsonl"
+    validation.write_text("".join(Path(args.validation_file).read_text().splitlines(True)[:8]))
+    runs = {}
+    for name, (config, quantization) in MULTI_GPU_RUNS.items():
+        folder = work / name
+        folder.mkdir()
+        print(f"{name}: 1 GPU, then 2 GPUs ...", flush=True)
+        reference, fsdp = multi_gpu_commands(args, config, quantization, precision, folder, validation)
+        error = run_command(reference, folder / "one.log", args.timeout)
+        error = error or run_command(fsdp, folder / "two.log", args.timeout)
+        if error:
+            runs[name] = {"error": error}
+            continue
+        one, two = summarize_train_run(folder / "one"), summarize_train_run(folder / "two")
+        runs[name] = {"one": one, "two": two, "parity": compare_runs(folder / "two", folder / "one")}
+    shutil.rmtree(work, ignore_errors=True)
+    result = {
+        "date": time.strftime("%Y-%m-%d %H:%M %Z"),
+        "card": describe_card(device),
+        "precision": precision,
+        "config": vars(args),
+        "runs": runs,
+        "wall_s": time.perf_counter() - start,
+    }
+    markdown = render_multi_gpu_report(result)
+    print(markdown)
+    output = Path(args.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with open(output, "a") as handle:
+        handle.write(("" if output.stat().st_size else "# GPU check (benchmarks/gpu_check.py)\n\n") + markdown + "\n")
+    write_json(output.with_name(output.stem + "_multi_gpu.json"), result)
+    return 1 if any("error" in row for row in runs.values()) else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the check; print and write the markdown (and JSON next to it). Returns the exit status."""
     args = parse_args(argv)
+    if args.multi_gpu:
+        return check_multi_gpu(args)
     if not torch.cuda.is_available() and not args.allow_cpu:
         print("gpu_check.py: no CUDA device here, nothing to check; run it on a machine with a GPU")
         return 0
