@@ -326,12 +326,14 @@ def multi_gpu_commands(
         (reference command, FSDP command): micro-batch --batch-size on each GPU; the reference
         accumulates twice as many micro-batches, so every update sees the same examples.
     """
+    lora_flags = list(LORA_FLAGS)
+    lora_flags[lora_flags.index("--dropout") + 1] = "0"  # no dropout: each rank would draw other masks
     flags = [
         *("--model", args.model, "--train-file", args.train_file, "--validation-file", str(val)),
         *("--max-steps", str(args.steps), "--subset", str(args.steps * args.batch_size * args.grad_accum * 2)),
         *("--batch-size", str(args.batch_size), "--max-seq-len", str(args.max_seq_len)),
         *("--mixed-precision", precision, "--no-baseline", "--num-samples", "0", "--report-to", "none"),
-        *("--early-stopping-patience", "0", *LORA_FLAGS, "--dropout", "0"),  # no dropout: ranks draw other masks
+        *("--early-stopping-patience", "0", *lora_flags),
         *(["--quantization", quantization] if quantization else []),
     ]
     reference = [sys.executable, str(REPO / "train.py"), *flags, "--output-dir", str(work / "one")]
