@@ -6,6 +6,7 @@
     python train.py --output-dir runs/demo --resume-from latest      # continue exactly where it stopped
     python train.py --config runs/demo/config.json --output-dir runs/again   # reproduce a run
     torchrun --nproc_per_node 2 train.py --max-steps 20               # 2-process data parallel (CPU: gloo)
+    accelerate launch --config_file accelerate_config.fsdp.yaml train.py --num-samples 0   # FSDP2 (docs/scale-out.md)
     python train.py --train-file my.jsonl              # your data; 10% of it held out (--validation-split)
     python train.py --model Qwen/Qwen2.5-0.5B-Instruct --chat-template my.jinja   # any chat model / template
 
