@@ -348,8 +348,9 @@ def merged_lora(model) -> Iterator[int]:
                 m.base_layer.weight.copy_(weight)
 
 
-def _generate_plain(model, prompt_ids, stop_ids, batch_size, max_new_tokens, pad_token_id, device):
+def _generate_plain(model, prompt_ids, stop_ids, batch_size, max_new_tokens, pad_token_id):
     """`model.generate` in length-sorted batches (for caches `greedy_decode` does not handle)."""
+    device = next(model.parameters()).device
     config = GenerationConfig(
         max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stop_ids, pad_token_id=pad_token_id
     )
@@ -399,20 +400,18 @@ def generate_replies(
     if not prompts:
         return []
     start = time.perf_counter()
-    device = next(model.parameters()).device
     texts = [tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in prompts]
     prompt_ids = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
     stop_ids = end_of_turn_ids(tokenizer)
     pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
     decode = greedy_decode if _uses_standard_cache(model) else _generate_plain
-    arguments = (model, prompt_ids, stop_ids, batch_size, max_new_tokens, pad_token_id)
     replies, new_tokens = [""] * len(prompts), 0
     was_training = model.training
     model.eval()
     bar = tqdm(total=len(prompts), desc=progress, unit="reply", disable=progress is None)
     try:
         with merged_lora(model):
-            for row, ids in decode(*arguments) if decode is greedy_decode else decode(*arguments, device):
+            for row, ids in decode(model, prompt_ids, stop_ids, batch_size, max_new_tokens, pad_token_id):
                 replies[row] = tokenizer.decode(ids, skip_special_tokens=True).strip()
                 new_tokens += len(ids)
                 bar.update(1)

@@ -179,3 +179,17 @@ def test_generate_replies_decodes_and_counts_useful_tokens(tiny, monkeypatch):
     assert stats.new_tokens == sum(len(r) for r in expected) and stats.replies == len(PROMPTS)
     assert stats.prompt_tokens == sum(len(r) for r in ids) and stats.seconds > 0
     assert model.training is False
+
+
+def test_models_with_other_caches_take_the_plain_generate_path(tiny, monkeypatch):
+    """A sliding-window model goes through `model.generate` per batch: the same replies and counts."""
+    model, tokenizer = tiny
+    ids = prompt_ids(tokenizer, PROMPTS)
+    stops = pick_stops(model, ids)
+    monkeypatch.setattr("common.generation.end_of_turn_ids", lambda tokenizer: stops)
+    monkeypatch.setattr("common.generation._uses_standard_cache", lambda model: False)
+    expected = reference(model, ids, stops, max_new_tokens=12)
+    stats = GenerationStats()
+    replies = generate_replies(model, tokenizer, PROMPTS, batch_size=3, max_new_tokens=12, stats=stats)
+    assert replies == [tokenizer.decode(r, skip_special_tokens=True).strip() for r in expected]
+    assert stats.new_tokens == sum(len(r) for r in expected)
