@@ -44,7 +44,7 @@ from transformers import get_cosine_schedule_with_warmup
 from common import checkpoint, fsdp, jsonio, run_folder
 from common.artifacts import redact_secrets, secret_env_values
 from common.checkpoint import CheckpointError
-from common.cli import load_config_defaults, parse_fault_injection
+from common.cli import load_config_defaults, load_task, parse_fault_injection
 from common.data import (
     DEFAULT_VALIDATION_SPLIT,
     DataError,
@@ -67,7 +67,6 @@ from common.lora import (
 )
 from common.loss import TrainedTokenLoss, evaluate_loss
 from common.memory import check_fits
-from common.metrics import score_samples
 from common.model import DEFAULT_MODEL, ModelLoadError, load_config, load_model_and_tokenizer
 from common.perf import MfuMeter, count_matmul_params, gpu_utilization, peak_memory_mb
 from common.precision import PrecisionChoice, enable_cpu_fp16, remeasure_peak, resolve_precision_on_main
@@ -144,7 +143,8 @@ def add_evaluation_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eval-batch-size", type=int, default=8, help="validation micro-batch size")
     parser.add_argument("--no-baseline", action="store_true", help="skip the step-0 evaluation of the base")
     parser.add_argument("--num-samples", type=int, default=5, help="sample replies generated per evaluation")
-    parser.add_argument("--max-new-tokens", type=int, default=400, help="tokens per sample reply (a worksheet ~275)")
+    parser.add_argument("--task", default=str(REPO / "data/task.py"), help="task module scoring the samples")
+    parser.add_argument("--max-new-tokens", type=int, default=400, help="tokens per sample reply")
     parser.add_argument("--early-stopping-patience", type=int, default=2, help="evaluations without improvement")
     parser.add_argument("--early-stopping-min-delta", type=float, default=0.0, help="loss drop that counts")
     parser.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (and every epoch end)")
@@ -760,14 +760,16 @@ def log_step(state: TrainState, record: dict, layer_norms: dict, args: argparse.
         )
 
 
-def write_samples(model, tokenizer, accelerator, sample_records: list[dict], max_new_tokens: int, path: Path) -> dict:
-    """Generate a reply for each sample prompt, write them to `path` and score their decisions.
+def write_samples(
+    model, tokenizer, accelerator, sample_records: list[dict], task, max_new_tokens: int, path: Path
+) -> dict:
+    """Generate a reply for each sample prompt, write them to `path` and score them with the task module.
 
-    The samples are scored like evaluate.py scores the test split, so a run whose loss falls while it
-    still writes no decision says so in its logs (and the convergence report flags it).
+    Each key of `task.score_reply(reply, record)` becomes `sample_<key>`, its mean over the scored
+    replies, so a run whose loss falls while its replies still miss says so in its logs.
 
     Returns:
-        The scores (parse rate, outcome accuracy, ...) for the eval record.
+        {"sample_n": replies scored, "sample_<key>": mean, ...} for the eval record.
     """
     prompts = [prompt_messages(r["messages"]) for r in sample_records]
     with accelerator.autocast():
@@ -778,46 +780,51 @@ def write_samples(model, tokenizer, accelerator, sample_records: list[dict], max
     ]
     path.parent.mkdir(exist_ok=True)
     jsonio.write_jsonl(path, samples, sort_keys=False)
-    return score_samples(replies, [r.get("decision") for r in sample_records])
+    scores = [s for s in map(task.score_reply, replies, sample_records) if s is not None]
+    keys = dict.fromkeys(k for s in scores for k in s)
+    return {"sample_n": len(scores)} | {f"sample_{k}": sum(s.get(k, 0.0) for s in scores) / len(scores) for k in keys}
 
 
-def validate(
-    state: TrainState,
-    epoch: float,
-    args: argparse.Namespace,
-    accelerator: Accelerator,
-    loss_model,
-    model,
-    tokenizer,
-    eval_dataloader,
-    samples: list[dict],
-    config: dict,
-    logger: logging.Logger,
-    baseline: bool = False,
-) -> None:
+@dataclass
+class Evaluation:
+    """What every validation needs besides the state: the same objects at every evaluation."""
+
+    args: argparse.Namespace
+    accelerator: Accelerator
+    loss_model: torch.nn.Module  # the prepared TrainedTokenLoss
+    model: torch.nn.Module  # the PEFT model inside it (saved to best/)
+    tokenizer: object
+    dataloader: DataLoader  # the validation batches
+    samples: list[dict]  # validation records whose replies are generated (the main process only)
+    task: object  # the --task module that scores the sample replies
+    config: dict  # the resolved run configuration (copied into best/)
+    logger: logging.Logger
+
+
+def validate(state: TrainState, epoch: float, run: Evaluation, baseline: bool = False) -> None:
     """Validation loss and scored sample replies; keep best/ when it improved; count toward early stopping.
 
     Args:
         epoch: epochs done (fractional mid-epoch).
-        loss_model, model: the prepared TrainedTokenLoss, and the PEFT model inside it (saved to best/).
-        samples: validation records whose replies are generated (the main process only).
         baseline: the step-0 evaluation of the untouched base (never "best").
     """
+    args, accelerator, model, tokenizer, logger = run.args, run.accelerator, run.model, run.tokenizer, run.logger
     output_dir, step = Path(args.output_dir), state.global_step
-    metrics = evaluate_loss(loss_model, eval_dataloader, accelerator, seed=args.seed)
+    metrics = evaluate_loss(run.loss_model, run.dataloader, accelerator, seed=args.seed)
     best = state.best_val_loss
     improved = not baseline and (best is None or metrics["val_loss"] < best - args.early_stopping_min_delta)
     record = {"step": step, "epoch": epoch, "baseline": baseline, "is_best": improved, **metrics}
-    if accelerator.is_main_process and samples:
+    if accelerator.is_main_process and run.samples:
         sample_path = output_dir / "samples" / f"step_{step:06d}.jsonl"
-        record |= write_samples(model, tokenizer, accelerator, samples, args.max_new_tokens, sample_path)
+        record |= write_samples(model, tokenizer, accelerator, run.samples, run.task, args.max_new_tokens, sample_path)
     log_jsonl(accelerator, output_dir, "eval_log.jsonl", record)
     accelerator.log(
         {f"eval/{k}": v for k, v in record.items() if isinstance(v, int | float) and k != "step"}, step=step
     )
-    decided = ""
-    if record.get("sample_parse_rate") is not None:
-        decided = f" | samples: {record['sample_parse_rate']:.0%} decide, {record['sample_outcome_accuracy']:.0%} right"
+    scored = ", ".join(
+        f"{k.removeprefix('sample_')} {v:.0%}" for k, v in record.items() if k.startswith("sample_") and k != "sample_n"
+    )
+    decided = f" | samples: {scored}" if scored else ""
     logger.info(
         f"eval step {step} | val loss {metrics['val_loss']:.4f} ± {metrics['val_loss_ci95']:.4f} | "
         f"ppl {metrics['val_ppl']:.3f} | {metrics['eval_time_s']:.1f}s{decided}"
@@ -830,7 +837,7 @@ def validate(
         state.evals_without_improvement = 0
         adapter = fsdp.gather_sharded_adapter(model)  # FSDP: every rank gathers, rank 0 writes
         if accelerator.is_main_process:
-            extra = {"metrics.json": record, "trainer_state.json": asdict(state), "config.json": config}
+            extra = {"metrics.json": record, "trainer_state.json": asdict(state), "config.json": run.config}
             checkpoint.save_adapter_folder(model, tokenizer, output_dir / "best", args.model, extra, adapter)
     else:
         state.evals_without_improvement += 1
@@ -938,13 +945,14 @@ def main(argv: list[str] | None = None) -> dict:
     # MFU against the probed peak; a step that beats it has the peak measured again (never > 100%)
     meter = MfuMeter(count_matmul_params(model), precision_choice.peak_flops)
     meter.remeasure = functools.partial(remeasure_peak, precision_choice, model.config)
-    # validate()'s arguments after (state, epoch): the same at every evaluation
-    samples = inputs.sample_records
-    evaluation = (args, accelerator, loss_model, model, tokenizer, eval_dataloader, samples, config, logger)
+    task = load_task(args.task)
+    evaluation = Evaluation(
+        args, accelerator, loss_model, model, tokenizer, eval_dataloader, inputs.sample_records, task, config, logger
+    )
     state = resume(accelerator, model, optimizer, lr_scheduler, inputs.resume_folder, logger)
     init_trackers(accelerator, args)
     if not args.resume_from and not args.no_baseline:
-        validate(state, 0.0, *evaluation, baseline=True)
+        validate(state, 0.0, evaluation, baseline=True)
 
     # --- the training loop: one iteration = one optimizer update (global_step); micro_step counts batches ---
     status, stop_reason = "completed", ""
@@ -987,7 +995,7 @@ def main(argv: list[str] | None = None) -> dict:
             record = step_record(state, epoch_done, lr, stats, time.perf_counter() - clock, meter, accelerator.device)
             log_step(state, record, layer_norms, args, accelerator, logger)
             if args.eval_every and state.global_step % args.eval_every == 0:
-                validate(state, record["epoch"], *evaluation)
+                validate(state, record["epoch"], evaluation)
             if args.save_every and state.global_step % args.save_every == 0:
                 save_checkpoint(state, args, accelerator, model, optimizer, lr_scheduler, config)
             if state.global_step >= total_steps and state.batches_done_in_epoch < len(train_dataloader):
@@ -998,7 +1006,7 @@ def main(argv: list[str] | None = None) -> dict:
         # --- end of the epoch (or of --max-steps): evaluate, checkpoint, maybe stop early ---
         if status != "max_steps":
             end_epoch(state, epoch, time.perf_counter() - epoch_start, accelerator, output_dir, logger)
-        validate(state, state.epoch + state.batches_done_in_epoch / len(train_dataloader), *evaluation)
+        validate(state, state.epoch + state.batches_done_in_epoch / len(train_dataloader), evaluation)
         save_checkpoint(state, args, accelerator, model, optimizer, lr_scheduler, config)
         if status == "completed" and (stop_reason := early_stop_reason(state, args, logger)):
             status = "early_stopped"

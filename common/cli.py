@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 from pathlib import Path
+from types import ModuleType
 
 
 def load_config_defaults(path: str, parser: argparse.ArgumentParser) -> dict:
@@ -51,3 +53,25 @@ def parse_fault_injection(spec: str) -> dict[str, set[int]]:
             sys.exit(f"error: --fault-inject item '{item}' must look like loss:3, grad:5 or stop:11")
         faults[kind].add(int(step))
     return faults
+
+
+def load_task(path: str | Path) -> ModuleType:
+    """Load the task module (`--task FILE`): the one file that knows how to score a reply.
+
+    A task module defines `score_reply(reply: str, record: dict) -> dict[str, float] | None`: the
+    scores in [0, 1] of one generated final reply against its record (None: nothing to score).
+    evaluate.py also uses its `evaluate_replies`, `extra_prompts` and `report_lines` when present
+    (docs/task.md).
+
+    Raises:
+        SystemExit: the file is missing or has no `score_reply`, naming the file.
+    """
+    path = Path(path)
+    spec = importlib.util.spec_from_file_location(f"task_{path.stem}", path)
+    if not path.is_file() or spec is None or spec.loader is None:
+        sys.exit(f"error: --task {path}: no such Python file; give the task module's path")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not callable(getattr(module, "score_reply", None)):
+        sys.exit(f"error: --task {path}: defines no score_reply(reply, record); see docs/task.md")
+    return module

@@ -106,7 +106,7 @@ def test_run_folder_files_logs_and_config(reference_run, toy_data_dir):
     # the samples are scored at every validation; the tiny random model writes no decision line
     parsed = [parse_decision_line(s["generated"]) is not None for s in samples]
     assert evals[-1]["sample_n"] == 2 and evals[-1]["sample_parse_rate"] == sum(parsed) / 2
-    assert f"samples: {evals[-1]['sample_parse_rate']:.0%} decide" in log
+    assert f"samples: parse_rate {evals[-1]['sample_parse_rate']:.0%}" in log
     summary = json.loads((run / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["global_step"] == 8 and summary["epochs_completed"] == 2
     assert summary["baseline_val_ppl"] == pytest.approx(evals[0]["val_ppl"])
