@@ -39,7 +39,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from common.checkpoint import CheckpointError, open_adapter
+from common.artifacts import open_adapter
+from common.checkpoint import CheckpointError
 from common.data import (
     DataError,
     collate_batch,

@@ -40,6 +40,8 @@ only with --force. Only safetensors are written; `trust_remote_code` stays off u
 from __future__ import annotations
 
 import argparse
+import fcntl
+import os
 import shutil
 import sys
 import tempfile
@@ -55,11 +57,10 @@ from common.artifacts import (
     end_of_turn_token_ids,
     estimate_inference_memory,
     find_secrets_in_folder,
-    redact_secrets,
-    secret_env_values,
+    open_adapter,
     validate_export_name,
 )
-from common.checkpoint import CheckpointError, open_adapter, publish_folder
+from common.checkpoint import CheckpointError, publish_folder
 from common.gguf_export import (
     GGUF_TYPES,
     QUANTIZE_TYPES,
@@ -89,12 +90,43 @@ from common.model import (
 )
 from common.model_card import render_model_card
 from common.modelfile import MULTI_TURN_CHECK, TemplateError, build_modelfile, check_modelfile, training_system_prompt
-from common.run_folder import is_locked
+from common.redact import redact_secrets, secret_env_values
 
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
 UNSAFE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 GGUF_CHECK_PROMPTS = 3  # validation prompts for the GGUF checks, each with up to...
 GGUF_CHECK_NEW_TOKENS = 48  # ...this many greedy tokens
+
+
+def is_locked(output_dir: Path) -> bool:
+    """Whether a live run holds `output_dir/.lock`; a stale file left by a killed run does not count.
+
+    Asks the kernel rather than the file's existence: a non-blocking shared `fcntl.flock` on the
+    file fails only while a run holds its exclusive lock (the kernel drops that lock when the
+    holder dies). A probe that succeeds is released at once; the file is neither created nor
+    removed. Trap: for the instant the probe holds its shared lock, a run starting in this folder
+    would be refused, so call this once, not in a loop.
+
+    Args:
+        output_dir: the run folder.
+
+    Returns:
+        True when a process (this one included, through `acquire_lock`) holds the lock, or when the
+        file exists but cannot be opened to ask; False when there is no lock file or nobody holds it.
+    """
+    try:
+        fd = os.open(output_dir / ".lock", os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    except OSError:  # cannot ask (e.g. no read permission): assume a run holds it
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # closing the descriptor releases the probe's lock, if it got one
+    return False
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

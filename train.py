@@ -10,12 +10,9 @@
     python train.py --train-file my.jsonl              # your data; 10% of it held out (--validation-split)
     python train.py --model Qwen/Qwen2.5-0.5B-Instruct --chat-template my.jinja   # any chat model / template
 
-In order: validate flags; load the model and tokenize the data (assistant-only labels) before the
-run folder is touched, so bad input never leaves a half-written run; create the run folder (lock,
-write test, config.json); evaluate the untouched base (the step-0 baseline); train with AdamW,
-cosine warmup, clipping, mixed precision and gradient accumulation; after each epoch evaluate
-(loss, perplexity, sample replies), keep best/ and a checkpoint, and stop early when validation
-stops improving; finally write final/ and summary.json. Files: docs/run_folder.md.
+Bad input fails before the run folder is touched; then the step-0 baseline, AdamW with cosine warmup,
+clipping, mixed precision and accumulation; each epoch: validation (loss, perplexity, scored sample
+replies), best/, a checkpoint, early stopping; final/ and summary.json. Files: docs/run_folder.md.
 """
 
 from __future__ import annotations
@@ -42,9 +39,8 @@ from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from common import checkpoint, fsdp, jsonio, run_folder
-from common.artifacts import redact_secrets, secret_env_values
 from common.checkpoint import CheckpointError
-from common.cli import load_config_defaults, load_task, parse_fault_injection
+from common.cli import load_config_defaults, load_task
 from common.data import (
     DEFAULT_VALIDATION_SPLIT,
     DataError,
@@ -70,6 +66,7 @@ from common.memory import check_fits
 from common.model import DEFAULT_MODEL, ModelLoadError, load_config, load_model_and_tokenizer
 from common.perf import MfuMeter, count_matmul_params, gpu_utilization, peak_memory_mb
 from common.precision import PrecisionChoice, enable_cpu_fp16, remeasure_peak, resolve_precision_on_main
+from common.redact import redact_secrets, secret_env_values
 from common.seed import seed_everything
 
 REPO = Path(__file__).resolve().parent
@@ -155,10 +152,9 @@ def add_evaluation_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--report-to", choices=["tensorboard", "wandb", "none"], default="tensorboard")
     parser.add_argument("--log-examples", action="store_true", help="each rank logs the example indices it trains on")
     parser.add_argument("--strict-memory", action="store_true", help="refuse to start if the estimate won't fit")
-    parser.add_argument("--fault-inject", default="", help="tests only: loss:3,grad:5,stop:11")
 
 
-VALIDATION_FILE_HELP = "validation data (default: data/validation.jsonl for the demo data, else --validation-split)"
+VALIDATION_FILE_HELP = "validation data (default: validation.jsonl beside a train.jsonl, else --validation-split)"
 SPLIT_HELP = "share of your --train-file held out for validation when no --validation-file is given"
 CHECKPOINTING_HELP = "recompute activations in backward (default: on for QLoRA, off for LoRA)"
 PRECISION_HELP = "auto: CPU the fastest dtype measured at startup; GPU bf16 on Ampere+, fp16 below (T4)"
@@ -166,11 +162,7 @@ ATTENTION_HELP = "auto: eager on CPU when every example is <= 512 tokens (15%% f
 
 
 def validate_args(args: argparse.Namespace, num_processes: int) -> int:
-    """Check the flags; fill in derived ones; return the gradient accumulation steps.
-
-    Raises:
-        SystemExit: naming the flag and what to do.
-    """
+    """Check the flags (SystemExit naming the flag and what to do); fill in derived ones; return grad accum."""
     for ok, message in [
         (args.rank >= 1, f"--rank must be >= 1, got {args.rank}"),
         (args.alpha > 0, f"--alpha must be > 0, got {args.alpha}"),
@@ -208,11 +200,7 @@ def validate_args(args: argparse.Namespace, num_processes: int) -> int:
 
 
 def check_wandb_login(report_to: str) -> None:
-    """Refuse `--report-to wandb` without a login (unless wandb runs offline).
-
-    Raises:
-        SystemExit: with the ways to log in or to log elsewhere.
-    """
+    """Refuse `--report-to wandb` without a login (unless wandb runs offline): SystemExit with the ways out."""
     if report_to != "wandb" or os.environ.get("WANDB_MODE", "online") in ("offline", "disabled"):
         return
     netrc = Path("~/.netrc").expanduser()
@@ -224,11 +212,7 @@ def check_wandb_login(report_to: str) -> None:
 
 
 def resolve_grad_accum(args: argparse.Namespace, num_processes: int) -> int:
-    """Reconcile --grad-accum and --effective-batch-size (filled in); return the accumulation steps.
-
-    Raises:
-        SystemExit: the two disagree, or the effective batch is not a multiple of one micro-batch per process.
-    """
+    """Reconcile --grad-accum and --effective-batch-size (SystemExit when they disagree); return grad accum."""
     per_update = args.batch_size * num_processes
     if args.grad_accum is not None:
         if args.grad_accum < 1 or args.effective_batch_size not in (None, per_update * args.grad_accum):
@@ -284,23 +268,17 @@ class Inputs:
 
 
 def choose_attention(requested: str, device: torch.device, longest: int) -> str:
-    """Resolve --attn-implementation: "auto" is eager on CPU while the longest example (`longest`
-    tokens) is <= 512, sdpa otherwise. Both compute the same attention. Measured on the default model,
-    bf16, batch 4, this 2-core CPU: eager 794 vs sdpa 680 tok/s at 256 tokens, 749 vs 651 at 384, equal
-    at 512, and 205 vs 464 at 1024 (eager materializes the batch x heads x len^2 probabilities)."""
+    """--attn-implementation "auto": eager on CPU while every example is <= 512 tokens (measured 15% faster at
+    256-384 tokens on the default model), sdpa otherwise (eager is 2x slower at 1024). Same math."""
     if requested != "auto":
         return requested
     return "eager" if device.type == "cpu" and longest <= 512 else "sdpa"
 
 
 def make_accelerator(
-    args: argparse.Namespace, use_cpu: bool, grad_accum: int, logger: logging.Logger
+    args: argparse.Namespace, use_cpu: bool, logger: logging.Logger
 ) -> tuple[Accelerator, PrecisionChoice]:
-    """Resolve the precision (CPU "auto" measures it) and create the Accelerator.
-
-    Raises:
-        SystemExit: the model's config cannot be read.
-    """
+    """Resolve the precision (CPU "auto" measures it) and create the Accelerator (SystemExit: unreadable model)."""
     try:
         model_config = load_config(args.model, trust_remote_code=args.trust_remote_code)
     except ModelLoadError as err:
@@ -311,7 +289,6 @@ def make_accelerator(
     accelerator = Accelerator(
         cpu=use_cpu,
         mixed_precision=precision_choice.precision,
-        gradient_accumulation_steps=grad_accum,  # accelerator.backward divides each micro-batch's loss by it
         log_with=None if args.report_to == "none" else args.report_to,
         project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=args.output_dir),
     )
@@ -324,11 +301,7 @@ def make_accelerator(
 
 
 def load_inputs(args: argparse.Namespace, accelerator: Accelerator, dtype: torch.dtype, logger) -> Inputs:
-    """Load the model, the tokenizer and the data and check them all, before the run folder is touched.
-
-    Raises:
-        SystemExit: bad input (data, model, LoRA flags, checkpoint, memory with --strict-memory), named.
-    """
+    """Load and check the model, tokenizer and data before the run folder is touched (SystemExit names bad input)."""
     output_dir = Path(args.output_dir)
     try:
         run_folder.check_resume_flags(output_dir, args.resume_from, args.overwrite)
@@ -409,18 +382,14 @@ def check_memory(model_config, args: argparse.Namespace, device: torch.device, d
 
 
 def load_splits(args: argparse.Namespace, output_dir: Path) -> tuple[list[dict], list[dict], dict | None, bool]:
-    """Read the training and validation records (a held-out split when no validation file applies).
-
-    Returns:
-        (train records, validation records, the split's description or None, whether the user gave
-        both files: only then can a larger validation set mean the two were swapped).
-    """
-    # The demo's data keeps its validation file; a user's own --train-file alone is split, because
-    # validating (best/, early stopping) on the unrelated underwriting set would say nothing.
-    demo_data = Path(args.train_file).resolve() == (REPO / "data/train.jsonl").resolve()
+    """(train records, validation records, the held-out split or None, whether both files were given by flag:
+    only then can a larger validation set mean the two were swapped)."""
+    # A validation file beside the training file (train.jsonl -> validation.jsonl) is used without a flag:
+    # the demo data is laid out so, and so are many datasets. Otherwise a share of --train-file is held out.
     validation_given = args.validation_file is not None
-    if not validation_given and demo_data:
-        args.validation_file = str(REPO / "data/validation.jsonl")
+    sibling = Path(args.train_file).with_name(Path(args.train_file).name.replace("train", "validation", 1))
+    if not validation_given and Path(args.train_file).name.startswith("train") and sibling.is_file():
+        args.validation_file = str(sibling)
     train_records, split = load_records(args.train_file), None
     if args.validation_file is None:
         recorded = read_recorded_split(output_dir / "config.json") if args.resume_from else None
@@ -431,18 +400,11 @@ def load_splits(args: argparse.Namespace, output_dir: Path) -> tuple[list[dict],
     else:
         val_records = load_records(args.validation_file)
     train_records = train_records[: args.subset or None]  # after the split: --subset never moves it
-    return train_records, val_records, split, validation_given and not demo_data
+    return train_records, val_records, split, validation_given
 
 
 def open_run_folder(args: argparse.Namespace, accelerator: Accelerator, trainable_params: int) -> Path | None:
-    """Main process: write test and free-space check, take the lock, clear old logs with --overwrite.
-
-    Returns:
-        The lock file (main process) or None (other ranks).
-
-    Raises:
-        SystemExit: the folder is not writable, too full, or in use by another run.
-    """
+    """Main process: write test, free-space check, lock, old logs cleared with --overwrite; return the lock or None."""
     output_dir, lock = Path(args.output_dir), None
     if accelerator.is_main_process:
         # 12 bytes per trainable parameter in a checkpoint (weights + 2 AdamW moments), + logs
@@ -541,11 +503,7 @@ def collate_with_index(batch: list[dict], pad_token_id: int) -> dict:
 def make_dataloaders(
     train_examples: list[dict], val_examples: list[dict], pad_token_id: int, args: argparse.Namespace
 ) -> tuple[DataLoader, LengthGroupedBatchSampler, DataLoader]:
-    """Length-grouped shuffled training batches and length-sorted validation batches.
-
-    Returns:
-        (train dataloader, its batch sampler, validation dataloader), not yet prepared.
-    """
+    """(length-grouped shuffled training dataloader, its batch sampler, length-sorted validation dataloader)."""
     lengths = [len(e["input_ids"]) for e in train_examples]
     train_sampler = LengthGroupedBatchSampler(lengths, args.batch_size, seed=args.seed)
     # Own generator: making a DataLoader iterator then never draws from the global torch RNG, so the
@@ -561,20 +519,16 @@ def make_dataloaders(
     return train_dataloader, train_sampler, eval_dataloader
 
 
-def resume(accelerator, model, optimizer, lr_scheduler, folder: Path | None, logger) -> TrainState:
-    """A fresh TrainState, or the one saved in checkpoint `folder` with the weights, optimizer and RNGs restored.
-
-    Raises:
-        SystemExit: the checkpoint cannot be restored into this model/run.
-    """
+def resume(run: Run, folder: Path | None) -> TrainState:
+    """A fresh TrainState, or the one saved in checkpoint `folder` with weights, optimizer and RNGs restored."""
     if folder is None:
         return TrainState()
     try:
-        saved = checkpoint.load(accelerator, model, optimizer, lr_scheduler, folder)
+        saved = checkpoint.load(run.accelerator, run.model, run.optimizer, run.lr_scheduler, folder)
     except CheckpointError as err:
         sys.exit(f"error: {err}")
     state = TrainState(**saved)
-    logger.info(
+    run.logger.info(
         f"resumed from {folder}: step {state.global_step}, epoch {state.epoch + 1}, batch {state.batches_done_in_epoch}"
     )
     return state
@@ -588,18 +542,8 @@ def init_trackers(accelerator: Accelerator, args: argparse.Namespace) -> None:
     accelerator.init_trackers("tensorboard" if args.report_to == "tensorboard" else args.run_name, tracker_config)
 
 
-def log_jsonl(accelerator: Accelerator, output_dir: Path, name: str, record: dict) -> None:
-    """Append `record` to output_dir/name on the main process."""
-    if accelerator.is_main_process:
-        jsonio.append_jsonl(output_dir / name, record)
-
-
 def start_epoch(state: TrainState, epoch: int, accelerator: Accelerator, train_dataloader, train_sampler):
-    """Reset the epoch's loss sums (unless resuming mid-epoch) and return its dataloader.
-
-    Returns:
-        The epoch's dataloader, past the batches a mid-epoch resume has already trained on.
-    """
+    """Reset the epoch's loss sums (unless resuming mid-epoch); return its dataloader past the batches done."""
     skip = state.batches_done_in_epoch  # > 0 only when resuming mid-epoch
     if not skip:  # a new epoch; a mid-epoch resume keeps the sums of the steps before its checkpoint
         state.epoch_loss_sum, state.epoch_loss_steps = 0.0, 0
@@ -618,88 +562,83 @@ def update_batches(dataloader, grad_accum: int) -> Iterator[list[dict]]:
         yield window
 
 
-def forward_backward(
-    accelerator: Accelerator, loss_model, batches: list[dict], state: TrainState, loss_scale: float, faults: dict, args
-) -> torch.Tensor:
-    """Forward and backward every micro-batch of one update; return the window's float64 sums.
+@dataclass
+class Run:
+    """What a run fixes once and every stage uses: flags, Accelerate objects, model, evaluation, logs."""
 
-    Returns:
-        [summed token loss, trained tokens, tokens, sum of squared lengths] of this rank's window.
+    args: argparse.Namespace
+    accelerator: Accelerator
+    model: torch.nn.Module  # the PEFT model (saved to best/, final/, checkpoints)
+    loss_model: torch.nn.Module  # the prepared TrainedTokenLoss around it
+    tokenizer: object
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: torch.optim.lr_scheduler.LRScheduler
+    eval_dataloader: DataLoader
+    samples: list[dict]  # validation records whose replies are generated (the main process only)
+    task: object  # the --task module that scores those replies
+    config: dict  # the resolved configuration, config.json (copied into best/ and checkpoints)
+    logger: logging.Logger
 
-    Raises:
-        SystemExit: --fault-inject stop:N, right after micro-batch N (nothing saved, as a crash).
-    """
-    sums = torch.zeros(4, dtype=torch.float64, device=accelerator.device)
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.args.output_dir)
+
+    def log_jsonl(self, name: str, record: dict) -> None:
+        """Append `record` to output_dir/name on the main process."""
+        if self.accelerator.is_main_process:
+            jsonio.append_jsonl(self.output_dir / name, record)
+
+
+def forward_backward(run: Run, batches: list[dict], state: TrainState, loss_scale: float) -> torch.Tensor:
+    """Forward and backward every micro-batch of one update; return this rank's float64 window sums
+    [summed token loss, trained tokens, tokens, sum of squared lengths]."""
+    accelerator, sums = run.accelerator, torch.zeros(4, dtype=torch.float64, device=run.accelerator.device)
     for i, batch in enumerate(batches):
         example_index = batch.pop("index")
-        if args.log_examples:
+        if run.args.log_examples:
             record = {"micro_step": state.micro_step + 1, "epoch": state.epoch, "index": example_index.tolist()}
-            jsonio.append_jsonl(Path(args.output_dir) / f"examples_rank{accelerator.process_index}.jsonl", record)
+            jsonio.append_jsonl(run.output_dir / f"examples_rank{accelerator.process_index}.jsonl", record)
         # DDP all-reduces the gradients in the backward of the window's last micro-batch only.
-        last = i == len(batches) - 1
-        with contextlib.nullcontext() if last else accelerator.no_sync(loss_model):
-            row_losses, row_counts = loss_model(**batch)
+        with contextlib.nullcontext() if i == len(batches) - 1 else accelerator.no_sync(run.loss_model):
+            row_losses, row_counts = run.loss_model(**batch)
             loss_sum, n_trained = row_losses.sum(), row_counts.sum()
-            if state.global_step + 1 in faults["loss"]:
-                loss_sum = loss_sum * float("nan")
-            # Backward the summed token loss, scaled by a constant that keeps fp16 in range (and
-            # divided by grad_accum inside accelerator.backward); optimizer_step rescales the sum.
             accelerator.backward(loss_sum / loss_scale)
         lengths = batch["attention_mask"].sum(1).double()
         sums += torch.stack([loss_sum.detach().double(), n_trained.double(), lengths.sum(), (lengths**2).sum()])
         state.micro_step += 1
         state.batches_done_in_epoch += 1
-        if state.micro_step in faults["stop"]:
-            raise SystemExit(f"error: --fault-inject stopped the run after micro-step {state.micro_step}")
     return sums
 
 
-def clip_gradients(accelerator: Accelerator, trainable: list, rescale: float, max_grad_norm: float, inf: bool) -> float:
-    """Rescale the accumulated gradients to the per-token mean, clip them, and return their norm.
-
-    Args:
-        inf: --fault-inject grad:N, the gradients of this update are made inf.
-    """
+def clip_gradients(run: Run, trainable: list, rescale: float) -> float:
+    """Multiply the accumulated gradients by `rescale` (to the per-token mean), clip them, return their norm."""
     torch._foreach_mul_([p.grad for p in trainable if p.grad is not None], rescale)
-    if inf:
-        trainable[0].grad.fill_(float("inf"))
-    return float(fsdp.clip_grad_norm_(accelerator, trainable, max_grad_norm))  # FSDP + fp16: see there
+    return float(fsdp.clip_grad_norm_(run.accelerator, trainable, run.args.max_grad_norm))  # FSDP + fp16: see there
 
 
-def optimizer_step(accelerator: Accelerator, optimizer, lr_scheduler, finite: bool) -> bool:
-    """Step (only when finite: the NaN guard), advance the schedule, clear the gradients.
-
-    Returns:
-        Whether the weights were updated.
-    """
-    if finite or accelerator.scaler is not None:
-        optimizer.step()  # under fp16 the GradScaler skips an inf/NaN update by itself
-    stepped = finite and not optimizer.step_was_skipped
+def optimizer_step(run: Run, finite: bool) -> bool:
+    """Step (only when finite: the NaN guard), advance the schedule, clear the gradients; return whether it stepped."""
+    if finite or run.accelerator.scaler is not None:
+        run.optimizer.step()  # under fp16 the GradScaler skips an inf/NaN update by itself
+    stepped = finite and not run.optimizer.step_was_skipped
     if stepped:
-        lr_scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
+        run.lr_scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
     return stepped
 
 
-def record_bad_step(
-    state: TrainState, loss: float, grad_norm: float, args: argparse.Namespace, accelerator, logger
-) -> str:
-    """Count and log a skipped non-finite update.
-
-    Returns:
-        Why the run must stop (more than --max-bad-steps in a row), or "" to go on.
-    """
-    max_bad_steps = args.max_bad_steps
+def record_bad_step(state: TrainState, loss: float, grad_norm: float, run: Run) -> str:
+    """Count and log a skipped non-finite update; return why the run must stop (more than --max-bad-steps
+    in a row), or "" to go on."""
     state.consecutive_bad_steps += 1
     state.bad_steps_total += 1
     reason = f"non-finite loss {loss} or grad norm {grad_norm}: update skipped"
-    record = {"type": "bad_step", "step": state.global_step, "reason": reason}
-    log_jsonl(accelerator, Path(args.output_dir), "train_log.jsonl", record)
-    logger.warning(f"step {state.global_step} | {reason} ({state.consecutive_bad_steps} in a row)")
-    if state.consecutive_bad_steps <= max_bad_steps:
+    run.log_jsonl("train_log.jsonl", {"type": "bad_step", "step": state.global_step, "reason": reason})
+    run.logger.warning(f"step {state.global_step} | {reason} ({state.consecutive_bad_steps} in a row)")
+    if state.consecutive_bad_steps <= run.args.max_bad_steps:
         return ""
     return (
-        f"{state.consecutive_bad_steps} non-finite steps in a row (> --max-bad-steps {max_bad_steps}); "
+        f"{state.consecutive_bad_steps} non-finite steps in a row (> --max-bad-steps {run.args.max_bad_steps}); "
         "lower --lr or check the data"
     )
 
@@ -718,12 +657,7 @@ class StepStats:
 
 
 def step_record(state: TrainState, epoch: float, lr: float, stats: StepStats, elapsed: float, meter: MfuMeter, device):
-    """The update's train_log.jsonl record: loss, schedule, gradient, throughput, MFU and memory.
-
-    Args:
-        epoch: epochs done (fractional); elapsed: training time so far (across resumes).
-        meter: the MFU against the measured peak (never above 1.0: see `common.perf.MfuMeter`).
-    """
+    """The update's train_log.jsonl record: loss, schedule, gradient, throughput, MFU (never > 100%), memory."""
     mfu = meter.mfu(stats.tokens, stats.trained, stats.sum_sq, stats.seconds)
     return {
         "type": "step",
@@ -744,90 +678,62 @@ def step_record(state: TrainState, epoch: float, lr: float, stats: StepStats, el
     }
 
 
-def log_step(state: TrainState, record: dict, layer_norms: dict, args: argparse.Namespace, accelerator, logger) -> None:
+def log_step(state: TrainState, record: dict, layer_norms: dict, run: Run) -> None:
     """The update's record to train_log.jsonl and the tracker, its per-layer norms, its console line."""
-    output_dir = Path(args.output_dir)
     state.train_time_s = record["elapsed_s"]
-    log_jsonl(accelerator, output_dir, "train_log.jsonl", record)
+    run.log_jsonl("train_log.jsonl", record)
     if layer_norms:
-        log_jsonl(accelerator, output_dir, "grad_log.jsonl", {"step": state.global_step, "norms": layer_norms})
-    accelerator.log({f"train/{k}": v for k, v in record.items() if isinstance(v, int | float)}, step=record["step"])
-    if state.global_step % args.log_every == 0:
-        logger.info(
+        run.log_jsonl("grad_log.jsonl", {"step": state.global_step, "norms": layer_norms})
+    run.accelerator.log(
+        {f"train/{k}": v for k, v in record.items() if isinstance(v, int | float)}, step=state.global_step
+    )
+    if state.global_step % run.args.log_every == 0:
+        run.logger.info(
             f"step {record['step']} | loss {record['loss']:.4f} | lr {record['lr']:.2e} | "
             f"grad {record['grad_norm']:.3f} | {record['tokens_per_s']:.0f} tok/s | mfu {record['mfu'] or 0:.1%} | "
             f"{record['peak_mem_mb']:.0f} MiB"
         )
 
 
-def write_samples(
-    model, tokenizer, accelerator, sample_records: list[dict], task, max_new_tokens: int, path: Path
-) -> dict:
+def write_samples(run: Run, path: Path) -> dict:
     """Generate a reply for each sample prompt, write them to `path` and score them with the task module.
 
-    Each key of `task.score_reply(reply, record)` becomes `sample_<key>`, its mean over the scored
-    replies, so a run whose loss falls while its replies still miss says so in its logs.
-
     Returns:
-        {"sample_n": replies scored, "sample_<key>": mean, ...} for the eval record.
+        {"sample_n": replies scored, "sample_<key>": the mean of each key of `task.score_reply(reply,
+        record)` over them}: a run whose loss falls while its replies still miss says so in its logs.
     """
-    prompts = [prompt_messages(r["messages"]) for r in sample_records]
-    with accelerator.autocast():
-        replies = generate_replies(model, tokenizer, prompts, len(prompts), max_new_tokens)
+    prompts = [prompt_messages(r["messages"]) for r in run.samples]
+    with run.accelerator.autocast():
+        replies = generate_replies(run.model, run.tokenizer, prompts, len(prompts), run.args.max_new_tokens)
     samples = [
         {"id": r.get("id"), "prompt_messages": p, "reference": r["messages"][len(p)]["content"], "generated": g}
-        for r, p, g in zip(sample_records, prompts, replies, strict=True)
+        for r, p, g in zip(run.samples, prompts, replies, strict=True)
     ]
     path.parent.mkdir(exist_ok=True)
     jsonio.write_jsonl(path, samples, sort_keys=False)
-    scores = [s for s in map(task.score_reply, replies, sample_records) if s is not None]
+    scores = [s for s in map(run.task.score_reply, replies, run.samples) if s is not None]
     keys = dict.fromkeys(k for s in scores for k in s)
     return {"sample_n": len(scores)} | {f"sample_{k}": sum(s.get(k, 0.0) for s in scores) / len(scores) for k in keys}
 
 
-@dataclass
-class Evaluation:
-    """What every validation needs besides the state: the same objects at every evaluation."""
-
-    args: argparse.Namespace
-    accelerator: Accelerator
-    loss_model: torch.nn.Module  # the prepared TrainedTokenLoss
-    model: torch.nn.Module  # the PEFT model inside it (saved to best/)
-    tokenizer: object
-    dataloader: DataLoader  # the validation batches
-    samples: list[dict]  # validation records whose replies are generated (the main process only)
-    task: object  # the --task module that scores the sample replies
-    config: dict  # the resolved run configuration (copied into best/)
-    logger: logging.Logger
-
-
-def validate(state: TrainState, epoch: float, run: Evaluation, baseline: bool = False) -> None:
-    """Validation loss and scored sample replies; keep best/ when it improved; count toward early stopping.
-
-    Args:
-        epoch: epochs done (fractional mid-epoch).
-        baseline: the step-0 evaluation of the untouched base (never "best").
-    """
-    args, accelerator, model, tokenizer, logger = run.args, run.accelerator, run.model, run.tokenizer, run.logger
-    output_dir, step = Path(args.output_dir), state.global_step
-    metrics = evaluate_loss(run.loss_model, run.dataloader, accelerator, seed=args.seed)
+def validate(state: TrainState, epoch: float, run: Run, baseline: bool = False) -> None:
+    """Validation loss and scored samples at `epoch` (fractional); keep best/ when it improved (never for the
+    step-0 `baseline`); count toward early stopping."""
+    args, accelerator, step = run.args, run.accelerator, state.global_step
+    metrics = evaluate_loss(run.loss_model, run.eval_dataloader, accelerator, seed=args.seed)
     best = state.best_val_loss
     improved = not baseline and (best is None or metrics["val_loss"] < best - args.early_stopping_min_delta)
     record = {"step": step, "epoch": epoch, "baseline": baseline, "is_best": improved, **metrics}
     if accelerator.is_main_process and run.samples:
-        sample_path = output_dir / "samples" / f"step_{step:06d}.jsonl"
-        record |= write_samples(model, tokenizer, accelerator, run.samples, run.task, args.max_new_tokens, sample_path)
-    log_jsonl(accelerator, output_dir, "eval_log.jsonl", record)
+        record |= write_samples(run, run.output_dir / "samples" / f"step_{step:06d}.jsonl")
+    run.log_jsonl("eval_log.jsonl", record)
     accelerator.log(
         {f"eval/{k}": v for k, v in record.items() if isinstance(v, int | float) and k != "step"}, step=step
     )
-    scored = ", ".join(
-        f"{k.removeprefix('sample_')} {v:.0%}" for k, v in record.items() if k.startswith("sample_") and k != "sample_n"
-    )
-    decided = f" | samples: {scored}" if scored else ""
-    logger.info(
+    scored = ", ".join(f"{k[7:]} {v:.0%}" for k, v in record.items() if k.startswith("sample_") and k != "sample_n")
+    run.logger.info(
         f"eval step {step} | val loss {metrics['val_loss']:.4f} ± {metrics['val_loss_ci95']:.4f} | "
-        f"ppl {metrics['val_ppl']:.3f} | {metrics['eval_time_s']:.1f}s{decided}"
+        f"ppl {metrics['val_ppl']:.3f} | {metrics['eval_time_s']:.1f}s{f' | samples: {scored}' if scored else ''}"
         + (" | baseline" if baseline else " | new best" if improved else "")
     )
     if baseline:
@@ -835,70 +741,138 @@ def validate(state: TrainState, epoch: float, run: Evaluation, baseline: bool = 
     elif improved:
         state.best_val_loss, state.best_step, state.best_epoch = metrics["val_loss"], step, math.ceil(epoch)
         state.evals_without_improvement = 0
-        adapter = fsdp.gather_sharded_adapter(model)  # FSDP: every rank gathers, rank 0 writes
+        adapter = fsdp.gather_sharded_adapter(run.model)  # FSDP: every rank gathers, rank 0 writes
         if accelerator.is_main_process:
             extra = {"metrics.json": record, "trainer_state.json": asdict(state), "config.json": run.config}
-            checkpoint.save_adapter_folder(model, tokenizer, output_dir / "best", args.model, extra, adapter)
+            checkpoint.save_adapter_folder(
+                run.model, run.tokenizer, run.output_dir / "best", args.model, extra, adapter
+            )
     else:
         state.evals_without_improvement += 1
 
 
-def save_checkpoint(state: TrainState, args, accelerator, model, optimizer, lr_scheduler, config: dict) -> None:
+def save_checkpoint(state: TrainState, run: Run) -> None:
     """checkpoints/step_XXXXXX (every rank takes part), then rotate the oldest beyond --save-total-limit."""
-    checkpoints = Path(args.output_dir) / "checkpoints"
+    checkpoints = run.output_dir / "checkpoints"
     folder = checkpoints / f"step_{state.global_step:06d}"
-    checkpoint.save(accelerator, model, optimizer, lr_scheduler, asdict(state), folder, config)
-    if accelerator.is_main_process:
-        checkpoint.rotate(checkpoints, args.save_total_limit)
+    checkpoint.save(run.accelerator, run.model, run.optimizer, run.lr_scheduler, asdict(state), folder, run.config)
+    if run.accelerator.is_main_process:
+        checkpoint.rotate(checkpoints, run.args.save_total_limit)
 
 
-def end_epoch(state: TrainState, epoch: int, seconds: float, accelerator, output_dir: Path, logger) -> None:
+def end_epoch(state: TrainState, epoch: int, seconds: float, run: Run) -> None:
     """Count the epoch as done and log its mean training loss."""
     state.epoch, state.batches_done_in_epoch = epoch + 1, 0
     mean_loss = state.epoch_loss_sum / max(state.epoch_loss_steps, 1)
     record = {"type": "epoch", "epoch": epoch + 1, "step": state.global_step, "mean_train_loss": mean_loss}
-    log_jsonl(accelerator, output_dir, "train_log.jsonl", record | {"epoch_time_s": seconds})
-    logger.info(f"epoch {epoch + 1} | mean train loss {mean_loss:.4f} | {seconds:.1f}s")
+    run.log_jsonl("train_log.jsonl", record | {"epoch_time_s": seconds})
+    run.logger.info(f"epoch {epoch + 1} | mean train loss {mean_loss:.4f} | {seconds:.1f}s")
 
 
-def early_stop_reason(state: TrainState, args: argparse.Namespace, logger: logging.Logger) -> str:
+def early_stop_reason(state: TrainState, run: Run) -> str:
     """Why training stops early (--early-stopping-patience evaluations without improvement), or ""."""
-    patience = args.early_stopping_patience
+    patience = run.args.early_stopping_patience
     if not patience or state.evals_without_improvement < patience:
         return ""
     reason = (
-        f"validation loss did not improve by more than {args.early_stopping_min_delta} for {patience} "
+        f"validation loss did not improve by more than {run.args.early_stopping_min_delta} for {patience} "
         f"evaluations (best: step {state.best_step})"
     )
-    logger.info(f"early stopping: {reason}")
+    run.logger.info(f"early stopping: {reason}")
     return reason
 
 
-def finish(state: TrainState, status: str, stop_reason: str, args, accelerator, model, tokenizer, config, logger, lock):
-    """Write final/ (unless the run diverged), update_ratios.json and summary.json; release the lock.
+def train_loop(state: TrainState, run: Run, train_dataloader, train_sampler, meter: MfuMeter) -> tuple[str, str]:
+    """Train until the epochs or --max-steps are done, early stopping, or too many bad steps.
+
+    One iteration of the inner loop is one optimizer update (global_step); micro_step counts micro-batches.
 
     Returns:
-        The run summary (summary.json).
-
-    Raises:
-        SystemExit: the run stopped on too many non-finite steps in a row (after writing its summary).
+        (status, stop reason): "completed", "max_steps", "early_stopped" or "stopped_bad_steps".
     """
-    output_dir, num_processes = Path(args.output_dir), accelerator.num_processes
+    args, accelerator, model = run.args, run.accelerator, run.model
+    num_processes, grad_accum = accelerator.num_processes, run.config["derived"]["grad_accum"]
+    total_steps = run.config["derived"]["total_steps"]
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    # --- the token-normalized loss: set up here and nowhere else ---
+    # Each micro-batch backpropagates the SUM of its trained tokens' losses divided by `loss_scale`, a
+    # constant (max_seq_len x batch_size) that keeps the summed loss and its gradients in fp16 range.
+    # After the update's window, clip_gradients multiplies the gradients by `rescale`: the gradient of
+    # the MEAN loss over every trained token of the update (all its micro-batches, all ranks; DDP
+    # averages over the ranks, hence x num_processes), not a mean of batch means.
+    loss_scale = args.max_seq_len * args.batch_size
+    status, stop_reason = "completed", ""
+    progress = tqdm(total=total_steps, initial=state.global_step, disable=not accelerator.is_local_main_process)
+    run.loss_model.train()
+    clock = time.perf_counter() - state.train_time_s
+    for epoch in range(state.epoch, args.epochs):
+        epoch_start = step_start = time.perf_counter()
+        epoch_dataloader = start_epoch(state, epoch, accelerator, train_dataloader, train_sampler)
+        for batches in update_batches(epoch_dataloader, grad_accum):
+            sums = forward_backward(run, batches, state, loss_scale)
+            loss_sum, trained, tokens, sum_sq = accelerator.reduce(sums, "sum").tolist()  # one host sync
+            loss = loss_sum / max(trained, 1.0)
+            grad_norm = clip_gradients(run, trainable, loss_scale * num_processes / max(trained, 1.0))
+            log_layers = (state.global_step + 1) % max(args.grad_log_every, 1) == 0
+            layer_norms = lora_grad_norms(model) if log_layers else {}
+            # NaN guard: a non-finite loss or gradient skips the update; too many in a row stop the run.
+            finite = math.isfinite(loss) and math.isfinite(grad_norm)
+            stepped = optimizer_step(run, finite)
+            state.global_step += 1
+            progress.update(1)
+            if finite:
+                state.consecutive_bad_steps = 0
+                state.epoch_loss_sum += loss
+                state.epoch_loss_steps += 1
+            elif stop_reason := record_bad_step(state, loss, grad_norm, run):
+                return "stopped_bad_steps", stop_reason
+            seconds, step_start = time.perf_counter() - step_start, time.perf_counter()
+            epoch_done = epoch + state.batches_done_in_epoch / len(train_dataloader)
+            stats = StepStats(loss, grad_norm, stepped, tokens, trained, sum_sq, seconds)
+            lr = run.lr_scheduler.get_last_lr()[0]
+            record = step_record(state, epoch_done, lr, stats, time.perf_counter() - clock, meter, accelerator.device)
+            log_step(state, record, layer_norms, run)
+            if args.eval_every and state.global_step % args.eval_every == 0:
+                validate(state, record["epoch"], run)
+            if args.save_every and state.global_step % args.save_every == 0:
+                save_checkpoint(state, run)
+            if state.global_step >= total_steps and state.batches_done_in_epoch < len(train_dataloader):
+                status, stop_reason = "max_steps", f"reached --max-steps {args.max_steps}"
+                break
+        # --- end of the epoch (or of --max-steps): evaluate, checkpoint, maybe stop early ---
+        if status != "max_steps":
+            end_epoch(state, epoch, time.perf_counter() - epoch_start, run)
+        validate(state, state.epoch + state.batches_done_in_epoch / len(train_dataloader), run)
+        save_checkpoint(state, run)
+        if status == "completed" and (stop_reason := early_stop_reason(state, run)):
+            status = "early_stopped"
+        if status != "completed" or state.global_step >= total_steps:
+            break
+    progress.close()
+    return status, stop_reason
+
+
+def finish(state: TrainState, status: str, stop_reason: str, run: Run, lock) -> dict:
+    """Write final/ (unless the run diverged), update_ratios.json and summary.json, release the lock; return the
+    summary. SystemExit after that when the run stopped on too many non-finite steps."""
+    accelerator, model, num_processes = run.accelerator, run.model, run.accelerator.num_processes
     # FSDP: no rank holds the adapter whole; compare the full tensors every rank gathers (and rank 0 saves).
     adapter = fsdp.gather_sharded_adapter(model)
     trainable = list(adapter.values()) if adapter is not None else [p for p in model.parameters() if p.requires_grad]
     in_sync = run_folder.check_ranks_in_sync(trainable, accelerator)
     if num_processes > 1:
-        logger.info(f"adapter weights identical on all {num_processes} ranks: {in_sync}")
+        run.logger.info(f"adapter weights identical on all {num_processes} ranks: {in_sync}")
     # Under FSDP the ratios need the sharded base weights: every rank computes them, rank 0 writes.
     ratios = lora_update_ratios(model) if accelerator.is_main_process or adapter is not None else None
     if accelerator.is_main_process and status != "stopped_bad_steps":
-        extra = {"trainer_state.json": asdict(state), "config.json": config}
-        checkpoint.save_adapter_folder(model, tokenizer, output_dir / "final", args.model, extra, adapter)
-        jsonio.write_json(output_dir / "update_ratios.json", ratios)
+        extra = {"trainer_state.json": asdict(state), "config.json": run.config}
+        checkpoint.save_adapter_folder(model, run.tokenizer, run.output_dir / "final", run.args.model, extra, adapter)
+        jsonio.write_json(run.output_dir / "update_ratios.json", ratios)
     params = count_parameters(model)
-    summary = run_folder.write_run_summary(output_dir, status, stop_reason, asdict(state), params, accelerator, in_sync)
-    logger.info(
+    summary = run_folder.write_run_summary(
+        run.output_dir, status, stop_reason, asdict(state), params, accelerator, in_sync
+    )
+    run.logger.info(
         f"done: {status}{f' ({stop_reason})' if stop_reason else ''} | best val ppl {summary['best_val_ppl']} "
         f"at step {summary['best_step']} (baseline {summary['baseline_val_ppl']}) | {summary['train_time_s']:.0f}s"
     )
@@ -909,6 +883,27 @@ def finish(state: TrainState, status: str, stop_reason: str, args, accelerator, 
     return summary
 
 
+def prepare_run(args, accelerator: Accelerator, inputs: Inputs, config: dict, logger) -> tuple[Run, DataLoader, object]:
+    """Optimizer, schedule, dataloaders and the loss model prepared by Accelerate: (Run, train dataloader, sampler)."""
+    model, derived = inputs.model, config["derived"]
+    optimizer = make_optimizer(model, args.lr, args.weight_decay, args.adam_betas)
+    # Not passed to prepare(): Accelerate would step it once per process; we step it once per update.
+    lr_scheduler = get_cosine_schedule_with_warmup(optimizer, derived["warmup_steps"], derived["total_steps"])
+    dataloaders = make_dataloaders(inputs.train_examples, inputs.val_examples, inputs.tokenizer.pad_token_id, args)
+    train_dataloader, train_sampler, eval_dataloader = dataloaders
+    loss_model, optimizer, train_dataloader, eval_dataloader = accelerator.prepare(
+        TrainedTokenLoss(model), optimizer, train_dataloader, eval_dataloader
+    )
+    if accelerator.num_processes > 1:
+        KEEP_UNTIL_EXIT.extend([accelerator, loss_model])  # the DDP model must outlive main(): see exit_distributed
+    if fsdp.is_sharded(model):
+        logger.info(fsdp.describe_sharding(loss_model, accelerator.num_processes))
+    task = load_task(args.task)
+    run = Run(args, accelerator, model, loss_model, inputs.tokenizer, optimizer, lr_scheduler, eval_dataloader,
+              inputs.sample_records, task, config, logger)  # fmt: skip
+    return run, train_dataloader, train_sampler
+
+
 def main(argv: list[str] | None = None) -> dict:
     """Train and return the run summary (also written to summary.json)."""
     args = parse_args(argv)
@@ -916,104 +911,26 @@ def main(argv: list[str] | None = None) -> dict:
     use_cpu = not torch.cuda.is_available()
     num_processes = PartialState(cpu=use_cpu).num_processes
     grad_accum = validate_args(args, num_processes)
-    faults = parse_fault_injection(args.fault_inject)
-    output_dir = Path(args.output_dir)
     logger = run_folder.setup_logging(None, PartialState().is_main_process)
-    accelerator, precision_choice = make_accelerator(args, use_cpu, grad_accum, logger)
+    accelerator, precision_choice = make_accelerator(args, use_cpu, logger)
     seed_everything(args.seed)
     inputs = load_inputs(args, accelerator, precision_choice.dtype, logger)  # bad input fails here
-    model, tokenizer = inputs.model, inputs.tokenizer
     schedule = plan_schedule(len(inputs.train_examples), args, num_processes, grad_accum)
-    total_steps = schedule["total_steps"]
-    lock = open_run_folder(args, accelerator, count_parameters(model)["trainable"])
-    logger = run_folder.setup_logging(output_dir / "train.log", accelerator.is_main_process)
-    config = write_config(args, accelerator, precision_choice, inputs, count_parameters(model), schedule)
+    params = count_parameters(inputs.model)
+    lock = open_run_folder(args, accelerator, params["trainable"])
+    logger = run_folder.setup_logging(Path(args.output_dir) / "train.log", accelerator.is_main_process)
+    config = write_config(args, accelerator, precision_choice, inputs, params, schedule)
     log_setup(logger, args, config, inputs, precision_choice)
-    optimizer = make_optimizer(model, args.lr, args.weight_decay, args.adam_betas)
-    # Not passed to prepare(): Accelerate would step it once per process; we step it once per update.
-    lr_scheduler = get_cosine_schedule_with_warmup(optimizer, schedule["warmup_steps"], total_steps)
-    dataloaders = make_dataloaders(inputs.train_examples, inputs.val_examples, tokenizer.pad_token_id, args)
-    train_dataloader, train_sampler, eval_dataloader = dataloaders
-    loss_model, optimizer, train_dataloader, eval_dataloader = accelerator.prepare(
-        TrainedTokenLoss(model), optimizer, train_dataloader, eval_dataloader
-    )
-    if num_processes > 1:
-        KEEP_UNTIL_EXIT.extend([accelerator, loss_model])  # the DDP model must outlive main(): see exit_distributed
-    if fsdp.is_sharded(model):
-        logger.info(fsdp.describe_sharding(loss_model, num_processes))
-    trainable = [p for p in model.parameters() if p.requires_grad]
+    run, train_dataloader, train_sampler = prepare_run(args, accelerator, inputs, config, logger)
     # MFU against the probed peak; a step that beats it has the peak measured again (never > 100%)
-    meter = MfuMeter(count_matmul_params(model), precision_choice.peak_flops)
-    meter.remeasure = functools.partial(remeasure_peak, precision_choice, model.config)
-    task = load_task(args.task)
-    evaluation = Evaluation(
-        args, accelerator, loss_model, model, tokenizer, eval_dataloader, inputs.sample_records, task, config, logger
-    )
-    state = resume(accelerator, model, optimizer, lr_scheduler, inputs.resume_folder, logger)
+    meter = MfuMeter(count_matmul_params(run.model), precision_choice.peak_flops)
+    meter.remeasure = functools.partial(remeasure_peak, precision_choice, run.model.config)
+    state = resume(run, inputs.resume_folder)
     init_trackers(accelerator, args)
     if not args.resume_from and not args.no_baseline:
-        validate(state, 0.0, evaluation, baseline=True)
-
-    # --- the training loop: one iteration = one optimizer update (global_step); micro_step counts batches ---
-    status, stop_reason = "completed", ""
-    progress = tqdm(total=total_steps, initial=state.global_step, disable=not accelerator.is_local_main_process)
-    loss_model.train()
-    clock = time.perf_counter() - state.train_time_s
-    loss_scale = args.max_seq_len * args.batch_size  # a constant: keeps the summed fp16 loss in range
-    for epoch in range(state.epoch, args.epochs):
-        epoch_start = time.perf_counter()
-        epoch_dataloader = start_epoch(state, epoch, accelerator, train_dataloader, train_sampler)
-        step_start = time.perf_counter()
-        for batches in update_batches(epoch_dataloader, grad_accum):
-            sums = forward_backward(accelerator, loss_model, batches, state, loss_scale, faults, args)
-            # One host sync per update: the window's sums over all ranks.
-            loss_sum, trained, tokens, sum_sq = accelerator.reduce(sums, "sum").tolist()
-            # The loss is the mean over every trained token of the update (all micro-batches, all
-            # ranks), not a mean of batch means; the rescale gives the gradients that same mean.
-            loss = loss_sum / max(trained, 1.0)
-            rescale = loss_scale * grad_accum * num_processes / max(trained, 1.0)
-            inject_inf = state.global_step + 1 in faults["grad"]
-            grad_norm = clip_gradients(accelerator, trainable, rescale, args.max_grad_norm, inject_inf)
-            log_layers = (state.global_step + 1) % max(args.grad_log_every, 1) == 0
-            layer_norms = lora_grad_norms(model) if log_layers else {}
-            # NaN guard: a non-finite loss or gradient skips the update; too many in a row stop the run.
-            finite = math.isfinite(loss) and math.isfinite(grad_norm)
-            stepped = optimizer_step(accelerator, optimizer, lr_scheduler, finite)
-            state.global_step += 1
-            progress.update(1)
-            if finite:
-                state.consecutive_bad_steps = 0
-                state.epoch_loss_sum += loss
-                state.epoch_loss_steps += 1
-            elif stop_reason := record_bad_step(state, loss, grad_norm, args, accelerator, logger):
-                status = "stopped_bad_steps"
-                break
-            seconds, step_start = time.perf_counter() - step_start, time.perf_counter()
-            epoch_done = epoch + state.batches_done_in_epoch / len(train_dataloader)
-            stats = StepStats(loss, grad_norm, stepped, tokens, trained, sum_sq, seconds)
-            lr = lr_scheduler.get_last_lr()[0]
-            record = step_record(state, epoch_done, lr, stats, time.perf_counter() - clock, meter, accelerator.device)
-            log_step(state, record, layer_norms, args, accelerator, logger)
-            if args.eval_every and state.global_step % args.eval_every == 0:
-                validate(state, record["epoch"], evaluation)
-            if args.save_every and state.global_step % args.save_every == 0:
-                save_checkpoint(state, args, accelerator, model, optimizer, lr_scheduler, config)
-            if state.global_step >= total_steps and state.batches_done_in_epoch < len(train_dataloader):
-                status, stop_reason = "max_steps", f"reached --max-steps {args.max_steps}"
-                break
-        if status == "stopped_bad_steps":
-            break
-        # --- end of the epoch (or of --max-steps): evaluate, checkpoint, maybe stop early ---
-        if status != "max_steps":
-            end_epoch(state, epoch, time.perf_counter() - epoch_start, accelerator, output_dir, logger)
-        validate(state, state.epoch + state.batches_done_in_epoch / len(train_dataloader), evaluation)
-        save_checkpoint(state, args, accelerator, model, optimizer, lr_scheduler, config)
-        if status == "completed" and (stop_reason := early_stop_reason(state, args, logger)):
-            status = "early_stopped"
-        if status != "completed" or state.global_step >= total_steps:
-            break
-    progress.close()
-    return finish(state, status, stop_reason, args, accelerator, model, tokenizer, config, logger, lock)
+        validate(state, 0.0, run, baseline=True)
+    status, stop_reason = train_loop(state, run, train_dataloader, train_sampler, meter)
+    return finish(state, status, stop_reason, run, lock)
 
 
 def exit_distributed(code: int | str | None) -> None:

@@ -1,79 +1,32 @@
-"""Helpers for exporting and merging adapters: safe names, secret redaction, generation config,
+"""Helpers for exporting and merging adapters: safe names, secret scans, generation config,
 NF4 round trip, inference-memory estimate, the model card and atomic folder publishing.
 
-    from common.artifacts import redact_secrets, secret_env_values, validate_export_name
+    from common.artifacts import validate_export_name, find_secrets_in_folder
     name = validate_export_name("underwrite", "--name")            # raises ValueError on "../x"
-    clean = redact_secrets(run_config, secret_env_values())         # {"hf_token": "<redacted>", ...}
     memory = estimate_inference_memory(quantizable_params=..., other_params=..., adapter_bytes=...)
 """
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
+from safetensors.torch import load_file
 
+from common.checkpoint import COMPLETE_MARKER, CheckpointError, assert_finite, verify
 from common.data import end_of_turn_token_ids
+from common.jsonio import read_json
+from common.redact import HF_TOKEN_PATTERN, is_secret_key
 
-REDACTED = "<redacted>"
-# Environment variables whose values must never be written anywhere; any variable whose name looks
-# secret (see `is_secret_key`) is added to these.
-SECRET_ENV_VARS = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_API_TOKEN", "WANDB_API_KEY")
-# A key is secret when one of its words is one of these ("hf_token", "wandbApiKey", "db_password")...
-SECRET_WORDS = {"token", "key", "apikey", "secret", "password", "passwd", "credential", "credentials", "auth"}
-# ...unless its last word says it holds a number or a type ("pad_token_id", "max_token_len").
-NON_SECRET_LAST_WORDS = {"id", "ids", "index", "indices", "len", "length", "count", "size", "limit", "type", "dtype"}
-HF_TOKEN_PATTERN = re.compile(r"hf_[A-Za-z0-9]{30,}")
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 # Embedded aliases (common.model.EMBEDDED_MODELS) and the hub model each one is a copy of.
 ALIAS_HUB_IDS = {"smollm2-135m-instruct": "HuggingFaceTB/SmolLM2-135M-Instruct"}
 # NF4 with double quantization: 4-bit codes, one 8-bit absmax per 64 weights, one fp32 constant per
 # 256 absmax blocks (bitsandbytes defaults). Embeddings, norms and the LM head stay in 16-bit.
 NF4_BYTES_PER_PARAM = 0.5 + 1 / 64 + 4 / (64 * 256)
-
-
-def _key_words(key: str) -> list[str]:
-    spaced = re.sub(r"([a-z0-9])([A-Z])", r"\1 \2", str(key))
-    return [word for word in re.split(r"[^A-Za-z0-9]+", spaced.lower()) if word]
-
-
-def is_secret_key(key: str) -> bool:
-    """Whether a config key names a secret: a word token/key/secret/password/... (see SECRET_WORDS).
-
-    Whole words are matched, so "max_new_tokens", "tokenizer" and "keep_last" are not secret, while
-    "hf_token", "wandbApiKey" and "db_password" are. "secret"/"password" anywhere is always secret.
-
-    Args:
-        key: a dictionary key or an environment variable name.
-
-    Returns:
-        True if values under this key must be redacted.
-    """
-    lowered = str(key).lower()
-    if "secret" in lowered or "password" in lowered:
-        return True
-    words = _key_words(key)
-    return bool(words) and words[-1] not in NON_SECRET_LAST_WORDS and any(word in SECRET_WORDS for word in words)
-
-
-def secret_env_values(environ: Mapping[str, str] | None = None, min_length: int = 8) -> list[str]:
-    """Values of secret environment variables (HF_TOKEN, WANDB_API_KEY, anything named like a secret).
-
-    Args:
-        environ: the environment to read (defaults to `os.environ`).
-        min_length: shorter values are ignored (redacting "1" everywhere would destroy every number).
-
-    Returns:
-        The secret values, longest first (so a value containing another is replaced whole).
-    """
-    environ = os.environ if environ is None else environ
-    values = {
-        value for name, value in environ.items() if (name in SECRET_ENV_VARS or is_secret_key(name)) and value.strip()
-    }
-    return sorted((v for v in values if len(v) >= min_length), key=len, reverse=True)
 
 
 def collect_secret_values(data: object, min_length: int = 8) -> list[str]:
@@ -96,33 +49,6 @@ def collect_secret_values(data: object, min_length: int = 8) -> list[str]:
         for value in data:
             found.update(collect_secret_values(value, min_length))
     return sorted(found, key=len, reverse=True)
-
-
-def redact_secrets(data: object, secrets: Sequence[str] = ()) -> object:
-    """Return a copy of `data` with secrets replaced by "<redacted>".
-
-    Redacted: every non-empty value under a secret key (`is_secret_key`), every occurrence of a
-    value in `secrets` inside any string, and anything shaped like a Hugging Face token (hf_...).
-
-    Args:
-        data: nested dicts/lists/scalars (e.g. a run config).
-        secrets: literal secret values to scrub from strings (`secret_env_values()` + `collect_secret_values`).
-
-    Returns:
-        The redacted copy; `data` is not modified.
-    """
-    if isinstance(data, Mapping):
-        return {
-            key: REDACTED if is_secret_key(key) and value not in (None, "", [], {}) else redact_secrets(value, secrets)
-            for key, value in data.items()
-        }
-    if isinstance(data, list | tuple):
-        return [redact_secrets(value, secrets) for value in data]
-    if isinstance(data, str):
-        for secret in secrets:
-            data = data.replace(secret, REDACTED)
-        return HF_TOKEN_PATTERN.sub(REDACTED, data)
-    return data
 
 
 def find_secrets_in_folder(folder: Path, secrets: Sequence[str]) -> list[Path]:
@@ -261,3 +187,39 @@ def round_trip_nf4(model: torch.nn.Module, dtype: torch.dtype) -> int:
             weight.data.copy_(bnb_functional.dequantize_4bit(packed, state).to(weight.dtype))
             count += 1
     return count
+
+
+ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
+
+
+class Adapter(NamedTuple):
+    """A checked adapter folder: its PEFT config, the base it was trained on, its weights."""
+
+    path: Path
+    config: dict  # adapter_config.json
+    base_model: str  # base_model_name_or_path: the alias, folder or hub id train.py was given as --model
+    tensors: dict  # adapter_model.safetensors
+
+
+def open_adapter(folder: Path, require_complete: bool = False) -> Adapter:
+    """Check and read an adapter folder (best/, final/, a checkpoint, an export): safetensors, finite, and
+    complete with matching hashes when train.py wrote it (or `require_complete`).
+
+    Raises:
+        CheckpointError: missing folder or files, incomplete or corrupted, or non-finite weights.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder} does not exist; pass an adapter folder such as runs/<run>/best")
+    missing = [name for name in ADAPTER_FILES if not (folder / name).is_file()]
+    if missing:
+        raise CheckpointError(
+            f"{folder} has no {', '.join(missing)} (only safetensors adapters are read); "
+            "pass an adapter folder such as runs/<run>/best"
+        )
+    if require_complete or (folder / COMPLETE_MARKER).exists() or (folder / "trainer_state.json").exists():
+        verify(folder)
+    tensors = load_file(folder / "adapter_model.safetensors")
+    assert_finite(tensors, str(folder))
+    config = read_json(folder / "adapter_config.json")
+    return Adapter(folder, config, str(config.get("base_model_name_or_path")), tensors)

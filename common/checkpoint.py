@@ -1,12 +1,9 @@
-"""Checkpoints and adapter folders: the format, save/load/find/rotate for resume, atomic publish,
-the COMPLETE marker and its hashes.
+"""Checkpoints and adapter folders: save/load/find/rotate for resume, atomic publish, COMPLETE marker.
 
-A checkpoint folder `checkpoints/step_000120/` holds the adapter (safetensors),
-optimizer.safetensors + optimizer.json, scheduler.json, scaler.json, rng_state_rank<N>.json,
-trainer_state.json and config.json. Every folder (checkpoint, best/, final/) is written under a
-temporary name, renamed into place, and gets its COMPLETE marker last: {"created", "sha256":
-{file: digest}} of its safetensors files. A folder without the marker is never used. Tensors are
-safetensors and everything else strict JSON: nothing is pickled, nothing read with `torch.load`.
+`checkpoints/step_000120/` holds the adapter, optimizer.safetensors + .json, scheduler.json,
+scaler.json, rng_state_rank<N>.json, trainer_state.json and config.json. Every folder (checkpoint,
+best/, final/) is written under a temporary name, renamed into place, and gets its COMPLETE marker
+last ({"created", "sha256": {file: digest}}); a folder without it is never used. Nothing is pickled.
 """
 
 from __future__ import annotations
@@ -19,7 +16,6 @@ import random
 import shutil
 import time
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -35,9 +31,6 @@ class CheckpointError(RuntimeError):
     """A checkpoint is missing, incomplete or corrupted; the message names the file."""
 
 
-# --- the files: tensors, optimizer state, RNG state ---
-
-
 def sha256_of(path: Path) -> str:
     """Hex sha256 of a file's bytes."""
     digest = hashlib.sha256()
@@ -48,11 +41,7 @@ def sha256_of(path: Path) -> str:
 
 
 def assert_finite(tensors: dict, where: str) -> None:
-    """Raise if any tensor holds NaN/inf: such weights must never be saved as best/final/export.
-
-    Raises:
-        CheckpointError: naming the first non-finite tensor.
-    """
+    """Raise CheckpointError naming the first tensor with NaN/inf: such weights are never saved or exported."""
     for name, tensor in tensors.items():
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise CheckpointError(f"{where}: tensor {name} has non-finite values; refusing to save or export it")
@@ -91,11 +80,7 @@ def optimizer_state_from_files(tensors: dict, meta: dict) -> dict:
 
 
 def rng_state() -> dict:
-    """Capture every RNG this process uses, as JSON-serializable data (no pickle).
-
-    Returns:
-        {"python": ..., "numpy": ..., "torch": [uint8 values], "cuda": [[...] per device]}
-    """
+    """Every RNG this process uses, as JSON data: {"python", "numpy", "torch", "cuda"}."""
     py_version, py_state, py_gauss = random.getstate()
     np_state = np.random.get_state()
     return {
@@ -117,17 +102,8 @@ def restore_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
 
 
-# --- folders: atomic publish, the COMPLETE marker, verification ---
-
-
 def publish_folder(tmp_dir: Path, final_dir: Path, overwrite: bool = True, complete_marker: bool = True) -> None:
-    """Rename a fully written temp folder into place; then write its COMPLETE marker (hashes) last.
-
-    Args:
-        tmp_dir: the finished folder, a sibling of `final_dir` (so the rename is atomic).
-        final_dir: where it should appear.
-        overwrite: replace an existing `final_dir` (else refuse).
-        complete_marker: write COMPLETE with the sha256 of every safetensors file.
+    """Rename a finished sibling temp folder into place, then write its COMPLETE marker (hashes) last.
 
     Raises:
         FileExistsError: `final_dir` exists (or appeared meanwhile) and `overwrite` is False.
@@ -155,11 +131,7 @@ def publish_folder(tmp_dir: Path, final_dir: Path, overwrite: bool = True, compl
 
 
 def verify(path: Path) -> None:
-    """Verify a checkpoint or adapter folder: COMPLETE marker present, hashes match, safetensors readable.
-
-    Raises:
-        CheckpointError: naming the folder or the unreadable file.
-    """
+    """Raise CheckpointError (naming the file) unless the folder has COMPLETE, matching hashes and readable tensors."""
     path = Path(path)
     if not (path / COMPLETE_MARKER).is_file():
         raise CheckpointError(
@@ -196,16 +168,11 @@ def list_complete(checkpoint_dir: Path) -> list[Path]:
 def save_adapter_folder(
     model, tokenizer, folder: Path, base_model: str, extra_json: dict, state_dict: dict | None = None
 ) -> None:
-    """Write a PEFT adapter folder (safetensors) atomically, refusing non-finite weights.
+    """Write a PEFT adapter folder atomically (tokenizer and `extra_json` {name: data} beside it).
 
     Args:
-        model: the unwrapped PEFT model.
-        tokenizer: saved next to the adapter (chat template included), or None.
-        folder: destination, e.g. runs/<run>/best.
         base_model: what the user passed as --model, recorded in adapter_config.json.
-        extra_json: {"file name": data} to write as JSON inside the folder.
-        state_dict: the adapter's full tensors when the model is sharded (FSDP: gathered on every
-            rank by `common.fsdp.trainable_state_dict`); None reads them from the model.
+        state_dict: the full adapter tensors of a sharded model (`common.fsdp.gather_sharded_adapter`).
 
     Raises:
         CheckpointError: an adapter weight is NaN/inf.
@@ -226,20 +193,8 @@ def save_adapter_folder(
     publish_folder(tmp, folder)
 
 
-# --- resume: save, find, load, rotate ---
-
-
 def save(accelerator, model, optimizer, lr_scheduler, trainer_state: dict, folder: Path, config: dict) -> None:
-    """Save everything needed to resume exactly; call on every rank (each rank saves its RNG).
-
-    Args:
-        accelerator: the run's Accelerator.
-        model: the unwrapped PEFT model (only adapter weights are saved).
-        optimizer, lr_scheduler: their states are saved as safetensors + JSON.
-        trainer_state: step counters, data position, best metric, early-stopping state.
-        folder: e.g. runs/<run>/checkpoints/step_000120.
-        config: the run's resolved config, copied into the checkpoint.
-    """
+    """Save everything an exact resume needs into `folder`; every rank calls it (each saves its RNG)."""
     tmp = folder.with_name(f".{folder.name}.tmp")
     if accelerator.is_main_process:
         if tmp.exists():
@@ -270,10 +225,7 @@ def save(accelerator, model, optimizer, lr_scheduler, trainer_state: dict, folde
 
 
 def find_resume(output_dir: Path, resume_from: str, logger: logging.Logger) -> Path:
-    """Pick the checkpoint to resume from: "latest" = newest complete and readable one.
-
-    A folder without COMPLETE is never picked; a complete one whose safetensors are corrupted is
-    reported and skipped in favour of the previous complete checkpoint.
+    """The checkpoint to resume from: "latest" is the newest complete one that verifies (others are skipped).
 
     Raises:
         CheckpointError: no usable checkpoint.
@@ -295,16 +247,7 @@ def find_resume(output_dir: Path, resume_from: str, logger: logging.Logger) -> P
 
 
 def load(accelerator, model, optimizer, lr_scheduler, folder: Path) -> dict:
-    """Restore adapter weights, optimizer, scheduler, scaler and this rank's RNG from `folder`.
-
-    Args:
-        accelerator: the run's Accelerator.
-        model: the unwrapped PEFT model.
-        optimizer, lr_scheduler: restored in place.
-        folder: a complete checkpoint folder.
-
-    Returns:
-        The trainer state saved with the checkpoint (trainer_state.json).
+    """Restore adapter weights, optimizer, scheduler, scaler and this rank's RNG; return trainer_state.json.
 
     Raises:
         CheckpointError: the weights do not fit this model, or the checkpoint has fewer ranks.
@@ -340,59 +283,8 @@ def load(accelerator, model, optimizer, lr_scheduler, folder: Path) -> dict:
 
 
 def rotate(checkpoint_dir: Path, keep: int) -> None:
-    """Delete the oldest complete checkpoints beyond `keep` (0 keeps all); the newest always stays.
-
-    best/ and final/ are separate folders, so rotation can never delete them. Incomplete folders
-    (a crash mid-save) are left for inspection; they are never used for resuming.
-    """
+    """Delete the oldest complete checkpoints beyond `keep` (0 keeps all); incomplete ones stay for inspection."""
     if keep <= 0:
         return
     for victim in list_complete(checkpoint_dir)[: -max(keep, 1)]:
         shutil.rmtree(victim)
-
-
-# --- reading an adapter folder (evaluate.py, export.py, merge_and_load.py) ---
-
-ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
-
-
-class Adapter(NamedTuple):
-    """A checked adapter folder: its PEFT config, the base it was trained on, its weights."""
-
-    path: Path
-    config: dict  # adapter_config.json
-    base_model: str  # base_model_name_or_path: the alias, folder or hub id train.py was given as --model
-    tensors: dict  # adapter_model.safetensors
-
-
-def open_adapter(folder: Path, require_complete: bool = False) -> Adapter:
-    """Check an adapter folder (a run's best/ or final/, a checkpoint, an export) and read it.
-
-    A folder written by train.py (it has COMPLETE or trainer_state.json) must be complete and
-    match its hashes; every folder must hold a safetensors adapter with finite weights.
-
-    Args:
-        folder: the adapter folder.
-        require_complete: refuse a folder without the COMPLETE marker even if train.py did not write it.
-
-    Returns:
-        The adapter's config, base model and tensors.
-
-    Raises:
-        CheckpointError: missing folder or files, incomplete or corrupted, or non-finite weights.
-    """
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise CheckpointError(f"{folder} does not exist; pass an adapter folder such as runs/<run>/best")
-    missing = [name for name in ADAPTER_FILES if not (folder / name).is_file()]
-    if missing:
-        raise CheckpointError(
-            f"{folder} has no {', '.join(missing)} (only safetensors adapters are read); "
-            "pass an adapter folder such as runs/<run>/best"
-        )
-    if require_complete or (folder / COMPLETE_MARKER).exists() or (folder / "trainer_state.json").exists():
-        verify(folder)
-    tensors = load_file(folder / "adapter_model.safetensors")
-    assert_finite(tensors, str(folder))
-    config = read_json(folder / "adapter_config.json")
-    return Adapter(folder, config, str(config.get("base_model_name_or_path")), tensors)

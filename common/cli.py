@@ -1,4 +1,4 @@
-"""Command-line helpers of train.py: flag defaults from a --config file, the test-only --fault-inject."""
+"""Command-line helpers: flag defaults from a --config file, the --task module."""
 
 from __future__ import annotations
 
@@ -35,24 +35,6 @@ def load_config_defaults(path: str, parser: argparse.ArgumentParser) -> dict:
         if dest not in ("config", "resume_from", "output_dir", "run_name", "overwrite"):
             defaults[dest] = value
     return defaults
-
-
-def parse_fault_injection(spec: str) -> dict[str, set[int]]:
-    """Parse the test-only `--fault-inject` flag: "loss:3,grad:5,stop:11" -> {"loss": {3}, "grad": {5}, "stop": {11}}.
-
-    loss:N / grad:N make optimizer step N's loss NaN / gradients inf; stop:N exits abruptly right
-    after micro-batch N (nothing saved), as a crash would.
-
-    Raises:
-        SystemExit: on a malformed item.
-    """
-    faults = {"loss": set(), "grad": set(), "stop": set()}
-    for item in filter(None, spec.split(",")):
-        kind, _, step = item.partition(":")
-        if kind not in faults or not step.isdigit():
-            sys.exit(f"error: --fault-inject item '{item}' must look like loss:3, grad:5 or stop:11")
-        faults[kind].add(int(step))
-    return faults
 
 
 def load_task(path: str | Path) -> ModuleType:

@@ -31,18 +31,9 @@ def fsdp_requested() -> bool:
 
 
 def enable_cpu_fsdp(accelerator) -> bool:
-    """Switch a multi-process CPU accelerator (MULTI_CPU, gloo) to FSDP2 when the launch asked for FSDP.
-
-    What Accelerate does itself on GPUs: build the plugin from the `FSDP_*` variables, give it the
-    mixed precision, and set the distributed type; `prepare()` then takes its FSDP2 path. Call it
-    right after `Accelerator(...)` and before `prepare()`.
-
-    Args:
-        accelerator: an `Accelerator(cpu=True)` under `torchrun --nproc_per_node N` (N >= 2).
-
-    Returns:
-        True when FSDP2 was switched on; False when there is nothing to do (no FSDP asked, not a
-        multi-process CPU run, or Accelerate already chose FSDP).
+    """Switch a multi-process CPU accelerator (MULTI_CPU, gloo) to FSDP2 when the launch asked for FSDP;
+    return whether it did. Call it after `Accelerator(...)`, before `prepare()`: it does what Accelerate
+    does itself on GPUs (plugin from the `FSDP_*` variables, mixed precision, distributed type).
 
     Raises:
         ValueError: FSDP was asked with `FSDP_VERSION` other than 2 (FSDP1 needs CUDA).
@@ -75,16 +66,7 @@ def is_sharded(model: torch.nn.Module) -> bool:
 
 
 def gather_full(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The whole tensors, on the CPU: each DTensor is all-gathered, plain tensors are copied.
-
-    Collective: every rank must call it with the same keys in the same order.
-
-    Args:
-        tensors: {name: tensor or DTensor}, e.g. the adapter's entries of `model.state_dict()`.
-
-    Returns:
-        {name: detached CPU tensor}, the same on every rank.
-    """
+    """{name: whole detached CPU tensor}: DTensors all-gathered (collective: every rank, same keys, same order)."""
     from torch.distributed.tensor import DTensor
 
     full = {}
@@ -95,26 +77,13 @@ def gather_full(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def trainable_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The trainable (adapter) entries of `model.state_dict()`, gathered whole on every rank.
-
-    Collective under FSDP (see `gather_full`); only the adapters travel, never the frozen base.
-
-    Returns:
-        {state-dict name: full CPU tensor}, the form `PeftModel.save_pretrained(state_dict=...)` takes.
-    """
+    """The trainable (adapter) entries of `model.state_dict()`, whole on every rank (collective)."""
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
     return gather_full({name: t for name, t in model.state_dict().items() if name in trainable})
 
 
 def shard_like(tensor: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """This rank's slice of a full tensor, placed as `like` (a DTensor parameter or its optimizer state).
-
-    Every rank read the same full tensor from the checkpoint, so each cuts its own slice: no
-    communication (`src_data_rank=None`).
-
-    Returns:
-        A DTensor on `like`'s mesh and placements, or `tensor` itself when `like` is not a DTensor.
-    """
+    """This rank's slice of a full tensor placed like the DTensor `like` (no communication), else `tensor`."""
     from torch.distributed.tensor import DTensor, distribute_tensor
 
     if not isinstance(like, DTensor):
@@ -132,11 +101,7 @@ def gather_sharded_adapter(model: torch.nn.Module) -> dict[str, torch.Tensor] | 
 
 
 def gather_optimizer_state(state_dict: dict) -> dict:
-    """An optimizer `state_dict()` whose sharded (DTensor) states are gathered whole on the CPU.
-
-    Collective: every rank must call it. The result is the one-process optimizer state, so a
-    checkpoint has the same files and shapes with or without FSDP.
-    """
+    """An optimizer `state_dict()` with its DTensor states gathered whole (collective): the one-process state."""
     state = {}
     for index, param_state in sorted(state_dict["state"].items()):
         tensors = gather_full({key: value for key, value in param_state.items() if torch.is_tensor(value)})
@@ -145,16 +110,7 @@ def gather_optimizer_state(state_dict: dict) -> dict:
 
 
 def shard_optimizer_state(state_dict: dict, optimizer: torch.optim.Optimizer) -> dict:
-    """Inverse of `gather_optimizer_state` for this rank: each full state placed like its parameter.
-
-    Args:
-        state_dict: a full optimizer state (as read from a checkpoint), param indices as saved.
-        optimizer: the prepared optimizer whose parameters are DTensors.
-
-    Returns:
-        The state dict to pass to `optimizer.load_state_dict`; states shaped like their parameter
-        (AdamW's exp_avg, exp_avg_sq) become DTensors, scalars (step) stay as they are.
-    """
+    """Inverse of `gather_optimizer_state` for this rank: states shaped like their parameter become DTensors."""
     params = {}
     for saved, group in zip(state_dict["param_groups"], optimizer.param_groups, strict=True):
         params.update(zip(saved["params"], group["params"], strict=True))
@@ -169,16 +125,7 @@ def shard_optimizer_state(state_dict: dict, optimizer: torch.optim.Optimizer) ->
 
 
 def describe_sharding(model: torch.nn.Module, num_processes: int) -> str:
-    """One log line: how many fully_shard units, and how much of the model this rank holds.
-
-    Args:
-        model: the prepared model (parameters are DTensors where FSDP sharded them).
-        num_processes: the world size.
-
-    Returns:
-        e.g. "FSDP2: fully_shard units {'LlamaDecoderLayer': 2, 'TrainedTokenLoss': 1} over 2 processes; this rank holds 1,611,168 of 3,222,336
-        parameter elements (50.0%); 0 tensors left whole".
-    """
+    """One log line: the fully_shard units and how much of the prepared model this rank holds."""
     from torch.distributed.fsdp import FSDPModule
     from torch.distributed.tensor import DTensor
 
@@ -202,18 +149,9 @@ def describe_sharding(model: torch.nn.Module, num_processes: int) -> str:
 def clip_grad_norm_(accelerator, parameters: list[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
     """`accelerator.clip_grad_norm_` that also works for a subset of an FSDP2 model's parameters under fp16.
 
-    Accelerate (1.16) under FSDP unscales the GradScaler's gradients, looks for a model whose
-    parameters are exactly `parameters`, and, finding none (LoRA passes only the adapters), unscales
-    a second time: "RuntimeError: unscale_() has already been called on this optimizer since the
-    last update()". Here they are unscaled once, and the norm is that of the whole (gathered) gradients.
-
-    Args:
-        accelerator: the run's Accelerator.
-        parameters: the parameters to clip (the trainable ones).
-        max_norm: the largest global L2 norm allowed.
-
-    Returns:
-        The global gradient norm before clipping (a plain tensor, the same on every rank).
+    Accelerate (1.16) under FSDP unscales, finds no model whose parameters are exactly `parameters`
+    (LoRA passes only the adapters) and unscales again: "unscale_() has already been called". Here they
+    are unscaled once. Returns the global norm before clipping, the same on every rank.
     """
     if not accelerator.is_fsdp2:
         return accelerator.clip_grad_norm_(parameters, max_norm)

@@ -1,13 +1,11 @@
 """Strict JSON for every file the scripts write: config.json, the JSONL logs, metrics, markers.
 
-`json.dumps` writes a NaN loss as the bare token `NaN`, which strict parsers (JavaScript, jq, most
-JSON libraries outside Python) reject. Here a non-finite float is written as `null` and named in a
-`"nonfinite"` field of the object that holds it, e.g. a skipped step's record:
+`json.dumps` writes a NaN loss as a bare `NaN`, which strict parsers (jq, JavaScript) reject. Here a
+non-finite float is written as `null` and named in a "nonfinite" field of the object holding it:
 
     {"loss": null, "grad_norm": null, "nonfinite": {"loss": "NaN", "grad_norm": "NaN"}, ...}
 
-`loads`/`read_json`/`read_jsonl` put the NaN/Infinity values back, so Python readers see the
-numbers that were logged; any other reader sees valid JSON and an explicit flag.
+`loads`/`read_json`/`read_jsonl` put the values back, so Python readers see the logged numbers.
 """
 
 from __future__ import annotations
@@ -27,15 +25,8 @@ def _is_nonfinite(value: object) -> bool:
 
 
 def to_strict(value: object) -> object:
-    """A copy of `value` with every non-finite float replaced by None and flagged in its object.
-
-    Args:
-        value: JSON-able data (dicts, lists, tuples, scalars).
-
-    Returns:
-        The same structure; a dict holding non-finite values gains {"nonfinite": {key: "NaN" |
-        "Infinity" | "-Infinity"}} (a list element is flagged as "key[i]").
-    """
+    """A copy of `value` with non-finite floats as None, flagged in the dict holding them:
+    {"nonfinite": {key: "NaN" | "Infinity" | "-Infinity"}} (a list element as "key[i]")."""
     if _is_nonfinite(value):
         return None
     if isinstance(value, list | tuple):
@@ -79,11 +70,7 @@ def _reject_constant(name: str) -> float:
 
 
 def loads(text: str) -> object:
-    """Parse strict JSON written by `dumps` and put the flagged NaN/Infinity values back.
-
-    Raises:
-        ValueError: the text is not JSON, or holds a bare NaN/Infinity (not strict JSON).
-    """
+    """Parse strict JSON written by `dumps`, flagged values restored; ValueError on a bare NaN/Infinity."""
     return _restore(json.loads(text, parse_constant=_reject_constant))
 
 
@@ -101,11 +88,8 @@ def write_json(path: Path, data: object) -> None:
 
 
 def read_json(path: Path, missing_ok: bool = False) -> object:
-    """Read a JSON file (older files with bare NaN included), non-finite values restored.
-
-    Args:
-        path: the file.
-        missing_ok: return None for a missing file instead of raising.
+    """Read a JSON file (bare NaN of older files accepted), non-finite values restored; None if missing and
+    `missing_ok`.
 
     Raises:
         FileNotFoundError: the file is missing (and not `missing_ok`).
@@ -130,11 +114,8 @@ def write_jsonl(path: Path, records: list, sort_keys: bool = True) -> None:
 
 
 def read_jsonl(path: Path, skip_torn_last_line: bool = False) -> list:
-    """Read a JSON-lines file; blank lines are skipped, non-finite values restored.
-
-    Args:
-        path: the file; a missing file reads as [].
-        skip_torn_last_line: drop an unparsable last line (a run killed while writing it).
+    """Read a JSON-lines file (missing: []), non-finite values restored; `skip_torn_last_line` drops an
+    unparsable last line (a run killed while writing it).
 
     Raises:
         ValueError: a line that is not JSON (other than a torn last line when allowed).

@@ -22,21 +22,12 @@ class LoraSetupError(ValueError):
 def bernoulli_drop_positions(
     n: int, p: float, generator: torch.Generator | None = None, draws: int | None = None
 ) -> torch.Tensor:
-    """Indices in [0, n) where an i.i.d. Bernoulli(p) mask drops, sampled from the gaps between drops.
+    """Sorted indices in [0, n) where an i.i.d. Bernoulli(p) mask drops, sampled from the gaps between drops.
 
-    The gap from one dropped element to the next is Geometric(p) on {1, 2, ...} (memorylessness), so
-    cumulative sums of Geometric(p) draws, started at -1, give exactly the positions an i.i.d.
-    Bernoulli(p) mask would drop. It needs ~n*p random numbers instead of n: torch's CPU generator
-    draws one number at a time, and for p=0.05 the dense mask was 14% of a LoRA step here.
-
-    Args:
-        n: mask length.
-        p: drop probability, 0 < p < 1.
-        generator: torch generator (default: the global one, so seeding and resume work as usual).
-        draws: Geometric draws per batch (default: enough for n in one batch with near certainty).
-
-    Returns:
-        int64 tensor of sorted, distinct positions.
+    The gap between drops is Geometric(p) on {1, 2, ...}, so cumulative sums of Geometric(p) draws
+    started at -1 are exactly the dropped positions: ~n*p random numbers instead of n (torch's CPU
+    generator draws one at a time; at p=0.05 the dense mask was 14% of a LoRA step on CPU).
+    `draws` is the batch of draws (default: enough for n at once with near certainty).
     """
     expected = n * p
     batch = draws or int(expected + 8 * math.sqrt(expected) + 16)  # one batch almost always suffices
@@ -85,14 +76,7 @@ def use_sampled_gap_dropout(model: torch.nn.Module) -> int:
 
 
 def parse_target_modules(value: str) -> list[str] | str:
-    """Turn the `--target-modules` flag into PEFT's form.
-
-    Args:
-        value: comma-separated module names ("q_proj,k_proj,v_proj") or "all-linear".
-
-    Returns:
-        A list of names, or the string "all-linear".
-    """
+    """`--target-modules` ("q_proj,k_proj,v_proj" or "all-linear") in PEFT's form: a list of names or "all-linear"."""
     if value.strip() == "all-linear":
         return "all-linear"
     return [name.strip() for name in value.split(",") if name.strip()]
@@ -128,20 +112,8 @@ def apply_lora(
     quantized: bool = False,
     gradient_checkpointing: bool = False,
 ) -> PeftModel:
-    """Freeze the base model and inject LoRA adapters.
-
-    Args:
-        model: the base causal LM (optionally loaded in 4-bit).
-        rank: LoRA rank r.
-        alpha: LoRA alpha (the update is scaled by alpha / r).
-        dropout: dropout on the adapter input.
-        target_modules: module names or "all-linear".
-        quantized: the base is 4-bit: run `prepare_model_for_kbit_training` first (casts norms to
-            fp32, enables input gradients for checkpointing).
-        gradient_checkpointing: recompute activations in the backward pass to save memory.
-
-    Returns:
-        The PEFT model; only `lora_` parameters require grad.
+    """Freeze the base model and inject LoRA adapters (updates scaled by alpha / rank); only `lora_`
+    parameters train. A 4-bit (`quantized`) base goes through `prepare_model_for_kbit_training` first.
 
     Raises:
         LoraSetupError: unknown target module, or anything other than adapters is trainable.
@@ -167,22 +139,14 @@ def apply_lora(
 
 
 def assert_only_adapters_trainable(model: torch.nn.Module) -> None:
-    """Raise if any non-LoRA parameter requires grad (a base weight would be trained by accident).
-
-    Raises:
-        LoraSetupError: listing the offending parameter names.
-    """
+    """Raise LoraSetupError listing any non-LoRA parameter that requires grad (trained by accident)."""
     leaked = [name for name, p in model.named_parameters() if p.requires_grad and "lora_" not in name]
     if leaked:
         raise LoraSetupError(f"base parameters are trainable: {leaked[:5]}{' ...' if len(leaked) > 5 else ''}")
 
 
 def count_parameters(model: torch.nn.Module) -> dict:
-    """Count trainable and total parameters (4-bit weights counted as their logical size).
-
-    Returns:
-        {"trainable": int, "total": int, "trainable_pct": float}
-    """
+    """{"trainable", "total", "trainable_pct"} parameters (4-bit weights counted as their logical size)."""
     trainable, total = 0, 0
     for param in model.parameters():
         n = param.numel()
@@ -202,10 +166,7 @@ def lora_parameter_key(name: str) -> str | None:
 
 
 def lora_grad_norms(model: torch.nn.Module) -> dict[str, float]:
-    """L2 norm of the gradient of every LoRA matrix, keyed "layer.module.A|B".
-
-    Call after backward and before `optimizer.zero_grad`. One host sync for all norms.
-    """
+    """L2 norm of every LoRA matrix's gradient, keyed "layer.module.A|B" (after backward; one host sync)."""
     keys, norms = [], []
     for name, param in model.named_parameters():
         key = lora_parameter_key(name)
@@ -222,11 +183,7 @@ def lora_grad_norms(model: torch.nn.Module) -> dict[str, float]:
 
 @torch.no_grad()
 def lora_update_ratios(model: torch.nn.Module) -> dict[str, float]:
-    """Per LoRA layer, ||scale * B @ A||_F / ||W||_F: how much the adapter changes the base weight.
-
-    Returns:
-        {"layer.module": ratio}. For 4-bit bases the base weight is de-quantized first.
-    """
+    """{"layer.module": ||scale * B @ A||_F / ||W||_F}: how much each adapter changes its (de-quantized) weight."""
     ratios = {}
     for name, module in model.named_modules():
         if not (hasattr(module, "lora_A") and hasattr(module, "base_layer")) or "default" not in module.lora_A:

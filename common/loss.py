@@ -25,16 +25,8 @@ def base_causal_lm(model: torch.nn.Module) -> torch.nn.Module:
 def compute_token_losses(
     model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed next-token cross-entropy per row, over trained (label != -100) positions only.
-
-    Args:
-        model: a causal LM or a PEFT model around one.
-        input_ids, attention_mask, labels: (batch, length) tensors; labels are aligned with
-            input_ids (the shift happens here).
-
-    Returns:
-        (loss_sum per row in float32, trained-token count per row), both of shape (batch,).
-    """
+    """(float32 loss sum, trained-token count) per row: next-token cross-entropy over the positions whose
+    label (aligned with input_ids; the shift happens here) is not -100."""
     base = base_causal_lm(model)
     decoder = base.get_decoder() if hasattr(base, "get_decoder") else None
     shift_labels = labels[:, 1:]
@@ -59,7 +51,6 @@ class TrainedTokenLoss(torch.nn.Module):
     """
 
     def __init__(self, model: torch.nn.Module):
-        """Args: model: the (PEFT) causal LM to wrap; kept as `self.model`."""
         super().__init__()
         self.model = model
 
@@ -79,21 +70,13 @@ class TrainedTokenLoss(torch.nn.Module):
 
 @torch.no_grad()
 def evaluate_loss(model: torch.nn.Module, dataloader, accelerator, bootstrap: int = 200, seed: int = 0) -> dict:
-    """Mean cross-entropy and perplexity over every trained token of a dataloader.
+    """Mean cross-entropy and perplexity over every trained token of a prepared dataloader.
 
-    Per-example sums are gathered with `gather_for_metrics`, which drops the samples Accelerate
-    repeats to even out the last batch across ranks, so every validation example counts once.
-
-    Args:
-        model: the prepared `TrainedTokenLoss` (or anything returning per-row loss sums and counts).
-        dataloader: a prepared dataloader; each rank sees its shard.
-        accelerator: for autocast and gathering.
-        bootstrap: resamples of examples for the 95% interval of the mean loss (0 to skip).
-        seed: seed of the bootstrap resampling.
+    `gather_for_metrics` drops the samples Accelerate repeats to even out the last batch across ranks,
+    so every example counts once. `bootstrap` resamples of examples give the 95% interval of the mean.
 
     Returns:
-        {"val_loss", "val_ppl", "val_tokens", "val_examples", "val_loss_ci95" (half-width),
-         "eval_time_s"}; the model is back in train mode afterwards.
+        {"val_loss", "val_ppl", "val_tokens", "val_examples", "val_loss_ci95" (half-width), "eval_time_s"}.
     """
     start = time.perf_counter()
     was_training = model.training

@@ -46,17 +46,10 @@ class RunLock(NamedTuple):
 
 def git_commit(repo: Path) -> str:
     """The current git commit of `repo` (with "-dirty" if it has local changes), or "unknown"."""
+    git = {"cwd": repo, "capture_output": True, "text": True, "timeout": 10}
     try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, timeout=10, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=repo,
-            capture_output=True,
-            text=True,
-            timeout=10,
-        ).stdout.strip()
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], check=True, **git).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], **git).stdout.strip()
         return commit + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -83,16 +76,10 @@ def package_versions() -> dict:
 
 
 def acquire_lock(output_dir: Path) -> RunLock:
-    """Take `output_dir/.lock` for this process, atomically; refuse if another live process holds it.
+    """Take `output_dir/.lock` (an exclusive `fcntl.flock`) for this process; pass it to `release_lock` at the end.
 
-    The lock is an exclusive `fcntl.flock` on the file, so two runs started at the same instant
-    cannot both get it, and the kernel releases it when its process dies (kill -9 included): a
-    stale file from a crashed run never blocks a resume. The file holds the owner's pid and host,
-    for the refusal message. A lock an earlier run of this same process never released (main()
-    raised) is taken over.
-
-    Returns:
-        The held lock; pass it to `release_lock` at the end of the run.
+    Two runs started at the same instant cannot both get it, and the kernel drops it when its process
+    dies (kill -9 included), so a stale file never blocks a resume. The file holds the owner's pid.
 
     Raises:
         RunFolderError: another live process is training into this folder.
@@ -139,43 +126,8 @@ def release_lock(lock: RunLock | None) -> None:
     os.close(lock.fd)
 
 
-def is_locked(output_dir: Path) -> bool:
-    """Whether a live run holds `output_dir/.lock`; a stale file left by a killed run does not count.
-
-    Asks the kernel rather than the file's existence: a non-blocking shared `fcntl.flock` on the
-    file fails only while a run holds its exclusive lock (the kernel drops that lock when the
-    holder dies). A probe that succeeds is released at once; the file is neither created nor
-    removed. Trap: for the instant the probe holds its shared lock, a run starting in this folder
-    would be refused, so call this once, not in a loop.
-
-    Args:
-        output_dir: the run folder.
-
-    Returns:
-        True when a process (this one included, through `acquire_lock`) holds the lock, or when the
-        file exists but cannot be opened to ask; False when there is no lock file or nobody holds it.
-    """
-    try:
-        fd = os.open(output_dir / ".lock", os.O_RDONLY)
-    except FileNotFoundError:
-        return False
-    except OSError:  # cannot ask (e.g. no read permission): assume a run holds it
-        return True
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)  # closing the descriptor releases the probe's lock, if it got one
-    return False
-
-
 def preflight_write(output_dir: Path, reserve_mb: float) -> None:
-    """Prove the output folder is writable and has room before any training happens.
-
-    Args:
-        output_dir: the run folder (created if needed).
-        reserve_mb: disk space the run will need (checkpoints, logs), checked against free space.
+    """Prove the output folder (created if needed) is writable and has `reserve_mb` free before training.
 
     Raises:
         RunFolderError: the folder cannot be created or written, or the disk is too full.
@@ -232,15 +184,9 @@ def check_resume_flags(output_dir: Path, resume_from: str | None, overwrite: boo
 
 def clear_run_logs(output_dir: Path) -> None:
     """--overwrite: remove the previous run's logs and summary (checkpoints, best/ and final/ are replaced as written)."""
-    for name in (
-        "train_log.jsonl",
-        "eval_log.jsonl",
-        "grad_log.jsonl",
-        "summary.json",
-        "train.log",
-        "update_ratios.json",
-    ):
+    for name in ("train_log.jsonl", "eval_log.jsonl", "grad_log.jsonl", "summary.json", "train.log"):
         (output_dir / name).unlink(missing_ok=True)
+    (output_dir / "update_ratios.json").unlink(missing_ok=True)
     for folder in ("checkpoints", "samples"):
         shutil.rmtree(output_dir / folder, ignore_errors=True)
 
@@ -269,10 +215,7 @@ def build_run_config(args: argparse.Namespace, derived: dict, model, repo: Path)
 
 
 def check_ranks_in_sync(parameters: list, accelerator) -> bool:
-    """True when every rank holds the same trainable weights (data parallel kept them in lockstep).
-
-    Compares a float64 fingerprint (sum and sum of squares of every tensor) gathered from all ranks.
-    """
+    """Whether every rank holds the same trainable weights (a float64 sum and sum-of-squares fingerprint)."""
     fingerprint = torch.stack(
         [torch.stack([p.detach().double().sum(), p.detach().double().pow(2).sum()]) for p in parameters]
     )

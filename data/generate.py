@@ -1055,7 +1055,13 @@ Profiles (fact sets) are disjoint across splits. The test split adds the phrasin
 {token_section}
 """
     )
-    path.write_text(card, encoding="utf-8", newline="\n")
+    # The hand-written stress split's section is not generated: keep it from the card being replaced.
+    old = path.read_text(encoding="utf-8") if path.is_file() else ""
+    stress = old[old.index(STRESS_HEADING) :] if STRESS_HEADING in old else ""
+    path.write_text(card + ("\n" + stress if stress else ""), encoding="utf-8", newline="\n")
+
+
+STRESS_HEADING = "## Stress split (hand-written)"
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -254,7 +254,6 @@ FLAG_CASES = [
     ("unknown target module for this architecture", ["--target-modules", "q_proj,qkv_proj"],
      "error: --target-modules: qkv_proj not found in this model; linear layers are: "
      "down_proj, gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, v_proj"),
-    ("--fault-inject with an unknown kind", ["--fault-inject", "nan:3"], "--fault-inject item 'nan:3' must look like"),
     ("--model folder that does not exist", ["--model", "/nonexistent/model"], "error: model folder /nonexistent/model does not exist"),
     ("--resume-from a folder that does not exist", ["--resume-from", "/nonexistent/step_000010"],
      "error: --resume-from /nonexistent/step_000010: no such checkpoint folder; use 'latest' or a step_XXXXXX folder"),

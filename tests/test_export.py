@@ -19,14 +19,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 import export
 from common.artifacts import (
-    REDACTED,
     count_base_parameters,
     end_of_turn_token_ids,
     estimate_inference_memory,
-    is_secret_key,
-    redact_secrets,
     validate_export_name,
 )
+from common.redact import REDACTED, is_secret_key, redact_secrets
 from tests._fake_run import build_fake_run, write_eval_metrics
 
 REPO = Path(__file__).resolve().parents[1]

@@ -40,6 +40,7 @@ from common import checkpoint, run_folder
 from common.checkpoint import CheckpointError, list_complete, verify
 from common.jsonio import read_jsonl
 from tests.conftest import REPO
+from tests.faults import inject_faults
 
 # 24 examples, batch 2 x accum 2 -> 6 optimizer steps per epoch, 12 in all; a checkpoint every 2
 # steps and at each epoch end (step 6 is saved twice: before and after the epoch-end evaluation).
@@ -435,13 +436,13 @@ def test_flipped_bytes_in_tensor_data_are_detected(checkpoints, record_property)
 
 
 def test_nan_loss_and_inf_gradients_skip_updates_and_are_counted(
-    tiny_model_dir, toy_data_dir, tmp_path, record_property
+    tiny_model_dir, toy_data_dir, tmp_path, record_property, monkeypatch
 ):
     """NaN loss at step 2 and inf gradients at step 4 under --max-bad-steps 1: both updates skipped, logged and
     counted, the run completes (the in-a-row counter resets after step 3); every saved tensor finite"""
     run = tmp_path / "run"
-    faults = ("--fault-inject", "loss:2,grad:4", "--max-bad-steps", "1")
-    summary = train.main(in_process_args(tiny_model_dir, toy_data_dir, run, *faults))
+    inject_faults(monkeypatch, loss={2}, grad={4})
+    summary = train.main(in_process_args(tiny_model_dir, toy_data_dir, run, "--max-bad-steps", "1"))
     records = read_jsonl(run / "train_log.jsonl")
     bad = {r["step"]: r["reason"] for r in records if r["type"] == "bad_step"}
     steps = steps_by_number(records)
@@ -481,11 +482,12 @@ def reject_bare_constant(name: str) -> None:
     raise AssertionError(f"bare {name} in a JSON file")
 
 
-def test_too_many_bad_steps_in_a_row_stop_the_run(tiny_model_dir, toy_data_dir, tmp_path, record_property):
+def test_too_many_bad_steps_in_a_row_stop_the_run(tiny_model_dir, toy_data_dir, tmp_path, record_property, monkeypatch):
     """NaN loss at steps 2, 3, 4 with --max-bad-steps 2: the run stops with a clear message, no final/ is written"""
     run = tmp_path / "run"
+    inject_faults(monkeypatch, loss={2, 3, 4})
     with pytest.raises(SystemExit) as excinfo:
-        train.main(in_process_args(tiny_model_dir, toy_data_dir, run, "--fault-inject", "loss:2,loss:3,loss:4", "--max-bad-steps", "2"))  # fmt: skip
+        train.main(in_process_args(tiny_model_dir, toy_data_dir, run, "--max-bad-steps", "2"))
     message = str(excinfo.value)
     record_property("observed", message)
     assert message == (

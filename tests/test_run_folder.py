@@ -21,7 +21,8 @@ from pathlib import Path
 import pytest
 
 from common.jsonio import dumps, loads, read_jsonl, to_strict
-from common.run_folder import RunFolderError, acquire_lock, is_locked, release_lock
+from common.run_folder import RunFolderError, acquire_lock, release_lock
+from export import is_locked
 from tests.conftest import REPO
 
 # A racer imports the lock code, says it is ready, spins until the "go" file appears, then tries to

@@ -17,6 +17,7 @@ import train
 from common.decision import parse_decision_line
 from common.precision import cpu_bf16_supported
 from tests.conftest import REPO, make_conversation, write_jsonl
+from tests.faults import inject_faults
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -116,13 +117,17 @@ def test_run_folder_files_logs_and_config(reference_run, toy_data_dir):
     assert adapter_config["base_model_name_or_path"] == config["args"]["model"]
 
 
-def test_resume_mid_epoch_and_mid_window_equals_uninterrupted(reference_run, tiny_model_dir, toy_data_dir, tmp_path):
+def test_resume_mid_epoch_and_mid_window_equals_uninterrupted(
+    reference_run, tiny_model_dir, toy_data_dir, tmp_path, monkeypatch
+):
     """Crash after micro-step 11 (inside the 4th accumulation window); the resume starts from the
     step-3 checkpoint (mid-epoch: batch 9 of 12) and must reproduce every loss and the final adapter."""
     run = tmp_path / "interrupted"
     args = base_args(tiny_model_dir, toy_data_dir, run, "--save-every", "3")
-    with pytest.raises(SystemExit, match="stopped the run after micro-step 11"):
-        train.main([*args, "--fault-inject", "stop:11"])
+    inject_faults(monkeypatch, stop=11)
+    with pytest.raises(SystemExit, match="injected crash after micro-step 11"):
+        train.main(args)
+    monkeypatch.undo()
     assert [p.name for p in (run / "checkpoints").iterdir()] == ["step_000003"]
     state = json.loads((run / "checkpoints" / "step_000003" / "trainer_state.json").read_text())
     assert state["batches_done_in_epoch"] == 9 and state["epoch"] == 0
@@ -211,11 +216,11 @@ def test_early_stopping_triggers_after_patience(tiny_model_dir, toy_data_dir, tm
     )
 
 
-def test_nan_guard_skips_counts_and_stops(tiny_model_dir, toy_data_dir, tmp_path):
+def test_nan_guard_skips_counts_and_stops(tiny_model_dir, toy_data_dir, tmp_path, monkeypatch):
     """Isolated bad steps under --max-bad-steps 1 complete (the counter resets after a good step); two in a row stop"""
     run = tmp_path / "one_nan"
-    summary = train.main(base_args(tiny_model_dir, toy_data_dir, run, "--fault-inject", "loss:2,grad:5", "--num-samples", "0",
-                                   "--max-bad-steps", "1"))  # fmt: skip
+    inject_faults(monkeypatch, loss={2}, grad={5})
+    summary = train.main(base_args(tiny_model_dir, toy_data_dir, run, "--num-samples", "0", "--max-bad-steps", "1"))
     bad = [r for r in read_jsonl(run / "train_log.jsonl") if r["type"] == "bad_step"]
     assert [r["step"] for r in bad] == [2, 5] and summary["bad_steps_total"] == 2
     assert summary["status"] == "completed"
@@ -225,9 +230,10 @@ def test_nan_guard_skips_counts_and_stops(tiny_model_dir, toy_data_dir, tmp_path
     assert "non-finite loss nan" in (run / "train.log").read_text()
 
     run = tmp_path / "many_nan"
+    monkeypatch.undo()
+    inject_faults(monkeypatch, loss={1}, grad={2})
     with pytest.raises(SystemExit, match=r"training stopped: 2 non-finite steps in a row \(> --max-bad-steps 1\)"):
-        train.main(base_args(tiny_model_dir, toy_data_dir, run, "--fault-inject", "loss:1,grad:2",
-                             "--max-bad-steps", "1", "--num-samples", "0", "--no-baseline"))  # fmt: skip
+        train.main(base_args(tiny_model_dir, toy_data_dir, run, "--max-bad-steps", "1", "--num-samples", "0", "--no-baseline"))  # fmt: skip
     assert not (run / "final").exists() and not (run / "best").exists()
     stopped = json.loads((run / "summary.json").read_text())
     assert stopped["status"] == "stopped_bad_steps" and stopped["global_step"] == 2 and stopped["bad_steps_total"] == 2

@@ -17,6 +17,7 @@ import sweep
 import train
 from common.data import DataError, check_splits
 from tests.conftest import REPO, make_conversation, write_jsonl
+from tests.faults import inject_faults
 
 FAST = ["--batch-size", "2", "--effective-batch-size", "2", "--rank", "4", "--alpha", "8", "--mixed-precision", "no",
         "--report-to", "none", "--num-samples", "0", "--no-baseline", "--max-seq-len", "256"]  # fmt: skip
@@ -60,13 +61,15 @@ def test_train_file_alone_holds_out_a_recorded_split(tiny_model_dir, eight_examp
         evaluate.main(["--adapter", str(run / "best"), "--split", "test", "--output-dir", str(tmp_path / "x")])
 
 
-def test_resume_reuses_the_recorded_split(tiny_model_dir, tmp_path):
+def test_resume_reuses_the_recorded_split(tiny_model_dir, tmp_path, monkeypatch):
     data = write_jsonl(tmp_path / "mine.jsonl", [make_conversation(400 + i) for i in range(12)])
     run = tmp_path / "run"
     argv = ["--model", str(tiny_model_dir), "--train-file", str(data), "--output-dir", str(run), *FAST,
             "--epochs", "2", "--save-every", "2", "--validation-split", "0.25"]  # fmt: skip
-    with pytest.raises(SystemExit, match="stopped the run after micro-step 3"):
-        train.main([*argv, "--fault-inject", "stop:3"])
+    inject_faults(monkeypatch, stop=3)
+    with pytest.raises(SystemExit, match="injected crash after micro-step 3"):
+        train.main(argv)
+    monkeypatch.undo()
     first = json.loads((run / "config.json").read_text())["dataset"]["validation_split"]
     assert first["validation_examples"] == 3
     # a changed seed on resume does not move the split: the recorded held-out examples win
