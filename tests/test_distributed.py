@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import psutil
@@ -128,12 +129,48 @@ def test_ranks_train_on_disjoint_shards_and_stay_in_sync(two_process_run):
     assert result.stdout.count("step 8 | loss") == 1
 
 
-def test_validation_metrics_equal_single_process(two_process_run, one_process_run):
+def test_every_validation_equals_single_process(two_process_run, one_process_run):
+    """The baseline and every epoch's validation: same examples and tokens (nothing duplicated by the
+    uneven shards), same loss, same best step and samples scored."""
     two = read_jsonl(two_process_run[0] / "eval_log.jsonl")
     one = read_jsonl(one_process_run / "eval_log.jsonl")
-    assert two[0]["baseline"] and two[0]["val_examples"] == one[0]["val_examples"] == 7  # nothing duplicated
-    assert two[0]["val_tokens"] == one[0]["val_tokens"]
-    assert two[0]["val_loss"] == pytest.approx(one[0]["val_loss"], abs=1e-6)
+    assert [r["step"] for r in two] == [r["step"] for r in one] == [0, 4, 8] and two[0]["baseline"]
+    for a, b in zip(two, one, strict=True):
+        assert a["val_examples"] == b["val_examples"] == 7 and a["val_tokens"] == b["val_tokens"]
+        assert a["val_loss"] == pytest.approx(b["val_loss"], abs=1e-5)
+        assert a["val_ppl"] == pytest.approx(b["val_ppl"], rel=1e-5)
+        assert (a["is_best"], a["sample_n"]) == (b["is_best"], b["sample_n"])
+
+
+def test_two_process_kill_9_and_resume_equals_uninterrupted(tmp_path, tiny_model_dir, data_dir, two_process_run):
+    """SIGKILL every process of a 2-process run once checkpoint step 6 (mid-epoch 2) is complete, resume
+    with --resume-from latest: steps 7-8 and the final adapter are those of the uninterrupted run."""
+    run = tmp_path / "killed"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+               "--master_port", str(free_port()), str(REPO / "train.py"), *run_args(tiny_model_dir, data_dir, run)]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+                               cwd=tmp_path, start_new_session=True)  # fmt: skip
+    marker, deadline = run / "checkpoints" / "step_000006" / "COMPLETE", time.monotonic() + 180
+    while not marker.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    kill_tree(process.pid)
+    process.wait(timeout=30)
+    assert marker.exists() and not (run / "final").exists(), "the run ended before it could be killed at step 6"
+    logged = [r["step"] for r in read_jsonl(run / "train_log.jsonl") if r["type"] == "step"]
+    assert 6 <= max(logged) < 8
+    result = run_torchrun(run_args(tiny_model_dir, data_dir, run, "--resume-from", "latest"), tmp_path, timeout=180)
+    assert result is not None and result.returncode == 0, result and result.stderr[-3000:]
+    assert "resumed from" in result.stdout and "step 6, epoch 2, batch 2" in result.stdout
+    resumed = {r["step"]: r for r in read_jsonl(run / "train_log.jsonl") if r["type"] == "step"}  # last one wins
+    uninterrupted = {r["step"]: r for r in read_jsonl(two_process_run[0] / "train_log.jsonl") if r["type"] == "step"}
+    assert sorted(resumed) == list(range(1, 9))
+    for step in range(7, 9):
+        assert resumed[step]["loss"] == pytest.approx(uninterrupted[step]["loss"], abs=1e-6), step
+    final = load_file(run / "final" / "adapter_model.safetensors")
+    for name, tensor in load_file(two_process_run[0] / "final" / "adapter_model.safetensors").items():
+        torch.testing.assert_close(final[name], tensor, atol=1e-6, rtol=1e-5)
+    assert json.loads((run / "summary.json").read_text())["ranks_in_sync"] is True
 
 
 def test_loss_curve_matches_single_process_with_same_effective_batch(two_process_run, one_process_run):
