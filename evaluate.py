@@ -13,8 +13,8 @@ examples: with the adapter, and inside `model.disable_adapter()` (the untouched 
   batch (common/generation.py: finished rows leave at once, a conversation's prompts share one
   prefill, the adapter is merged while it runs), ROUGE-1/2/L against the reference reply
 - the task's own metrics from the task module (`--task`, default data/task.py, see docs/task.md):
-  for the underwriting task, decision accuracy from the DECISION line (per line of business, with
-  confusion matrices) and the asking turns it adds as extra prompts
+  data/task.py scores each reply's decision line (per line of business, with confusion matrices)
+  and the asking turns it adds as extra prompts
 It writes metrics.json, predictions.jsonl (one line per example: reference and both replies),
 extra_predictions.jsonl (the replies to the task's extra prompts) and report.md (the comparison
 table). The base model's outputs are cached (common/eval_cache.py, keyed by the base model's files,
@@ -116,8 +116,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # --- generation ---
     parser.add_argument("--batch-size", type=int, default=8, help="examples per forward pass of the loss")
     parser.add_argument("--gen-batch-size", type=int, default=64, help="replies decoded together at most")
-    parser.add_argument("--max-new-tokens", type=int, default=400, help="tokens per reply (a worksheet ~275)")
-    extra_help = "skip the task's extra prompts (the underwriting task's asking turns)"
+    parser.add_argument("--max-new-tokens", type=int, default=400, help="tokens per reply (data/task.py's ~275)")
+    extra_help = "skip the task's extra prompts (data/task.py: the asking turns)"
     parser.add_argument("--no-extra-prompts", "--no-ask-turns", action="store_true", help=extra_help)
     parser.add_argument("--no-base", action="store_true", help="with --adapter: score only the finetuned model")
     parser.add_argument("--no-cache", action="store_true", help="recompute the base model's results (and re-cache)")

@@ -1,8 +1,8 @@
 """Generic evaluation metrics: perplexity with a bootstrap interval, ROUGE, and evaluate.py's report.md.
 
 Everything here is plain Python/numpy on lists of per-example numbers or strings, so each function
-can be tested against hand-computed values and copied on its own. Task metrics (for the
-underwriting task: decision accuracy, asking turns) live in the task module (docs/task.md).
+can be tested against hand-computed values and copied on its own. What is right for a task (the
+default data/task.py: decisions, asking turns) is scored by the task module (docs/task.md).
 
     from common.metrics import bootstrap_ratio_ci, perplexity, rouge_scores
     perplexity(loss_sums.sum(), token_counts.sum())             # exp(mean cross-entropy)
