@@ -9,18 +9,19 @@ Adapter mode loads the base model once, adds the adapter, and measures both mode
 examples: with the adapter, and inside `model.disable_adapter()` (the untouched base).
 - mean cross-entropy and perplexity over assistant tokens, with a bootstrap 95% interval that
   resamples examples, and the paired finetuned-minus-base difference on the same resamples
-- greedy generation of the final assistant reply and of the asking turns in one continuous batch
-  (common/generation.py: finished rows leave at once, a conversation's prompts share one prefill,
-  the adapter is merged while it runs), ROUGE-1/2/L against the reference reply
-- decision accuracy from the `DECISION | CLASS | RULES` line: parse rate, outcome and risk-class
-  accuracy, rule-citation F1, per line of business, and confusion matrices; where the references
-  carry the rulebook's approval conditions, whether each approval names exactly them
-It writes metrics.json, predictions.jsonl (one line per example: reference and both replies) and
-report.md (the comparison table). The base model's outputs are cached (common/eval_cache.py, keyed by
-the base model's files, the data, the generation settings, the precision and the package versions)
-and reused by the next evaluation with the same key: the log and metrics.json say so; `--no-cache`
-recomputes them. If `--model` is given and differs from the adapter's base model,
-it exits with an error instead of scoring the adapter on the wrong weights.
+- greedy generation of the final assistant reply and of the task's extra prompts in one continuous
+  batch (common/generation.py: finished rows leave at once, a conversation's prompts share one
+  prefill, the adapter is merged while it runs), ROUGE-1/2/L against the reference reply
+- the task's own metrics from the task module (`--task`, default data/task.py, see docs/task.md):
+  data/task.py scores each reply's decision line (per line of business, with confusion matrices)
+  and the asking turns it adds as extra prompts
+It writes metrics.json, predictions.jsonl (one line per example: reference and both replies),
+extra_predictions.jsonl (the replies to the task's extra prompts) and report.md (the comparison
+table). The base model's outputs are cached (common/eval_cache.py, keyed by the base model's files,
+the data, the prompts, the generation settings, the precision and the package versions) and reused
+by the next evaluation with the same key: the log and metrics.json say so; `--no-cache` recomputes
+them. If `--model` is given and differs from the adapter's base model, it exits with an error
+instead of scoring the adapter on the wrong weights.
 
 Report mode reads only the run's logs (see docs/run_folder.md) and writes PNG plots and report.md:
 convergence verdict, overfitting, optimal epoch, gradient health, dead adapters, recommendations.
@@ -30,10 +31,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
+import json
 import logging
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import torch
@@ -41,6 +46,7 @@ from tqdm.auto import tqdm
 
 from common.artifacts import open_adapter
 from common.checkpoint import CheckpointError
+from common.cli import load_task
 from common.data import (
     DataError,
     collate_batch,
@@ -50,18 +56,13 @@ from common.data import (
     read_recorded_split,
     tokenize_records,
 )
-from common.decision import parse_decision_line
 from common.eval_cache import cache_key, entry_path, load_entry, model_digest, save_entry
 from common.generation import GenerationStats, generate_replies, prompt_messages
 from common.jsonio import write_json, write_jsonl
 from common.loss import compute_token_losses
 from common.metrics import (
-    ask_metrics,
-    asks_at_decision_rate,
     bootstrap_indices,
     bootstrap_ratio_ci,
-    decision_intervals,
-    decision_metrics,
     perplexity_from_loss_ci,
     render_eval_report,
     rouge_scores,
@@ -110,12 +111,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--split", choices=["train", "validation", "test"], help=split_help)
     parser.add_argument("--data-file", help="evaluate this file instead of --split")
     parser.add_argument("--limit", type=int, help="evaluate only the first N examples")
+    parser.add_argument("--task", default=str(REPO / "data" / "task.py"), help="the task module (docs/task.md)")
     parser.add_argument("--max-seq-len", type=int, default=2048, help="longer examples lose their oldest turns")
     # --- generation ---
     parser.add_argument("--batch-size", type=int, default=8, help="examples per forward pass of the loss")
     parser.add_argument("--gen-batch-size", type=int, default=64, help="replies decoded together at most")
-    parser.add_argument("--max-new-tokens", type=int, default=400, help="tokens per reply (a worksheet ~275)")
-    parser.add_argument("--no-ask-turns", action="store_true", help="skip scoring the intermediate (asking) turns")
+    parser.add_argument("--max-new-tokens", type=int, default=400, help="tokens per reply (data/task.py's ~275)")
+    extra_help = "skip the task's extra prompts (data/task.py: the asking turns)"
+    parser.add_argument("--no-extra-prompts", "--no-ask-turns", action="store_true", help=extra_help)
     parser.add_argument("--no-base", action="store_true", help="with --adapter: score only the finetuned model")
     parser.add_argument("--no-cache", action="store_true", help="recompute the base model's results (and re-cache)")
     dtype_help = "model and autocast dtype (auto: the fastest measured on this CPU, bf16/fp16 on a GPU)"
@@ -209,64 +212,47 @@ def compute_example_losses(
     return loss_sums, counts
 
 
-def build_ask_turns(chats: list[dict]) -> tuple[list[list[dict]], list[tuple], list[list[str]]]:
-    """The intermediate (asking) assistant turns of records that say which facts each one asks for.
-
-    The dataset stores, per asking turn, the facts still missing there (`ask_facts`); a reply for
-    that turn is generated from the conversation before it and scored by `ask_metrics`.
-
-    Args:
-        chats: chat records; those without `ask_facts` (other datasets) contribute nothing.
+def mean_scores(task: ModuleType, replies: list[str], records: list[dict], n_resamples: int, seed: int) -> dict:
+    """A task without `evaluate_replies`: the mean and 95% interval of each `score_reply` key.
 
     Returns:
-        (prompts, ids, expected): the conversation before each asking turn, (record id, turn number)
-        of each, and the fact keys each should ask for.
+        {"scores": {"n": replies scored, key: `bootstrap_ratio_ci` dict, ...}}, or {} when none is
+        scored; a key missing from some reply's scores counts 0 there, as in train.py's samples.
     """
-    prompts, ids, expected = [], [], []
-    for record in chats:
-        asks = record.get("ask_facts")
-        if not isinstance(asks, list):
-            continue
-        turns = [i for i, m in enumerate(record["messages"]) if m["role"] == "assistant"][:-1]
-        for number, (index, facts) in enumerate(zip(turns, asks), start=1):
-            prompts.append(record["messages"][:index])
-            ids.append((record.get("id", record.get("_line")), number))
-            expected.append(list(facts))
-    return prompts, ids, expected
+    scores = [s for s in map(task.score_reply, replies, records) if s is not None]
+    if not scores:
+        return {}
+    indices = bootstrap_indices(len(scores), n_resamples, seed)
+    keys = dict.fromkeys(k for s in scores for k in s)
+    return {
+        "scores": {"n": len(scores)}
+        | {k: bootstrap_ratio_ci([s.get(k, 0.0) for s in scores], indices=indices) for k in keys}
+    }
 
 
-def score_model(loss_sums, counts, indices, replies, references, reference_decisions, lobs, seed: int) -> dict:
-    """Every metric of one model: loss and perplexity with intervals, ROUGE, decision accuracy.
+def score_model(outputs: dict, targets: dict, indices: np.ndarray, task: ModuleType, args) -> dict:
+    """Every metric of one model: loss and perplexity with intervals, ROUGE, and the task's metrics.
 
     Args:
-        loss_sums, counts: per loss example, from `compute_example_losses`.
+        outputs: the model's `run_model` outputs (per-example losses, replies, extra replies).
+        targets: from `generation_targets`.
         indices: shared `bootstrap_indices`, so both models are resampled identically.
-        replies, references, reference_decisions, lobs: per generated example (decision None when
-            the record has no reference decision; such examples are left out of decision metrics).
-        seed: seeds the decision metrics' bootstrap; the same for both models, so they are paired.
+        task: the task module; its `evaluate_replies` (else `mean_scores`) and `evaluate_extra_replies`
+            get `args.bootstrap` resamples seeded with `args.seed`, the same for both models: paired.
 
     Returns:
-        {"loss", "perplexity", "trained_tokens", "rouge", "decision", "decision_ci" (95% intervals of
-        parse rate, outcome and risk-class accuracy, rule F1, and condition accuracy where the
-        references have conditions), "outcome_accuracy_ci", "asks_at_decision_rate"}.
+        {"loss", "perplexity", "trained_tokens", "rouge", and the task's keys (docs/task.md)}.
     """
-    loss = bootstrap_ratio_ci(loss_sums, counts, indices=indices)
-    result = {"loss": loss, "perplexity": perplexity_from_loss_ci(loss), "trained_tokens": int(counts.sum())}
-    if replies:
-        result["rouge"] = rouge_scores(replies, references)
-    scored = [i for i, decision in enumerate(reference_decisions) if decision is not None]
-    if scored:
-        decisions = decision_metrics(
-            [replies[i] for i in scored], [reference_decisions[i] for i in scored], [lobs[i] for i in scored]
-        )
-        decision_indices = bootstrap_indices(len(scored), indices.shape[0], seed)
-        intervals = decision_intervals(
-            decisions.pop("parsed"), [reference_decisions[i] for i in scored], decision_indices
-        )
-        result["decision"] = decisions
-        result["decision_ci"] = intervals
-        result["outcome_accuracy_ci"] = intervals["outcome_accuracy"]
-        result["asks_at_decision_rate"] = asks_at_decision_rate([replies[i] for i in scored])
+    loss = bootstrap_ratio_ci(outputs["loss_sums"], outputs["counts"], indices=indices)
+    result = {"loss": loss, "perplexity": perplexity_from_loss_ci(loss), "trained_tokens": int(outputs["counts"].sum())}
+    if outputs["replies"]:
+        result["rouge"] = rouge_scores(outputs["replies"], targets["references"])
+    if hasattr(task, "evaluate_replies"):
+        result |= task.evaluate_replies(outputs["replies"], targets["chats"], args.bootstrap, args.seed)
+    else:
+        result |= mean_scores(task, outputs["replies"], targets["chats"], args.bootstrap, args.seed)
+    if targets["extras"]:
+        result |= task.evaluate_extra_replies(outputs["extra_replies"], targets["extras"], args.bootstrap, args.seed)
     return result
 
 
@@ -353,11 +339,27 @@ def load_records_part(data_file: Path, held_out: dict | None, split: str | None)
     return records
 
 
-def load_inputs(args: argparse.Namespace, model_name: str, adapter_dir: Path | None, data_file: Path, held_out, device):
-    """Load the model (with the adapter), the tokenizer and the tokenized records.
+@dataclass
+class EvalInputs:
+    """What is evaluated: the model (with the adapter), its tokenizer and precision, the records and examples."""
 
-    Returns:
-        (model, tokenizer, precision, records, examples, tokenize stats).
+    model_name: str
+    adapter_dir: Path | None
+    data_file: Path
+    held_out: dict | None  # the validation split the adapter's run held out of data_file, if any
+    device: torch.device
+    model: torch.nn.Module
+    tokenizer: object
+    precision: PrecisionChoice
+    records: list[dict]
+    examples: list[dict]  # the tokenized records that fit --max-seq-len
+    stats: object  # tokenize_records' counts (truncated history, dropped overlong)
+
+
+def load_inputs(
+    args: argparse.Namespace, model_name: str, adapter_dir: Path | None, data_file: Path, held_out, device
+) -> EvalInputs:
+    """Load the model (with the adapter), the tokenizer and the tokenized records.
 
     Raises:
         SystemExit: the model or the data cannot be loaded, or no example fits --max-seq-len.
@@ -383,59 +385,50 @@ def load_inputs(args: argparse.Namespace, model_name: str, adapter_dir: Path | N
 
         model = PeftModel.from_pretrained(model, str(adapter_dir))
     model.to(device).eval()
-    return model, tokenizer, precision, records, examples, stats
+    return EvalInputs(
+        model_name, adapter_dir, data_file, held_out, device, model, tokenizer, precision, records, examples, stats
+    )
 
 
-def generation_targets(records: list[dict], no_ask_turns: bool) -> dict:
-    """What the replies are scored against: each chat record's final assistant turn, its decision, the asking turns.
+def generation_targets(records: list[dict], task: ModuleType, no_extra_prompts: bool) -> dict:
+    """What is generated and scored: each chat record's final assistant turn, and the task's extra prompts.
 
     Returns:
-        {"chat_rows", "chats", "prompts", "references", "reference_decisions", "lobs", "ask_prompts",
-         "ask_ids", "ask_expected"}; the prompt is everything before the final assistant turn.
+        {"chat_rows", "chats", "prompts", "references", "extras"}: the prompt is everything before
+        the final assistant turn, the reference that turn; "extras" are the task's `extra_prompts`.
     """
     chat_rows = [i for i, r in enumerate(records) if "messages" in r]
     chats = [records[i] for i in chat_rows]
     prompts = [prompt_messages(r["messages"]) for r in chats]
-    references = [r["messages"][len(p)]["content"] for r, p in zip(chats, prompts)]
-    # The dataset stores the reference decision; for other files, parse it from the reference reply.
-    reference_decisions = [
-        r["decision"]
-        if isinstance(r.get("decision"), dict) and "outcome" in r["decision"]
-        else parse_decision_line(ref)
-        for r, ref in zip(chats, references)
-    ]
-    ask_prompts, ask_ids, ask_expected = ([], [], []) if no_ask_turns else build_ask_turns(chats)
+    extras = [] if no_extra_prompts or not hasattr(task, "extra_prompts") else task.extra_prompts(chats)
     return {
         "chat_rows": chat_rows,
         "chats": chats,
         "prompts": prompts,
-        "references": references,
-        "reference_decisions": reference_decisions,
-        "lobs": [r.get("line_of_business", "all") for r in chats],
-        "ask_prompts": ask_prompts,
-        "ask_ids": ask_ids,
-        "ask_expected": ask_expected,
+        "references": [r["messages"][len(p)]["content"] for r, p in zip(chats, prompts)],
+        "extras": extras,
     }
 
 
-def run_model(name: str, model, tokenizer, examples: list[dict], targets: dict, args, precision, adapter_off: bool):
-    """One model's per-example losses, replies and asking-turn replies (the adapter disabled for the base).
+def run_model(name: str, inputs: EvalInputs, targets: dict, args, adapter_off: bool) -> dict:
+    """One model's per-example losses, replies and extra replies (the adapter disabled for the base).
 
-    The final replies and the asking turns are generated in one continuous batch.
+    The final replies and the extra prompts are generated in one continuous batch.
 
     Returns:
-        {"loss_sums", "counts", "replies", "ask_replies", "generation": useful new tokens, prompt
+        {"loss_sums", "counts", "replies", "extra_replies", "generation": useful new tokens, prompt
         tokens, seconds and tokens/s of the generation}.
     """
+    model, tokenizer, examples, precision = inputs.model, inputs.tokenizer, inputs.examples, inputs.precision
     logger.info("%s: scoring %d examples, generating %d replies", name, len(examples), len(targets["prompts"]))
-    prompts = targets["prompts"] + targets["ask_prompts"]
+    prompts = targets["prompts"] + [extra["messages"] for extra in targets["extras"]]
     stats = GenerationStats()
     with model.disable_adapter() if adapter_off else contextlib.nullcontext():
         loss_sums, counts = compute_example_losses(
             model, examples, tokenizer.pad_token_id, args.batch_size, precision, progress=f"{name}: scoring"
         )
         with precision.autocast():
-            progress = f"{name}: generating (+ {len(targets['ask_prompts'])} asking turns)"
+            progress = f"{name}: generating (+ {len(targets['extras'])} extra prompts)"
             replies = generate_replies(
                 model, tokenizer, prompts, args.gen_batch_size, args.max_new_tokens, progress=progress, stats=stats
             )
@@ -453,13 +446,13 @@ def run_model(name: str, model, tokenizer, examples: list[dict], targets: dict, 
         "loss_sums": loss_sums,
         "counts": counts,
         "replies": replies[:split],
-        "ask_replies": replies[split:],
+        "extra_replies": replies[split:],
         "generation": generation,
     }
 
 
-def base_cache_key(args, model_name: str, data_file: Path, held_out, tokenizer, precision) -> tuple[str, dict]:
-    """The cache key of the base model's evaluation: model files, data, settings, precision, packages.
+def base_cache_key(args, inputs: EvalInputs, targets: dict) -> tuple[str, dict]:
+    """The cache key of the base model's evaluation: model files, data, prompts, settings, precision, packages.
 
     Returns:
         (key, the parts it was computed from), as `common.eval_cache.cache_key`.
@@ -467,12 +460,14 @@ def base_cache_key(args, model_name: str, data_file: Path, held_out, tokenizer, 
     Raises:
         ModelLoadError: the base model has no local folder (not downloaded).
     """
+    # The extra prompts come from the task module, not from the data file alone: their digest is in the key.
+    extra_messages = json.dumps([extra["messages"] for extra in targets["extras"]], sort_keys=True)
     parts = {
-        "model": model_digest(local_model_folder(model_name)),
-        "chat_template": tokenizer.chat_template,
+        "model": model_digest(local_model_folder(inputs.model_name)),
+        "chat_template": inputs.tokenizer.chat_template,
         "data": {
-            "sha256": dataset_sha256(data_file),
-            "held_out": held_out,
+            "sha256": dataset_sha256(inputs.data_file),
+            "held_out": inputs.held_out,
             "split": args.split,
             "limit": args.limit,
         },
@@ -481,9 +476,9 @@ def base_cache_key(args, model_name: str, data_file: Path, held_out, tokenizer, 
             "batch_size": args.batch_size,
             "gen_batch_size": args.gen_batch_size,
             "max_new_tokens": args.max_new_tokens,
-            "ask_turns": not args.no_ask_turns,
+            "extra_prompts": hashlib.sha256(extra_messages.encode()).hexdigest(),
         },
-        "precision": {"precision": precision.precision, "dtype": str(precision.dtype)},
+        "precision": {"precision": inputs.precision.precision, "dtype": str(inputs.precision.dtype)},
     }
     return cache_key(parts)
 
@@ -508,43 +503,41 @@ def run_base_cached(key: str, parts: dict, run, no_cache: bool) -> dict:
     return outputs | {"cache": {"used": False, "file": file, "key": key}}
 
 
-def build_metrics(
-    args, model_name, adapter_dir, data_file, held_out, records, examples, stats, targets, precision, device, results
-) -> dict:
+def build_metrics(args, inputs: EvalInputs, targets: dict, results: dict) -> dict:
     """metrics.json: what was evaluated, how, and every model's results."""
     return {
-        "mode": "adapter" if adapter_dir is not None else "base",
-        "adapter": str(adapter_dir) if adapter_dir else None,
-        "model": model_name,
-        "data_file": str(data_file),
-        "held_out_split": (args.split or "validation") if held_out else None,  # a part of the run's --train-file
-        "examples": len(records),
-        "loss_examples": len(examples),
-        "truncated_history": stats.truncated_history,
-        "dropped_overlong": stats.dropped_overlong,
+        "mode": "adapter" if inputs.adapter_dir is not None else "base",
+        "adapter": str(inputs.adapter_dir) if inputs.adapter_dir else None,
+        "model": inputs.model_name,
+        "data_file": str(inputs.data_file),
+        # a part of the run's --train-file
+        "held_out_split": (args.split or "validation") if inputs.held_out else None,
+        "task": args.task,
+        "examples": len(inputs.records),
+        "loss_examples": len(inputs.examples),
+        "truncated_history": inputs.stats.truncated_history,
+        "dropped_overlong": inputs.stats.dropped_overlong,
         "generation_examples": len(targets["prompts"]),
-        "ask_turns": len(targets["ask_prompts"]),
-        "decision_examples": sum(d is not None for d in targets["reference_decisions"]),
+        "extra_prompts": len(targets["extras"]),
         "settings": {
             "max_new_tokens": args.max_new_tokens,
             "batch_size": args.batch_size,
             "gen_batch_size": args.gen_batch_size,
             "bootstrap": args.bootstrap,
             "seed": args.seed,
-            "dtype": str(precision.dtype).replace("torch.", ""),
-            "precision": precision.to_json(),
+            "dtype": str(inputs.precision.dtype).replace("torch.", ""),
+            "precision": inputs.precision.to_json(),
             "max_seq_len": args.max_seq_len,
-            "device": str(device),
+            "device": str(inputs.device),
         },
         "models": results,
     }
 
 
-def compare_models(per_model: dict, results: dict, indices) -> dict:
+def compare_models(outputs: dict, results: dict, indices) -> dict:
     """Finetuned vs base on the same examples: the paired loss change and the perplexity ratio."""
-    base_sums, counts, _ = per_model["base"]
-    tuned_sums = per_model["finetuned"][0]
-    delta = bootstrap_ratio_ci(tuned_sums - base_sums, counts, indices=indices)
+    base, tuned = outputs["base"], outputs["finetuned"]
+    delta = bootstrap_ratio_ci(tuned["loss_sums"] - base["loss_sums"], base["counts"], indices=indices)
     return {
         "loss_delta": delta,  # finetuned minus base, paired on the same resamples
         "perplexity_ratio": results["finetuned"]["perplexity"]["value"] / results["base"]["perplexity"]["value"],
@@ -552,32 +545,32 @@ def compare_models(per_model: dict, results: dict, indices) -> dict:
     }
 
 
-def write_outputs(output_dir: Path, examples: list[dict], targets: dict, per_model: dict, asked: dict, metrics: dict):
-    """predictions.jsonl, ask_predictions.jsonl, metrics.json and report.md."""
+def write_outputs(output_dir: Path, inputs: EvalInputs, targets: dict, outputs: dict, metrics: dict, task: ModuleType):
+    """predictions.jsonl (with each reply's task scores), extra_predictions.jsonl, metrics.json and report.md."""
     output_dir.mkdir(parents=True, exist_ok=True)
-    example_of = {e["index"]: row for row, e in enumerate(examples)}
+    example_of = {e["index"]: row for row, e in enumerate(inputs.examples)}
     predictions = []
     for k, record in enumerate(targets["chats"]):
         row = example_of.get(targets["chat_rows"][k])  # None when the example was dropped as overlong
-        line = {
-            "id": record.get("id", record["_line"]),
-            "line_of_business": targets["lobs"][k],
-            "reference": targets["references"][k],
-        }
-        line["reference_decision"] = targets["reference_decisions"][k]
-        for name, (loss_sums, counts, replies) in per_model.items():
-            line[f"generated_{name}"] = replies[k]
-            line[f"decision_{name}"] = parse_decision_line(replies[k])
-            line[f"loss_{name}"] = None if row is None else loss_sums[row] / max(counts[row], 1)
+        line = {"id": record.get("id", record["_line"]), "reference": targets["references"][k]}
+        for name, out in outputs.items():
+            line[f"generated_{name}"] = out["replies"][k]
+            line[f"loss_{name}"] = None if row is None else out["loss_sums"][row] / max(out["counts"][row], 1)
+            line[f"score_{name}"] = task.score_reply(out["replies"][k], record)
+        if hasattr(task, "prediction_fields"):
+            line |= task.prediction_fields(record, {name: out["replies"][k] for name, out in outputs.items()})
         predictions.append(line)
     write_jsonl(output_dir / "predictions.jsonl", predictions, sort_keys=False)
-    ask_lines = [
-        {"id": record_id, "turn": turn, "expected": expected, **{f"generated_{n}": asked[n][k] for n in asked}}
-        for k, ((record_id, turn), expected) in enumerate(zip(targets["ask_ids"], targets["ask_expected"], strict=True))
+    extra_lines = [
+        {key: value for key, value in extra.items() if key != "messages"}
+        | {f"generated_{name}": out["extra_replies"][k] for name, out in outputs.items()}
+        for k, extra in enumerate(targets["extras"])
     ]
-    write_jsonl(output_dir / "ask_predictions.jsonl", ask_lines, sort_keys=False)
+    write_jsonl(output_dir / "extra_predictions.jsonl", extra_lines, sort_keys=False)
     write_json(output_dir / "metrics.json", metrics)
-    (output_dir / "report.md").write_text(render_eval_report(metrics, predictions[:3]))
+    names = list(metrics["models"])
+    task_lines = task.report_lines(metrics["models"], names) if hasattr(task, "report_lines") else []
+    (output_dir / "report.md").write_text(render_eval_report(metrics, predictions[:3], task_lines))
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -590,7 +583,7 @@ def main(argv: list[str] | None = None) -> dict:
         What was written to metrics.json (or, with --report, to analysis.json).
 
     Raises:
-        SystemExit: with a one-line message for a mismatched base model, missing data or model.
+        SystemExit: with a one-line message for a mismatched base model, missing data, model or task file.
     """
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -598,6 +591,7 @@ def main(argv: list[str] | None = None) -> dict:
         return write_convergence_report(Path(args.report), Path(args.output_dir or Path(args.report) / "report"))
 
     # --- resolve the model(s) and check that the adapter belongs to the base ---
+    task = load_task(args.task)
     adapter_dir, model_name = resolve_model(args)
     output_dir = Path(args.output_dir or (adapter_dir.parent / "eval" if adapter_dir else "runs/base-eval"))
     data_file, held_out = resolve_data(args, adapter_dir)
@@ -605,63 +599,36 @@ def main(argv: list[str] | None = None) -> dict:
     start = time.perf_counter()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     inputs = load_inputs(args, model_name, adapter_dir, data_file, held_out, device)
-    model, tokenizer, precision, records, examples, stats = inputs
-    targets = generation_targets(records, args.no_ask_turns)
-    indices = bootstrap_indices(len(examples), args.bootstrap, args.seed)
+    targets = generation_targets(inputs.records, task, args.no_extra_prompts)
+    indices = bootstrap_indices(len(inputs.examples), args.bootstrap, args.seed)
 
     # --- the same examples through both models: adapter on, then adapter off (the base) ---
-    results, per_model, asked = {}, {}, {}
+    results, outputs = {}, {}
     names = ["base", "finetuned"] if adapter_dir is not None else ["base"]
     for name in names[1:] if args.no_base and adapter_dir is not None else names:
         adapter_off = adapter_dir is not None and name == "base"
 
         def run(name=name, adapter_off=adapter_off):
-            return run_model(name, model, tokenizer, examples, targets, args, precision, adapter_off)
+            return run_model(name, inputs, targets, args, adapter_off)
 
         if name == "base":
-            key, parts = base_cache_key(args, model_name, data_file, held_out, tokenizer, precision)
-            outputs = run_base_cached(key, parts, run, args.no_cache)
+            key, parts = base_cache_key(args, inputs, targets)
+            outputs[name] = run_base_cached(key, parts, run, args.no_cache)
         else:
-            outputs = run()
-        per_model[name] = (outputs["loss_sums"], outputs["counts"], outputs["replies"])
-        asked[name] = outputs["ask_replies"]
-        results[name] = score_model(
-            outputs["loss_sums"],
-            outputs["counts"],
-            indices,
-            outputs["replies"],
-            targets["references"],
-            targets["reference_decisions"],
-            targets["lobs"],
-            args.seed,
-        )
-        results[name]["generation"] = outputs["generation"]
-        if "cache" in outputs:
-            results[name]["cache"] = outputs["cache"]
-        if targets["ask_prompts"]:
-            results[name]["asks"] = ask_metrics(asked[name], targets["ask_expected"], args.bootstrap, args.seed)
+            outputs[name] = run()
+        results[name] = score_model(outputs[name], targets, indices, task, args)
+        results[name]["generation"] = outputs[name]["generation"]
+        if "cache" in outputs[name]:
+            results[name]["cache"] = outputs[name]["cache"]
         logger.info(
             "%s: loss %.4f | ppl %.3f", name, results[name]["loss"]["mean"], results[name]["perplexity"]["value"]
         )
 
-    metrics = build_metrics(
-        args,
-        model_name,
-        adapter_dir,
-        data_file,
-        held_out,
-        records,
-        examples,
-        stats,
-        targets,
-        precision,
-        device,
-        results,
-    )
-    if "finetuned" in per_model and "base" in per_model:
-        metrics["comparison"] = compare_models(per_model, results, indices)
+    metrics = build_metrics(args, inputs, targets, results)
+    if "finetuned" in outputs and "base" in outputs:
+        metrics["comparison"] = compare_models(outputs, results, indices)
     metrics["eval_time_s"] = time.perf_counter() - start
-    write_outputs(output_dir, examples, targets, per_model, asked, metrics)
+    write_outputs(output_dir, inputs, targets, outputs, metrics, task)
     logger.info("wrote %s", output_dir)
     return metrics
 

@@ -80,7 +80,7 @@ def generation_throughput(adapter: Path, split: str, limit: int | None, work: Pa
     metrics = read_json(work / "eval" / "metrics.json")
     generation = metrics["models"]["finetuned"]["generation"]
     replies = [p["generated_finetuned"] for p in read_jsonl(work / "eval" / "predictions.jsonl")]
-    asks = [p["generated_finetuned"] for p in read_jsonl(work / "eval" / "ask_predictions.jsonl")]
+    asks = [p["generated_finetuned"] for p in read_jsonl(work / "eval" / "extra_predictions.jsonl")]
     return generation | {"settings": metrics["settings"], "texts": replies + asks}
 
 
@@ -104,7 +104,7 @@ def previous_generate(adapter: Path, split: str, limit: int | None, settings: di
     model = PeftModel.from_pretrained(model, str(adapter)).eval()
     records = load_records(REPO / "data" / f"{split}.jsonl")[:limit]
     prompts = [prompt_messages(r["messages"]) for r in records]
-    for record in records:  # the asking turns, as evaluate.py's build_ask_turns lists them
+    for record in records:  # the asking turns, as data/task.py's extra_prompts lists them
         turns = [i for i, m in enumerate(record["messages"]) if m["role"] == "assistant"][:-1]
         prompts += [record["messages"][:i] for i in turns[: len(record.get("ask_facts") or [])]]
     texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]

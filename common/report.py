@@ -411,8 +411,8 @@ def compare_with_baseline(baseline: dict | None, evals: list[dict]) -> dict | No
 def check_task_learned(evals: list[dict], baseline: dict | None) -> dict:
     """Did the run learn the task, not only the language? Judged on the scored sample replies.
 
-    train.py scores the sample replies of every validation (`sample_parse_rate`,
-    `sample_outcome_accuracy`, see `common.metrics.score_samples`). Validation loss can fall for a
+    train.py scores the sample replies of every validation with the task module (`sample_parse_rate`,
+    `sample_outcome_accuracy` from data/task.py's `score_reply`). Validation loss can fall for a
     long time while the model still writes no decision at all: that is the failure flagged here.
 
     Args:

@@ -34,8 +34,8 @@ if str(REPO_ROOT) not in sys.path:
     # `python data/generate.py` puts data/ on sys.path, but the imports below live under the root.
     sys.path.insert(0, str(REPO_ROOT))
 
-from common.decision import FACT_ASK_NAMES, format_decision_line  # noqa: E402
 from data import rulebook  # noqa: E402
+from data.task import FACT_ASK_NAMES, format_decision_line  # noqa: E402
 
 SPLITS = ("train", "validation", "test")
 # Target share of each (outcome, risk class) cell within every line of business and split.

@@ -7,7 +7,7 @@ the reference, and against the model's own previous result and answer; a line wi
 the previous result on), and whether the DECISION line follows the model's own last result.
 Use it on the validation split when choosing a recipe or a data format:
 
-    python evaluate.py --adapter runs/exp/best --split validation --no-base --no-ask-turns
+    python evaluate.py --adapter runs/exp/best --split validation --no-base --no-extra-prompts
     python data/worksheet_errors.py runs/exp/eval/predictions.jsonl
 """
 
@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common.decision import parse_decision_line
+from data.task import parse_decision_line
 
 # "L-4 age 54 >= 50 yes, face $1500k > $1000k yes: refer -> refer L-4", or without the ": ..." tail.
 CHECK_LINE = re.compile(r"([LHB]-\d+) (.*?)(?:: (\w+) -> (.*))?")

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from common.decision import FACT_ASK_NAMES, parse_asked_facts, parse_decision_line
 from data import generate, rulebook, worksheet_errors
+from data.task import FACT_ASK_NAMES, parse_asked_facts, parse_decision_line
 
 DATA_DIR = Path(__file__).resolve().parents[1] / "data"
 SIZES = {"train": 300, "validation": 60, "test": 100}

@@ -1,13 +1,39 @@
-"""Tests of common/decision.py: writing and reading the DECISION line.
+"""The underwriting task module (data/task.py): the DECISION line, decision and asking-turn metrics, report rows.
 
 python -m pytest -q tests/test_decision.py
 """
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from pathlib import Path
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from common.decision import format_decision_line, parse_decision_line
+from common.metrics import bootstrap_indices, bootstrap_ratio_ci, perplexity_from_loss_ci, render_eval_report
+from data.task import (
+    ask_metrics,
+    asks_at_decision_rate,
+    confusion_matrix,
+    decision_intervals,
+    decision_metrics,
+    evaluate_extra_replies,
+    evaluate_replies,
+    extra_prompts,
+    format_decision_line,
+    parse_decision_line,
+    prediction_fields,
+    report_lines,
+    rule_citation_f1,
+    score_decisions,
+    score_reply,
+)
+
+BEFORE = json.loads((Path(__file__).parent / "task_metrics_before.json").read_text())
 
 
 def test_format_writes_the_documented_line():
@@ -97,3 +123,292 @@ def test_parse_inverts_format(decision, rules, preamble):
     outcome, risk_class = decision
     reply = preamble + "\n" + format_decision_line(outcome, risk_class, rules) + "\n"
     assert parse_decision_line(reply) == {"outcome": outcome, "risk_class": risk_class, "rules": rules}
+
+
+def test_rule_f1_is_micro_averaged():
+    # ex1: cites L-1, L-2 vs truth L-1 -> tp1 fp1; ex2: cites nothing (unparsed) vs truth H-3, H-4 -> fn2
+    result = rule_citation_f1([["L-1", "L-2"], None], [["L-1"], ["H-3", "H-4"]])
+    assert (result["tp"], result["fp"], result["fn"]) == (1, 1, 2)
+    assert result["precision"] == pytest.approx(0.5) and result["recall"] == pytest.approx(1 / 3)
+    assert result["f1"] == pytest.approx(2 * 0.5 * (1 / 3) / (0.5 + 1 / 3))
+    assert rule_citation_f1([None], [["L-1"]])["f1"] == 0.0
+
+
+def test_confusion_matrix_with_unparsed_column():
+    matrix = confusion_matrix(
+        ["approve", "refer", "refer", "decline"],
+        ["approve", None, "decline", "decline"],
+        ["approve", "refer", "decline"],
+    )
+    assert matrix["columns"] == ["approve", "refer", "decline", "unparsed"]
+    assert matrix["matrix"] == [[1, 0, 0, 0], [0, 0, 1, 1], [0, 0, 1, 0]]
+
+
+GOOD = "Rule L-3 applies.\nDECISION: approve | CLASS: standard | RULES: L-3"
+REFERENCES = [
+    {"outcome": "approve", "risk_class": "standard", "rules": ["L-3"]},
+    {"outcome": "refer", "risk_class": "n/a", "rules": ["H-2"]},
+    {"outcome": "decline", "risk_class": "n/a", "rules": ["B-1", "B-4"]},
+    {"outcome": "decline", "risk_class": "n/a", "rules": ["L-9"]},
+]
+REPLIES = [
+    GOOD,  # all right
+    "decision: Refer | class: N/A | rules: h-2, h-5.",  # lenient format: right outcome/class, one extra rule
+    "I would decline this one.",  # no decision line: unparsed
+    "DECISION: approve | CLASS: preferred | RULES: L-9",  # wrong outcome and class, right rule
+]
+
+
+def test_decision_parser_good_and_bad_lines():
+    parsed = decision_metrics(REPLIES, REFERENCES)["parsed"]
+    assert parsed[0] == {"outcome": "approve", "risk_class": "standard", "rules": ["L-3"], "conditions": []}
+    assert parsed[1] == {"outcome": "refer", "risk_class": "n/a", "rules": ["H-2", "H-5"], "conditions": []}
+    assert parsed[2] is None
+    assert decision_metrics(["DECISION: maybe | CLASS: standard | RULES: L-1"], REFERENCES[:1])["parsed"] == [None]
+    assert decision_metrics(["DECISION: approve | CLASS: standard | RULES:"], REFERENCES[:1])["parsed"] == [None]
+
+
+def test_decision_metrics_overall_and_by_line_of_business():
+    lobs = ["term_life", "homeowners", "small_business_property", "term_life"]
+    result = decision_metrics(REPLIES, REFERENCES, lobs)
+    overall = result["overall"]
+    assert overall["n"] == 4 and overall["parse_rate"] == 0.75
+    assert overall["outcome_accuracy"] == 0.5 and overall["risk_class_accuracy"] == 0.5
+    # rules: tp = L-3, H-2, L-9 = 3; fp = H-5 = 1; fn = B-1, B-4 = 2
+    assert overall["rule_precision"] == pytest.approx(3 / 4) and overall["rule_recall"] == pytest.approx(3 / 5)
+    assert result["by_line_of_business"]["term_life"]["outcome_accuracy"] == 0.5
+    assert result["by_line_of_business"]["small_business_property"]["parse_rate"] == 0.0
+    assert result["by_line_of_business"]["homeowners"]["risk_class_accuracy"] == 1.0
+    outcome = result["outcome_confusion"]
+    assert outcome["matrix"][outcome["labels"].index("decline")] == [1, 0, 0, 1]  # one approve, one unparsed
+    assert score_decisions([], []) == {"n": 0}
+
+
+def test_condition_accuracy_over_reference_approvals():
+    inspect, rider = "roof inspection within 30 days", "hazardous-activity exclusion rider"
+    reference = [
+        {"outcome": "approve", "risk_class": "standard", "rules": ["H-7"], "conditions": [inspect]},
+        {"outcome": "approve", "risk_class": "substandard", "rules": ["L-7"], "conditions": [rider]},
+        {"outcome": "approve", "risk_class": "preferred", "rules": ["L-10"], "conditions": []},
+        {"outcome": "approve", "risk_class": "standard", "rules": ["H-7"], "conditions": [inspect]},
+        {"outcome": "refer", "risk_class": "n/a", "rules": ["H-3"], "conditions": []},
+    ]
+    replies = [
+        "Approve at standard. Condition: Roof inspection within 30 days.\nDECISION: approve | CLASS: standard | RULES: H-7",
+        "Approved. Condition: roof inspection within 30 days.\nDECISION: approve | CLASS: substandard | RULES: L-7",
+        "Approve at preferred. Subject to: 5% named-storm deductible.\nDECISION: approve | CLASS: preferred | RULES: L-10",
+        "Refer.\nDECISION: refer | CLASS: n/a | RULES: H-7",  # no approval: the conditions cannot be right
+        "Refer. Condition: none of these count.\nDECISION: refer | CLASS: n/a | RULES: H-3",  # not an approval
+    ]
+    result = decision_metrics(replies, reference)
+    assert result["parsed"][0]["conditions"] == [inspect]  # case ignored
+    assert result["parsed"][2]["conditions"] == ["5% named-storm deductible"]
+    overall = result["overall"]
+    assert overall["n_approvals"] == 4
+    assert overall["condition_accuracy"] == pytest.approx(1 / 4)  # only the first: wrong, extra, not approved
+    intervals = decision_intervals(result["parsed"], reference, bootstrap_indices(5, 300, seed=2))
+    assert intervals["condition_accuracy"]["mean"] == pytest.approx(1 / 4)
+    assert intervals["condition_accuracy"]["low"] < intervals["condition_accuracy"]["high"]
+    # References without conditions (bring-your-own data) leave the metric out instead of scoring 0.
+    no_conditions = [{"outcome": "approve", "risk_class": "standard", "rules": ["H-7"]}]
+    plain = decision_metrics(replies[:1], no_conditions)
+    assert "condition_accuracy" not in plain["overall"]
+    assert "condition_accuracy" not in decision_intervals(plain["parsed"], no_conditions, bootstrap_indices(1, 10))
+    assert "condition_accuracy" not in score_decisions(no_conditions, reference[:1])  # parsed without conditions
+    assert score_decisions([None], reference[:1])["condition_accuracy"] == 0.0  # unparsed: wrong
+    refer_only = decision_metrics(replies[4:], reference[4:])
+    assert refer_only["overall"]["n_approvals"] == 0 and refer_only["overall"]["condition_accuracy"] is None
+
+
+def test_ask_metrics_precision_recall_exact_and_early():
+    replies = [
+        "Thanks. I still need the BMI and smoking status.",  # exactly right
+        "Got it. And the BMI?",  # misses smoking status
+        "Please send the BMI, the occupation and the face amount.",  # one right, two not missing
+        "Facts: ...\nDECISION: approve | CLASS: preferred | RULES: L-10",  # decided too early
+    ]
+    expected = [["bmi", "smoker"], ["bmi", "smoker"], ["bmi"], ["occupation"]]
+    result = ask_metrics(replies, expected, n_resamples=200)
+    assert result["n_turns"] == 4
+    assert result["ask_precision"] == pytest.approx((2 + 1 + 1) / (2 + 1 + 3))
+    assert result["ask_recall"] == pytest.approx((2 + 1 + 1) / (2 + 2 + 1 + 1))
+    assert result["exact_rate"] == 0.25 and result["early_decision_rate"] == 0.25
+    ci = result["ask_recall_ci"]
+    assert ci["low"] <= result["ask_recall"] <= ci["high"]
+    assert ask_metrics([], []) == {"n_turns": 0}
+    with pytest.raises(ValueError):
+        ask_metrics(["x"], [])
+
+
+def test_asks_at_decision_rate_and_score_reply():
+    final = ["I still need the BMI.", "DECISION: refer | CLASS: n/a | RULES: L-4", "Sorry, I cannot help."]
+    assert asks_at_decision_rate(final) == pytest.approx(1 / 3)
+    assert score_reply(final[0], {"decision": {"outcome": "refer"}}) == {"parse_rate": 0.0, "outcome_accuracy": 0.0}
+    assert score_reply(final[1], {"decision": {"outcome": "refer"}}) == {"parse_rate": 1.0, "outcome_accuracy": 1.0}
+    assert score_reply(final[1], {"decision": {"outcome": "approve"}}) == {"parse_rate": 1.0, "outcome_accuracy": 0.0}
+    assert score_reply(final[2], {"messages": []}) is None  # no reference decision: nothing to score
+
+
+def test_decision_intervals_match_the_point_metrics():
+    reference = [{"outcome": "approve", "risk_class": "standard", "rules": ["L-8"]}] * 6
+    parsed = [{"outcome": "approve", "risk_class": "standard", "rules": ["L-8"]}] * 3
+    parsed += [{"outcome": "approve", "risk_class": "preferred", "rules": ["L-8", "L-6"]}, None, None]
+    intervals = decision_intervals(parsed, reference, bootstrap_indices(6, 300, seed=1))
+    point = score_decisions(parsed, reference)
+    for key in ("parse_rate", "outcome_accuracy", "risk_class_accuracy", "rule_f1"):
+        assert intervals[key]["mean"] == pytest.approx(point[key]), key
+        assert intervals[key]["low"] <= point[key] <= intervals[key]["high"], key
+    assert intervals["parse_rate"]["low"] < intervals["parse_rate"]["high"]  # it varies across resamples
+
+
+def test_interval_widths_are_95_percent_on_known_cases():
+    """100 outcomes, 50 right: the 95% half-width is 1.96 * sqrt(0.5 * 0.5 / 100) = 0.098, for the
+    decision metrics and the asking-turn rates as for the plain mean"""
+    normal = 1.96 * math.sqrt(0.25 / 100)
+    assert bootstrap_ratio_ci([1.0, 0.0] * 50, n_resamples=4000, seed=0)["half_width"] == pytest.approx(normal, rel=0.1)
+    reference = [{"outcome": "approve", "risk_class": "standard", "rules": ["L-8"]}] * 100
+    wrong = {"outcome": "decline", "risk_class": "n/a", "rules": ["L-8"]}
+    parsed = [reference[0], wrong] * 50
+    intervals = decision_intervals(parsed, reference, bootstrap_indices(100, 4000, seed=0))
+    assert intervals["outcome_accuracy"]["mean"] == 0.5
+    assert intervals["outcome_accuracy"]["half_width"] == pytest.approx(normal, rel=0.1)
+    assert intervals["risk_class_accuracy"]["half_width"] == pytest.approx(normal, rel=0.1)
+    asks = ask_metrics(["What is the BMI?", "Thanks."] * 50, [["bmi"]] * 100, n_resamples=4000)
+    assert asks["exact_rate"] == 0.5 and asks["exact_rate_ci"]["half_width"] == pytest.approx(normal, rel=0.1)
+
+
+# --- the task interface on synthetic records, against the numbers the code before data/task.py gave ---
+ASK_NAMES = {
+    "age": "the applicant's age",
+    "bmi": "the BMI",
+    "smoker": "smoking status",
+    "occupation": "the occupation",
+    "roof_age": "the roof age",
+    "wind_zone": "the wind zone",
+    "tiv": "the total insured value",
+    "prior_losses": "the 5-year loss count",
+}
+CONDITIONS = ["roof inspection within 30 days", "hazardous-activity exclusion rider", "5% named-storm deductible"]
+
+
+def known_cases(n: int = 48, seed: int = 28, fallback: bool = True) -> tuple[list[dict], list[str], dict]:
+    """Seeded records (3 lines of business, approvals with conditions, 0-2 asking turns) and replies of 7 kinds.
+
+    With `fallback`, every 11th record has no stored decision (its reference is parsed from the
+    reply, without conditions), one has none at all, and one has no line of business.
+
+    Returns:
+        (records, final replies, {(record id, turn): asking-turn reply}).
+    """
+    rng = random.Random(seed)
+    records, replies, ask_replies = [], [], {}
+    for i in range(n):
+        lob = ["term_life", "homeowners", "small_business_property"][i % 3]
+        outcome = rng.choice(["approve", "refer", "decline"])
+        risk_class = rng.choice(["preferred", "standard", "substandard"]) if outcome == "approve" else "n/a"
+        rules = [f"{lob[0].upper()}-{k}" for k in sorted(rng.sample(range(1, 11), rng.randint(1, 3)))]
+        conditions = rng.sample(CONDITIONS, rng.randint(0, 2)) if outcome == "approve" else []
+        sentence = f"{outcome.capitalize()}." + (f" Condition: {'; '.join(conditions)}." if conditions else "")
+        reference = f"Facts: case {i}.\n{sentence}\n{format_decision_line(outcome, risk_class, rules)}"
+        asks = [rng.sample(list(ASK_NAMES), rng.randint(1, 2)) for _ in range(rng.randint(0, 2))]
+        messages = [{"role": "system", "content": "You are an underwriting assistant."}]
+        messages.append({"role": "user", "content": f"Case {i}."})
+        for turn, facts in enumerate(asks, start=1):
+            ask = "I need " + " and ".join(ASK_NAMES[f] for f in facts) + "."
+            messages.append({"role": "assistant", "content": ask})
+            messages.append({"role": "user", "content": f"Answer {turn}."})
+            other = ASK_NAMES[rng.choice(list(ASK_NAMES))] if (kind := rng.randrange(5)) in (1, 4) else ""
+            ask_replies[(f"case-{i:03d}", turn)] = [
+                ask,  # exactly right
+                f"Please send {ASK_NAMES[facts[0]]} and {other}.",  # the first, and one at random
+                format_decision_line("approve", "standard", [rules[0]]),  # decides too early
+                "Thanks.",  # asks nothing
+                f"Got it. And {other}?",  # one at random
+            ][kind]
+        messages.append({"role": "assistant", "content": reference})
+        decision = {"outcome": outcome, "risk_class": risk_class, "rules": rules, "conditions": conditions}
+        record = {"id": f"case-{i:03d}", "line_of_business": lob, "messages": messages, "decision": decision}
+        if asks:
+            record["ask_facts"] = asks
+        if fallback and (i % 11 == 10 or i == 21):
+            del record["decision"]
+        if fallback and i == 21:
+            messages[-1]["content"] = "Refer to a senior underwriter."  # no decision line either
+        if i == 33:
+            del record["line_of_business"]
+        records.append(record)
+        kind, reply = i % 7, reference  # kind 0: the reference itself
+        if kind == 1:  # the wrong outcome
+            other = rng.choice([o for o in ("approve", "refer", "decline") if o != outcome])
+            reply = f"{other}.\n" + format_decision_line(other, "standard" if other == "approve" else "n/a", rules)
+        elif kind == 2:
+            reply = "I still need the BMI and smoking status."  # asks instead of deciding
+        elif kind == 3:  # lenient format, one extra rule
+            cited = ", ".join(r.lower() for r in [*rules, f"{lob[0]}-{rng.randint(11, 14)}"])
+            reply = f"{sentence}\ndecision : {outcome.upper()}|class: {risk_class.upper()}|rules: {cited}."
+        elif kind == 4:  # right outcome and class, the first rule only
+            reply = f"{outcome.capitalize()}.\n" + format_decision_line(outcome, risk_class, rules[:1])
+        elif kind == 5:
+            reply = "Sorry, I cannot help with that."
+        elif kind == 6:  # approves with one condition, cites the last rule
+            line = format_decision_line("approve", "preferred", rules[-1:])
+            reply = f"{sentence} Subject to: {rng.choice(CONDITIONS)}.\n{line}"
+        replies.append(reply)
+    return records, replies, ask_replies
+
+
+@pytest.mark.parametrize("fallback", [True, False], ids=["fallback", "stored"])
+def test_task_metrics_equal_those_before_the_task_module(fallback):
+    """evaluate_replies + evaluate_extra_replies give exactly the dicts evaluate.py computed before (the
+    decision metrics of common/metrics.py on evaluate.py's reference decisions, ask_metrics on its asking turns)"""
+    records, replies, ask_replies = known_cases(fallback=fallback)
+    result = evaluate_replies(replies, records, 300, 7)
+    prompts = extra_prompts(records)
+    result |= evaluate_extra_replies([ask_replies[p["id"], p["turn"]] for p in prompts], prompts, 300, 7)
+    assert result == BEFORE["known_cases"]["fallback" if fallback else "stored"]
+    assert result["decision"]["overall"]["n"] == (47 if fallback else 48) and result["asks"]["n_turns"] == 42
+    assert ("condition_accuracy" in result["decision"]["overall"]) == (not fallback)
+
+
+def test_extra_prompts_and_prediction_fields():
+    records, replies, _ = known_cases(n=12)
+    prompts = extra_prompts(records)
+    turns = {r["id"]: len(r.get("ask_facts", [])) for r in records}
+    assert [(p["id"], p["turn"]) for p in prompts] == [(i, t) for i, n in turns.items() for t in range(1, n + 1)]
+    for prompt in prompts:  # the conversation up to the asking turn, which asks for exactly the expected facts
+        record = next(r for r in records if r["id"] == prompt["id"])
+        asked = record["messages"][len(prompt["messages"])]
+        assert asked["role"] == "assistant" and prompt["messages"][-1]["role"] == "user"
+        assert prompt["expected"] == record["ask_facts"][prompt["turn"] - 1]
+    fields = prediction_fields(records[10], {"base": replies[0], "finetuned": "no decision"})
+    assert fields["reference_decision"] == parse_decision_line(records[10]["messages"][-1]["content"])  # no stored one
+    assert fields["decision_base"] == parse_decision_line(replies[0]) and fields["decision_finetuned"] is None
+    assert fields["line_of_business"] == records[10]["line_of_business"]
+
+
+def test_report_lines_continue_the_main_table():
+    loss = {"mean": 1.0, "low": 0.9, "high": 1.1, "n": 4}
+    task = {k: v for k, v in decision_metrics(REPLIES, REFERENCES, ["a"] * 4).items() if k != "parsed"}
+    result = {"loss": loss, "perplexity": perplexity_from_loss_ci(loss), "decision": task}
+    result["outcome_accuracy_ci"] = {"low": 0.0, "high": 1.0}  # a metrics.json from before decision_ci
+    metrics = {
+        "adapter": "runs/x/best",
+        "model": "tiny",
+        "data_file": "t.jsonl",
+        "examples": 4,
+        "loss_examples": 4,
+        "generation_examples": 4,
+        "settings": {"max_new_tokens": 8, "dtype": "float32", "bootstrap": 10},
+        "models": {"base": result, "finetuned": result},
+        "comparison": {"loss_delta": {"mean": -0.2, "low": -0.3, "high": -0.1, "n": 4}, "perplexity_ratio": 0.8},
+    }
+    metrics["comparison"]["significant"] = True
+    lines = report_lines(metrics["models"], ["base", "finetuned"])
+    assert lines[1] == "| outcome accuracy | 0.500 [0.000, 1.000] | 0.500 [0.000, 1.000] | +0.000 |"
+    report = render_eval_report(metrics, (), lines).splitlines()
+    table = report.index("| perplexity | 2.718 [2.46, 3.004] | 2.718 [2.46, 3.004] | x0.800 |")
+    assert report[table + 1 : table + 7] == lines[:6]  # the decision rows continue the main table
+    assert report.index("| a | 4 | 0.750 / 0.750 | 0.500 / 0.500 | 0.500 / 0.500 | 0.667 / 0.667 |") > table
+    assert "| decline | 1 / 1 | 0 / 0 | 0 / 0 | 1 / 1 |" in report
+    single = report_lines({"finetuned": result}, ["finetuned"])
+    assert single[1] == "| outcome accuracy | 0.500 [0.000, 1.000] |"  # no difference column

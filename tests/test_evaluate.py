@@ -91,8 +91,8 @@ def test_predictions_and_report(evaluated):
 
 def test_asking_turns_are_generated_and_scored(evaluated):
     metrics, output_dir = evaluated
-    assert metrics["ask_turns"] == 4  # one asking turn in each of the 4 conversations
-    lines = [json.loads(line) for line in (output_dir / "ask_predictions.jsonl").read_text().splitlines()]
+    assert metrics["extra_prompts"] == 4  # one asking turn in each of the 4 conversations
+    lines = [json.loads(line) for line in (output_dir / "extra_predictions.jsonl").read_text().splitlines()]
     assert [(line["id"], line["turn"], line["expected"]) for line in lines] == [
         (f"toy-20{i}", 1, ["bmi"]) for i in range(4)
     ]
@@ -294,6 +294,11 @@ def test_metrics_of_known_replies(adapter_dir, tiny_model_dir, toy_data_dir, tmp
     )
     assert tuned["asks"]["n_turns"] == 4 and base["asks"]["early_decision_rate"] == 1.0
     assert base["asks"]["ask_recall"] == 0.0
+    # every task number, intervals and confusions included, exactly as evaluate.py computed it before
+    # data/task.py took the decision metrics over (tests/task_metrics_before.json)
+    before = json.loads((Path(__file__).parent / "task_metrics_before.json").read_text())["evaluate_known_replies"]
+    for name in ("base", "finetuned"):
+        assert {key: metrics["models"][name][key] for key in before[name]} == before[name]
     lines = [json.loads(line) for line in (tmp_path / "predictions.jsonl").read_text().splitlines()]
     assert [line["generated_finetuned"] for line in lines] == list(FINETUNED_FINAL.values())
     assert lines[3]["decision_finetuned"]["outcome"] == "refer" and lines[2]["decision_finetuned"] is None

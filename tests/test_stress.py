@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from common.decision import FACT_ASK_NAMES, parse_asked_facts, parse_conditions, parse_decision_line
 from data import generate, rulebook
+from data.task import FACT_ASK_NAMES, parse_asked_facts, parse_conditions, parse_decision_line
 
 DATA_DIR = Path(__file__).resolve().parents[1] / "data"
 STRESS_FILE = DATA_DIR / "stress.jsonl"

@@ -14,8 +14,8 @@ import torch
 from safetensors.torch import load_file
 
 import train
-from common.decision import parse_decision_line
 from common.precision import cpu_bf16_supported
+from data.task import parse_decision_line
 from tests.conftest import REPO, make_conversation, write_jsonl
 from tests.faults import inject_faults
 
