@@ -415,17 +415,17 @@ def check_task_learned(evals: list[dict], baseline: dict | None) -> dict:
 
     train.py logs `sample_n` and `sample_<key>`, the mean of each key of the task module's
     `score_reply` over the sample replies of every validation. Validation loss can fall for a long
-    time while every reply still scores 0: that is the failure flagged here. The underwriting keys
-    (data/task.py: `parse_rate`, `outcome_accuracy`) are judged on those two, any other task on all its keys.
+    time while every reply still scores 0: that is the failure flagged here. data/task.py's keys
+    (`parse_rate`, `outcome_accuracy`) are judged on those two, any other task on all its keys.
 
     Args:
         evals: the non-baseline evaluation records, in order.
         baseline: the step-0 evaluation record, or None.
 
     Returns:
-        {"verdict", "reason", and "last_parse_rate", "last_outcome_accuracy" (underwriting) or
+        {"verdict", "reason", and "last_parse_rate", "last_outcome_accuracy" (data/task.py) or
         "last_scores" ({key: mean}, another task)}; verdicts: "decisions learned" | "loss falling but
-        no decision learned" (underwriting), "task learned" | "loss falling but task not learned"
+        no decision learned" (data/task.py), "task learned" | "loss falling but task not learned"
         (another task), "partly learned", "not scored".
     """
     scored = [e for e in evals if e.get("sample_n") and _sample_scores(e)]
