@@ -34,6 +34,7 @@ DEMO_STAGES := \
 	"data/generate.py" \
 	"train.py --run-name demo --output-dir runs/demo --overwrite $(DEMO_RECIPE)" \
 	"evaluate.py --adapter runs/demo/best --split test" \
+	"evaluate.py --adapter runs/demo/best --data-file data/stress.jsonl --output-dir runs/demo/eval-stress" \
 	"evaluate.py --report runs/demo" \
 	"export.py --run runs/demo --version 1.0 --force" \
 	"merge_and_load.py --adapter exports/demo-v1.0 --output merged/demo --force"

@@ -14,7 +14,7 @@ examples: with the adapter, and inside `model.disable_adapter()` (the untouched 
   prefill, the adapter is merged while it runs), ROUGE-1/2/L against the reference reply
 - the task's own metrics from the task module (`--task`, default data/task.py, see docs/task.md):
   data/task.py scores each reply's decision line (per line of business, with confusion matrices)
-  and the asking turns it adds as extra prompts
+  and the asking turns it adds as extra prompts, and counts the turns that ask again for a given fact
 It writes metrics.json, predictions.jsonl (one line per example: reference and both replies),
 extra_predictions.jsonl (the replies to the task's extra prompts) and report.md (the comparison
 table). The base model's outputs are cached (common/eval_cache.py, keyed by the base model's files,
@@ -237,8 +237,8 @@ def score_model(outputs: dict, targets: dict, indices: np.ndarray, task: ModuleT
         outputs: the model's `run_model` outputs (per-example losses, replies, extra replies).
         targets: from `generation_targets`.
         indices: shared `bootstrap_indices`, so both models are resampled identically.
-        task: the task module; its `evaluate_replies` (else `mean_scores`) and `evaluate_extra_replies`
-            get `args.bootstrap` resamples seeded with `args.seed`, the same for both models: paired.
+        task: the task module; its `evaluate_replies` (with the extra replies, when generated), else
+            `mean_scores`, gets `args.bootstrap` resamples seeded with `args.seed`, the same for both models: paired.
 
     Returns:
         {"loss", "perplexity", "trained_tokens", "rouge", and the task's keys (docs/task.md)}.
@@ -248,11 +248,10 @@ def score_model(outputs: dict, targets: dict, indices: np.ndarray, task: ModuleT
     if outputs["replies"]:
         result["rouge"] = rouge_scores(outputs["replies"], targets["references"])
     if hasattr(task, "evaluate_replies"):
-        result |= task.evaluate_replies(outputs["replies"], targets["chats"], args.bootstrap, args.seed)
+        extra = {"extra_replies": outputs["extra_replies"]} if targets["extras"] else {}
+        result |= task.evaluate_replies(outputs["replies"], targets["chats"], args.bootstrap, args.seed, **extra)
     else:
         result |= mean_scores(task, outputs["replies"], targets["chats"], args.bootstrap, args.seed)
-    if targets["extras"]:
-        result |= task.evaluate_extra_replies(outputs["extra_replies"], targets["extras"], args.bootstrap, args.seed)
     return result
 
 

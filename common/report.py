@@ -41,6 +41,7 @@ THRESHOLDS = {
     "dead_adapter": 1e-3,
     "task_parse_rate": 0.8,
     "task_outcome_accuracy": 0.6,
+    "task_score": 0.6,
     "min_steps": 10,
 }
 THRESHOLD_NOTES = {
@@ -61,6 +62,7 @@ THRESHOLD_NOTES = {
     "dead_adapter": "dead if a LoRA matrix's median grad norm is below this fraction of the median of all",
     "task_parse_rate": "'decisions learned' needs at least this share of the last sample replies to parse ...",
     "task_outcome_accuracy": "... and at least this share to have the right outcome (else 'partly learned')",
+    "task_score": "another task: 'task learned' needs every sample score's mean at least this (else 'partly learned')",
     "min_steps": "fewer logged steps than this give no convergence verdict",
 }
 
@@ -411,37 +413,56 @@ def compare_with_baseline(baseline: dict | None, evals: list[dict]) -> dict | No
 def check_task_learned(evals: list[dict], baseline: dict | None) -> dict:
     """Did the run learn the task, not only the language? Judged on the scored sample replies.
 
-    train.py scores the sample replies of every validation with the task module (`sample_parse_rate`,
-    `sample_outcome_accuracy` from data/task.py's `score_reply`). Validation loss can fall for a
-    long time while the model still writes no decision at all: that is the failure flagged here.
+    train.py logs `sample_n` and `sample_<key>`, the mean of each key of the task module's
+    `score_reply` over the sample replies of every validation. Validation loss can fall for a long
+    time while every reply still scores 0: that is the failure flagged here. data/task.py's keys
+    (`parse_rate`, `outcome_accuracy`) are judged on those two, any other task on all its keys.
 
     Args:
         evals: the non-baseline evaluation records, in order.
         baseline: the step-0 evaluation record, or None.
 
     Returns:
-        {"verdict": "decisions learned" | "loss falling but no decision learned" | "partly learned" |
-         "not scored", "reason", "last_parse_rate", "last_outcome_accuracy"}.
+        {"verdict", "reason", and "last_parse_rate", "last_outcome_accuracy" (data/task.py) or
+        "last_scores" ({key: mean}, another task)}; verdicts: "decisions learned" | "loss falling but
+        no decision learned" (data/task.py), "task learned" | "loss falling but task not learned"
+        (another task), "partly learned", "not scored".
     """
-    scored = [e for e in evals if e.get("sample_parse_rate") is not None]
+    scored = [e for e in evals if e.get("sample_n") and _sample_scores(e)]
     if not scored:
         return {"verdict": "not scored", "reason": "no scored sample replies in eval_log.jsonl (--num-samples 0?)"}
     last = scored[-1]
-    parse, accuracy = last["sample_parse_rate"], last["sample_outcome_accuracy"]
+    scores = _sample_scores(last)
     first_loss = (baseline or scored[0]).get("val_loss", float("nan"))
     loss_fell = math.isfinite(first_loss) and last.get("val_loss", float("nan")) < first_loss
-    numbers = (
-        f"last validation (step {last['step']}): {parse:.0%} of {last['sample_n']} sample replies parse, "
-        f"{accuracy:.0%} have the right outcome"
-    )
-    if parse == 0 and loss_fell:
-        verdict = "loss falling but no decision learned"
-        numbers += f"; validation loss fell {first_loss:.3f} -> {last['val_loss']:.3f}"
-    elif parse >= THRESHOLDS["task_parse_rate"] and accuracy >= THRESHOLDS["task_outcome_accuracy"]:
-        verdict = "decisions learned"
+    fell = f"; validation loss fell {first_loss:.3f} -> {last.get('val_loss', float('nan')):.3f}"
+    if {"parse_rate", "outcome_accuracy"} <= scores.keys():
+        parse, accuracy = scores["parse_rate"], scores["outcome_accuracy"]
+        numbers = (
+            f"last validation (step {last['step']}): {parse:.0%} of {last['sample_n']} sample replies parse, "
+            f"{accuracy:.0%} have the right outcome"
+        )
+        if parse == 0 and loss_fell:
+            verdict, numbers = "loss falling but no decision learned", numbers + fell
+        elif parse >= THRESHOLDS["task_parse_rate"] and accuracy >= THRESHOLDS["task_outcome_accuracy"]:
+            verdict = "decisions learned"
+        else:
+            verdict = "partly learned"
+        return {"verdict": verdict, "reason": numbers, "last_parse_rate": parse, "last_outcome_accuracy": accuracy}
+    listed = ", ".join(f"{key} {value:.0%}" for key, value in scores.items())
+    numbers = f"last validation (step {last['step']}): mean scores of {last['sample_n']} sample replies: {listed}"
+    if max(scores.values()) == 0 and loss_fell:
+        verdict, numbers = "loss falling but task not learned", numbers + fell
+    elif min(scores.values()) >= THRESHOLDS["task_score"]:
+        verdict = "task learned"
     else:
         verdict = "partly learned"
-    return {"verdict": verdict, "reason": numbers, "last_parse_rate": parse, "last_outcome_accuracy": accuracy}
+    return {"verdict": verdict, "reason": numbers, "last_scores": scores}
+
+
+def _sample_scores(record: dict) -> dict[str, float]:
+    """The task scores train.py logged in one evaluation record: {key: mean} of its `sample_<key>` entries."""
+    return {k[len("sample_") :]: v for k, v in record.items() if k.startswith("sample_") and k != "sample_n"}
 
 
 def recommend_next_steps(analysis: dict) -> tuple[list[str], list[str]]:
@@ -496,14 +517,15 @@ def recommend_next_steps(analysis: dict) -> tuple[list[str], list[str]]:
             "the gain over the base is within the validation noise: evaluate on more examples before trusting it"
         )
     task = analysis.get("task", {})
-    if task.get("verdict") == "loss falling but no decision learned":
-        failures.append(f"loss falling but no decision learned: {task['reason']}")
+    if task.get("verdict", "").startswith("loss falling but"):
+        failures.append(f"{task['verdict']}: {task['reason']}")
         tips.append(
             "the model learns the language but not the task: raise the learning rate or the number of updates, "
             "target all-linear modules, and check that the final replies are trained (see samples/)"
         )
     elif task.get("verdict") == "partly learned":
-        tips.append(f"decisions only partly learned ({task['reason']}): evaluate.py on the validation split tells more")
+        what = "task scores" if "last_scores" in task else "decisions"
+        tips.append(f"{what} only partly learned ({task['reason']}): evaluate.py on the validation split tells more")
     if not tips:
         tips.append("no change needed: the run converged cleanly; keep the best checkpoint")
     return tips, failures
@@ -715,7 +737,8 @@ def render_report(analysis: dict, plots: dict[str, Path]) -> str:
         f"| gradients | **{grad['verdict']}** | {grad['reason']} |",
         f"| dead adapters | **{len(dead['dead'])}** | threshold {_fmt(dead['threshold'])} "
         f"(1e-3 x median {_fmt(dead['reference_median'])}) |",
-        f"| task (sample decisions) | **{analysis['task']['verdict']}** | {analysis['task']['reason']} |",
+        f"| task (sample {'scores' if 'last_scores' in analysis['task'] else 'decisions'}) | "
+        f"**{analysis['task']['verdict']}** | {analysis['task']['reason']} |",
     ]
     if base is not None:
         noise = "" if base["val_loss_ci95"] is None else f", validation noise ±{base['val_loss_ci95']:.4f}"

@@ -986,7 +986,7 @@ One JSON object per line: `id`, `line_of_business`, `profile_id` (hash of the fa
 `phrasing_family`, `facts` (every fact the rulebook reads), `messages` (system, then alternating
 user/assistant, ending with the assistant), `decision` (`outcome`, `risk_class`, `rules`,
 `conditions`), and `ask_facts`: for each asking assistant turn, the facts (keys of `facts`) still
-missing there, which that turn asks for by the names in `common/decision.py::FACT_ASK_NAMES`
+missing there, which that turn asks for by the names in `data/task.py::FACT_ASK_NAMES`
 (evaluate.py scores generated asking turns against it). `rulebook.decide(line_of_business, facts)
 == decision` for every record.
 

@@ -4,9 +4,9 @@ train.py and evaluate.py load this file with `--task` (default data/task.py) and
 interface of docs/task.md; everything underwriting-specific lives here (and in data/rulebook.py):
 
     score_reply(reply, record)          train.py's sample scores: parse rate, outcome accuracy
-    evaluate_replies(replies, records, n_resamples, seed)     decision metrics with 95% intervals
     extra_prompts(records)              the asking turns, with the facts each should ask for
-    evaluate_extra_replies(replies, prompts, n_resamples, seed)   the asking-turn metrics
+    evaluate_replies(replies, records, n_resamples, seed, extra_replies)   decision metrics, asking
+                                        turns, facts asked again, with 95% intervals
     prediction_fields(record, replies)  predictions.jsonl columns: the reference and parsed decisions
     report_lines(results, names)        report.md rows and sections: decisions, asking turns, confusions
 
@@ -21,7 +21,9 @@ spacing, the last matching line wins):
 Scoring conventions: an unparsable reply counts as wrong for the accuracies and as citing no rule
 (so silence never scores well); rule F1 is micro-averaged over all examples; where the references
 carry approval conditions, the condition accuracy is over the reference approvals (the reply
-approves and names exactly the rulebook's conditions, "Condition: ..." in its outcome sentence).
+approves and names exactly the rulebook's conditions, "Condition: ..." in its outcome sentence);
+a turn asks again when its reply names a fact given before it (the record's `facts` less those its
+`ask_facts` still list as missing there), a decision reply included.
 """
 
 from __future__ import annotations
@@ -166,6 +168,26 @@ def reference_decision(record: dict) -> dict | None:
     return parse_decision_line([m for m in record["messages"] if m["role"] == "assistant"][-1]["content"])
 
 
+def _asking_turns(record: dict) -> list[tuple[int, list[str]]]:
+    """(message index, facts still missing) of each intermediate assistant turn of a record with `ask_facts`."""
+    asks = record.get("ask_facts")
+    if not isinstance(asks, list):
+        return []
+    return list(zip([i for i, m in enumerate(record["messages"]) if m["role"] == "assistant"][:-1], asks))
+
+
+def given_facts(record: dict) -> list[set[str]] | None:
+    """The fact keys given before each asking turn, then before the final turn (all of the record's `facts`).
+
+    None when the record does not say: no `facts` dict, or not one `ask_facts` list per asking turn.
+    """
+    facts, asks = record.get("facts"), record.get("ask_facts")
+    n_asking = sum(m["role"] == "assistant" for m in record["messages"]) - 1
+    if not isinstance(facts, dict) or not isinstance(asks, list) or len(asks) != n_asking:
+        return None
+    return [set(facts) - set(missing) for missing in asks] + [set(facts)]
+
+
 # --- the task interface (docs/task.md) ---
 def score_reply(reply: str, record: dict) -> dict[str, float] | None:
     """Whether the reply's DECISION line parses and names the reference outcome (None: no reference)."""
@@ -179,13 +201,51 @@ def score_reply(reply: str, record: dict) -> dict[str, float] | None:
     }
 
 
-def evaluate_replies(replies: Sequence[str], records: Sequence[dict], n_resamples: int, seed: int) -> dict:
-    """One model's decision metrics over the records with a reference decision (the others are left out).
+def extra_prompts(records: Sequence[dict]) -> list[dict]:
+    """The asking turns: per intermediate assistant turn of a record with `ask_facts`, the conversation before it.
 
     Returns:
-        {} when no record has a reference decision, else {"decision": `decision_metrics` without
-        "parsed", "decision_ci": `decision_intervals`, "outcome_accuracy_ci", "asks_at_decision_rate"}.
+        [{"id", "turn" (1, 2, ...), "expected": the fact keys still missing there, "messages"}, ...].
     """
+    prompts = []
+    for record in records:
+        for number, (index, facts) in enumerate(_asking_turns(record), start=1):
+            record_id = record.get("id", record.get("_line"))
+            prompts.append(
+                {"id": record_id, "turn": number, "expected": list(facts), "messages": record["messages"][:index]}
+            )
+    return prompts
+
+
+def evaluate_replies(
+    replies: Sequence[str], records: Sequence[dict], n_resamples: int, seed: int, extra_replies: Sequence[str] = ()
+) -> dict:
+    """One model's metrics: decisions of the final replies, the asking turns, facts asked again.
+
+    Args:
+        extra_replies: the replies to `extra_prompts(records)`, in order; empty when they were not generated.
+
+    Returns:
+        "decision": `decision_metrics` without "parsed", "decision_ci": `decision_intervals`,
+        "outcome_accuracy_ci", "asks_at_decision_rate" over the records with a reference decision
+        (the others are left out; no keys when none has one); "asks": `ask_metrics` of the asking
+        turns (with `extra_replies`); "asks_again": `asks_again_metrics` (when a record can be scored).
+
+    Raises:
+        ValueError: `extra_replies` is not empty and not aligned with `extra_prompts(records)`.
+    """
+    prompts = extra_prompts(records) if len(extra_replies) else []
+    if len(extra_replies) != len(prompts):
+        raise ValueError(f"{len(extra_replies)} extra replies for {len(prompts)} extra prompts")
+    result = _decision_results(replies, records, n_resamples, seed)
+    if prompts:
+        result["asks"] = ask_metrics(extra_replies, [p["expected"] for p in prompts], n_resamples, seed)
+    again = asks_again_metrics(replies, records, extra_replies, n_resamples, seed)
+    return result | ({"asks_again": again} if again else {})
+
+
+def _decision_results(replies: Sequence[str], records: Sequence[dict], n_resamples: int, seed: int) -> dict:
+    """The decision keys of `evaluate_replies` ({} when no record has a reference decision)."""
     references = [reference_decision(r) for r in records]
     scored = [i for i, decision in enumerate(references) if decision is not None]
     if not scored:
@@ -203,31 +263,6 @@ def evaluate_replies(replies: Sequence[str], records: Sequence[dict], n_resample
     }
 
 
-def extra_prompts(records: Sequence[dict]) -> list[dict]:
-    """The asking turns: per intermediate assistant turn of a record with `ask_facts`, the conversation before it.
-
-    Returns:
-        [{"id", "turn" (1, 2, ...), "expected": the fact keys still missing there, "messages"}, ...].
-    """
-    prompts = []
-    for record in records:
-        asks = record.get("ask_facts")
-        if not isinstance(asks, list):
-            continue
-        turns = [i for i, m in enumerate(record["messages"]) if m["role"] == "assistant"][:-1]
-        for number, (index, facts) in enumerate(zip(turns, asks), start=1):
-            record_id = record.get("id", record.get("_line"))
-            prompts.append(
-                {"id": record_id, "turn": number, "expected": list(facts), "messages": record["messages"][:index]}
-            )
-    return prompts
-
-
-def evaluate_extra_replies(replies: Sequence[str], prompts: Sequence[dict], n_resamples: int, seed: int) -> dict:
-    """{"asks": `ask_metrics`} of one model's replies to the asking turns of `extra_prompts`."""
-    return {"asks": ask_metrics(replies, [p["expected"] for p in prompts], n_resamples, seed)}
-
-
 def prediction_fields(record: dict, replies: dict[str, str]) -> dict:
     """predictions.jsonl columns: line of business, reference decision, each model's parsed decision."""
     fields = {
@@ -238,8 +273,8 @@ def prediction_fields(record: dict, replies: dict[str, str]) -> dict:
 
 
 def report_lines(results: dict, names: list[str]) -> list[str]:
-    """report.md: decision rows of the main table, then the asking-turn table, per line of business, confusions."""
-    lines = _decision_rows(results, names) + _asking_turn_lines(results, names)
+    """report.md: decision and asking-again rows of the main table, asking turns, per line of business, confusions."""
+    lines = _decision_rows(results, names) + _asks_again_rows(results, names) + _asking_turn_lines(results, names)
     decision = {n: results[n].get("decision") for n in names}
     if all(decision.values()):
         lines += _line_of_business_lines(decision, names)
@@ -452,6 +487,52 @@ def asks_at_decision_rate(generated: Sequence[str]) -> float:
     return sum(asking) / len(asking) if asking else 0.0
 
 
+def asks_again_metrics(
+    generated: Sequence[str],
+    records: Sequence[dict],
+    extra_replies: Sequence[str] = (),
+    n_resamples: int = 1000,
+    seed: int = 0,
+) -> dict:
+    """Share of final and asking turns whose reply asks for a fact the conversation already gave (`given_facts`).
+
+    Asked facts are read with `parse_asked_facts`. Records `given_facts` cannot score are left out.
+    The interval resamples conversations (asked-again turns over turns, `bootstrap_ratio_ci`).
+
+    Args:
+        generated: the final replies, aligned with `records`.
+        extra_replies: the replies to `extra_prompts(records)` in order; empty: the final turns only.
+
+    Returns:
+        {"n_conversations" (= final turns), "n_asking_turns", "rate", "rate_ci", "final_rate",
+        "asking_rate" (None without asking turns)}; {} when no record is scored.
+    """
+    extras = iter(extra_replies)
+    final, asking = [], []  # per scored conversation: asked-again hits of its final turn / of its asking turns
+    for reply, record in zip(generated, records):
+        ask_replies = [next(extras) for _ in _asking_turns(record)] if len(extra_replies) else []
+        given = given_facts(record)
+        if given is None:
+            continue
+        final.append(float(bool(parse_asked_facts(reply) & given[-1])))
+        asking.append([float(bool(parse_asked_facts(r) & g)) for r, g in zip(ask_replies, given)])
+    if not final:
+        return {}
+    hits = [f + sum(a) for f, a in zip(final, asking)]
+    interval = bootstrap_ratio_ci(
+        hits, [1.0 + len(a) for a in asking], indices=bootstrap_indices(len(final), n_resamples, seed)
+    )
+    n_asking = sum(len(a) for a in asking)
+    return {
+        "n_conversations": len(final),
+        "n_asking_turns": n_asking,
+        "rate": interval["mean"],
+        "rate_ci": interval,
+        "final_rate": sum(final) / len(final),
+        "asking_rate": sum(map(sum, asking)) / n_asking if n_asking else None,
+    }
+
+
 # --- report.md ---
 def _delta(values: list[float], names: list[str]) -> str | None:
     """The finetuned - base cell when two models are compared (None: no difference column)."""
@@ -476,6 +557,17 @@ def _decision_rows(results: dict, names: list[str]) -> list[str]:
         values = [results[n]["asks_at_decision_rate"] for n in names]
         lines.append(table_row("decision turn asks again instead", [f"{v:.3f}" for v in values], _delta(values, names)))
     return lines
+
+
+def _asks_again_rows(results: dict, names: list[str]) -> list[str]:
+    """The main-table row of `asks_again_metrics`, when every model has it."""
+    again = [results[n].get("asks_again") for n in names]
+    if not all(again):
+        return []
+    turns = "final and asking turns" if again[0]["n_asking_turns"] else "final turns"
+    values = [a["rate"] for a in again]
+    cells = [value_with_interval(a["rate"], a["rate_ci"]) for a in again]
+    return [table_row(f"asks again for a given fact ({turns})", cells, _delta(values, names))]
 
 
 def _asking_turn_lines(results: dict, names: list[str]) -> list[str]:

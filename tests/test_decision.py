@@ -16,15 +16,17 @@ from hypothesis import strategies as st
 
 from common.metrics import bootstrap_indices, bootstrap_ratio_ci, perplexity_from_loss_ci, render_eval_report
 from data.task import (
+    FACT_ASK_NAMES,
     ask_metrics,
+    asks_again_metrics,
     asks_at_decision_rate,
     confusion_matrix,
     decision_intervals,
     decision_metrics,
-    evaluate_extra_replies,
     evaluate_replies,
     extra_prompts,
     format_decision_line,
+    given_facts,
     parse_decision_line,
     prediction_fields,
     report_lines,
@@ -359,12 +361,12 @@ def known_cases(n: int = 48, seed: int = 28, fallback: bool = True) -> tuple[lis
 
 @pytest.mark.parametrize("fallback", [True, False], ids=["fallback", "stored"])
 def test_task_metrics_equal_those_before_the_task_module(fallback):
-    """evaluate_replies + evaluate_extra_replies give exactly the dicts evaluate.py computed before (the
-    decision metrics of common/metrics.py on evaluate.py's reference decisions, ask_metrics on its asking turns)"""
+    """evaluate_replies gives exactly the dicts evaluate.py computed before (the decision metrics of
+    common/metrics.py on evaluate.py's reference decisions, ask_metrics on its asking turns); the records
+    carry no `facts`, so nothing is scored for asking again"""
     records, replies, ask_replies = known_cases(fallback=fallback)
-    result = evaluate_replies(replies, records, 300, 7)
-    prompts = extra_prompts(records)
-    result |= evaluate_extra_replies([ask_replies[p["id"], p["turn"]] for p in prompts], prompts, 300, 7)
+    extra = [ask_replies[p["id"], p["turn"]] for p in extra_prompts(records)]
+    result = evaluate_replies(replies, records, 300, 7, extra_replies=extra)
     assert result == BEFORE["known_cases"]["fallback" if fallback else "stored"]
     assert result["decision"]["overall"]["n"] == (47 if fallback else 48) and result["asks"]["n_turns"] == 42
     assert ("condition_accuracy" in result["decision"]["overall"]) == (not fallback)
@@ -412,3 +414,101 @@ def test_report_lines_continue_the_main_table():
     assert "| decline | 1 / 1 | 0 / 0 | 0 / 0 | 1 / 1 |" in report
     single = report_lines({"finetuned": result}, ["finetuned"])
     assert single[1] == "| outcome accuracy | 0.500 [0.000, 1.000] |"  # no difference column
+
+
+# --- asking again for a fact the conversation already gave ---
+def conversation(lob: str, facts: dict, asks: list[list[str]], n_asking: int | None = None) -> dict:
+    """A record with `facts`, `ask_facts` and `n_asking` asking turns (default: one per `ask_facts` entry)."""
+    messages = [{"role": "system", "content": "s"}, {"role": "user", "content": "submission"}]
+    for turn in range(len(asks) if n_asking is None else n_asking):
+        messages += [{"role": "assistant", "content": f"ask {turn}"}, {"role": "user", "content": "answer"}]
+    messages.append({"role": "assistant", "content": "DECISION: refer | CLASS: n/a | RULES: L-1"})
+    return {"line_of_business": lob, "facts": facts, "ask_facts": asks, "messages": messages}
+
+
+LIFE = dict.fromkeys(["age", "face_amount", "bmi", "smoker", "medical_history", "occupation"], 1)
+HOME = dict.fromkeys(["construction", "roof_age", "fire_station_miles", "hydrant_feet", "prior_claims"], 1)
+HOME |= dict.fromkeys(["wind_zone", "dwelling_value"], 1)
+BUSINESS = dict.fromkeys(["occupancy", "sprinklered", "building_age", "wiring_updated", "tiv", "prior_losses"], 1)
+AGAIN_RECORDS = [
+    conversation("term_life", LIFE, [["bmi", "occupation"], ["occupation"]]),  # A: 2 asking turns
+    conversation("homeowners", HOME, [["roof_age"]]),  # B: 1 asking turn
+    conversation("term_life", LIFE, [["bmi"]]) | {"facts": None},  # C: no facts: not scored
+    conversation("term_life", LIFE, [["bmi"]], n_asking=2),  # D: an asking turn without ask_facts: not scored
+    conversation("small_business_property", BUSINESS, []),  # E: decided at once
+]
+AGAIN_FINAL = [
+    "Facts: ...\nDECISION: approve | CLASS: standard | RULES: L-1\nCould you confirm smoking status?",  # A: again
+    "DECISION: refer | CLASS: n/a | RULES: H-2",  # B: asks nothing
+    "I still need the applicant's age.",  # C (not scored)
+    "I still need the BMI.",  # D (not scored)
+    "Before I decide: the 5-year loss count?",  # E: given in the submission: again
+]
+AGAIN_ASKING = [
+    "I need the BMI and the occupation.",  # A turn 1: exactly the missing facts
+    "Thanks. And the BMI and the occupation?",  # A turn 2: the BMI came in the answer to turn 1: again
+    "Please send the roof age and the building age.",  # B: the building age is no homeowners fact: not again
+    "What is the applicant's age?",  # C (not scored)
+    "What is the BMI?",  # D's one prompt (not scored)
+]
+
+
+def test_given_facts_follow_the_ask_facts():
+    given = given_facts(AGAIN_RECORDS[0])
+    assert given == [set(LIFE) - {"bmi", "occupation"}, set(LIFE) - {"occupation"}, set(LIFE)]
+    assert given_facts(AGAIN_RECORDS[4]) == [set(BUSINESS)]
+    assert given_facts(AGAIN_RECORDS[2]) is None and given_facts(AGAIN_RECORDS[3]) is None
+    assert given_facts({"facts": LIFE, "messages": AGAIN_RECORDS[0]["messages"]}) is None  # no ask_facts
+
+
+def test_asks_again_counts_replies_that_ask_for_a_given_fact():
+    """Scored A, B, E: A's final (a decision that also asks) and second asking turn, E's final: 3 of 6 turns"""
+    assert len(extra_prompts(AGAIN_RECORDS)) == len(AGAIN_ASKING)
+    result = asks_again_metrics(AGAIN_FINAL, AGAIN_RECORDS, AGAIN_ASKING, n_resamples=300)
+    assert {k: v for k, v in result.items() if k != "rate_ci"} == {
+        "n_conversations": 3,
+        "n_asking_turns": 3,
+        "rate": 0.5,
+        "final_rate": pytest.approx(2 / 3),
+        "asking_rate": pytest.approx(1 / 3),
+    }
+    ci = result["rate_ci"]
+    assert ci["n"] == 3 and ci["low"] <= 0.5 <= ci["high"] and ci["low"] < ci["high"]  # resamples conversations
+    final_only = asks_again_metrics(AGAIN_FINAL, AGAIN_RECORDS, n_resamples=300)
+    assert final_only["rate"] == pytest.approx(2 / 3) and final_only["n_asking_turns"] == 0
+    assert final_only["asking_rate"] is None
+    assert asks_again_metrics(AGAIN_FINAL[2:4], AGAIN_RECORDS[2:4], AGAIN_ASKING[3:]) == {}  # nothing to score
+    merged = evaluate_replies(AGAIN_FINAL, AGAIN_RECORDS, 300, 0, extra_replies=AGAIN_ASKING)
+    assert merged["asks_again"] == asks_again_metrics(AGAIN_FINAL, AGAIN_RECORDS, AGAIN_ASKING, 300, 0)
+    assert merged["asks"]["n_turns"] == 5
+    with pytest.raises(ValueError, match="4 extra replies for 5 extra prompts"):
+        evaluate_replies(AGAIN_FINAL, AGAIN_RECORDS, 300, 0, extra_replies=AGAIN_ASKING[:4])
+
+
+@pytest.mark.parametrize("split", ["stress", "test"])
+def test_reference_turns_never_ask_again(split):
+    """On the dataset's own turns every conversation is scored; the references ask again nowhere, a reply
+    naming every fact everywhere (each conversation's first turn gives at least two facts)"""
+    records = [json.loads(line) for line in (Path(__file__).parents[1] / "data" / f"{split}.jsonl").open()]
+    assistant = [[m["content"] for m in r["messages"] if m["role"] == "assistant"] for r in records]
+    final, asking = [turns[-1] for turns in assistant], [t for turns in assistant for t in turns[:-1]]
+    result = asks_again_metrics(final, records, asking, n_resamples=50)
+    assert result["n_conversations"] == len(records)
+    assert result["n_asking_turns"] == sum(len(r["ask_facts"]) for r in records) == len(extra_prompts(records))
+    assert result["rate"] == 0.0
+    everything = "Please send " + ", ".join(FACT_ASK_NAMES.values()) + "."
+    assert asks_again_metrics([everything] * len(final), records, [everything] * len(asking), 50)["rate"] == 1.0
+
+
+def test_report_row_of_asking_again():
+    results = {
+        name: {"asks_again": asks_again_metrics(final, AGAIN_RECORDS, AGAIN_ASKING, n_resamples=300)}
+        for name, final in [("base", ["Thanks."] * 5), ("finetuned", AGAIN_FINAL)]
+    }
+    lines = report_lines(results, ["base", "finetuned"])
+    base, tuned = results["base"]["asks_again"], results["finetuned"]["asks_again"]
+    assert base["rate"] == pytest.approx(1 / 6)  # A's second asking turn only
+    low, high = tuned["rate_ci"]["low"], tuned["rate_ci"]["high"]
+    assert lines[0].startswith("| asks again for a given fact (final and asking turns) | 0.167 [")
+    assert lines[0].endswith(f"| 0.500 [{low:.3f}, {high:.3f}] | +0.333 |")
+    assert report_lines({"base": results["base"], "finetuned": {}}, ["base", "finetuned"]) == []

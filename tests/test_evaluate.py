@@ -103,6 +103,7 @@ def test_asking_turns_are_generated_and_scored(evaluated):
         recall = sum("the bmi" in line[f"generated_{name}"].lower() for line in lines) / 4
         assert asks["ask_recall"] == recall
         assert 0.0 <= asks["early_decision_rate"] <= 1.0
+        assert "asks_again" not in metrics["models"][name]  # the records carry no facts: not scored
         ci = metrics["models"][name]["decision_ci"]
         # the generated records carry the rulebook's conditions, and some are approvals
         assert set(ci) == {"parse_rate", "outcome_accuracy", "risk_class_accuracy", "rule_f1", "condition_accuracy"}
@@ -269,8 +270,13 @@ def test_metrics_of_known_replies(adapter_dir, tiny_model_dir, toy_data_dir, tmp
     """Stubbed generator, replies scored by hand: decision metrics, asking turns, their files and report rows"""
     monkeypatch.setattr(evaluate, "generate_replies", fake_generate_replies)
     monkeypatch.setenv("UNDERWRITE_EVAL_CACHE", str(tmp_path / "cache"))  # the stub's base replies stay here
+    records = [json.loads(line) for line in (toy_data_dir / "test.jsonl").read_text().splitlines()[:4]]
+    for record in records:  # the facts the conversation gives: age, smoker, face amount; then the BMI
+        record["facts"] = {"age": 30, "smoker": False, "face_amount": 250000, "bmi": 24}
+    data_file = tmp_path / "test.jsonl"
+    data_file.write_text("".join(json.dumps(record) + "\n" for record in records))
     argv = ["--adapter", str(adapter_dir), "--model", str(tiny_model_dir), "--data-file"]
-    argv += [str(toy_data_dir / "test.jsonl"), "--limit", "4", "--bootstrap", "200", "--output-dir", str(tmp_path)]
+    argv += [str(data_file), "--bootstrap", "200", "--output-dir", str(tmp_path)]
     metrics = evaluate.main(argv)
     tuned, base = metrics["models"]["finetuned"], metrics["models"]["base"]
     # finetuned: parsed 3 of 4; outcome right for 200, 201; class right for 200, 203;
@@ -294,6 +300,11 @@ def test_metrics_of_known_replies(adapter_dir, tiny_model_dir, toy_data_dir, tmp
     )
     assert tuned["asks"]["n_turns"] == 4 and base["asks"]["early_decision_rate"] == 1.0
     assert base["asks"]["ask_recall"] == 0.0
+    # asking again for a given fact: the finetuned final "I still need the BMI." and the asking turn that
+    # wants smoking status too, 2 of 8 turns; the base asks for nothing
+    again = tuned["asks_again"]
+    assert (again["rate"], again["final_rate"], again["asking_rate"]) == (0.25, 0.25, 0.25)
+    assert again["n_conversations"] == again["n_asking_turns"] == 4 and base["asks_again"]["rate"] == 0.0
     # every task number, intervals and confusions included, exactly as evaluate.py computed it before
     # data/task.py took the decision metrics over (tests/task_metrics_before.json)
     before = json.loads((Path(__file__).parent / "task_metrics_before.json").read_text())["evaluate_known_replies"]
@@ -306,3 +317,5 @@ def test_metrics_of_known_replies(adapter_dir, tiny_model_dir, toy_data_dir, tmp
     report = (tmp_path / "report.md").read_text()
     assert re.search(r"\| outcome accuracy \| 0\.250 [^|]*\| 0\.500 ", report), report
     assert re.search(r"\| ask recall \(missing facts asked for\) \| 0\.000 [^|]*\| 0\.500 ", report), report
+    row = r"\| asks again for a given fact \(final and asking turns\) \| 0\.000 [^|]*\| 0\.250 [^|]*\| \+0\.250 \|"
+    assert re.search(row, report), report

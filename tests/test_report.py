@@ -253,9 +253,17 @@ def test_loss_falling_without_decisions_is_flagged():
     ]
     task = check_task_learned(evals, baseline)
     assert task["verdict"] == "loss falling but no decision learned"
-    assert "0% of 5 sample replies parse" in task["reason"] and "3.700 -> 2.700" in task["reason"]
+    assert task["reason"] == (
+        "last validation (step 38): 0% of 5 sample replies parse, 0% have the right outcome; "
+        "validation loss fell 3.700 -> 2.700"
+    )
     evals[-1] |= {"sample_parse_rate": 1.0, "sample_outcome_accuracy": 0.8}
-    assert check_task_learned(evals, baseline)["verdict"] == "decisions learned"
+    assert check_task_learned(evals, baseline) == {
+        "verdict": "decisions learned",
+        "reason": "last validation (step 38): 100% of 5 sample replies parse, 80% have the right outcome",
+        "last_parse_rate": 1.0,
+        "last_outcome_accuracy": 0.8,
+    }
     evals[-1] |= {"sample_outcome_accuracy": 0.4}
     assert check_task_learned(evals, baseline)["verdict"] == "partly learned"
     assert check_task_learned([{"step": 5, "val_loss": 1.0}], None)["verdict"] == "not scored"
@@ -272,3 +280,38 @@ def test_report_names_the_task_failure(tmp_path):
     assert any(f.startswith("loss falling but no decision learned") for f in analysis["failure_modes"])
     report = (run_dir / "report" / "report.md").read_text()
     assert "| task (sample decisions) | **loss falling but no decision learned** |" in report
+
+
+def test_another_tasks_sample_scores_are_judged_on_every_key(tmp_path):
+    """A task with its own score_reply keys (train.py logs sample_exact, sample_close): same checks, its words"""
+    baseline = {"step": 0, "val_loss": 3.7, "baseline": True}
+    evals = [
+        {"step": 19, "val_loss": 3.0, "sample_n": 4, "sample_exact": 0.25, "sample_close": 0.5},
+        {"step": 38, "val_loss": 2.7, "sample_n": 4, "sample_exact": 0.0, "sample_close": 0.0},
+        {"step": 57, "val_loss": 2.6, "sample_n": 0},  # no reply scored: the one before is the last scored
+    ]
+    task = check_task_learned(evals, baseline)
+    assert task == {
+        "verdict": "loss falling but task not learned",
+        "reason": "last validation (step 38): mean scores of 4 sample replies: exact 0%, close 0%; "
+        "validation loss fell 3.700 -> 2.700",
+        "last_scores": {"exact": 0.0, "close": 0.0},
+    }
+    evals[1] |= {"sample_exact": 0.75, "sample_close": THRESHOLDS["task_score"]}
+    assert check_task_learned(evals, baseline)["verdict"] == "task learned"
+    evals[1] |= {"sample_close": THRESHOLDS["task_score"] - 0.01}  # one key below: partly
+    assert check_task_learned(evals, baseline)["verdict"] == "partly learned"
+    assert check_task_learned(evals[2:], baseline)["verdict"] == "not scored"
+
+    run_dir = write_run(tmp_path / "run", decaying(), [1.8, 1.4, 1.2, 1.1])
+    lines = (run_dir / "eval_log.jsonl").read_text().splitlines()
+    scored = [json.dumps(json.loads(line) | {"sample_n": 3, "sample_exact": 0.0}) for line in lines]
+    (run_dir / "eval_log.jsonl").write_text("\n".join(scored) + "\n")
+    analysis = evaluate.main(["--report", str(run_dir)])
+    assert any(f.startswith("loss falling but task not learned: ") for f in analysis["failure_modes"])
+    report = (run_dir / "report" / "report.md").read_text()
+    assert "| task (sample scores) | **loss falling but task not learned** | " in report
+    assert "decision" not in analysis["task"]["reason"] + " ".join(analysis["failure_modes"])
+    (run_dir / "eval_log.jsonl").write_text("\n".join(line.replace(": 0.0}", ": 0.5}") for line in scored) + "\n")
+    analysis = evaluate.main(["--report", str(run_dir)])
+    assert any(t.startswith("task scores only partly learned (") for t in analysis["recommendations"])
