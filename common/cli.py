@@ -42,8 +42,8 @@ def load_task(path: str | Path) -> ModuleType:
 
     A task module defines `score_reply(reply: str, record: dict) -> dict[str, float] | None`: the
     scores in [0, 1] of one generated final reply against its record (None: nothing to score).
-    evaluate.py also uses its `evaluate_replies`, `extra_prompts` and `report_lines` when present
-    (docs/task.md).
+    evaluate.py also uses its `evaluate_replies`, `extra_prompts`, `prediction_fields` and
+    `report_lines` when present (docs/task.md).
 
     Raises:
         SystemExit: the file is missing or has no `score_reply`, naming the file.
