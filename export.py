@@ -61,6 +61,7 @@ from common.artifacts import (
     validate_export_name,
 )
 from common.checkpoint import CheckpointError, publish_folder
+from common.embedded_model import recreate_command
 from common.gguf_export import (
     GGUF_TYPES,
     QUANTIZE_TYPES,
@@ -85,7 +86,6 @@ from common.model import (
     load_config,
     load_tokenizer,
     prepare_chat_template,
-    recreate_command,
     resolve_model_path,
 )
 from common.model_card import render_model_card

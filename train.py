@@ -45,7 +45,6 @@ from common.data import (
     DEFAULT_VALIDATION_SPLIT,
     DataError,
     LengthGroupedBatchSampler,
-    check_splits,
     collate_batch,
     hold_out_validation,
     load_records,
@@ -401,6 +400,32 @@ def load_splits(args: argparse.Namespace, output_dir: Path) -> tuple[list[dict],
         val_records = load_records(args.validation_file)
     train_records = train_records[: args.subset or None]  # after the split: --subset never moves it
     return train_records, val_records, split, validation_given
+
+
+def check_splits(
+    train_file: str, train_examples: list, validation_file: str, val_examples: list, max_seq_len: int, both_given: bool
+) -> None:
+    """Refuse an empty split, or more validation than training examples when the user gave both files.
+
+    Those files may be swapped (`both_given`); a default or held-out validation set never is.
+
+    Raises:
+        DataError: naming the file and what to do.
+    """
+    if not train_examples:
+        raise DataError(
+            f"{train_file}: no example is left after dropping those longer than --max-seq-len {max_seq_len}; raise it"
+        )
+    if not val_examples:
+        raise DataError(
+            f"{validation_file}: no example is left after dropping those longer than --max-seq-len {max_seq_len}"
+        )
+    if both_given and len(val_examples) > len(train_examples):
+        raise DataError(
+            f"--validation-file {validation_file} has more examples ({len(val_examples)}) than --train-file "
+            f"{train_file} ({len(train_examples)}); the files may be swapped: exchange the values of --train-file "
+            "and --validation-file, or pass a smaller --validation-file"
+        )
 
 
 def open_run_folder(args: argparse.Namespace, accelerator: Accelerator, trainable_params: int) -> Path | None:

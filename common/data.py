@@ -1,26 +1,9 @@
 """Load, validate and tokenize chat data with assistant-only labels.
 
-Accepted files: `.jsonl`, `.json` (a list of records or {"data": [...]}), `.csv`, `.parquet` (UTF-8,
-with or without a byte-order mark, LF or CRLF), and folders written by `datasets.Dataset.save_to_disk`.
-Accepted record shapes, checked in this order:
-- `messages`: [{"role": "system"|"user"|"assistant", "content": str}, ...] (chat)
-- `conversations` (ShareGPT): [{"from": "system"|"human"|"gpt", "value": str}, ...]
-- `prompt` + `completion`: turned into one user turn and one assistant turn
-- `instruction` (+ optional `input`) + `output` (Alpaca): one user turn and one assistant turn
-- `text`: plain language modelling (every token is trained)
-
-Labels are -100 on every system and user token (and the chat template's role headers, BOS and
-padding); every token of each assistant reply, including its end-of-turn token, is trained. Most
-templates (the default model's included) have no `{% generation %}` markers, so
-`return_assistant_tokens_mask` does not work; `assistant_turns` derives the spans from the template
-itself instead: it renders the conversation with and without each reply and finds where the reply
-and the special token that closes it sit. The same function gives generation's stop token and the
-exported generation_config (`end_of_turn_token_ids`), so they can never disagree with the mask.
-
-Sequences longer than `max_seq_len` (policy `overlong="truncate_history"`, the default): the oldest
-user/assistant exchanges after the system prompt are dropped until the conversation fits; if even
-the final exchange does not fit, the example is dropped. The final assistant reply is never cut.
-Policy "drop" drops every overlong example. The counts are returned so callers can report them.
+Reads `.jsonl`, `.json`, `.csv`, `.parquet` and `Dataset.save_to_disk` folders holding chat `messages`,
+ShareGPT `conversations`, `prompt` + `completion`, Alpaca `instruction` + `output`, or plain `text`.
+Labels are -100 except on each assistant reply and the end-of-turn token closing it, both found
+from the chat template itself (`assistant_turns`): few templates have `{% generation %}` markers.
 """
 
 from __future__ import annotations
@@ -41,7 +24,17 @@ VALID_ROLES = ("system", "user", "assistant")
 IGNORE_INDEX = -100
 SUPPORTED_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 DEFAULT_VALIDATION_SPLIT = 0.1  # share of a user's training file held out when no validation file is given
-SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+ROLES = {role: role for role in VALID_ROLES}
+SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system", "user": "user", "assistant": "assistant"}
+# Renders the template must handle to be trained on: a system prompt and two exchanges.
+PROBE_CONVERSATION = [
+    {"role": "system", "content": "You are a careful assistant."},
+    {"role": "user", "content": "Plan a three-day trip to Lisbon."},
+    {"role": "assistant", "content": "What is your budget?"},
+    {"role": "user", "content": "About 800 euros."},
+    {"role": "assistant", "content": "Here is a plan within that budget."},
+]
+TEMPLATE_HINT = "pass --chat-template FILE with a Jinja chat template that does"
 
 
 class DataError(ValueError):
@@ -61,13 +54,8 @@ class TokenizeStats:
 
 
 def _read_utf8(path: Path) -> str:
-    """Decode a text data file as UTF-8, accepting the byte-order mark many Windows tools write.
-
-    Raises:
-        DataError: the bytes are not UTF-8, naming the line of the first bad byte.
-    """
-    data = path.read_bytes()
-    data = data.removeprefix(b"\xef\xbb\xbf")  # Notepad, Excel's "CSV UTF-8": the data after it is fine
+    """The file as UTF-8 text (a byte-order mark from Notepad or Excel dropped); bad bytes name their line."""
+    data = path.read_bytes().removeprefix(b"\xef\xbb\xbf")
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as err:
@@ -75,113 +63,92 @@ def _read_utf8(path: Path) -> str:
         raise DataError(f"{path}:{line}: not valid UTF-8 ({err.reason}); re-save the file as UTF-8") from None
 
 
-def _read_raw_records(path: Path) -> Iterator[tuple[int, object]]:
-    """Yield (line_or_row_number, raw record) pairs; numbers are 1-based as an editor shows them."""
-    suffix = path.suffix.lower()
-    if suffix == ".jsonl":
-        text = _read_utf8(path)
-        # split on "\n" only: str.splitlines() also breaks at U+2028, U+2029 and NEL, which JSON
-        # allows raw inside strings (json.dumps(..., ensure_ascii=False) writes them that way)
-        for number, line in enumerate(text.split("\n"), start=1):
-            line = line.removesuffix("\r")  # CRLF line ends (Windows editors)
-            if not line.strip():
-                continue
-            try:
-                yield number, json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(
-                    f"{path}:{number}: invalid JSON ({err.msg} at column {err.colno}); "
-                    "each line must be one JSON object"
-                ) from None
-            except (ValueError, RecursionError) as err:  # a 5000-digit number, nesting deeper than ~1000
-                raise DataError(
-                    f"{path}:{number}: invalid JSON ({type(err).__name__}: {str(err)[:80]}); "
-                    "each line must be one JSON object"
-                ) from None
-    elif suffix == ".json":
-        text = _read_utf8(path)
+def _json_records(path: Path) -> Iterator[tuple[int, object]]:
+    text = _read_utf8(path)
+    if path.suffix.lower() == ".json":
         try:
             data = json.loads(text)
         except json.JSONDecodeError as err:
             raise DataError(f"{path}:{err.lineno}: invalid JSON ({err.msg}); fix the file") from None
         except (ValueError, RecursionError) as err:
             raise DataError(f"{path}: invalid JSON ({type(err).__name__}: {str(err)[:80]}); fix the file") from None
-        if isinstance(data, dict) and isinstance(data.get("data"), list):
-            data = data["data"]
+        data = data["data"] if isinstance(data, dict) and isinstance(data.get("data"), list) else data
         if not isinstance(data, list):
             raise DataError(
                 f"{path}: expected a JSON list of records (or {{'data': [...]}}); use .jsonl for one per line"
             )
         yield from enumerate(data, start=1)
-    elif path.is_dir() or suffix in (".csv", ".parquet"):
-        import datasets  # heavy import, only when needed
-
-        if path.is_dir():  # checked by load_records: a folder written by Dataset.save_to_disk
-            dataset = datasets.load_from_disk(str(path))
+        return
+    # split on "\n" only: str.splitlines() also breaks at U+2028, U+2029 and NEL, which JSON
+    # allows raw inside strings (json.dumps(..., ensure_ascii=False) writes them that way)
+    for number, line in enumerate(text.split("\n"), start=1):
+        line = line.removesuffix("\r")  # CRLF line ends (Windows editors)
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            reason = f"{err.msg} at column {err.colno}"
+        except (ValueError, RecursionError) as err:  # a 5000-digit number, nesting deeper than ~1000
+            reason = f"{type(err).__name__}: {str(err)[:80]}"
         else:
-            if suffix == ".csv":
-                _read_utf8(path)  # the same one-line encoding error as JSONL; pandas itself skips a BOM
-            builder = "csv" if suffix == ".csv" else "parquet"
-            dataset = datasets.load_dataset(builder, data_files=str(path), split="train")
-        for number, row in enumerate(dataset, start=1):
-            for key in ("messages", "conversations"):
-                if isinstance(row.get(key), str):  # chat stored as a JSON string in a CSV cell
-                    try:
-                        row = {**row, key: json.loads(row[key])}
-                    except json.JSONDecodeError:
-                        raise DataError(f"{path}: row {number}: '{key}' is not valid JSON") from None
-            yield number, row
+            yield number, record
+            continue
+        raise DataError(f"{path}:{number}: invalid JSON ({reason}); each line must be one JSON object")
+
+
+def _dataset_rows(path: Path) -> Iterator[tuple[int, dict]]:
+    import datasets  # heavy import, only when needed
+
+    if path.is_file() and path.suffix.lower() == ".csv":
+        _read_utf8(path)  # the same one-line encoding error as JSONL; pandas itself skips a BOM
+    if path.is_dir():  # checked by load_records: a folder written by Dataset.save_to_disk
+        dataset = datasets.load_from_disk(str(path))
     else:
-        raise DataError(f"{path}: unsupported file type '{path.suffix}'; use one of {', '.join(SUPPORTED_SUFFIXES)}")
+        dataset = datasets.load_dataset(path.suffix.lower()[1:], data_files=str(path), split="train")
+    for number, row in enumerate(dataset, start=1):
+        for key in ("messages", "conversations"):
+            if isinstance(row.get(key), str):  # chat stored as a JSON string in a CSV cell
+                try:
+                    row = {**row, key: json.loads(row[key])}
+                except json.JSONDecodeError:
+                    raise DataError(f"{path}: row {number}: '{key}' is not valid JSON") from None
+        yield number, row
 
 
-def _check_chat(turns: list, where: str, field: str, content_key: str) -> list[dict]:
-    """Validate chat turns already holding our role names; return clean {role, content} dicts.
-
-    Args:
-        turns: [{"role", content_key}] dicts.
-        where: "file:line" prefix for error messages.
-        field: the record's field, named in the messages ("messages" or "conversations").
-        content_key: the turn's text key as the file names it ("content" or ShareGPT's "value").
-    """
+def _check_chat(turns: object, where: str, field: str, keys: tuple[str, str], roles: dict) -> list[dict]:
+    """Validate a record's turns ([{keys[0]: a key of `roles`, keys[1]: text}]) as {role, content} messages."""
+    role_key, content_key = keys
+    if not isinstance(turns, list) or not turns:
+        raise DataError(f"{where}: '{field}' must be a non-empty list of {{{role_key}, {content_key}}} objects")
+    messages = []
     for i, turn in enumerate(turns):
         if not isinstance(turn, dict):
-            raise DataError(f"{where}: {field}[{i}] must be an object with 'role' and '{content_key}'")
-        role, content = turn.get("role"), turn.get(content_key)
-        if role not in VALID_ROLES:
-            raise DataError(f"{where}: {field}[{i}].role is {role!r}; expected one of {', '.join(VALID_ROLES)}")
+            raise DataError(f"{where}: {field}[{i}] must be an object with '{role_key}' and '{content_key}'")
+        name, content = turn.get(role_key), turn.get(content_key)
+        role = roles.get(name) if isinstance(name, str) else None
+        if role is None:
+            raise DataError(f"{where}: {field}[{i}].{role_key} is {name!r}; expected one of {', '.join(roles)}")
         if not isinstance(content, str):
             raise DataError(f"{where}: {field}[{i}].{content_key} must be a string, got {type(content).__name__}")
         if not content.strip():
             raise DataError(f"{where}: {field}[{i}].{content_key} is empty; remove the turn or fill it in")
         if role == "system" and i != 0:
             raise DataError(f"{where}: {field}[{i}] is a system turn; only {field}[0] may be system")
-    if not any(turn["role"] == "assistant" for turn in turns):
+        messages.append({"role": role, "content": content})
+    if not any(message["role"] == "assistant" for message in messages):
         raise DataError(f"{where}: no assistant turn; nothing to train on (add the assistant reply)")
-    return [{"role": turn["role"], "content": turn[content_key]} for turn in turns]
+    return messages
 
 
-def _sharegpt_messages(turns: object, where: str) -> list[dict]:
-    """ShareGPT's `conversations` ([{"from": "human"|"gpt"|"system", "value": str}]) as validated messages."""
-    if not isinstance(turns, list) or not turns:
-        raise DataError(f"{where}: 'conversations' must be a non-empty list of {{from, value}} objects")
-    renamed = []
-    for i, turn in enumerate(turns):
-        if not isinstance(turn, dict):
-            raise DataError(f"{where}: conversations[{i}] must be an object with 'from' and 'value'")
-        speaker = turn.get("from")
-        role = SHAREGPT_ROLES.get(speaker) if isinstance(speaker, str) else None
-        if role is None:
-            raise DataError(f"{where}: conversations[{i}].from is {speaker!r}; expected one of human, gpt, system")
-        renamed.append({"role": role, "value": turn.get("value")})
-    return _check_chat(renamed, where, "conversations", "value")
+def _require_text(raw: dict, keys: tuple[str, ...], where: str, hint: str = "") -> None:
+    for key in keys:
+        if not isinstance(raw.get(key), str) or not raw[key].strip():
+            raise DataError(f"{where}: '{key}' must be a non-empty string{hint}")
 
 
 def _alpaca_messages(raw: dict, where: str) -> list[dict]:
-    """Alpaca's `instruction` (+ optional `input`, `system`) and `output` as one user and one assistant turn."""
-    for key in ("instruction", "output"):
-        if not isinstance(raw.get(key), str) or not raw[key].strip():
-            raise DataError(f"{where}: '{key}' must be a non-empty string (Alpaca records: instruction, input, output)")
+    _require_text(raw, ("instruction", "output"), where, " (Alpaca records: instruction, input, output)")
     extra = raw.get("input")
     if extra is not None and not isinstance(extra, str):
         raise DataError(f"{where}: 'input' must be a string, got {type(extra).__name__}")
@@ -194,42 +161,22 @@ def _alpaca_messages(raw: dict, where: str) -> list[dict]:
 
 
 def normalize_record(raw: object, where: str) -> dict:
-    """Validate one record and return it as {"messages": [...]} (or {"text": str}) plus its extra fields.
-
-    Shapes, detected in this order: `messages` (ours, OpenAI style), `conversations` (ShareGPT),
-    `prompt` + `completion`, `instruction` + `output` (Alpaca), `text`.
-
-    Args:
-        raw: the parsed record.
-        where: "file:line" prefix for error messages.
-
-    Returns:
-        A dict with either `messages` (validated chat) or `text`, and the other original fields.
-
-    Raises:
-        DataError: naming the line, the field and what to do.
-    """
+    """One record as validated `messages` (or `text`) plus its other fields; errors name `where` ("file:line")."""
     if not isinstance(raw, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(raw).__name__}")
     if raw.get("messages") is not None:
-        messages = raw["messages"]
-        if not isinstance(messages, list) or not messages:
-            raise DataError(f"{where}: 'messages' must be a non-empty list of {{role, content}} objects")
-        return {**raw, "messages": _check_chat(messages, where, "messages", "content")}
+        return {**raw, "messages": _check_chat(raw["messages"], where, "messages", ("role", "content"), ROLES)}
     if raw.get("conversations") is not None:
-        return {**raw, "messages": _sharegpt_messages(raw["conversations"], where)}
+        turns = raw["conversations"]
+        return {**raw, "messages": _check_chat(turns, where, "conversations", ("from", "value"), SHAREGPT_ROLES)}
     if raw.get("prompt") is not None or raw.get("completion") is not None:
-        for key in ("prompt", "completion"):
-            value = raw.get(key)
-            if not isinstance(value, str) or not value.strip():
-                raise DataError(f"{where}: '{key}' must be a non-empty string")
+        _require_text(raw, ("prompt", "completion"), where)
         messages = [{"role": "user", "content": raw["prompt"]}, {"role": "assistant", "content": raw["completion"]}]
         return {**raw, "messages": messages}
     if raw.get("instruction") is not None or raw.get("output") is not None:
         return {**raw, "messages": _alpaca_messages(raw, where)}
     if raw.get("text") is not None:
-        if not isinstance(raw["text"], str) or not raw["text"].strip():
-            raise DataError(f"{where}: 'text' must be a non-empty string")
+        _require_text(raw, ("text",), where)
         # a null "messages" (mixed-schema CSV/parquet rows) must not make tokenize_records treat it as chat
         return {key: value for key, value in raw.items() if key != "messages"}
     raise DataError(
@@ -239,18 +186,13 @@ def normalize_record(raw: object, where: str) -> dict:
 
 
 def load_records(path: str | Path) -> list[dict]:
-    """Read and validate every record of a data file.
-
-    Args:
-        path: a .jsonl/.json/.csv/.parquet file, or a folder written by `datasets.Dataset.save_to_disk`.
-
-    Returns:
-        Normalized records (see `normalize_record`), each with `_line` set to its line/row number.
+    """Every record of a data file or save_to_disk folder, normalized, with `_line` (1-based line or row).
 
     Raises:
         DataError: missing, empty, unsupported or invalid file, naming file, line and field.
     """
     path = Path(path)
+    suffixes = ", ".join(SUPPORTED_SUFFIXES)
     if path.is_dir():
         if (path / "dataset_dict.json").is_file():
             splits = sorted(p.name for p in path.iterdir() if p.is_dir())
@@ -260,17 +202,14 @@ def load_records(path: str | Path) -> list[dict]:
         if not (path / "state.json").is_file():
             raise DataError(
                 f"{path}: a folder, but not one written by datasets.Dataset.save_to_disk (no state.json); "
-                f"pass a file ({', '.join(SUPPORTED_SUFFIXES)}) or such a folder"
+                f"pass a file ({suffixes}) or such a folder"
             )
     elif not path.is_file():
         raise DataError(f"{path}: file not found; generate the dataset with `python data/generate.py`")
     elif path.suffix.lower() not in SUPPORTED_SUFFIXES:
-        raise DataError(f"{path}: unsupported file type '{path.suffix}'; use one of {', '.join(SUPPORTED_SUFFIXES)}")
-    records = []
-    for number, raw in _read_raw_records(path):
-        record = normalize_record(raw, f"{path}:{number}")
-        record["_line"] = number
-        records.append(record)
+        raise DataError(f"{path}: unsupported file type '{path.suffix}'; use one of {suffixes}")
+    rows = _json_records(path) if path.is_file() and path.suffix.lower() in (".jsonl", ".json") else _dataset_rows(path)
+    records = [{**normalize_record(raw, f"{path}:{number}"), "_line": number} for number, raw in rows]
     if not records:
         raise DataError(f"{path}: no records; the file is empty")
     return records
@@ -279,27 +218,13 @@ def load_records(path: str | Path) -> list[dict]:
 def hold_out_validation(
     records: Sequence[dict], fraction: float, seed: int, source: str, recorded: dict | None = None
 ) -> tuple[list[dict], list[dict], dict]:
-    """Split one data file into disjoint training and validation records (seeded, reproducible).
+    """Split one file into (train, validation, split record for config.json), disjoint, in file order.
 
-    Used when a user gives only their own training file: validating on unrelated data would pick
-    `best/` and stop early for the wrong reasons. `round(fraction * n)` records (at least 1) are
-    drawn with `random.Random(seed)`; both parts keep the file's order.
-
-    Args:
-        records: every record of the file, from `load_records`.
-        fraction: share held out for validation, in (0, 1).
-        seed: seeds the draw.
-        source: the file's path, for messages and the record.
-        recorded: the split a run already recorded in its config.json (`dataset.validation_split`):
-            its held-out indices are reused as they are, so a resume or evaluate.py sees the same split.
-
-    Returns:
-        (train records, validation records, split record for config.json: source, sizes, fraction,
-        seed, held-out indices (0-based positions in the file) and ids (when every record has one)).
+    Draws `round(fraction * n)` records (at least 1) with `random.Random(seed)`, or reuses a run's
+    `recorded` split (`dataset.validation_split`), so a resume or evaluate.py sees the same one.
 
     Raises:
-        DataError: the file is too small to hold out a split and still train, or it no longer matches
-            the recorded split.
+        DataError: too few records to split, or the file no longer matches `recorded`.
     """
     if not 0 < fraction < 1:
         raise DataError(f"--validation-split must be between 0 and 1, got {fraction}")
@@ -337,14 +262,7 @@ def hold_out_validation(
 
 
 def dataset_sha256(path: str | Path) -> str:
-    """Hex sha256 of a data file's bytes, or of a save_to_disk folder (each file's relative name and bytes).
-
-    Args:
-        path: what --train-file / --validation-file named.
-
-    Returns:
-        The digest recorded in config.json, so a run names exactly the data it saw.
-    """
+    """Hex sha256 of a data file, or of a save_to_disk folder (each file's relative name and bytes)."""
     path = Path(path)
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
     digest = hashlib.sha256()
@@ -358,15 +276,7 @@ def dataset_sha256(path: str | Path) -> str:
 
 
 def read_recorded_split(config_file: Path) -> dict | None:
-    """The held-out validation split a run recorded (`dataset.validation_split` of its config.json).
-
-    Args:
-        config_file: a run's config.json, or an export's training_args.json (same content).
-
-    Returns:
-        The split record from `hold_out_validation`, or None (no such file, or the run used a
-        validation file of its own).
-    """
+    """The split a run held out (`dataset.validation_split` of its config.json or training_args.json), or None."""
     if not Path(config_file).is_file():
         return None
     try:
@@ -375,17 +285,6 @@ def read_recorded_split(config_file: Path) -> dict | None:
         return None
     dataset = config.get("dataset") if isinstance(config, dict) else None
     return dataset.get("validation_split") if isinstance(dataset, dict) else None
-
-
-# Renders the template must handle to be trained on: a system prompt and two exchanges.
-PROBE_CONVERSATION = [
-    {"role": "system", "content": "You are a careful underwriting assistant."},
-    {"role": "user", "content": "Applicant is 40, wants term life."},
-    {"role": "assistant", "content": "What is the applicant's BMI?"},
-    {"role": "user", "content": "BMI is 24."},
-    {"role": "assistant", "content": "Standard class applies."},
-]
-TEMPLATE_HINT = "pass --chat-template FILE with a Jinja chat template that does"
 
 
 def _render(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
@@ -398,18 +297,8 @@ def _render(tokenizer, messages: list[dict], add_generation_prompt: bool = False
         ) from None
 
 
-def _special_token_texts(tokenizer) -> list[str]:
-    """Every special or added token's text, longest first (so "<|eot_id|>" is never cut short)."""
-    texts = set(tokenizer.all_special_tokens) | {token.content for token in tokenizer.added_tokens_decoder.values()}
-    return sorted((text for text in texts if text), key=len, reverse=True)
-
-
 def _reply_end(rendered: str, start: int, reply: str, specials: list[str], model: str) -> tuple[int, str]:
-    """Where the special token closing the reply that follows `start` in `rendered` ends, and that token.
-
-    Raises:
-        DataError: the reply text is not in the rendering, or no special token closes it.
-    """
+    """Where the special token closing the reply after `start` ends, and that token."""
     reply = reply.strip()  # templates often `| trim` the content
     found = rendered.find(reply, start)
     if found < 0:
@@ -433,30 +322,20 @@ def _reply_end(rendered: str, start: int, reply: str, specials: list[str], model
 def assistant_turns(
     tokenizer, messages: list[dict], model_name: str | None = None
 ) -> tuple[str, list[tuple[int, int, str]]]:
-    """Render a conversation and find each assistant reply and the end-of-turn token closing it.
+    """Render a conversation: (text, [(start, end, end-of-turn token)] per assistant turn, in characters).
 
-    For the assistant turn i: `prefix` = turns before i with the generation prompt (exactly what
-    the model is given at inference), `upto` = turns up to and including i. The reply is the text
-    `upto` adds after `prefix`, up to and including the first special token after the reply text
-    (<|im_end|>, <|eot_id|>, <end_of_turn>, </s>, <|end|>, ...); the template's newline after it is
-    not trained. The template must be prefix-stable: the whole conversation must start with
-    `prefix`, and render turn i the same way whether or not later turns follow.
-
-    Args:
-        tokenizer: a tokenizer with a chat template.
-        messages: validated chat messages.
-        model_name: the model as the user named it, for messages (default: the tokenizer's name_or_path).
-
-    Returns:
-        (rendered text, [(start, end, end-of-turn token)] character offsets, one per assistant turn).
+    Turn i runs from the end of the turns before it rendered with the generation prompt (what the model
+    sees at inference) through the first special token after its text (<|im_end|>, <|eot_id|>, ...).
 
     Raises:
-        DataError: the template is not prefix-stable, rewrites replies, or closes a turn with no
-            special token; the message names the model and says to pass --chat-template FILE.
+        DataError: the template is not prefix-stable, rewrites replies, or ends a turn with no special
+            token; the message names the model (`model_name`) and says to pass --chat-template FILE.
     """
     model = model_name or tokenizer.name_or_path or "this model"
     text = _render(tokenizer, messages)
-    specials = _special_token_texts(tokenizer)
+    # every special or added token's text, longest first (so "<|eot_id|>" is never cut short)
+    specials = set(tokenizer.all_special_tokens) | {token.content for token in tokenizer.added_tokens_decoder.values()}
+    specials = sorted((special for special in specials if special), key=len, reverse=True)
     turns = []
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
@@ -479,37 +358,8 @@ def assistant_turns(
     return text, turns
 
 
-def assistant_char_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
-    """Render a conversation and find the character span of every assistant reply (see `assistant_turns`).
-
-    Args:
-        tokenizer: a tokenizer with a chat template.
-        messages: validated chat messages.
-
-    Returns:
-        (rendered text, list of (start, end) character offsets: reply and its end-of-turn token).
-
-    Raises:
-        DataError: as `assistant_turns`.
-    """
-    text, turns = assistant_turns(tokenizer, messages)
-    return text, [(start, end) for start, end, _marker in turns]
-
-
 def end_of_turn_token_ids(tokenizer) -> list[int]:
-    """The ids generation stops at: the template's end-of-turn token, then eos when it differs.
-
-    Found by `assistant_turns` on a probe conversation, the same algorithm that trains the token.
-
-    Args:
-        tokenizer: a tokenizer with a chat template.
-
-    Returns:
-        [end-of-turn id] or [end-of-turn id, eos id], e.g. [<|eot_id|>, <|end_of_text|>] for Llama 3.
-
-    Raises:
-        DataError: as `assistant_turns`.
-    """
+    """The ids generation stops at: the end-of-turn token `assistant_turns` trains, then eos if it differs."""
     _text, turns = assistant_turns(tokenizer, PROBE_CONVERSATION[1:3])
     ids = [tokenizer.convert_tokens_to_ids(turns[-1][2])]
     if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
@@ -517,72 +367,35 @@ def end_of_turn_token_ids(tokenizer) -> list[int]:
     return ids
 
 
-def supports_system_role(tokenizer) -> bool:
-    """Whether the chat template renders a system message (Gemma's raises, Mistral v0.3's drops it).
-
-    Args:
-        tokenizer: a tokenizer with a chat template.
-
-    Returns:
-        True if a system prompt appears in the rendered conversation.
-    """
-    marker = "Follow the underwriting manual."
-    probe = [{"role": "system", "content": marker}, *PROBE_CONVERSATION[1:3]]
-    try:
-        return marker in _render(tokenizer, probe)
-    except Exception:  # raise_exception("System role not supported") arrives as jinja2's TemplateError
-        return False
-
-
 def tokenize_messages(tokenizer, messages: list[dict]) -> dict:
-    """Tokenize one conversation with assistant-only labels.
+    """Tokenize one conversation: {"input_ids", "labels"}, labels -100 outside the assistant replies.
 
-    The template writes BOS itself when the model needs one, so the text is tokenized with
-    `add_special_tokens=False` (another BOS from the tokenizer would make a sequence the model never
-    sees at inference); a template that still yields two BOS in a row loses the first.
-
-    Args:
-        tokenizer: a fast tokenizer with a chat template.
-        messages: validated chat messages.
-
-    Returns:
-        {"input_ids": list[int], "labels": list[int]} with -100 outside assistant replies.
+    The template writes any BOS itself, so no special tokens are added; of two BOS in a row, one goes.
     """
-    text, spans = assistant_char_spans(tokenizer, messages)
+    text, turns = assistant_turns(tokenizer, messages)
     encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     input_ids, offsets = list(encoding["input_ids"]), list(encoding["offset_mapping"])
     bos = tokenizer.bos_token_id
     while bos is not None and len(input_ids) > 1 and input_ids[0] == input_ids[1] == bos:
         input_ids, offsets = input_ids[1:], offsets[1:]
     labels = [IGNORE_INDEX] * len(input_ids)
-    span_index = 0
+    turn = 0
     for t, (start, _end) in enumerate(offsets):
-        while span_index < len(spans) and start >= spans[span_index][1]:
-            span_index += 1
-        if span_index < len(spans) and spans[span_index][0] <= start < spans[span_index][1]:
+        while turn < len(turns) and start >= turns[turn][1]:
+            turn += 1
+        if turn < len(turns) and turns[turn][0] <= start < turns[turn][1]:
             labels[t] = input_ids[t]
     return {"input_ids": input_ids, "labels": labels}
-
-
-def tokenize_text(tokenizer, text: str) -> dict:
-    """Tokenize plain text for language modelling; every token is trained, an eos is appended."""
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    return {"input_ids": ids, "labels": list(ids)}
 
 
 def tokenize_records(
     records: Sequence[dict], tokenizer, max_seq_len: int, overlong: str = "truncate_history"
 ) -> tuple[list[dict], TokenizeStats]:
-    """Tokenize records, applying the overlong policy (see module docstring).
+    """Tokenize records from `load_records`; examples: input_ids, labels, n_trained, index (in records).
 
-    Args:
-        records: normalized records from `load_records`.
-        tokenizer: tokenizer with a chat template.
-        max_seq_len: maximum tokens per example.
-        overlong: "truncate_history" or "drop".
-
-    Returns:
-        (examples, stats). Each example: input_ids, labels, n_trained, index (position in records).
+    Longer than `max_seq_len`: with "truncate_history" the oldest exchanges after the system prompt
+    go until it fits (the final reply is never cut, an example still too long is dropped); with
+    "drop" it is dropped. `text` records train every token, and an eos is appended.
 
     Raises:
         DataError: unknown policy, or an example has no trained token left.
@@ -592,13 +405,13 @@ def tokenize_records(
     stats = TokenizeStats()
     examples = []
     for index, record in enumerate(records):
+        where, truncated = f"record at line {record.get('_line', index + 1)}", False
         if "messages" in record:
             messages = record["messages"]
             try:
                 example = tokenize_messages(tokenizer, messages)
             except DataError as err:
-                raise DataError(f"record at line {record.get('_line', index + 1)}: {err}") from None
-            truncated = False
+                raise DataError(f"{where}: {err}") from None
             while len(example["input_ids"]) > max_seq_len and overlong == "truncate_history":
                 head = 1 if messages[0]["role"] == "system" else 0
                 # drop the oldest exchange: up to and including the first assistant turn after head
@@ -606,18 +419,17 @@ def tokenize_records(
                 if first_assistant == len(messages) - 1:
                     break  # only the final exchange is left; never cut the final reply
                 messages = messages[:head] + messages[first_assistant + 1 :]
-                example = tokenize_messages(tokenizer, messages)
-                truncated = True
+                example, truncated = tokenize_messages(tokenizer, messages), True
         else:
-            example = tokenize_text(tokenizer, record["text"])
-            truncated = False
+            ids = tokenizer(record["text"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+            example = {"input_ids": ids, "labels": list(ids)}
         if len(example["input_ids"]) > max_seq_len:
             stats.dropped_overlong += 1
             stats.dropped_ids.append(record.get("id", record.get("_line", index)))
             continue
         n_trained = sum(label != IGNORE_INDEX for label in example["labels"])
         if n_trained == 0:
-            raise DataError(f"record at line {record.get('_line', index + 1)}: no trained token after tokenization")
+            raise DataError(f"{where}: no trained token after tokenization")
         stats.truncated_history += int(truncated)
         stats.kept += 1
         stats.trained_tokens += n_trained
@@ -627,16 +439,9 @@ def tokenize_records(
 
 
 def collate_batch(examples: Sequence[dict], pad_token_id: int, pad_to_multiple_of: int | None = None) -> dict:
-    """Right-pad a list of tokenized examples into tensors.
+    """Right-pad examples into {"input_ids", "attention_mask", "labels"} tensors.
 
-    Args:
-        examples: dicts with input_ids and labels (lists of ints).
-        pad_token_id: id used for padding input_ids (labels are padded with -100, so a pad id equal
-            to the end-of-turn id never hides a trained token).
-        pad_to_multiple_of: round the padded length up (e.g. 8 for tensor cores), or None.
-
-    Returns:
-        {"input_ids", "attention_mask", "labels"} long tensors of shape (batch, length).
+    Labels are padded with -100, so a pad id equal to the end-of-turn id never hides a trained token.
     """
     length = max(len(e["input_ids"]) for e in examples)
     if pad_to_multiple_of:
@@ -653,15 +458,13 @@ def collate_batch(examples: Sequence[dict], pad_token_id: int, pad_to_multiple_o
 
 
 class LengthGroupedBatchSampler(BatchSampler):
-    """Shuffled batches of similar length, so little compute is spent on padding.
+    """Shuffled batches of similar length (little padding), the same for a seed and epoch (resume).
 
-    Each epoch: shuffle all indices with (seed, epoch), cut them into mega-batches of
-    `batch_size * mega_batch_factor`, sort each mega-batch by length, cut into batches, and shuffle
-    the batch order. Deterministic for a given seed and epoch, so a resumed run sees the same order.
+    Shuffle the indices, sort each mega-batch of `batch_size * mega_batch_factor` by length, cut it
+    into batches, shuffle the batches.
     """
 
     def __init__(self, lengths: Sequence[int], batch_size: int, seed: int, mega_batch_factor: int = 16):
-        """Args: lengths: tokens per example; batch_size: examples per batch; seed: base seed."""
         self.lengths = list(lengths)
         self.batch_size = batch_size
         self.drop_last = False
@@ -674,7 +477,7 @@ class LengthGroupedBatchSampler(BatchSampler):
         self.epoch = epoch
 
     def batches(self) -> list[list[int]]:
-        """Return this epoch's batches (lists of example indices)."""
+        """This epoch's batches (lists of example indices)."""
         rng = random.Random(self.seed * 100_003 + self.epoch)
         order = list(range(len(self.lengths)))
         rng.shuffle(order)
@@ -691,47 +494,7 @@ class LengthGroupedBatchSampler(BatchSampler):
         return full + short
 
     def __iter__(self) -> Iterator[list[int]]:
-        """Yield the batches of the current epoch."""
         yield from self.batches()
 
     def __len__(self) -> int:
-        """Number of batches per epoch."""
         return math.ceil(len(self.lengths) / self.batch_size)
-
-
-def check_splits(
-    train_file: str,
-    train_examples: list,
-    validation_file: str,
-    val_examples: list,
-    max_seq_len: int,
-    both_given: bool = True,
-) -> None:
-    """Refuse empty splits and, when the user gave both files, a validation file larger than the training file.
-
-    Args:
-        train_file: --train-file.
-        train_examples: its tokenized examples.
-        validation_file: --validation-file, or a description of the split held out of the training file.
-        val_examples: the validation examples.
-        max_seq_len: --max-seq-len, named in the messages.
-        both_given: the user passed both --train-file and --validation-file; only then can a larger
-            validation set mean swapped files (a default or a held-out split is never the user's mistake).
-
-    Raises:
-        DataError: naming the file and what to do.
-    """
-    if not train_examples:
-        raise DataError(
-            f"{train_file}: no example is left after dropping those longer than --max-seq-len {max_seq_len}; raise it"
-        )
-    if not val_examples:
-        raise DataError(
-            f"{validation_file}: no example is left after dropping those longer than --max-seq-len {max_seq_len}"
-        )
-    if both_given and len(val_examples) > len(train_examples):
-        raise DataError(
-            f"--validation-file {validation_file} has more examples ({len(val_examples)}) than --train-file "
-            f"{train_file} ({len(train_examples)}); the files may be swapped: exchange the values of --train-file "
-            "and --validation-file, or pass a smaller --validation-file"
-        )

@@ -98,7 +98,7 @@ def render_model_card(
         memory_note: how the parameter counts were obtained.
         lineage: {"run", "checkpoint", "git_commit", "run_created", "exported"} (shown as listed).
         base_recreate: for an embedded alias, the one command that rebuilds the converted base folder
-            recorded in adapter_config.json on another machine (`common.model.recreate_command`).
+            recorded in adapter_config.json on another machine (`common.embedded_model.recreate_command`).
         stop_tokens: the end-of-turn token(s) as text (generation_config.json's eos), for the "Run it" lines.
         gguf: the gguf/gguf_check.json report when the export has GGUF files (`export.py --gguf`), else None.
 

