@@ -12,13 +12,13 @@ What it does:
   parameter), LoRA parameters, their gradients and AdamW states, activations saved for backward
   (with and without gradient checkpointing), autocast weight copies, the logits/loss buffers
   (trained tokens x vocab) and a stated framework allowance. One table per component, for LoRA and
-  QLoRA, with and without checkpointing. The formulas are in `common/memory.py`.
+  QLoRA, with and without checkpointing. The formulas are in `common/memory_estimator.py`.
 - Decide: LoRA or QLoRA for the budget (`--gpu-memory`, default a 16 GiB T4, minus
   `--safety-margin`), the largest micro-batch and sequence length that fit, and the gradient
   accumulation that keeps the effective batch (`--batch-size`). An option fits only when its
   estimate plus the estimator's measured error (`--error-band`, 11%) fits; LoRA that fits only
-  micro-batch 1 loses to QLoRA that fits a larger one (see `common.memory.recommend_setup`). Printed, and
-  saved as JSON (`--output`, or `<run-dir>/memory_profile.json`).
+  micro-batch 1 loses to QLoRA that fits a larger one (see `common.memory_estimator.recommend_setup`).
+  Printed, and saved as JSON (`--output`, or `<run-dir>/memory_profile.json`).
 - Measure (`--measure`): a few real training steps of that configuration in a fresh process (the
   same loss, autocast and AdamW as train.py) and the measured peak next to the estimate: CUDA peak
   reserved (and allocated) on a GPU; on CPU the peak RSS of the steps minus the RSS of a bare
@@ -36,28 +36,38 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from common.jsonio import write_json
 from common.memory import (
-    DEFAULT_GPU_MEMORY_GB,
     DEFAULT_SAFETY_MARGIN,
-    DEFAULT_TRAINED_FRACTION,
     ESTIMATE_ERROR_BAND,
     GIB,
     NF4_BITS_PER_PARAM,
     MemoryEstimateError,
-    compare_to_measurement,
-    estimate_memory,
-    measure_in_subprocess,
-    recommend_setup,
+    Setup,
 )
+from common.memory_estimator import DEFAULT_GPU_MEMORY_GB, estimate_memory, recommend_setup
+from common.memory_measure import compare_to_measurement, measure_in_subprocess
 from common.model import DEFAULT_MODEL, ModelLoadError, load_config
 from common.precision import PROBE_NAMES, resolve_precision
 
 REPO = Path(__file__).resolve().parent
+# the saved report's "settings", in this order
+REPORT_SETTINGS = (
+    "rank",
+    "target_modules",
+    "trained_fraction",
+    "device",
+    "compute_dtype",
+    "lora_dropout",
+    "batch_size",
+    "seq_len",
+    "dtype",
+)
 VARIANTS = {  # column name -> (quantization, gradient checkpointing)
     "LoRA": (None, False),
     "LoRA+GC": (None, True),
@@ -83,7 +93,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--trained-fraction",
         type=float,
-        default=DEFAULT_TRAINED_FRACTION,
+        default=0.5,
         help="share of tokens with a label (assistant tokens); the LM head runs only there",
     )
     # --- device and budget ---
@@ -183,7 +193,7 @@ def format_recommendation(decision: dict, batch_size: int) -> str:
     return "\n".join(lines)
 
 
-def measure_configuration(args: argparse.Namespace, config, decision: dict, settings: dict, dtype: str) -> dict:
+def measure_configuration(args: argparse.Namespace, config, decision: dict, setup: Setup) -> dict:
     """Run real training steps of the recommended (or forced) configuration; print and return the comparison."""
     method = decision["method"] if args.method == "auto" else args.method
     if method == "none":
@@ -196,36 +206,16 @@ def measure_configuration(args: argparse.Namespace, config, decision: dict, sett
     batch_size, seq_len = args.batch_size, args.seq_len
     if args.method == "auto":
         batch_size, seq_len = decision["micro_batch_size"], decision["seq_len"]
-    load_dtype = settings["compute_dtype"] if quantization else dtype
+    load_dtype = setup.compute_dtype if quantization else setup.dtype
+    option = replace(setup, quantization=quantization, dtype=load_dtype, gradient_checkpointing=gc)
+    option.batch_size, option.seq_len = batch_size, seq_len
     print(f"measuring {args.measure_steps} steps of {method} (checkpointing {gc}) at {batch_size} x {seq_len} ...")
-    measurement = measure_in_subprocess(
-        model=args.model,
-        quantization=quantization,
-        batch_size=batch_size,
-        seq_len=seq_len,
-        rank=args.rank,
-        target_modules=args.target_modules,
-        gradient_checkpointing=gc,
-        device=settings["device"],
-        dtype=load_dtype,
-        compute_dtype=settings["compute_dtype"],
-        lora_dropout=args.dropout,
-        trained_fraction=args.trained_fraction,
-        steps=args.measure_steps,
-    )
+    measurement = measure_in_subprocess(args.model, option, args.measure_steps)
     # estimate exactly what ran, with the batch's real share of trained tokens
     trained_fraction = measurement["trained_tokens"] / (batch_size * seq_len)
-    estimate = estimate_memory(
-        config,
-        batch_size,
-        seq_len,
-        quantization=quantization,
-        dtype=load_dtype,
-        gradient_checkpointing=gc,
-        **{**settings, "trained_fraction": trained_fraction},
-    )
+    estimate = estimate_memory(config, replace(option, trained_fraction=trained_fraction))
     comparison = compare_to_measurement(estimate, measurement)
-    if settings["device"] == "cuda":
+    if setup.device == "cuda":
         what = f"CUDA peak reserved; peak allocated {measurement['max_allocated_bytes'] / GIB:.3f} GiB"
     else:
         what = "peak RSS of the steps minus a bare `import torch, transformers`"
@@ -271,36 +261,25 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         config = load_config(args.model, trust_remote_code=args.trust_remote_code)
         dtype, compute_dtype = plan_dtypes(args.dtype, args.compute_dtype, device, config)
-        settings = {
-            "rank": args.rank,
-            "target_modules": args.target_modules,
-            "trained_fraction": args.trained_fraction,
-            "device": device,
-            "compute_dtype": compute_dtype,
-            "lora_dropout": args.dropout,
-        }
+        # the LoRA setup; QLoRA loads the base in the compute dtype
+        setup = Setup(
+            batch_size=args.batch_size,
+            seq_len=args.seq_len,
+            rank=args.rank,
+            target_modules=args.target_modules,
+            dtype=dtype,
+            device=device,
+            compute_dtype=compute_dtype,
+            lora_dropout=args.dropout,
+            trained_fraction=args.trained_fraction,
+        )
         estimates = {
             name: estimate_memory(
-                config,
-                args.batch_size,
-                args.seq_len,
-                quantization=quantization,
-                dtype=compute_dtype if quantization else dtype,
-                gradient_checkpointing=gc,
-                **settings,
+                config, replace(setup, quantization=q, dtype=compute_dtype if q else dtype, gradient_checkpointing=gc)
             )
-            for name, (quantization, gc) in VARIANTS.items()
+            for name, (q, gc) in VARIANTS.items()
         }
-        decision = recommend_setup(
-            config,
-            args.gpu_memory,
-            args.batch_size,
-            args.seq_len,
-            safety_margin=args.safety_margin,
-            error_band=args.error_band,
-            lora_dtype=dtype,
-            **settings,
-        )
+        decision = recommend_setup(config, setup, args.gpu_memory, args.safety_margin, args.error_band)
     except (ModelLoadError, MemoryEstimateError, OSError, ValueError) as err:
         sys.exit(f"error: {err}")
 
@@ -323,7 +302,7 @@ def main(argv: list[str] | None = None) -> dict:
     report = {
         "model": args.model,
         "device": device,
-        "settings": {**settings, "batch_size": args.batch_size, "seq_len": args.seq_len, "dtype": dtype},
+        "settings": {name: getattr(setup, name) for name in REPORT_SETTINGS},
         "architecture": arch,
         "params": params,
         "estimates": estimates,
@@ -333,7 +312,7 @@ def main(argv: list[str] | None = None) -> dict:
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     if args.measure:
-        report["measurement"] = measure_configuration(args, config, decision, settings, dtype)
+        report["measurement"] = measure_configuration(args, config, decision, setup)
     output.parent.mkdir(parents=True, exist_ok=True)
     write_json(output, report)
     print(f"saved {output}")

@@ -61,7 +61,7 @@ from common.lora import (
     parse_target_modules,
 )
 from common.loss import TrainedTokenLoss, evaluate_loss
-from common.memory import check_fits
+from common.memory import Setup, check_fits
 from common.model import DEFAULT_MODEL, ModelLoadError, load_config, load_model_and_tokenizer
 from common.perf import MfuMeter, count_matmul_params, gpu_utilization, peak_memory_mb
 from common.precision import PrecisionChoice, enable_cpu_fp16, remeasure_peak, resolve_precision_on_main
@@ -358,19 +358,19 @@ def check_memory(model_config, args: argparse.Namespace, device: torch.device, d
     Raises:
         SystemExit: with --strict-memory, when the configuration will not fit.
     """
-    fits, message = check_fits(
-        model_config,
-        device.type,
-        args.batch_size,
-        min(seq_len, args.max_seq_len),
-        args.rank,
-        parse_target_modules(args.target_modules),
-        args.quantization,
-        dtype,
-        args.gradient_checkpointing,
-        compute_dtype=dtype,
+    setup = Setup(
+        batch_size=args.batch_size,
+        seq_len=min(seq_len, args.max_seq_len),
+        rank=args.rank,
+        target_modules=args.target_modules,
+        quantization=args.quantization,
+        dtype=dtype,
+        gradient_checkpointing=args.gradient_checkpointing,
+        device=device.type,
+        compute_dtype=dtype,  # the frozen base is stored in the autocast dtype
         lora_dropout=args.dropout,
     )
+    fits, message = check_fits(model_config, setup)
     if fits:
         logger.info(message)
     elif args.strict_memory:

@@ -16,8 +16,8 @@ What it runs, each in a fresh process, on the default model unless `--model`:
    through bitsandbytes on CUDA, gradient checkpointing as train.py defaults) in fp16 and bf16.
    Non-padding tokens/s over the steps after the first, train.py's MFU (against the fastest dtype's
    peak), its peak `torch.cuda.max_memory_allocated`, and the GradScaler's scale after the run.
-3. Memory: `common.memory.measure_in_subprocess` (2 AdamW steps of train.py's loss on a random
-   batch of `--memory-batch-size` x `--memory-seq-len`) against `common.memory.estimate_memory`
+3. Memory: `common.memory_measure.measure_in_subprocess` (2 AdamW steps of train.py's loss on a random
+   batch of `--memory-batch-size` x `--memory-seq-len`) against `common.memory_estimator.estimate_memory`
    for exactly those settings, the estimate profile_memory.py prints: max reserved vs the estimate
    without the CUDA context, and `max_memory_allocated` vs the estimate without the context and the
    caching-allocator allowance. The largest |ratio - 1| is the GPU's error band for
@@ -202,39 +202,20 @@ def measure_memory(args: argparse.Namespace, precision: str, quantization: str |
         {"estimated_gib", "reserved_gib", "reserved_ratio", "allocated_gib", "allocated_ratio",
          "gradient_checkpointing", ...} (allocated figures only on CUDA), or {"error": ...}.
     """
-    from common.memory import CUDA_CONTEXT_BYTES, GIB, estimate_memory, measure_in_subprocess
+    from common.memory import CUDA_CONTEXT_BYTES, GIB, Setup
+    from common.memory_estimator import estimate_memory
+    from common.memory_measure import measure_in_subprocess
     from common.model import load_config
 
     gc = quantization == "nf4"  # train.py's default: checkpointing on for QLoRA, off for LoRA
-    settings = {"rank": 16, "target_modules": "q_proj,k_proj,v_proj", "gradient_checkpointing": gc}
+    setup = Setup(args.memory_batch_size, args.memory_seq_len, 16, "q_proj,k_proj,v_proj", quantization, precision, gc)
+    setup.device, setup.compute_dtype = device, precision
     try:
-        measured = measure_in_subprocess(
-            timeout_s=args.timeout,
-            model=args.model,
-            quantization=quantization,
-            batch_size=args.memory_batch_size,
-            seq_len=args.memory_seq_len,
-            device=device,
-            dtype=precision,
-            compute_dtype=precision,
-            steps=2,
-            **settings,
-        )
+        measured = measure_in_subprocess(args.model, setup, steps=2, timeout_s=args.timeout)
     except (RuntimeError, subprocess.TimeoutExpired) as err:
         return {"error": str(err).splitlines()[-1] if str(err) else type(err).__name__}
-    estimate = estimate_memory(
-        load_config(args.model),
-        args.memory_batch_size,
-        args.memory_seq_len,
-        settings["rank"],
-        settings["target_modules"],
-        quantization,
-        precision,
-        gc,
-        measured["trained_tokens"] / (args.memory_batch_size * args.memory_seq_len),
-        device=device,
-        compute_dtype=precision,
-    )
+    setup.trained_fraction = measured["trained_tokens"] / (args.memory_batch_size * args.memory_seq_len)
+    estimate = estimate_memory(load_config(args.model), setup)
     context = CUDA_CONTEXT_BYTES if device == "cuda" else 0  # outside the allocator: not in its counters
     result = {
         "gradient_checkpointing": gc,

@@ -18,22 +18,20 @@ import argparse
 import platform
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from common.memory import (  # noqa: E402  (the repo root must be on sys.path first)
-    ESTIMATE_ERROR_BAND,
-    GIB,
-    MIB,
-    compare_to_measurement,
+from common.memory import ESTIMATE_ERROR_BAND, GIB, MIB, Setup  # noqa: E402  (the repo root must be on sys.path first)
+from common.memory_estimator import (  # noqa: E402
     count_architecture_parameters,
     describe_architecture,
     estimate_memory,
-    measure_in_subprocess,
     recommend_setup,
 )
+from common.memory_measure import compare_to_measurement, measure_in_subprocess  # noqa: E402
 from common.model import DEFAULT_MODEL, load_config  # noqa: E402
 
 
@@ -73,18 +71,14 @@ def build_fit_table(args: argparse.Namespace) -> list[str]:
     for path, config in configs:
         params = count_architecture_parameters(describe_architecture(config))["total"]
         for seq_len in args.seq_lens:
-            decision = recommend_setup(
-                config, args.gpu_memory, args.batch_size, seq_len, args.rank, args.target_modules, device="cuda"
-            )
+            setup = Setup(args.batch_size, seq_len, args.rank, args.target_modules)  # fp16 on CUDA, as a T4
+            decision = recommend_setup(config, setup, args.gpu_memory)
             cells = []
             for quantization, method in ((None, "lora"), ("nf4", "qlora")):
-                totals = [
-                    estimate_memory(
-                        config, args.batch_size, seq_len, args.rank, args.target_modules, quantization, "fp16", gc
-                    )["total"]
-                    / GIB
-                    for gc in (False, True)
+                variants = [
+                    replace(setup, quantization=quantization, gradient_checkpointing=gc) for gc in (False, True)
                 ]
+                totals = [estimate_memory(config, variant)["total"] / GIB for variant in variants]
                 best = max(
                     c["max_micro_batch_size"] for c in decision["candidates"] if c["method"] == method
                 )  # over GC on/off
@@ -117,30 +111,10 @@ def build_measure_table(args: argparse.Namespace) -> list[str]:
     for quantization, dtype in ((None, "fp32"), ("nf4", "bf16")):
         for gc in (False, True):
             for seq_len in args.measure_seq_lens:
-                measurement = measure_in_subprocess(
-                    extra_env=extra_env,
-                    model=DEFAULT_MODEL,
-                    quantization=quantization,
-                    batch_size=batch,
-                    seq_len=seq_len,
-                    rank=args.rank,
-                    target_modules=args.target_modules,
-                    gradient_checkpointing=gc,
-                    device="cpu",
-                    steps=2,
-                )
-                estimate = estimate_memory(
-                    config,
-                    batch,
-                    seq_len,
-                    args.rank,
-                    args.target_modules,
-                    quantization,
-                    dtype,
-                    gc,
-                    measurement["trained_tokens"] / (batch * seq_len),
-                    device="cpu",
-                )
+                setup = Setup(batch, seq_len, args.rank, args.target_modules, quantization, dtype, gc, device="cpu")
+                measurement = measure_in_subprocess(DEFAULT_MODEL, setup, steps=2, extra_env=extra_env)
+                trained_fraction = measurement["trained_tokens"] / (batch * seq_len)
+                estimate = estimate_memory(config, replace(setup, trained_fraction=trained_fraction))
                 comparison = compare_to_measurement(estimate, measurement)
                 live = comparison["estimated_bytes"] - estimate["details"]["allocator_allowance"]
                 lines.append(
@@ -185,7 +159,7 @@ def main(argv: list[str] | None = None) -> str:
             f"fits the budget minus a 10% margin, with or without GC (at most {args.batch_size}). Recommendation: "
             "method, micro-batch x gradient accumulation (LoRA that fits only micro-batch 1 loses to QLoRA that fits "
             "more). "
-            "Estimates only (no weights loaded); the formulas are in common/memory.py."
+            "Estimates only (no weights loaded); the formulas are in common/memory_estimator.py."
         )
         body = build_fit_table(args)
     markdown = "\n".join([*header, "", *body]) + "\n"

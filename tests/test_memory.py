@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from transformers import LlamaConfig
 
 from common.memory import (
@@ -17,21 +18,25 @@ from common.memory import (
     ESTIMATE_ERROR_BAND,
     GIB,
     NF4_BITS_PER_PARAM,
-    NF4_CONSTANT_BYTES_PER_MATRIX,
     MemoryEstimateError,
+    Setup,
     check_fits,
-    compare_to_measurement,
+    quick_estimate_bytes,
+)
+from common.memory_estimator import (
+    NF4_CONSTANT_BYTES_PER_MATRIX,
     count_architecture_parameters,
     describe_architecture,
     estimate_memory,
-    measure_in_subprocess,
     nf4_bytes,
     recommend_setup,
 )
+from common.memory_measure import compare_to_measurement, measure_in_subprocess
 from common.model import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 TOLERANCE = 0.25
+QKV = "q_proj,k_proj,v_proj"
 
 
 @pytest.fixture
@@ -60,9 +65,7 @@ def test_parameter_counts_by_hand(tiny_config):
 
 def test_components_by_hand_cuda_fp16(tiny_config):
     """Batch 2 x 8 tokens, LoRA r=4 on q,v, fp16 weights and autocast, dropout (bool mask on CUDA)."""
-    estimate = estimate_memory(
-        tiny_config, 2, 8, 4, ["q_proj", "v_proj"], None, "fp16", False, 0.5, device="cuda", lora_dropout=0.05
-    )
+    estimate = estimate_memory(tiny_config, Setup(2, 8, 4, ["q_proj", "v_proj"], None, "fp16", False, "cuda"))
     c = estimate["components"]
     tokens, c16 = 16, 2
     assert c["weights"] == 138048 * 2
@@ -86,13 +89,13 @@ def test_components_by_hand_cuda_fp16(tiny_config):
     assert c["overhead"] == round(CUDA_CONTEXT_BYTES + CUDA_ALLOCATOR_FRACTION * kept)
     assert estimate["total"] == sum(c.values())
 
-    checkpointed = estimate_memory(tiny_config, 2, 8, 4, "q_proj,v_proj", None, "fp16", True, 0.5, device="cuda")
+    checkpointed = estimate_memory(tiny_config, Setup(2, 8, 4, "q_proj,v_proj", None, "fp16", True, "cuda"))
     # only each layer's fp16 input is kept, plus one layer live again in its backward
     assert checkpointed["components"]["activations"] == 2 * c16 * tokens * 64 + layer + final_norm
 
 
 def test_components_cpu_fp32_weights_keep_autocast_copies(tiny_config):
-    estimate = estimate_memory(tiny_config, 2, 8, 4, ["q_proj"], None, "fp32", False, 0.5, device="cpu")
+    estimate = estimate_memory(tiny_config, Setup(2, 8, 4, ["q_proj"], None, "fp32", False, "cpu"))
     c = estimate["components"]
     assert estimate["details"]["compute_dtype"] == "bf16"
     assert c["weights"] == 138048 * 4
@@ -103,8 +106,8 @@ def test_components_cpu_fp32_weights_keep_autocast_copies(tiny_config):
 
 
 def test_qlora_weights_and_fp32_mlp(tiny_config):
-    lora = estimate_memory(tiny_config, 2, 8, 4, ["q_proj"], None, "fp16", False, device="cuda")
-    qlora = estimate_memory(tiny_config, 2, 8, 4, ["q_proj"], "nf4", "fp16", False, device="cuda")
+    lora = estimate_memory(tiny_config, Setup(2, 8, 4, ["q_proj"], None, "fp16"))
+    qlora = estimate_memory(tiny_config, Setup(2, 8, 4, ["q_proj"], "nf4", "fp16"))
     shapes = [4096, 2048, 2048, 4096, 8192, 8192, 8192]
     # 4-bit decoder linears + fp32 embedding and norms (prepare_model_for_kbit_training upcasts them)
     assert qlora["components"]["weights"] == round(2 * sum(nf4_bytes(n) for n in shapes) + 4 * (64000 + 320))
@@ -139,7 +142,7 @@ def test_recommendation_flips_from_lora_to_qlora_as_budget_shrinks():
     config = load_config(str(REPO / "configs/llama-3.2-1b-instruct.json"))
     methods = []
     for budget in (24, 16, 8, 6, 5, 4, 3, 2.5, 2, 1):
-        decision = recommend_setup(config, budget, batch_size=4, seq_len=1024, rank=16, target_modules="all-linear")
+        decision = recommend_setup(config, Setup(4, 1024, 16, "all-linear"), budget)
         methods.append(decision["method"])
         if decision["method"] != "none":
             assert decision["estimated_gb"] <= decision["usable_gb"]
@@ -151,8 +154,8 @@ def test_recommendation_flips_from_lora_to_qlora_as_budget_shrinks():
 
 def test_recommendation_reduces_micro_batch_and_keeps_effective_batch():
     config = load_config(str(REPO / "configs/qwen2.5-0.5b-instruct.json"))
-    big = recommend_setup(config, 16, batch_size=16, seq_len=2048)
-    small = recommend_setup(config, 6, batch_size=16, seq_len=2048)
+    big = recommend_setup(config, Setup(16, 2048, 16, QKV), 16)
+    small = recommend_setup(config, Setup(16, 2048, 16, QKV), 6)
     assert big["micro_batch_size"] >= small["micro_batch_size"] >= 1
     assert small["micro_batch_size"] < 16 and small["effective_batch_size"] == 16
     assert small["gradient_accumulation_steps"] * small["micro_batch_size"] == 16
@@ -172,13 +175,13 @@ def test_a_7b_model_on_a_t4_is_sent_to_qlora():
     config = load_config(str(REPO / "configs/mistral-7b-instruct-v0.3.json"))
     # Short sequences: the old rule sent it to fp16 LoRA at micro-batch 1, 14.3 of 14.4 GiB usable. Even without
     # the estimator's own error, the micro-batch rule now picks QLoRA, which fits the asked batch of 4.
-    unbanded = recommend_setup(config, 16, batch_size=4, seq_len=256, error_band=0.0)
+    unbanded = recommend_setup(config, Setup(4, 256, 16, QKV), 16, error_band=0.0)
     lora = next(c for c in unbanded["candidates"] if c["method"] == "lora" and c["gradient_checkpointing"])
     assert lora["max_micro_batch_size"] == 1
     assert unbanded["method"] == "qlora" and unbanded["micro_batch_size"] == 4
     assert "LoRA on the fp16 base fits only micro-batch 1 of 4" in unbanded["reason"]
     for seq_len in (256, 1024):
-        decision = recommend_setup(config, 16, batch_size=4, seq_len=seq_len)
+        decision = recommend_setup(config, Setup(4, seq_len, 16, QKV), 16)
         assert decision["method"] == "qlora" and decision["micro_batch_size"] == 4, decision["reason"]
         assert decision["gradient_accumulation_steps"] == 1 and decision["headroom_gb"] > 3
         assert decision["estimated_with_band_gb"] == pytest.approx(decision["estimated_gb"] * 1.11)
@@ -187,7 +190,7 @@ def test_a_7b_model_on_a_t4_is_sent_to_qlora():
 
 def test_lora_at_micro_batch_1_loses_to_qlora_at_the_asked_batch():
     config = load_config(str(REPO / "configs/mistral-7b-instruct-v0.3.json"))
-    decision = recommend_setup(config, 19, batch_size=4, seq_len=1024)  # LoRA+GC fits 1 sequence (16.5 of 17.1 GiB)
+    decision = recommend_setup(config, Setup(4, 1024, 16, QKV), 19)  # LoRA+GC fits 1 sequence (16.5 of 17.1 GiB)
     lora = max(c["max_micro_batch_size"] for c in decision["candidates"] if c["method"] == "lora")
     assert lora == 1
     assert (decision["method"], decision["micro_batch_size"], decision["gradient_accumulation_steps"]) == (
@@ -198,29 +201,66 @@ def test_lora_at_micro_batch_1_loses_to_qlora_at_the_asked_batch():
     assert "LoRA on the fp16 base fits only micro-batch 1 of 4" in decision["reason"]
     assert "GiB to spare" in decision["reason"] and decision["headroom_gb"] > 5
     # LoRA that fits the asked batch still wins: no quantization error, faster steps
-    roomy = recommend_setup(config, 24, batch_size=4, seq_len=1024)
+    roomy = recommend_setup(config, Setup(4, 1024, 16, QKV), 24)
     assert roomy["method"] == "lora" and roomy["micro_batch_size"] == 4
     # and QLoRA must do better than micro-batch 1 to take over
-    single = recommend_setup(config, 19, batch_size=1, seq_len=1024)
+    single = recommend_setup(config, Setup(1, 1024, 16, QKV), 19)
     assert single["method"] == "lora" and single["micro_batch_size"] == 1
 
 
 def test_check_fits_and_bad_settings(tiny_config):
-    args = (tiny_config, "cuda", 2, 64, 4, "q_proj", None, "fp16", False)
-    fits, message = check_fits(*args, budget_bytes=GIB)
+    setup = Setup(2, 64, 4, "q_proj", None, "fp16", False, "cuda")
+    fits, message = check_fits(tiny_config, setup, budget_bytes=GIB)
     assert fits and "GiB" in message
-    fits, message = check_fits(*args, budget_bytes=100 * 2**20)
-    assert not fits and "--batch-size" in message
-    assert check_fits(tiny_config, "mps", 2, 64, 4, "q_proj", None, "fp16", False)[0]  # not modelled: no verdict
-    total = estimate_memory(*args[:1], 2, 64, 4, "q_proj", None, "fp16", False, device="cuda")["total"]
-    budget = round(total * 1.05 / 0.9)  # fits the usable memory only without the 11% estimate error
-    assert check_fits(*args, budget_bytes=budget, error_band=0.0)[0]
-    fits, message = check_fits(*args, budget_bytes=budget)
+    fits, message = check_fits(tiny_config, setup, budget_bytes=100 * 2**20)
+    assert not fits and "--batch-size" in message and "--quantization nf4" in message and "profile_memory.py" in message
+    assert check_fits(tiny_config, Setup(2, 64, 4, "q_proj", device="mps"))[0]  # not modelled: no verdict
+    total = quick_estimate_bytes(tiny_config, setup)
+    fits, message = check_fits(tiny_config, setup, budget_bytes=round(total * 1.12 / 0.9))
+    assert fits and f"memory estimate {total / GIB:.2f} GiB (+11% estimate error" in message
+    fits, message = check_fits(tiny_config, setup, budget_bytes=round(total * 1.10 / 0.9))  # fits only without the band
     assert not fits and "+11% estimate error" in message
+    # train.py passes torch dtypes
+    as_torch = Setup(2, 64, 4, "q_proj", None, torch.bfloat16, False, "cpu", compute_dtype=torch.bfloat16)
+    assert quick_estimate_bytes(tiny_config, as_torch) == quick_estimate_bytes(
+        tiny_config, Setup(2, 64, 4, "q_proj", None, "bf16", False, "cpu")
+    )
     with pytest.raises(MemoryEstimateError, match="qkv_proj"):
-        estimate_memory(tiny_config, 2, 64, 4, "qkv_proj", None, "fp16", False)
+        check_fits(tiny_config, Setup(2, 64, 4, "q_proj,qkv_proj"))
+    with pytest.raises(MemoryEstimateError, match="qkv_proj"):
+        estimate_memory(tiny_config, Setup(2, 64, 4, "qkv_proj"))
     with pytest.raises(MemoryEstimateError, match="quantization"):
-        estimate_memory(tiny_config, 2, 64, 4, "q_proj", "int8", "fp16", False)
+        estimate_memory(tiny_config, Setup(2, 64, 4, "q_proj", "int8"))
+
+
+# train.py's quick pre-flight against the full estimate on the default model, GiB (2026-12-05): quick / full
+#   cuda-lora-4x1024 5.238 / 5.268 | cuda-lora-gc-4x1024 2.260 / 2.270 | cuda-qlora-4x1024 6.362 / 6.392
+#   cuda-qlora-gc-all-linear-4x1024 2.502 / 2.514 | cpu-lora-fp32-eager-4x512 6.891 / 6.911
+#   cpu-lora-bf16-gc-eager-all-linear-4x512 1.705 / 1.713 | cpu-qlora-eager-2x256 1.808 / 1.816
+#   cpu-qlora-gc-sdpa-4x1024 2.786 / 2.800: 0.4-0.6% under, every one
+QUICK_SETTINGS = [
+    pytest.param("cuda", None, "fp16", False, 4, 1024, QKV, id="cuda-lora-4x1024"),
+    pytest.param("cuda", None, "fp16", True, 4, 1024, QKV, id="cuda-lora-gc-4x1024"),
+    pytest.param("cuda", "nf4", "fp16", False, 4, 1024, QKV, id="cuda-qlora-4x1024"),
+    pytest.param("cuda", "nf4", "fp16", True, 4, 1024, "all-linear", id="cuda-qlora-gc-all-linear-4x1024"),
+    pytest.param("cpu", None, "fp32", False, 4, 512, QKV, id="cpu-lora-fp32-eager-4x512"),
+    pytest.param("cpu", None, "bf16", True, 4, 512, "all-linear", id="cpu-lora-bf16-gc-eager-all-linear-4x512"),
+    pytest.param("cpu", "nf4", "bf16", False, 2, 256, QKV, id="cpu-qlora-eager-2x256"),
+    pytest.param("cpu", "nf4", "bf16", True, 4, 1024, QKV, id="cpu-qlora-gc-sdpa-4x1024"),
+]
+
+
+@pytest.mark.parametrize(("device", "quantization", "dtype", "gc", "batch", "seq_len", "targets"), QUICK_SETTINGS)
+def test_quick_estimate_within_1_percent_under_the_full_estimate(
+    device, quantization, dtype, gc, batch, seq_len, targets
+):
+    """The pre-flight leaves out only small, positive terms: never above the full estimate, at most 1% under it."""
+    config = load_config("smollm2-135m-instruct")
+    # train.py runs eager attention on CPU up to 512 tokens (its s^2 probabilities are the largest term there)
+    config._attn_implementation = "eager" if device == "cpu" and seq_len <= 512 else "sdpa"
+    setup = Setup(batch, seq_len, 16, targets, quantization, dtype, gc, device)
+    quick, full = quick_estimate_bytes(config, setup), estimate_memory(config, setup)["total"]
+    assert 0.99 * full <= quick <= full, (quick / GIB, full / GIB, quick / full)
 
 
 @pytest.mark.parametrize(
@@ -257,29 +297,11 @@ def test_script_writes_table_and_recommendation(tmp_path, capsys):
 def _measured_ratio(
     model: str, quantization: str | None, batch_size: int, seq_len: int, checkpointing: bool = False
 ) -> tuple[float, dict]:
-    measurement = measure_in_subprocess(
-        model=model,
-        quantization=quantization,
-        batch_size=batch_size,
-        seq_len=seq_len,
-        rank=16,
-        target_modules="q_proj,k_proj,v_proj",
-        gradient_checkpointing=checkpointing,
-        device="cpu",
-        steps=2,
-    )
-    estimate = estimate_memory(
-        load_config(model),
-        batch_size,
-        seq_len,
-        16,
-        "q_proj,k_proj,v_proj",
-        quantization,
-        "bf16" if quantization else "fp32",
-        checkpointing,
-        measurement["trained_tokens"] / (batch_size * seq_len),
-        device="cpu",
-    )
+    # LoRA keeps the base in fp32 on a CPU, QLoRA computes in bf16; autocast in bf16
+    setup = Setup(batch_size, seq_len, 16, QKV, quantization, "bf16" if quantization else "fp32", checkpointing, "cpu")
+    measurement = measure_in_subprocess(model, setup, steps=2)
+    setup.trained_fraction = measurement["trained_tokens"] / (batch_size * seq_len)
+    estimate = estimate_memory(load_config(model), setup)
     return compare_to_measurement(estimate, measurement)["ratio"], measurement
 
 
