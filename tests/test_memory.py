@@ -3,7 +3,9 @@ estimate against measured peak memory of real training steps on CPU (default and
 
 from __future__ import annotations
 
+import argparse
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -231,6 +233,26 @@ def test_check_fits_and_bad_settings(tiny_config):
         estimate_memory(tiny_config, Setup(2, 64, 4, "qkv_proj"))
     with pytest.raises(MemoryEstimateError, match="quantization"):
         estimate_memory(tiny_config, Setup(2, 64, 4, "q_proj", "int8"))
+
+
+def test_train_check_memory_logs_warns_or_refuses(tiny_config, caplog):
+    import train
+
+    flags = {"batch_size": 2, "max_seq_len": 48, "rank": 4, "target_modules": QKV, "quantization": None}
+    args = argparse.Namespace(**flags, gradient_checkpointing=False, dropout=0.05, strict_memory=False)
+    logger = logging.getLogger("test_check_memory")
+    with caplog.at_level(logging.INFO, logger="test_check_memory"):
+        line = train.check_memory(tiny_config, args, torch.device("cpu"), torch.float32, 64, logger)
+    # the longest row (64) capped by --max-seq-len (48); fp32 on CPU is fp32 compute
+    expected = quick_estimate_bytes(tiny_config, Setup(2, 48, 4, QKV, None, "fp32", False, "cpu", "fp32"))
+    assert line.startswith(f"memory estimate {expected / GIB:.2f} GiB") and "batch 2 x 48 tokens (LoRA" in line
+    assert caplog.records[-1].levelno == logging.INFO and caplog.records[-1].message == line
+    args.batch_size = 2**40  # never fits: a warning, or with --strict-memory a refusal naming the remedies
+    line = train.check_memory(tiny_config, args, torch.device("cpu"), torch.float32, 64, logger)
+    assert caplog.records[-1].levelno == logging.WARNING and "--quantization nf4" in line
+    args.strict_memory = True
+    with pytest.raises(SystemExit, match=r"error: memory estimate .* try lower --batch-size"):
+        train.check_memory(tiny_config, args, torch.device("cpu"), torch.float32, 64, logger)
 
 
 # train.py's quick pre-flight against the full estimate on the default model, GiB (2026-12-05): quick / full
