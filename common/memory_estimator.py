@@ -296,11 +296,9 @@ class _Budget:
 
     def total(self, method: str, gc: bool, batch: int, seq: int) -> int:
         """Estimated bytes of LoRA (on the setup's dtype) or QLoRA (in its compute dtype)."""
-        compute = self.setup.dtype_names()[1]
-        dtype = self.setup.dtype if method == "lora" else compute
-        quantization = None if method == "lora" else "nf4"
-        option = replace(self.setup, quantization=quantization, dtype=dtype, compute_dtype=compute)
-        option = replace(option, gradient_checkpointing=gc, batch_size=batch, seq_len=seq)
+        compute, lora = self.setup.dtype_names()[1], method == "lora"
+        option = replace(self.setup, batch_size=batch, seq_len=seq, gradient_checkpointing=gc, compute_dtype=compute)
+        option.quantization, option.dtype = (None, self.setup.dtype) if lora else ("nf4", compute)
         return estimate_memory(self.config, option)["total"]
 
     def fits(self, method: str, gc: bool, batch: int, seq: int) -> bool:
