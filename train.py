@@ -61,7 +61,7 @@ from common.lora import (
     parse_target_modules,
 )
 from common.loss import TrainedTokenLoss, evaluate_loss
-from common.memory import Setup, check_fits
+from common.memory import MemoryEstimateError, Setup, check_fits
 from common.model import DEFAULT_MODEL, ModelLoadError, load_config, load_model_and_tokenizer
 from common.perf import MfuMeter, count_matmul_params, gpu_utilization, peak_memory_mb
 from common.precision import PrecisionChoice, enable_cpu_fp16, remeasure_peak, resolve_precision_on_main
@@ -347,17 +347,8 @@ def load_inputs(args: argparse.Namespace, accelerator: Accelerator, dtype: torch
 
 
 def check_memory(model_config, args: argparse.Namespace, device: torch.device, dtype, seq_len: int, logger) -> str:
-    """Memory pre-flight: warn (with --strict-memory refuse) when the estimate does not fit the device.
-
-    Args:
-        seq_len: the longest padded training row; a batch is never longer (nor longer than --max-seq-len).
-
-    Returns:
-        The verdict line (also logged), recorded in config.json.
-
-    Raises:
-        SystemExit: with --strict-memory, when the configuration will not fit.
-    """
+    """Memory pre-flight for the longest padded row `seq_len`: log the verdict (recorded in config.json), warn
+    when it does not fit, or exit with --strict-memory. An architecture the estimate cannot read is skipped."""
     setup = Setup(
         batch_size=args.batch_size,
         seq_len=min(seq_len, args.max_seq_len),
@@ -370,7 +361,10 @@ def check_memory(model_config, args: argparse.Namespace, device: torch.device, d
         compute_dtype=dtype,  # the frozen base is stored in the autocast dtype
         lora_dropout=args.dropout,
     )
-    fits, message = check_fits(model_config, setup)
+    try:
+        fits, message = check_fits(model_config, setup)
+    except MemoryEstimateError as err:
+        fits, message = True, f"memory estimate skipped: {err}"
     if fits:
         logger.info(message)
     elif args.strict_memory:
