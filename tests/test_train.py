@@ -322,3 +322,13 @@ def test_eager_and_sdpa_attention_give_the_same_losses_and_gradients(tiny_model_
     torch.testing.assert_close(results["eager"][0], results["sdpa"][0], rtol=1e-5, atol=1e-5)
     for eager_grad, sdpa_grad in zip(results["eager"][1], results["sdpa"][1]):
         torch.testing.assert_close(eager_grad, sdpa_grad, rtol=1e-4, atol=1e-6)
+
+
+def test_memory_preflight_skips_what_it_cannot_estimate(tiny_model_dir, toy_data_dir, tmp_path, capsys):
+    """LoRA on lm_head trains, but the estimate knows only decoder linear layers: logged as skipped, no traceback."""
+    run = tmp_path / "lm_head"
+    train.main(base_args(tiny_model_dir, toy_data_dir, run, "--target-modules", "lm_head", "--max-steps", "1",
+                         "--num-samples", "0", "--no-baseline"))  # fmt: skip
+    verdict = json.loads((run / "config.json").read_text())["derived"]["memory_preflight"]
+    assert verdict.startswith("memory estimate skipped: target modules ['lm_head'] unknown")
+    assert verdict in capsys.readouterr().out  # logged before the run folder (and train.log) exists
