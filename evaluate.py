@@ -10,7 +10,7 @@ examples: with the adapter, and inside `model.disable_adapter()` (the untouched 
 - mean cross-entropy and perplexity over assistant tokens, with a bootstrap 95% interval that
   resamples examples, and the paired finetuned-minus-base difference on the same resamples
 - greedy generation of the final assistant reply and of the asking turns in one continuous batch
-  (common/generation.py: finished rows leave at once, a conversation's prompts share one prefill,
+  (common/fast_generation.py: finished rows leave at once, a conversation's prompts share one prefill,
   the adapter is merged while it runs), ROUGE-1/2/L against the reference reply
 - decision accuracy from the `DECISION | CLASS | RULES` line: parse rate, outcome and risk-class
   accuracy, rule-citation F1, per line of business, and confusion matrices; where the references
@@ -51,7 +51,8 @@ from common.data import (
 )
 from common.decision import parse_decision_line
 from common.eval_cache import cache_key, entry_path, load_entry, model_digest, save_entry
-from common.generation import GenerationStats, generate_replies, prompt_messages
+from common.fast_generation import GenerationStats, generate_replies
+from common.generation import prompt_messages
 from common.jsonio import write_json, write_jsonl
 from common.loss import compute_token_losses
 from common.metrics import (
