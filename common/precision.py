@@ -1,11 +1,10 @@
 """One precision rule for every script that runs the model: measured on a CPU, a fixed rule on a GPU.
 
 CPU, `auto`: no fixed rule holds (an AMX Xeon ran bf16 ~6x faster than fp32, an AVX512-BF16 Xeon
-without AMX at ~0.55x: DESIGN.md), so fp32, bf16 and (native fp16 units only) fp16 matmuls are timed
-at the model's own shapes; a lower precision must win by `MIN_SPEEDUP`. GPU, `auto`: `accelerate
-launch`'s mixed precision if set, else bf16 from compute capability 8.0 and fp16 below. An explicit
-flag wins (bf16 without support falls back). The MFU denominator (common/perf.py) is the FASTEST
-probed dtype's rate, whatever was chosen.
+without AMX at ~0.55x: DESIGN.md), so fp32, bf16 and (native units only) fp16 matmuls are timed at the
+model's shapes, best of `PROBE_ROUNDS`. GPU, `auto`: `accelerate launch`'s mixed precision, else bf16
+from compute capability 8.0, fp16 below. A flag wins (unsupported bf16 falls back). The MFU
+denominator (common/perf.py) is the FASTEST probed dtype's rate, whatever was chosen.
 """
 
 from __future__ import annotations
@@ -112,10 +111,7 @@ def _random_matrix(rows: int, cols: int, device: torch.device, dtype: torch.dtyp
 
 
 def measure_matmul_flops(device: torch.device, dtype: torch.dtype, shapes: list, budget_s: float) -> float:
-    """The FLOP/s of `dtype` matmuls at `shapes`, mixed as their weights say: sum(w) / sum(w / rate).
-
-    Per shape: a warm-up call (kernel choice, oneDNN JIT), then its share of the budget left; the best call counts.
-    """
+    """FLOP/s of `dtype` matmuls mixed as `shapes` weigh them; per shape a warm-up call, then the best of its budget."""
     deadline, weighted_seconds = time.perf_counter() + budget_s, 0.0
     sync = torch.cuda.synchronize if device.type == "cuda" else lambda device: None
     for index, (rows, k, n, weight) in enumerate(shapes):
@@ -143,23 +139,18 @@ def _best_rates(device: torch.device, names: list[str], shapes: list, budget_s: 
     return figures
 
 
-def choose_fastest(figures: dict[str, float]) -> str:
-    """The fastest of `figures` ("fp32" always there) as "no", "bf16" or "fp16"; a lower precision wins by MIN_SPEEDUP."""
-    chosen = "fp32"
-    for name in ("bf16", "fp16"):
-        if name in figures and figures[name] > figures[chosen] * MIN_SPEEDUP:
-            chosen = name
-    return {"fp32": "no"}.get(chosen, chosen)
-
-
 def _cpu_rule(requested: str, figures: dict, logger: logging.Logger) -> tuple[str, str]:
     """(precision, reason) on a CPU: `auto` takes the fastest of `figures`; an explicit flag wins."""
     if requested == "auto":
+        chosen = "fp32"
+        for name in ("bf16", "fp16"):  # a lower precision must win by MIN_SPEEDUP (fp16 also scales the loss)
+            if name in figures and figures[name] > figures[chosen] * MIN_SPEEDUP:
+                chosen = name
         ranked = " > ".join(sorted(figures, key=figures.get, reverse=True))
         reason = f"auto: the fastest dtype measured at this model's shapes ({ranked})"
         if "fp16" not in figures:
             reason += "; fp16 not probed (no AVX512-FP16/AMX-FP16: emulated, slow)"
-        return choose_fastest(figures), reason
+        return {"fp32": "no"}.get(chosen, chosen), reason
     if requested == "bf16" and not cpu_bf16_supported():
         logger.warning("warning: this CPU has no bf16 support; training in fp32")
         return "no", "bf16 requested, but this CPU has no bf16 support"
@@ -171,8 +162,7 @@ def _cpu_rule(requested: str, figures: dict, logger: logging.Logger) -> tuple[st
 def _cuda_rule(requested: str, bf16_ok: bool, logger: logging.Logger) -> tuple[str, str]:
     """(precision, reason) on a GPU: the launcher's choice, else bf16 from compute capability 8.0, else fp16."""
     if requested == "auto":
-        launcher = os.environ.get("ACCELERATE_MIXED_PRECISION")
-        if launcher in ("fp16", "bf16"):
+        if (launcher := os.environ.get("ACCELERATE_MIXED_PRECISION")) in ("fp16", "bf16"):
             return launcher, "auto: accelerate launch's mixed precision"
         if bf16_ok:
             return "bf16", "auto: compute capability >= 8.0"
@@ -192,11 +182,10 @@ def resolve_precision(
     budget_s: float = PROBE_BUDGET_S,
     logger: logging.Logger | None = None,
 ) -> PrecisionChoice:
-    """Resolve --mixed-precision / --dtype ("auto", "no"/"fp32"/"float32", "bf16", "fp16") for `device`.
+    """Resolve --mixed-precision / --dtype ("auto", "no"/"fp32"/"float32", "bf16", "fp16"; else ValueError).
 
-    `config`: the model's (the CPU probe's shapes); `measure_peak`: also time the MFU denominator when
-    the choice needs no timing (a flag, a GPU); `budget_s`: the CPU probe's seconds, all dtypes together.
-    Devices other than cpu and cuda run fp32. Raises ValueError on an unknown precision name.
+    `config`: the model's (the CPU probe's shapes); `measure_peak`: also time the MFU denominator when the
+    choice needs none (a flag, a GPU); `budget_s`: the CPU probe's, all dtypes. Other devices run fp32.
     """
     if requested not in ALIASES:
         raise ValueError(f"precision must be one of {', '.join(ALIASES)}, got '{requested}'")

@@ -22,7 +22,6 @@ from common.precision import (
     MIN_SPEEDUP,
     PROBE_MAX_FLOPS,
     PROBE_ROUNDS,
-    choose_fastest,
     enable_cpu_fp16,
     measure_matmul_flops,
     probe_shapes,
@@ -98,12 +97,17 @@ def test_auto_picks_fp32_on_the_xeon_without_amx(fake_cpu, smollm_config):
     assert "MFU against the fp32 peak 0.240 TFLOP/s" in line
 
 
-def test_fp16_only_when_clearly_faster():
-    assert choose_fastest({"fp32": 0.24e12, "bf16": 0.135e12, "fp16": 0.50e12}) == "fp16"
+def test_fp16_only_when_clearly_faster(fake_cpu, smollm_config):
+    def chosen(fp32: float, bf16: float | None, fp16: float) -> str:
+        figures = {torch.float32: fp32, torch.float16: fp16} | ({torch.bfloat16: bf16} if bf16 else {})
+        fake_cpu(figures, flags={"avx512_fp16"})
+        return resolve_precision("auto", CPU, smollm_config).precision
+
+    assert chosen(0.24e12, 0.135e12, 0.50e12) == "fp16"
     # within MIN_SPEEDUP of the more accurate dtype: keep it (ties go to precision, fp16 also needs loss scaling)
-    assert choose_fastest({"fp32": 1.0, "fp16": MIN_SPEEDUP * 0.99}) == "no"
-    assert choose_fastest({"fp32": 1.0, "bf16": 3.0, "fp16": 3.1}) == "bf16"
-    assert choose_fastest({"fp32": 1.0, "bf16": 3.0, "fp16": 3.0 * MIN_SPEEDUP * 1.01}) == "fp16"
+    assert chosen(1.0, None, MIN_SPEEDUP * 0.99) == "no"
+    assert chosen(1.0, 3.0, 3.1) == "bf16"
+    assert chosen(1.0, 3.0, 3.0 * MIN_SPEEDUP * 1.01) == "fp16"
 
 
 def test_explicit_flag_wins_and_mfu_still_uses_the_fastest_dtype(fake_cpu, smollm_config):
