@@ -10,7 +10,7 @@ examples: with the adapter, and inside `model.disable_adapter()` (the untouched 
 - mean cross-entropy and perplexity over assistant tokens, with a bootstrap 95% interval that
   resamples examples, and the paired finetuned-minus-base difference on the same resamples
 - greedy generation of the final assistant reply and of the task's extra prompts in one continuous
-  batch (common/generation.py: finished rows leave at once, a conversation's prompts share one
+  batch (common/fast_generation.py: finished rows leave at once, a conversation's prompts share one
   prefill, the adapter is merged while it runs), ROUGE-1/2/L against the reference reply
 - the task's own metrics from the task module (`--task`, default data/task.py, see docs/task.md):
   data/task.py scores each reply's decision line (per line of business, with confusion matrices)
@@ -57,7 +57,8 @@ from common.data import (
     tokenize_records,
 )
 from common.eval_cache import cache_key, entry_path, load_entry, model_digest, save_entry
-from common.generation import GenerationStats, generate_replies, prompt_messages
+from common.fast_generation import GenerationStats, generate_replies
+from common.generation import prompt_messages
 from common.jsonio import write_json, write_jsonl
 from common.loss import compute_token_losses
 from common.metrics import (

@@ -12,9 +12,9 @@ Two fresh subprocesses, one after the other, both on the adapter's base model wi
   end-of-turn) / generation seconds, from its metrics.json.
 It prints both and the ratio generation / training, and appends a section to --output.
 
-`--compare-generate` also times the previous algorithm in this process on the same prompts
-(`model.generate` in length-sorted batches of 8, adapter unmerged: what evaluate.py did before
-continuous batching) and counts the replies that are identical to evaluate.py's.
+`--compare-generate` also times the plain path in this process on the same prompts
+(`model.generate` in length-sorted batches of 8, adapter unmerged: train.py's samples, and what
+evaluate.py did before continuous batching) and counts the replies that are identical to evaluate.py's.
 """
 
 from __future__ import annotations
@@ -85,17 +85,19 @@ def generation_throughput(adapter: Path, split: str, limit: int | None, work: Pa
 
 
 def previous_generate(adapter: Path, split: str, limit: int | None, settings: dict) -> tuple[list[str], float, int]:
-    """The pre-continuous-batching path: `generate` per length-sorted batch of 8, adapter unmerged.
+    """The plain path: `model.generate` per length-sorted batch of 8, adapter unmerged.
+
+    That is `common.generation.generate_batches` (train.py's sample replies; evaluate.py before
+    continuous batching).
 
     Returns:
         (replies in evaluate.py's order: final replies then asking turns, seconds, useful new tokens).
     """
     import torch
     from peft import PeftModel
-    from transformers import GenerationConfig
 
     from common.data import load_records
-    from common.generation import end_of_turn_ids, prompt_messages
+    from common.generation import encode_prompts, end_of_turn_ids, generate_batches, prompt_messages
     from common.model import load_model_and_tokenizer, saved_chat_template
 
     base = read_json(adapter / "config.json")["args"]["model"]
@@ -107,28 +109,14 @@ def previous_generate(adapter: Path, split: str, limit: int | None, settings: di
     for record in records:  # the asking turns, as data/task.py's extra_prompts lists them
         turns = [i for i, m in enumerate(record["messages"]) if m["role"] == "assistant"][:-1]
         prompts += [record["messages"][:i] for i in turns[: len(record.get("ask_facts") or [])]]
-    texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
-    ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
-    stop = end_of_turn_ids(tokenizer)
-    config = GenerationConfig(
-        max_new_tokens=settings["max_new_tokens"],
-        do_sample=False,
-        eos_token_id=stop,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    order, replies, useful = sorted(range(len(ids)), key=lambda i: len(ids[i])), [""] * len(ids), 0
-    tokenizer.padding_side = "left"
+    ids, stop = encode_prompts(tokenizer, prompts), end_of_turn_ids(tokenizer)
+    replies, useful = [""] * len(ids), 0
     start = time.perf_counter()
     autocast = torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32)
     with torch.no_grad(), autocast:
-        for first in range(0, len(order), 8):
-            rows = order[first : first + 8]
-            batch = tokenizer.pad({"input_ids": [ids[i] for i in rows]}, return_tensors="pt")
-            new = model.generate(**batch, generation_config=config)[:, batch["input_ids"].shape[1] :]
-            for row, i in enumerate(rows):
-                replies[i] = tokenizer.decode(new[row], skip_special_tokens=True).strip()
-            ended = torch.isin(new, torch.tensor(stop))
-            useful += int((ended.cumsum(1) - ended.int() == 0).sum())
+        for i, new in generate_batches(model, ids, stop, 8, settings["max_new_tokens"], tokenizer.pad_token_id):
+            replies[i] = tokenizer.decode(new, skip_special_tokens=True).strip()
+            useful += len(new)  # up to and including the end-of-turn token
     return replies, time.perf_counter() - start, useful
 
 

@@ -602,7 +602,7 @@ def prepare_inputs(args: argparse.Namespace) -> tuple[str, dict, list[dict], lis
     try:
         model_path = resolve_model_path(args.model)
         # the same probe train.py runs, with a longer budget: every dtype's rate at the model's shapes
-        probe_before = resolve_precision("auto", torch.device("cpu"), load_config(model_path), budget_s=4.0).probe
+        probe_before = resolve_precision("auto", torch.device("cpu"), load_config(model_path), budget_s=4.0).probe_flops
         model, tokenizer = load_model_and_tokenizer(model_path)
         examples, _ = tokenize_records(load_records(args.train_file), tokenizer, args.max_seq_len)
         plan = plan_steps(
@@ -761,7 +761,7 @@ def main(argv: list[str] | None = None) -> dict | None:
 
     runs, trl_info = run_arms(args, work, plan, spec, validation_file)
 
-    probe_after = resolve_precision("auto", torch.device("cpu"), load_config(model_path), budget_s=4.0).probe
+    probe_after = resolve_precision("auto", torch.device("cpu"), load_config(model_path), budget_s=4.0).probe_flops
     result = build_result(
         args, runs, plan, trl_info, matmul_params, (probe_before, probe_after, trl_probe), load_avg_start
     )

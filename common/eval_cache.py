@@ -28,7 +28,13 @@ from common.model import get_cache_dir
 
 REPO = Path(__file__).resolve().parents[1]
 # The code whose change changes a base evaluation's raw outputs.
-CODE_FILES = ("common/data.py", "common/generation.py", "common/loss.py", "common/model.py")
+CODE_FILES = (
+    "common/data.py",
+    "common/fast_generation.py",
+    "common/generation.py",
+    "common/loss.py",
+    "common/model.py",
+)
 PACKAGES = ("torch", "transformers", "peft", "tokenizers", "accelerate")
 CACHE_ENV = "UNDERWRITE_EVAL_CACHE"
 

@@ -1,9 +1,10 @@
-"""common.generation: continuous-batching greedy decode against transformers' own `generate`, one prompt at a time.
+"""common.fast_generation's continuous-batching greedy decode against transformers' own `generate`, prompt by prompt.
 
 The reference is `model.generate(do_sample=False)` on each prompt alone (no padding, no batch, the
 library's cache and stopping), so every path of ours is checked against an independent computation:
 rows that stop early and leave the batch, refills that join a running batch with a different cache
-length, left-padding columns dropped, the budget cap, the merged adapter and its exact restore.
+length, left-padding columns dropped, the budget cap, the merged adapter and its exact restore. And
+common.generation's plain batched `generate` (train.py's samples) gives the same text.
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from common.generation import GenerationStats, generate_replies, greedy_decode, merged_lora, prefix_groups
+from common import generation
+from common.fast_generation import GenerationStats, generate_replies, greedy_decode, merged_lora, prefix_groups
 
 # Prompts of different lengths (the decode sorts them; refills join batches of other lengths).
 PROMPTS = [
@@ -171,7 +173,7 @@ def test_generate_replies_decodes_and_counts_useful_tokens(tiny, monkeypatch):
     model, tokenizer = tiny
     ids = prompt_ids(tokenizer, PROMPTS)
     stops = pick_stops(model, ids)
-    monkeypatch.setattr("common.generation.end_of_turn_ids", lambda tokenizer: stops)
+    monkeypatch.setattr("common.fast_generation.end_of_turn_ids", lambda tokenizer: stops)
     expected = reference(model, ids, stops, max_new_tokens=12)
     stats = GenerationStats()
     replies = generate_replies(model, tokenizer, PROMPTS, batch_size=3, max_new_tokens=12, stats=stats)
@@ -186,10 +188,27 @@ def test_models_with_other_caches_take_the_plain_generate_path(tiny, monkeypatch
     model, tokenizer = tiny
     ids = prompt_ids(tokenizer, PROMPTS)
     stops = pick_stops(model, ids)
-    monkeypatch.setattr("common.generation.end_of_turn_ids", lambda tokenizer: stops)
-    monkeypatch.setattr("common.generation._uses_standard_cache", lambda model: False)
+    monkeypatch.setattr("common.fast_generation.end_of_turn_ids", lambda tokenizer: stops)
+    monkeypatch.setattr("common.fast_generation._uses_standard_cache", lambda model: False)
     expected = reference(model, ids, stops, max_new_tokens=12)
     stats = GenerationStats()
     replies = generate_replies(model, tokenizer, PROMPTS, batch_size=3, max_new_tokens=12, stats=stats)
     assert replies == [tokenizer.decode(r, skip_special_tokens=True).strip() for r in expected]
     assert stats.new_tokens == sum(len(r) for r in expected)
+
+
+@pytest.mark.parametrize("adapter", [False, True], ids=["base", "unmerged lora"])
+def test_trains_plain_generate_gives_the_fast_decoders_text(tiny, lora_model, monkeypatch, adapter):
+    """common.generation (train.py's samples: `generate` on one left-padded batch, adapter unmerged) = the fast path."""
+    model, tokenizer = (lora_model, tiny[1]) if adapter else tiny
+    ids = prompt_ids(tokenizer, PROMPTS)
+    stops = pick_stops(model, ids)
+    monkeypatch.setattr("common.generation.end_of_turn_ids", lambda tokenizer: stops)
+    monkeypatch.setattr("common.fast_generation.end_of_turn_ids", lambda tokenizer: stops)
+    expected_ids = reference(model, ids, stops, max_new_tokens=12)
+    assert any(len(r) < 12 for r in expected_ids)  # rows that end early wait in the batch for the others
+    expected = [tokenizer.decode(r, skip_special_tokens=True).strip() for r in expected_ids]
+    model.train()  # as in train.py mid-training: eval mode while generating (no dropout), then back
+    plain = generation.generate_replies(model, tokenizer, PROMPTS, len(PROMPTS), 12)
+    assert model.training and plain == expected
+    assert generate_replies(model, tokenizer, PROMPTS, 3, 12) == plain

@@ -22,7 +22,6 @@ from common.precision import (
     MIN_SPEEDUP,
     PROBE_MAX_FLOPS,
     PROBE_ROUNDS,
-    choose_fastest,
     enable_cpu_fp16,
     measure_matmul_flops,
     probe_shapes,
@@ -78,7 +77,7 @@ def test_auto_picks_bf16_where_it_is_fast(fake_cpu, smollm_config):
     probed = fake_cpu(AMX_XEON)
     choice = resolve_precision("auto", CPU, smollm_config)
     assert (choice.precision, choice.dtype) == ("bf16", torch.bfloat16)
-    assert choice.probe == {"fp32": 0.30e12, "bf16": 1.90e12}
+    assert choice.probe_flops == {"fp32": 0.30e12, "bf16": 1.90e12}
     assert (choice.peak_flops, choice.peak_dtype) == (1.90e12, "bf16")
     assert torch.float16 not in probed  # no AVX512-FP16 / AMX-FP16: emulated fp16 is not worth timing
     assert "fp16 not probed" in choice.reason
@@ -88,7 +87,7 @@ def test_auto_picks_fp32_on_the_xeon_without_amx(fake_cpu, smollm_config):
     probed = fake_cpu(XEON_NO_AMX, flags={"avx512_bf16", "avx512_fp16"})
     choice = resolve_precision("auto", CPU, smollm_config)
     assert choice.precision == "no" and choice.dtype == torch.float32  # bf16 0.56x, fp16 0.96x of fp32
-    assert torch.float16 in probed and choice.probe["fp16"] == 0.23e12
+    assert torch.float16 in probed and choice.probe_flops["fp16"] == 0.23e12
     assert (choice.peak_flops, choice.peak_dtype) == (0.24e12, "fp32")
     record = choice.to_json()
     assert record["probe_flops"] == {"fp32": 0.24e12, "bf16": 0.135e12, "fp16": 0.23e12}
@@ -98,12 +97,17 @@ def test_auto_picks_fp32_on_the_xeon_without_amx(fake_cpu, smollm_config):
     assert "MFU against the fp32 peak 0.240 TFLOP/s" in line
 
 
-def test_fp16_only_when_clearly_faster():
-    assert choose_fastest({"fp32": 0.24e12, "bf16": 0.135e12, "fp16": 0.50e12}) == "fp16"
+def test_fp16_only_when_clearly_faster(fake_cpu, smollm_config):
+    def chosen(fp32: float, bf16: float | None, fp16: float) -> str:
+        figures = {torch.float32: fp32, torch.float16: fp16} | ({torch.bfloat16: bf16} if bf16 else {})
+        fake_cpu(figures, flags={"avx512_fp16"})
+        return resolve_precision("auto", CPU, smollm_config).precision
+
+    assert chosen(0.24e12, 0.135e12, 0.50e12) == "fp16"
     # within MIN_SPEEDUP of the more accurate dtype: keep it (ties go to precision, fp16 also needs loss scaling)
-    assert choose_fastest({"fp32": 1.0, "fp16": MIN_SPEEDUP * 0.99}) == "no"
-    assert choose_fastest({"fp32": 1.0, "bf16": 3.0, "fp16": 3.1}) == "bf16"
-    assert choose_fastest({"fp32": 1.0, "bf16": 3.0, "fp16": 3.0 * MIN_SPEEDUP * 1.01}) == "fp16"
+    assert chosen(1.0, None, MIN_SPEEDUP * 0.99) == "no"
+    assert chosen(1.0, 3.0, 3.1) == "bf16"
+    assert chosen(1.0, 3.0, 3.0 * MIN_SPEEDUP * 1.01) == "fp16"
 
 
 def test_explicit_flag_wins_and_mfu_still_uses_the_fastest_dtype(fake_cpu, smollm_config):
@@ -137,7 +141,7 @@ def test_gpu_rule(monkeypatch, capability, requested, launcher, expected):
         precision_module, "measure_matmul_flops", lambda d, dtype, s, budget_s: timed.append(dtype) or figures[dtype]
     )
     choice = resolve_precision(requested, torch.device("cuda"))
-    assert choice.precision == expected and choice.device_type == "cuda"
+    assert choice.precision == expected and choice.device == "cuda"
     # the card's own peak: fp16 always, bf16 only where the tensor cores run it
     assert choice.peak_flops == (300e12 if capability >= (8, 0) else 65e12)
     assert set(timed) == ({torch.float16, torch.bfloat16} if capability >= (8, 0) else {torch.float16})
@@ -153,7 +157,7 @@ def test_real_probe_measures_within_its_budget(tiny_model_dir):
     assert rate > 1e8 and time.process_time() - start < 2.0  # a real figure, in a fraction of a second
     start = time.process_time()
     choice = resolve_precision("auto", CPU, load_config(str(tiny_model_dir)), budget_s=0.3)
-    assert choice.probe["fp32"] > 0 and choice.peak_flops == max(choice.probe.values())
+    assert choice.probe_flops["fp32"] > 0 and choice.peak_flops == max(choice.probe_flops.values())
     assert time.process_time() - start < 3.0
 
 
@@ -166,7 +170,7 @@ def test_accelerate_fp16_on_cpu_is_a_no_op_until_enabled():
     accelerator = Accelerator(cpu=True, mixed_precision="fp16")
     assert accelerator.scaler is None and not accelerator.native_amp  # the trap: nothing happens by itself
     choice = resolve_precision("fp16", CPU, measure_peak=False)
-    assert choice.cpu_fp16 and enable_cpu_fp16(accelerator, choice)
+    assert enable_cpu_fp16(accelerator, choice)
     assert isinstance(accelerator.scaler, torch.amp.GradScaler) and accelerator.scaler.get_scale() == 2.0**16
     assert not enable_cpu_fp16(accelerator, resolve_precision("bf16", CPU, measure_peak=False))
 

@@ -1,0 +1,392 @@
+"""Fast greedy replies for evaluate.py: continuous batching over a growing KV cache, LoRA merged.
+
+The same text as common/generation.py's `generate_replies` (train.py's few samples, one
+`model.generate` per batch), faster. Why not `generate` for hundreds of replies: a batch runs until
+its longest row ends, so a row that repeats itself to `max_new_tokens` keeps every finished row in
+the batch; the default `DynamicCache` concatenates the whole cache at every step; and an unmerged
+LoRA layer runs two extra matmuls per linear per token. Here:
+
+- prompts are sorted by length and prefilled in groups; each decode step runs only unfinished rows;
+  a row leaves the batch the step it ends, and when half the slots are free the next prompts are
+  prefilled and join (their cache left-padded to the running one's length);
+- a prompt that is the beginning of another prompt (an asking turn of a conversation whose final
+  reply is also generated) is not prefilled again: its cache is the first positions of the longer
+  prompt's, and its first token comes from the longer prompt's hidden state at its last position;
+- the cache appends into spare room (capacity doubles) instead of concatenating at every step;
+- a LoRA adapter is merged into the base weights while generating, and the base weights are copied
+  back exactly afterwards (bit-exact, not unmerged by subtraction);
+- greedy: the next token is the argmax of the last position's logits, as `generate(do_sample=False)`;
+  outputs equal it up to the float noise of a different batch composition.
+
+Models with sliding-window or other non-standard attention caches take the plain `generate` path
+(`common.generation.generate_batches`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
+
+from common.generation import encode_prompts, end_of_turn_ids, generate_batches
+
+
+@dataclass
+class GenerationStats:
+    """What a `generate_replies` call did (pass one in to have it filled; counts add up across calls).
+
+    Attributes:
+        replies: replies generated.
+        new_tokens: useful new tokens: each reply's tokens up to and including its end-of-turn token
+            (all of them for a reply that hit `max_new_tokens`).
+        prompt_tokens: prompt tokens prefilled.
+        seconds: wall time, prefill and decode.
+    """
+
+    replies: int = 0
+    new_tokens: int = 0
+    prompt_tokens: int = 0
+    seconds: float = 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        """Useful new tokens per second."""
+        return self.new_tokens / self.seconds if self.seconds else 0.0
+
+
+class _AppendLayer(DynamicLayer):
+    """A cache layer that appends into spare room (capacity doubles), with batch-row and left-column drops.
+
+    `keys` / `values` are views of the first `length` positions of the buffers, as the attention expects.
+    """
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """Append the new positions and return every cached position (views, no copy)."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+            self._k = self._v = None
+        length, added = self.get_seq_length(), key_states.shape[-2]
+        if self._k is None or length + added > self._k.shape[-2]:
+            self._reserve(length + added, key_states, value_states)
+        self._k[..., length : length + added, :] = key_states
+        self._v[..., length : length + added, :] = value_states
+        self.keys, self.values = self._k[..., : length + added, :], self._v[..., : length + added, :]
+        return self.keys, self.values
+
+    def _reserve(self, needed: int, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """Grow the buffers to at least twice `needed` positions, keeping what is cached."""
+        length = self.get_seq_length()
+        shape = list(key_states.shape)
+        shape[-2] = max(2 * needed, 64)
+        k, v = key_states.new_empty(shape), value_states.new_empty([*shape[:-1], value_states.shape[-1]])
+        if length:
+            k[..., :length, :], v[..., :length, :] = self.keys, self.values
+        self._k, self._v = k, v
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        """Keep only the rows `indices` (the buffers keep their spare room)."""
+        length = self.get_seq_length()
+        self._k, self._v = self._k[indices], self._v[indices]
+        self.keys, self.values = self._k[..., :length, :], self._v[..., :length, :]
+
+    def drop_left(self, columns: int) -> None:
+        """Forget the first `columns` positions (padding of every remaining row)."""
+        self._k, self._v = self._k[..., columns:, :], self._v[..., columns:, :]
+        self.keys, self.values = self.keys[..., columns:, :], self.values[..., columns:, :]
+
+    def take_prefixes(self, sources: list[int], starts: list[int], lengths: list[int]) -> None:
+        """Make row j the `lengths[j]` positions of row `sources[j]` from column `starts[j]`, right-aligned."""
+        width = self.get_seq_length()
+        shape = [len(sources), self.keys.shape[1], max(2 * width, 64), self.keys.shape[-1]]
+        k, v = self.keys.new_zeros(shape), self.values.new_zeros([*shape[:-1], self.values.shape[-1]])
+        for j, (source, start, length) in enumerate(zip(sources, starts, lengths, strict=True)):
+            k[j, :, width - length : width] = self.keys[source, :, start : start + length]
+            v[j, :, width - length : width] = self.values[source, :, start : start + length]
+        self._k, self._v = k, v
+        self.keys, self.values = k[..., :width, :], v[..., :width, :]
+
+    def join(self, other: _AppendLayer, length: int) -> None:
+        """Append `other`'s rows below these, both right-aligned (left-padded) to `length` positions."""
+        rows = self.keys.shape[0] + other.keys.shape[0]
+        shape = [rows, self.keys.shape[1], max(2 * length, 64), self.keys.shape[-1]]
+        k, v = self.keys.new_zeros(shape), self.values.new_zeros([*shape[:-1], self.values.shape[-1]])
+        for start, part in ((0, self), (self.keys.shape[0], other)):
+            end, width = start + part.keys.shape[0], part.get_seq_length()
+            k[start:end, :, length - width : length], v[start:end, :, length - width : length] = part.keys, part.values
+        self._k, self._v = k, v
+        self.keys, self.values = k[..., :length, :], v[..., :length, :]
+
+
+class _AppendCache(DynamicCache):
+    """A DynamicCache made of `_AppendLayer`s (created lazily, one per decoder layer)."""
+
+    def __init__(self):
+        """An empty cache."""
+        Cache.__init__(self, layer_class_to_replicate=_AppendLayer)
+
+
+@dataclass
+class _Batch:
+    """The rows being decoded: prompt indices, cache, attention mask, next positions and last tokens."""
+
+    rows: list[int]
+    cache: _AppendCache
+    mask: torch.Tensor  # (rows, cached positions): 0 on left padding
+    positions: torch.Tensor  # (rows,) position of each row's next input token
+    last: torch.Tensor  # (rows,) each row's newest token, the next step's input
+
+
+def prefix_groups(prompt_ids: list[list[int]]) -> list[list[int]]:
+    """Group each prompt under the longest prompt that begins with it: [[root, prompts inside it...], ...].
+
+    Args:
+        prompt_ids: token ids of each prompt.
+
+    Returns:
+        The groups (root first), shortest root first; every prompt index appears exactly once.
+    """
+    roots: list[int] = []
+    groups: dict[int, list[int]] = {}
+    for i in sorted(range(len(prompt_ids)), key=lambda i: -len(prompt_ids[i])):
+        ids = prompt_ids[i]
+        root = next((r for r in roots if prompt_ids[r][: len(ids)] == ids), None)
+        if root is None:
+            roots.append(i)
+            groups[i] = [i]
+        else:
+            groups[root].append(i)
+    return sorted(groups.values(), key=lambda group: len(prompt_ids[group[0]]))
+
+
+def _prefill(model, prompt_ids: list[list[int]], groups: list[list[int]], pad_token_id: int, device) -> _Batch:
+    """Run the groups' root prompts (left-padded) through the model; every member's first token is the argmax.
+
+    A member's cache is the first positions of its root's, and its first token comes from the root's
+    hidden state at the member's last prompt position (causal attention: the same as its own prefill).
+    """
+    roots = [group[0] for group in groups]
+    width = max(len(prompt_ids[i]) for i in roots)
+    input_ids = torch.full((len(roots), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(roots), width), dtype=torch.long)
+    for r, i in enumerate(roots):
+        input_ids[r, width - len(prompt_ids[i]) :] = torch.tensor(prompt_ids[i])
+        mask[r, width - len(prompt_ids[i]) :] = 1
+    input_ids, mask = input_ids.to(device), mask.to(device)
+    position_ids = (mask.cumsum(1) - 1).clamp_min(0)  # left padding: each row starts at position 0
+    cache = _AppendCache()
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    # The decoder, then the LM head only where a prompt ends (as common.loss scores trained positions).
+    hidden = base.get_decoder()(
+        input_ids=input_ids, attention_mask=mask, position_ids=position_ids, past_key_values=cache, use_cache=True
+    ).last_hidden_state
+    rows = [i for group in groups for i in group]
+    sources = [r for r, group in enumerate(groups) for _ in group]
+    starts = [width - len(prompt_ids[roots[r]]) for r in sources]  # where each root's prompt begins
+    lengths = [len(prompt_ids[i]) for i in rows]
+    last = [start + length - 1 for start, length in zip(starts, lengths, strict=True)]
+    first_tokens = base.get_output_embeddings()(hidden[sources, last]).argmax(-1)
+    if len(rows) > len(roots):
+        for layer in cache.layers:
+            layer.take_prefixes(sources, starts, lengths)
+        mask = torch.arange(width, device=device)[None, :] >= width - torch.tensor(lengths, device=device)[:, None]
+        mask = mask.long()
+    return _Batch(rows, cache, mask, mask.sum(1), first_tokens)
+
+
+def _join(batch: _Batch | None, new: _Batch) -> _Batch:
+    """One batch of `batch`'s rows and `new`'s, caches and masks left-padded to the longer one."""
+    if batch is None:
+        return new
+    length = max(batch.mask.shape[1], new.mask.shape[1])
+    for layer, other in zip(batch.cache.layers, new.cache.layers, strict=True):
+        layer.join(other, length)
+    masks = [torch.nn.functional.pad(m, (length - m.shape[1], 0)) for m in (batch.mask, new.mask)]
+    batch.rows += new.rows
+    batch.mask = torch.cat(masks)
+    batch.positions = torch.cat([batch.positions, new.positions])
+    batch.last = torch.cat([batch.last, new.last])
+    return batch
+
+
+def _keep(batch: _Batch, keep: list[int]) -> _Batch | None:
+    """The batch with only the rows at `keep`, and the positions that are padding for all of them dropped."""
+    if not keep:
+        return None
+    if len(keep) < len(batch.rows):
+        index = torch.tensor(keep, device=batch.mask.device)
+        for layer in batch.cache.layers:
+            layer.batch_select_indices(index)
+        batch.rows = [batch.rows[k] for k in keep]
+        batch.mask, batch.positions, batch.last = batch.mask[index], batch.positions[index], batch.last[index]
+    padding = int(batch.mask.any(0).int().argmax())  # leading columns with no real token in any row
+    if padding:
+        for layer in batch.cache.layers:
+            layer.drop_left(padding)
+        batch.mask = batch.mask[:, padding:]
+    return batch
+
+
+def greedy_decode(
+    model, prompt_ids: list[list[int]], stop_ids: list[int], batch_size: int, max_new_tokens: int, pad_token_id: int
+) -> Iterator[tuple[int, list[int]]]:
+    """Greedy continuous-batching decode; yields (prompt index, new token ids) as each reply ends.
+
+    Args:
+        model: a decoder-only causal LM (or a PEFT model around one), in eval mode.
+        prompt_ids: token ids of each prompt (chat template applied, generation prompt included).
+        stop_ids: a reply ends with the first of these it generates (kept in its ids).
+        batch_size: at most this many rows decode together.
+        max_new_tokens: a reply without a stop token ends after this many tokens.
+        pad_token_id: id used for left padding (masked out).
+
+    Yields:
+        (index into `prompt_ids`, the reply's token ids), in the order replies finish.
+    """
+    device = next(model.parameters()).device
+    stops = torch.tensor(stop_ids, device=device)
+    pending = prefix_groups(prompt_ids)  # shortest first; a group is prefilled once, for all its members
+    generated: dict[int, list[int]] = {}
+    batch: _Batch | None = None
+    while pending or batch is not None:
+        active = 0 if batch is None else len(batch.rows)
+        if pending and active <= batch_size // 2:  # refill when half the slots are free
+            admitted = [pending.pop(0)]
+            while pending and active + sum(map(len, admitted)) + len(pending[0]) <= batch_size:
+                admitted.append(pending.pop(0))
+            batch = _join(batch, _prefill(model, prompt_ids, admitted, pad_token_id, device))
+            generated.update({i: [] for group in admitted for i in group})
+            fresh = active  # only the admitted rows have a new token (from their prefill)
+        else:
+            fresh = 0
+            batch.mask = torch.nn.functional.pad(batch.mask, (0, 1), value=1)
+            out = model(
+                input_ids=batch.last[:, None],
+                attention_mask=batch.mask,
+                position_ids=batch.positions[:, None],
+                past_key_values=batch.cache,
+                use_cache=True,
+            )
+            batch.positions = batch.positions + 1
+            batch.last = out.logits[:, -1].argmax(-1)
+        # batch.last holds each row's newest token: record the fresh ones, and let the rows that ended leave
+        stopped = torch.isin(batch.last, stops).tolist()
+        keep = list(range(fresh))
+        for r, (row, token) in enumerate(zip(batch.rows, batch.last.tolist(), strict=True)):
+            if r < fresh:
+                continue
+            generated[row].append(token)
+            if stopped[r] or len(generated[row]) >= max_new_tokens:
+                yield row, generated.pop(row)
+            else:
+                keep.append(r)
+        batch = _keep(batch, keep)
+
+
+def _uses_standard_cache(model) -> bool:
+    """True for decoder + LM head models whose every layer is full attention (no sliding window, no linear attention)."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    layer_types = set(getattr(config, "layer_types", None) or ["full_attention"])
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    has_parts = hasattr(base, "get_decoder") and base.get_output_embeddings() is not None
+    return has_parts and layer_types == {"full_attention"} and not getattr(config, "sliding_window", None)
+
+
+@contextlib.contextmanager
+def merged_lora(model) -> Iterator[int]:
+    """Merge the active LoRA adapter into the base weights for the duration; copy them back exactly after.
+
+    Merging saves the adapter's two small matmuls per linear per token (and PEFT's Python around
+    them). Unmerging by subtraction leaves rounding error in the base (in bf16 a lot), which would
+    drift the frozen weights of a run that generates samples mid-training, so the original weights
+    are kept and copied back instead. Skipped where there is nothing to merge: not a PEFT model,
+    adapters disabled (`disable_adapter()`), or a quantized base (merging re-quantizes).
+
+    Args:
+        model: a PEFT model (anything else passes through).
+
+    Yields:
+        The number of layers merged (0 when skipped).
+    """
+    from peft.tuners.lora import LoraLayer
+
+    layers = [
+        m
+        for m in model.modules()
+        if isinstance(m, LoraLayer)
+        and not m.disable_adapters
+        and not m.merged
+        and isinstance(getattr(m, "base_layer", None), torch.nn.Linear)
+    ]
+    originals = [m.base_layer.weight.detach().clone() for m in layers]
+    try:
+        for m in layers:
+            m.merge()
+        yield len(layers)
+    finally:
+        for m, weight in zip(layers, originals, strict=True):
+            m.merged_adapters.clear()  # the weight is restored below, not unmerged by subtraction
+            with torch.no_grad():
+                m.base_layer.weight.copy_(weight)
+
+
+@torch.no_grad()
+def generate_replies(
+    model,
+    tokenizer,
+    prompts: list[list[dict]],
+    batch_size: int,
+    max_new_tokens: int,
+    progress: str | None = None,
+    stats: GenerationStats | None = None,
+) -> list[str]:
+    """Greedy-generate the next assistant reply for each prompt conversation.
+
+    Continuous batching (see the module docstring), stopping at the end-of-turn token, with the
+    LoRA adapter merged while it runs. Wrap the call in the autocast context you want (e.g.
+    `accelerator.autocast()`, `PrecisionChoice.autocast()`).
+
+    Args:
+        model: the (PEFT) causal LM; it is put in eval mode and its mode is restored afterwards.
+        tokenizer: its tokenizer (chat template).
+        prompts: conversations ending just before the assistant reply to generate.
+        batch_size: rows decoded together at most.
+        max_new_tokens: generation budget per reply.
+        progress: label of a tqdm bar over the prompts, with the useful new tokens/s in its postfix
+            (None: no bar).
+        stats: if given, the call's counts and time are added to it.
+
+    Returns:
+        The decoded replies (special tokens removed, stripped), aligned with `prompts`.
+    """
+    if not prompts:
+        return []
+    start = time.perf_counter()
+    prompt_ids = encode_prompts(tokenizer, prompts)
+    stop_ids = end_of_turn_ids(tokenizer)
+    pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
+    decode = greedy_decode if _uses_standard_cache(model) else generate_batches
+    replies, new_tokens = [""] * len(prompts), 0
+    was_training = model.training
+    model.eval()
+    bar = tqdm(total=len(prompts), desc=progress, unit="reply", disable=progress is None)
+    try:
+        with merged_lora(model):
+            for row, ids in decode(model, prompt_ids, stop_ids, batch_size, max_new_tokens, pad_token_id):
+                replies[row] = tokenizer.decode(ids, skip_special_tokens=True).strip()
+                new_tokens += len(ids)
+                bar.update(1)
+                bar.set_postfix_str(f"{new_tokens / (time.perf_counter() - start):.0f} new tok/s")
+    finally:
+        bar.close()
+        model.train(was_training)
+    if stats is not None:
+        stats.replies += len(prompts)
+        stats.new_tokens += new_tokens
+        stats.prompt_tokens += sum(len(ids) for ids in prompt_ids)
+        stats.seconds += time.perf_counter() - start
+    return replies
