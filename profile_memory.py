@@ -16,7 +16,7 @@ What it does:
 - Decide: LoRA or QLoRA for the budget (`--gpu-memory`, default a 16 GiB T4, minus
   `--safety-margin`), the largest micro-batch and sequence length that fit, and the gradient
   accumulation that keeps the effective batch (`--batch-size`). An option fits only when its
-  estimate plus the estimator's measured error (`--error-band`, 11%) fits; LoRA that fits only
+  estimate plus the estimator's measured error (`--error-band`, 16%) fits; LoRA that fits only
   micro-batch 1 loses to QLoRA that fits a larger one (see `common.memory_estimator.recommend_setup`).
   Printed, and saved as JSON (`--output`, or `<run-dir>/memory_profile.json`).
 - Measure (`--measure`): a few real training steps of that configuration in a fresh process (the

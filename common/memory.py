@@ -26,9 +26,9 @@ NF4_BITS_PER_PARAM = 4 + 8 / NF4_BLOCKSIZE + 32 / (NF4_BLOCKSIZE * NF4_NESTED_BL
 # Stated allowances, fixed + a share of what backward keeps (memory_estimator.py says where they come from)
 CUDA_CONTEXT_BYTES, CUDA_ALLOCATOR_FRACTION = 512 * MIB, 0.10
 CPU_RUNTIME_BYTES, CPU_ALLOCATOR_FRACTION = 224 * MIB, 0.50
-# The estimator's measured error: every run of benchmarks/results/memory_profile_cpu.md's table 1 is within
-# +-11% (no GPU band measured yet). A setup fits when estimate x (1 + band) fits the budget minus the margin.
-ESTIMATE_ERROR_BAND, DEFAULT_SAFETY_MARGIN = 0.11, 0.10
+# The estimator's measured error: estimated / measured within [1 / 1.2, 1.2] in every CPU run of
+# memory_profile_cpu.md's table 1 (no GPU band yet). Fits when estimate x (1 + band) fits the budget minus the margin.
+ESTIMATE_ERROR_BAND, DEFAULT_SAFETY_MARGIN = 0.20, 0.10
 
 
 class MemoryEstimateError(ValueError):
