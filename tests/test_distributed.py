@@ -70,15 +70,20 @@ def kill_tree(pid: int) -> None:
             process.kill()
 
 
-def run_torchrun(args: list[str], cwd: Path, timeout: float) -> subprocess.CompletedProcess | None:
-    """Run `torchrun --nproc_per_node 2 train.py ARGS`; None when it hung past `timeout` (then killed)."""
+def start_torchrun(args: list[str], cwd: Path, stdout, stderr) -> subprocess.Popen:
+    """Start `torchrun --nproc_per_node 2 train.py ARGS` in a session of its own (so `kill_tree` reaches every rank)."""
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(REPO / "train.py"), *args]  # fmt: skip
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(command, stdout=stdout, stderr=stderr, stdin=subprocess.DEVNULL, text=True, env=env,
+                            cwd=cwd, start_new_session=True)  # fmt: skip
+
+
+def run_torchrun(args: list[str], cwd: Path, timeout: float) -> subprocess.CompletedProcess | None:
+    """Run `torchrun --nproc_per_node 2 train.py ARGS`; None when it hung past `timeout` (then killed)."""
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         # Files, not pipes: a rank that outlives a kill can never block this process on a full pipe.
-        process = subprocess.Popen(command, stdout=out, stderr=err, stdin=subprocess.DEVNULL, text=True, env=env,
-                                   cwd=cwd, start_new_session=True)  # fmt: skip
+        process = start_torchrun(args, cwd, out, err)
         try:
             process.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -87,7 +92,7 @@ def run_torchrun(args: list[str], cwd: Path, timeout: float) -> subprocess.Compl
             return None
         out.seek(0)
         err.seek(0)
-        return subprocess.CompletedProcess(command, process.returncode, out.read(), err.read())
+        return subprocess.CompletedProcess(process.args, process.returncode, out.read(), err.read())
 
 
 @pytest.fixture(scope="module")
@@ -146,11 +151,7 @@ def test_two_process_kill_9_and_resume_equals_uninterrupted(tmp_path, tiny_model
     """SIGKILL every process of a 2-process run once checkpoint step 6 (mid-epoch 2) is complete, resume
     with --resume-from latest: steps 7-8 and the final adapter are those of the uninterrupted run."""
     run = tmp_path / "killed"
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-               "--master_port", str(free_port()), str(REPO / "train.py"), *run_args(tiny_model_dir, data_dir, run)]  # fmt: skip
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
-                               cwd=tmp_path, start_new_session=True)  # fmt: skip
+    process = start_torchrun(run_args(tiny_model_dir, data_dir, run), tmp_path, subprocess.DEVNULL, subprocess.DEVNULL)
     marker, deadline = run / "checkpoints" / "step_000006" / "COMPLETE", time.monotonic() + 180
     while not marker.exists() and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
