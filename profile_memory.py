@@ -42,18 +42,12 @@ from pathlib import Path
 import torch
 
 from common.jsonio import write_json
-from common.memory import (
-    DEFAULT_SAFETY_MARGIN,
-    ESTIMATE_ERROR_BAND,
-    GIB,
-    NF4_BITS_PER_PARAM,
-    MemoryEstimateError,
-    Setup,
-)
+from common.memory import MemoryEstimateError, Setup
 from common.memory_estimator import DEFAULT_GPU_MEMORY_GB, estimate_memory, recommend_setup
 from common.memory_measure import compare_to_measurement, measure_in_subprocess
 from common.model import DEFAULT_MODEL, ModelLoadError, load_config
 from common.precision import PROBE_NAMES, resolve_precision
+from common.preflight import DEFAULT_SAFETY_MARGIN, ESTIMATE_ERROR_BAND, GIB, NF4_BITS_PER_PARAM
 
 REPO = Path(__file__).resolve().parent
 # the saved report's "settings", in this order

@@ -61,10 +61,10 @@ from common.lora import (
     parse_target_modules,
 )
 from common.loss import TrainedTokenLoss, evaluate_loss
-from common.memory import MemoryEstimateError, Setup, check_fits
 from common.model import DEFAULT_MODEL, ModelLoadError, load_config, load_model_and_tokenizer
 from common.perf import MfuMeter, count_matmul_params, gpu_utilization, peak_memory_mb
 from common.precision import PrecisionChoice, enable_cpu_fp16, remeasure_peak, resolve_precision_on_main
+from common.preflight import check_fits, estimate_step_bytes
 from common.redact import redact_secrets, secret_env_values
 from common.seed import seed_everything
 
@@ -75,17 +75,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parse flags; `--config FILE` (YAML/JSON, or a run's config.json) sets the defaults first."""
     parser = argparse.ArgumentParser(description="LoRA / QLoRA finetuning of a chat model.")
     parser.add_argument("--config", help="YAML/JSON file of flag defaults (a run's config.json works)")
-    add_data_flags(parser)
-    add_optimization_flags(parser)
-    add_evaluation_flags(parser)
-    pre, _ = parser.parse_known_args(argv)
-    if pre.config:
-        parser.set_defaults(**load_config_defaults(pre.config, parser))
-    return parser.parse_args(argv)
-
-
-def add_data_flags(parser: argparse.ArgumentParser) -> None:
-    """The data, model, output and LoRA flags."""
     # --- data and model ---
     parser.add_argument("--model", default=DEFAULT_MODEL, help="embedded alias, local folder or hub id")
     parser.add_argument("--train-file", default=str(REPO / "data/train.jsonl"), help="jsonl/json/csv/parquet")
@@ -109,10 +98,6 @@ def add_data_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quantization", choices=["nf4"], default=None, help="nf4: QLoRA on a 4-bit base")
     on_off = argparse.BooleanOptionalAction
     parser.add_argument("--gradient-checkpointing", action=on_off, default=None, help=CHECKPOINTING_HELP)
-
-
-def add_optimization_flags(parser: argparse.ArgumentParser) -> None:
-    """The optimizer, batch, schedule and precision flags."""
     # --- optimization ---
     parser.add_argument("--lr", type=float, default=2e-4, help="peak learning rate")
     parser.add_argument("--batch-size", type=int, default=4, help="examples per device per micro-batch")
@@ -130,10 +115,6 @@ def add_optimization_flags(parser: argparse.ArgumentParser) -> None:
     attentions = ["auto", "eager", "sdpa"]
     parser.add_argument("--attn-implementation", choices=attentions, default="auto", help=ATTENTION_HELP)
     parser.add_argument("--max-bad-steps", type=int, default=3, help="stop after more non-finite steps in a row")
-
-
-def add_evaluation_flags(parser: argparse.ArgumentParser) -> None:
-    """The evaluation, checkpoint, early-stopping and logging flags."""
     # --- evaluation, checkpoints, early stopping ---
     parser.add_argument("--eval-every", type=int, default=0, help="also evaluate every N steps (0 = epoch ends)")
     parser.add_argument("--eval-batch-size", type=int, default=8, help="validation micro-batch size")
@@ -151,6 +132,10 @@ def add_evaluation_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--report-to", choices=["tensorboard", "wandb", "none"], default="tensorboard")
     parser.add_argument("--log-examples", action="store_true", help="each rank logs the example indices it trains on")
     parser.add_argument("--strict-memory", action="store_true", help="refuse to start if the estimate won't fit")
+    pre, _ = parser.parse_known_args(argv)
+    if pre.config:
+        parser.set_defaults(**load_config_defaults(pre.config, parser))
+    return parser.parse_args(argv)
 
 
 VALIDATION_FILE_HELP = "validation data (default: validation.jsonl beside a train.jsonl, else --validation-split)"
@@ -334,7 +319,7 @@ def load_inputs(args: argparse.Namespace, accelerator: Accelerator, dtype: torch
             model, args.rank, args.alpha, args.dropout, target_modules, quantized, gradient_checkpointing=checkpointing
         )
         padded = -(-longest // 8) * 8  # the longest row as collate pads it
-        memory_preflight = check_memory(model.config, args, accelerator.device, dtype, padded, logger)
+        memory_preflight = check_memory(model, args, accelerator.device, dtype, padded, logger)
     except (DataError, ModelLoadError, LoraSetupError, CheckpointError, run_folder.RunFolderError) as err:
         sys.exit(f"error: {err}")
     derived = {
@@ -346,31 +331,27 @@ def load_inputs(args: argparse.Namespace, accelerator: Accelerator, dtype: torch
     return Inputs(model, tokenizer, train_examples, val_examples, samples, resume_folder, split, derived)
 
 
-def check_memory(model_config, args: argparse.Namespace, device: torch.device, dtype, seq_len: int, logger) -> str:
+def check_memory(model, args: argparse.Namespace, device: torch.device, dtype, seq_len: int, logger) -> str:
     """Memory pre-flight for the longest padded row `seq_len`: log the verdict (recorded in config.json), warn
-    when it does not fit, or exit with --strict-memory. An architecture the estimate cannot read is skipped."""
-    setup = Setup(
-        batch_size=args.batch_size,
-        seq_len=min(seq_len, args.max_seq_len),
-        rank=args.rank,
-        target_modules=args.target_modules,
-        quantization=args.quantization,
-        dtype=dtype,
-        gradient_checkpointing=args.gradient_checkpointing,
-        device=device.type,
-        compute_dtype=dtype,  # the frozen base is stored in the autocast dtype
-        lora_dropout=args.dropout,
-    )
+    when it does not fit, or exit with --strict-memory. A model the estimate cannot read is skipped."""
+    gc, seq_len = args.gradient_checkpointing, min(seq_len, args.max_seq_len)
+    describe = f"batch {args.batch_size} x {seq_len} tokens ({'QLoRA' if args.quantization else 'LoRA'}, "
+    describe += f"checkpointing {'on' if gc else 'off'})"
     try:
-        fits, message = check_fits(model_config, setup)
-    except MemoryEstimateError as err:
+        estimate = estimate_step_bytes(model, args.batch_size, seq_len, dtype, device.type, gc, args.dropout)
+        fits, message = check_fits(estimate, device.type, describe)
+    except ValueError as err:
         fits, message = True, f"memory estimate skipped: {err}"
     if fits:
         logger.info(message)
-    elif args.strict_memory:
+        return message
+    remedies = ["lower --batch-size (more accumulation keeps the effective batch)", "--max-seq-len"]
+    remedies += [] if gc else ["--gradient-checkpointing"]
+    remedies += [] if args.quantization else ["--quantization nf4"]
+    message += f"; try {', '.join(remedies)} (see `python profile_memory.py`)"
+    if args.strict_memory:
         sys.exit(f"error: {message}")
-    else:
-        logger.warning(f"warning: {message}")
+    logger.warning(f"warning: {message}")
     return message
 
 
@@ -399,13 +380,8 @@ def load_splits(args: argparse.Namespace, output_dir: Path) -> tuple[list[dict],
 def check_splits(
     train_file: str, train_examples: list, validation_file: str, val_examples: list, max_seq_len: int, both_given: bool
 ) -> None:
-    """Refuse an empty split, or more validation than training examples when the user gave both files.
-
-    Those files may be swapped (`both_given`); a default or held-out validation set never is.
-
-    Raises:
-        DataError: naming the file and what to do.
-    """
+    """Refuse (DataError) an empty split, or more validation than training examples when the user gave both
+    files (`both_given`: they may be swapped; a default or held-out validation set never is)."""
     if not train_examples:
         raise DataError(
             f"{train_file}: no example is left after dropping those longer than --max-seq-len {max_seq_len}; raise it"

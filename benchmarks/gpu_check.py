@@ -202,10 +202,11 @@ def measure_memory(args: argparse.Namespace, precision: str, quantization: str |
         {"estimated_gib", "reserved_gib", "reserved_ratio", "allocated_gib", "allocated_ratio",
          "gradient_checkpointing", ...} (allocated figures only on CUDA), or {"error": ...}.
     """
-    from common.memory import CUDA_CONTEXT_BYTES, GIB, Setup
+    from common.memory import Setup
     from common.memory_estimator import estimate_memory
     from common.memory_measure import measure_in_subprocess
     from common.model import load_config
+    from common.preflight import CUDA_CONTEXT_BYTES, GIB
 
     gc = quantization == "nf4"  # train.py's default: checkpointing on for QLoRA, off for LoRA
     setup = Setup(args.memory_batch_size, args.memory_seq_len, 16, "q_proj,k_proj,v_proj", quantization, precision, gc)

@@ -24,7 +24,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from common.memory import ESTIMATE_ERROR_BAND, GIB, MIB, Setup  # noqa: E402  (the repo root must be on sys.path first)
+from common.memory import Setup  # noqa: E402  (the repo root must be on sys.path first)
 from common.memory_estimator import (  # noqa: E402
     count_architecture_parameters,
     describe_architecture,
@@ -33,6 +33,7 @@ from common.memory_estimator import (  # noqa: E402
 )
 from common.memory_measure import compare_to_measurement, measure_in_subprocess  # noqa: E402
 from common.model import DEFAULT_MODEL, load_config  # noqa: E402
+from common.preflight import ESTIMATE_ERROR_BAND, GIB, MIB  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -10,13 +10,8 @@ from types import ModuleType
 
 
 def load_config_defaults(path: str, parser: argparse.ArgumentParser) -> dict:
-    """Read flag defaults from a YAML/JSON file; a run's config.json contributes its "args" section.
-
-    Per-run flags (output folder, run name, resume, overwrite) are never taken from the file.
-
-    Raises:
-        SystemExit: unreadable file or an unknown key, naming the file and the key.
-    """
+    """Flag defaults from a YAML/JSON file (a run's config.json: its "args"), never the per-run flags (output
+    folder, run name, resume, overwrite). SystemExit names the file and the key: unreadable file, unknown key."""
     import yaml
 
     try:

@@ -30,11 +30,8 @@ def encode_prompts(tokenizer, prompts: list[list[dict]]) -> list[list[int]]:
 def generate_batches(
     model, prompt_ids: list[list[int]], stop_ids: list[int], batch_size: int, max_new_tokens: int, pad_token_id: int
 ) -> Iterator[tuple[int, list[int]]]:
-    """Greedy `model.generate` in length-sorted, left-padded batches.
-
-    Yields:
-        (index into `prompt_ids`, the reply's new token ids up to and including its first stop id).
-    """
+    """Greedy `model.generate` in length-sorted, left-padded batches. Yields (index into `prompt_ids`, the
+    reply's new token ids up to and including its first stop id)."""
     device = next(model.parameters()).device
     config = GenerationConfig(
         max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stop_ids, pad_token_id=pad_token_id
@@ -54,13 +51,8 @@ def generate_batches(
 
 
 def generate_replies(model, tokenizer, prompts: list[list[dict]], batch_size: int, max_new_tokens: int) -> list[str]:
-    """Greedy-generate the next assistant reply for each conversation, in the autocast context around the call.
-
-    The model runs in eval mode (no dropout) and gets its training mode back afterwards.
-
-    Returns:
-        The decoded replies (special tokens removed, stripped), aligned with `prompts`.
-    """
+    """The greedy next assistant reply of each conversation (decoded, stripped), in the caller's autocast context;
+    the model runs in eval mode (no dropout) and gets its training mode back afterwards."""
     prompt_ids = encode_prompts(tokenizer, prompts)
     stop_ids = end_of_turn_ids(tokenizer)
     pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]

@@ -1,9 +1,8 @@
 """The loss on trained tokens only, and the validation loss.
 
-The loss runs the decoder, then applies the LM head only at positions whose (shifted) label is
-trained, so the vocab x tokens logits are never materialized for system/user/padding tokens. The
-math is unchanged: the summed cross-entropy over trained tokens, which train.py divides by the
-number of trained tokens of the whole effective batch.
+The LM head runs only at positions whose (shifted) label is trained, so the vocab x tokens logits are never
+materialized for system/user/padding tokens: the summed cross-entropy over trained tokens, which train.py
+divides by the number of trained tokens of the whole effective batch.
 """
 
 from __future__ import annotations
@@ -44,11 +43,8 @@ def compute_token_losses(
 
 
 class TrainedTokenLoss(torch.nn.Module):
-    """Wrap a causal LM so `forward(batch)` returns per-example (summed loss, trained tokens).
-
-    The wrapper is what Accelerate prepares, so DDP/FSDP and autocast see the whole computation,
-    for training (sum the rows) and for evaluation (gather the rows) alike.
-    """
+    """Wrap a causal LM so `forward(batch)` returns per-example (summed loss, trained tokens). Accelerate prepares
+    the wrapper, so DDP/FSDP and autocast see the whole computation, in training and evaluation alike."""
 
     def __init__(self, model: torch.nn.Module):
         super().__init__()
@@ -59,9 +55,7 @@ class TrainedTokenLoss(torch.nn.Module):
         return compute_token_losses(self.model, input_ids, attention_mask, labels)
 
     def tie_weights(self) -> None:
-        """Re-tie the wrapped model's input and output embeddings.
-
-        Accelerate's FSDP2 `cpu_ram_efficient_loading` moves the prepared module to the meta device
+        """Re-tie the wrapped model's input and output embeddings. Accelerate's FSDP2 `cpu_ram_efficient_loading` moves the prepared module to the meta device
         and back, which unties them, then calls `tie_weights()` on it if it has one: without this a
         tied-embedding model (SmolLM2, Qwen2.5 up to 3B) would hold and shard two embedding copies.
         """

@@ -41,7 +41,7 @@ the loss buffers are alive at once:
                             vanishes and the estimate without it is within +1..+6% of the peak. See
                             benchmarks/results/memory_profile_cpu.md.
 
-`common.memory.quick_estimate_bytes` (train.py's pre-flight) counts the large terms of the same
+`common.preflight.estimate_step_bytes` (train.py's pre-flight) counts the large terms of the same
 list; `common.memory_measure` measures real training steps to compare with.
 """
 
@@ -50,24 +50,19 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
-from common.memory import (
+from common.memory import DTYPE_BYTES, MemoryEstimateError, Setup, describe_architecture, linear_shapes, target_names
+from common.preflight import (
     CPU_ALLOCATOR_FRACTION,
     CPU_RUNTIME_BYTES,
     CUDA_ALLOCATOR_FRACTION,
     CUDA_CONTEXT_BYTES,
     DEFAULT_SAFETY_MARGIN,
-    DTYPE_BYTES,
     ESTIMATE_ERROR_BAND,
     GIB,
     MIB,
     NF4_BITS_PER_PARAM,
     NF4_BLOCKSIZE,
     NF4_NESTED_BLOCKSIZE,
-    MemoryEstimateError,
-    Setup,
-    describe_architecture,
-    linear_shapes,
-    target_names,
 )
 
 # per quantized matrix: 16-entry NF4 code, 256-entry fp32 code of the 8-bit absmax, fp32 offset

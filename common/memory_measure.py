@@ -257,7 +257,7 @@ def compare_to_measurement(estimate: dict, measurement: dict) -> dict:
     Returns:
         {"estimated_bytes", "measured_bytes", "ratio" (estimated / measured)}
     """
-    from common.memory import CUDA_CONTEXT_BYTES
+    from common.preflight import CUDA_CONTEXT_BYTES
 
     estimated = estimate["total"] - (CUDA_CONTEXT_BYTES if measurement["device"] == "cuda" else 0)
     return {

@@ -27,24 +27,17 @@ def count_matmul_params(model: torch.nn.Module) -> dict:
 
 
 def estimate_train_flops(params: dict, tokens: int, trained_tokens: int, sum_sq_len: int) -> float:
-    """FLOPs of one LoRA training step, forward + backward (the README's formula).
-
-        4 * N_body * tokens            (forward 2N, backward 2N for activation grads; frozen weights get none)
-      + 6 * N_lora * tokens            (adapters: forward, activation and weight grads)
-      + 4 * N_head * trained_tokens    (the LM head only on trained positions)
-      + 12 * layers * hidden * sum_sq_len / 2  (causal attention scores and values, fwd + bwd)
-
-    `sum_sq_len`: the sum of each sequence's non-padding length squared.
-    """
+    """FLOPs of one LoRA training step, forward + backward (the README's formula; `sum_sq_len`: the sum of each
+    sequence's non-padding length squared)."""
+    # body: forward 2N + backward 2N for activation grads (frozen weights get none); adapters also get weight
+    # grads; the LM head runs on trained positions only; causal attention scores and values, fwd + bwd
     attention = 12 * params["layers"] * params["hidden"] * sum_sq_len / 2
     return 4 * params["body"] * tokens + 6 * params["lora"] * tokens + 4 * params["head"] * trained_tokens + attention
 
 
 @dataclass
 class MfuMeter:
-    """Model FLOPs utilization of each step against a peak that no step may exceed (MFU <= 1.0).
-
-    Load can make the startup probe read low (a 2-core Xeon: 1.0-2.1 TFLOP/s bf16, 0.165 busy: `mfu 102%`),
+    """Model FLOPs utilization of each step against a peak that no step may exceed (MFU <= 1.0). Load can make the startup probe read low (a 2-core Xeon: 1.0-2.1 TFLOP/s bf16, 0.165 busy: `mfu 102%`),
     so a step above the peak has it measured again (`remeasure`, at most `max_remeasures` times) and, if
     the step still beats it, the step's own rate is the peak.
     """

@@ -49,7 +49,6 @@ class PrecisionChoice:
     probe_shapes: list[tuple[int, int, int]] = field(default_factory=list)  # (rows, in, out)
 
     def __post_init__(self):
-        """Derive the dtype and the peak."""
         self.dtype = DTYPES[PROBE_NAMES[self.precision]]
         self.peak_dtype = max(self.probe_flops, key=self.probe_flops.get) if self.probe_flops else None
         self.peak_flops = self.probe_flops.get(self.peak_dtype)
@@ -88,10 +87,8 @@ def cpu_bf16_supported() -> bool:
 
 
 def probe_shapes(config, tokens: int = PROBE_TOKENS) -> list[tuple[int, int, int, float]]:
-    """A training step's matmuls as [(rows, in, out, FLOPs per token of that kind)] (`config` None: 2048 wide).
-
-    MLP up/gate and down, attention q/k/v/o (k/v at full width), the LM head on half the tokens.
-    """
+    """A training step's matmuls as [(rows, in, out, FLOPs per token of that kind)] (`config` None: 2048 wide):
+    MLP up/gate and down, attention q/k/v/o (k/v at full width), the LM head on half the tokens."""
     text = config.get_text_config() if config is not None and hasattr(config, "get_text_config") else config
     hidden = getattr(text, "hidden_size", None) or 2048
     inter = getattr(text, "intermediate_size", None) or 4 * hidden
@@ -183,10 +180,8 @@ def resolve_precision(
     logger: logging.Logger | None = None,
 ) -> PrecisionChoice:
     """Resolve --mixed-precision / --dtype ("auto", "no"/"fp32"/"float32", "bf16", "fp16"; else ValueError).
-
     `config`: the model's (the CPU probe's shapes); `measure_peak`: also time the MFU denominator when the
-    choice needs none (a flag, a GPU); `budget_s`: the CPU probe's, all dtypes. Other devices run fp32.
-    """
+    choice needs none (a flag, a GPU); `budget_s`: the CPU probe's, all dtypes. Other devices run fp32."""
     if requested not in ALIASES:
         raise ValueError(f"precision must be one of {', '.join(ALIASES)}, got '{requested}'")
     requested, logger = ALIASES[requested], logger or logging.getLogger(__name__)
@@ -235,10 +230,8 @@ def resolve_precision_on_main(
 
 def enable_cpu_fp16(accelerator, choice: PrecisionChoice) -> bool:
     """Switch on fp16 autocast and a CPU GradScaler: Accelerate's `mixed_precision="fp16"` on a CPU is a no-op.
-
     Then `prepare()` autocasts the forward, `backward` scales the loss, `clip_grad_norm_` unscales, inf/NaN
-    steps are skipped. Call right after `Accelerator(...)`. False: not CPU fp16; ValueError: not an fp16 Accelerator.
-    """
+    steps are skipped. Call right after `Accelerator(...)`. False: not CPU fp16; ValueError: not an fp16 Accelerator."""
     if (choice.device, choice.precision, accelerator.device.type) != ("cpu", "fp16", "cpu"):
         return False
     if accelerator.mixed_precision != "fp16":

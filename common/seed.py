@@ -9,12 +9,8 @@ import torch
 
 
 def seed_everything(seed: int) -> None:
-    """Seed python, numpy and torch (CPU and every CUDA device).
-
-    Args:
-        seed: the run's seed. Each rank of a multi-process run should pass the same seed; data
-            sharding, not the seed, makes ranks see different examples.
-    """
+    """Seed python, numpy and torch (CPU and every CUDA device). Every rank passes the same seed: data
+    sharding, not the seed, makes ranks see different examples."""
     from accelerate.utils import set_seed
 
     random.seed(seed)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -324,11 +325,11 @@ def test_eager_and_sdpa_attention_give_the_same_losses_and_gradients(tiny_model_
         torch.testing.assert_close(eager_grad, sdpa_grad, rtol=1e-4, atol=1e-6)
 
 
-def test_memory_preflight_skips_what_it_cannot_estimate(tiny_model_dir, toy_data_dir, tmp_path, capsys):
-    """LoRA on lm_head trains, but the estimate knows only decoder linear layers: logged as skipped, no traceback."""
+def test_memory_preflight_reads_the_loaded_model(tiny_model_dir, toy_data_dir, tmp_path, capsys):
+    """LoRA on lm_head too: the pre-flight reads the adapters off the model, logged before the run folder exists."""
     run = tmp_path / "lm_head"
     train.main(base_args(tiny_model_dir, toy_data_dir, run, "--target-modules", "lm_head", "--max-steps", "1",
                          "--num-samples", "0", "--no-baseline"))  # fmt: skip
     verdict = json.loads((run / "config.json").read_text())["derived"]["memory_preflight"]
-    assert verdict.startswith("memory estimate skipped: target modules ['lm_head'] unknown")
+    assert re.match(r"memory estimate \d+\.\d\d GiB .* for batch \d+ x \d+ tokens \(LoRA, checkpointing off\)", verdict)
     assert verdict in capsys.readouterr().out  # logged before the run folder (and train.log) exists
