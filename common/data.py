@@ -211,12 +211,9 @@ def load_records(path: str | Path) -> list[dict]:
 def hold_out_validation(
     records: Sequence[dict], fraction: float, seed: int, source: str, recorded: dict | None = None
 ) -> tuple[list[dict], list[dict], dict]:
-    """Split one file into (train, validation, split record for config.json), disjoint, in file order.
-
-    Draws `round(fraction * n)` records (at least 1) with `random.Random(seed)`, or reuses a run's
-    `recorded` split (`dataset.validation_split`), so a resume or evaluate.py sees the same one; DataError
-    if too few records are left to train on, or the file no longer matches `recorded`.
-    """
+    """Split one file into (train, validation, split record for config.json), disjoint, in file order; a run's
+    `recorded` split (`dataset.validation_split`) is reused, so a resume or evaluate.py sees the same one.
+    DataError if too few records are left to train on, or the file no longer matches `recorded`."""
     if not 0 < fraction < 1:
         raise DataError(f"--validation-split must be between 0 and 1, got {fraction}")
     if recorded is not None:
@@ -316,8 +313,7 @@ def assistant_turns(
     Turn i runs from the end of the turns before it rendered with the generation prompt (what the model
     sees at inference) through the first special token after its text (<|im_end|>, <|eot_id|>, ...).
     DataError naming the model if the template is not prefix-stable, rewrites replies, or ends a turn with
-    no special token.
-    """
+    no special token."""
     model = model_name or tokenizer.name_or_path or "this model"
     text = _render(tokenizer, messages)
     # every special or added token's text, longest first (so "<|eot_id|>" is never cut short)
@@ -374,8 +370,7 @@ def tokenize_records(
 
     Longer than `max_seq_len`: with "truncate_history" the oldest exchanges after the system prompt
     go until it fits (the final reply is never cut, an example still too long is dropped); with
-    "drop" it is dropped. `text` records train every token, and an eos is appended.
-    """
+    "drop" it is dropped. `text` records train every token, and an eos is appended."""
     if overlong not in ("truncate_history", "drop"):
         raise DataError(f"overlong policy must be 'truncate_history' or 'drop', got {overlong!r}")
     stats = TokenizeStats()
