@@ -180,8 +180,7 @@ def save(accelerator, model, optimizer, lr_scheduler, trainer_state: dict, folde
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     write_json(tmp / f"rng_state_rank{accelerator.process_index}.json", rng_state())
-    # FSDP: the adapter and its AdamW moments are sharded; every rank gathers them whole, rank 0 writes
-    # the same files a one-process run writes (None / the state itself when nothing is sharded).
+    # FSDP: every rank gathers the sharded adapter and AdamW moments whole; rank 0 writes a one-process run's files
     adapter = fsdp.gather_sharded_adapter(model)
     optimizer_state = optimizer.state_dict() if adapter is None else fsdp.gather_optimizer_state(optimizer.state_dict())
     accelerator.wait_for_everyone()
