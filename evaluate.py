@@ -44,7 +44,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from common.artifacts import open_adapter
+from common.artifacts import open_adapter, saved_chat_template
 from common.checkpoint import CheckpointError
 from common.cli import load_task
 from common.data import (
@@ -73,9 +73,7 @@ from common.model import (
     ModelLoadError,
     load_config,
     load_model_and_tokenizer,
-    local_model_folder,
     resolve_model_path,
-    saved_chat_template,
 )
 from common.precision import PrecisionChoice, resolve_precision
 from common.report import ReportError, analyze_run, load_run_logs, plot_run, render_report
@@ -175,6 +173,23 @@ def same_model(a: str, b: str) -> bool:
         return Path(resolve_model_path(a)).resolve() == Path(resolve_model_path(b)).resolve()
     except ModelLoadError:
         return False
+
+
+def local_model_folder(name_or_path: str) -> Path:
+    """The folder holding a model's files (a hub id: its snapshot in the local Hugging Face cache).
+
+    Raises:
+        ModelLoadError: a hub id that is not in the local cache.
+    """
+    resolved = resolve_model_path(name_or_path)
+    if Path(resolved).is_dir():
+        return Path(resolved)
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(resolved, local_files_only=True))
+    except Exception as err:  # not downloaded: huggingface_hub raises one of several errors
+        raise ModelLoadError(f"model '{resolved}' is not in the local Hugging Face cache ({err})") from err
 
 
 @torch.no_grad()

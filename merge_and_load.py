@@ -55,11 +55,11 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedTokenizerBase, pipeline
 
-from common.artifacts import build_generation_config, open_adapter, round_trip_nf4
+from common.artifacts import build_generation_config, open_adapter, round_trip_nf4, saved_chat_template
 from common.checkpoint import CheckpointError, publish_folder
 from common.data import DataError, load_records
 from common.jsonio import read_json, write_json
-from common.model import ModelLoadError, load_model_and_tokenizer, saved_chat_template
+from common.model import ModelLoadError, load_model_and_tokenizer
 from common.precision import PrecisionChoice, resolve_precision
 
 BUILTIN_PROMPTS = [

@@ -96,9 +96,10 @@ def previous_generate(adapter: Path, split: str, limit: int | None, settings: di
     import torch
     from peft import PeftModel
 
+    from common.artifacts import saved_chat_template
     from common.data import load_records
     from common.generation import encode_prompts, end_of_turn_ids, generate_batches, prompt_messages
-    from common.model import load_model_and_tokenizer, saved_chat_template
+    from common.model import load_model_and_tokenizer
 
     base = read_json(adapter / "config.json")["args"]["model"]
     dtype = getattr(torch, settings["dtype"])

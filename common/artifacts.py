@@ -1,5 +1,5 @@
-"""Helpers for exporting and merging adapters: safe names, secret scans, generation config,
-NF4 round trip, inference-memory estimate, the model card and atomic folder publishing.
+"""Helpers for exporting, merging and evaluating adapters: safe names, secret scans, generation config,
+NF4 round trip, inference-memory estimate, the saved chat template, the model card and atomic folder publishing.
 
     from common.artifacts import validate_export_name, find_secrets_in_folder
     name = validate_export_name("underwrite", "--name")            # raises ValueError on "../x"
@@ -8,6 +8,7 @@ NF4 round trip, inference-memory estimate, the model card and atomic folder publ
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -223,3 +224,12 @@ def open_adapter(folder: Path, require_complete: bool = False) -> Adapter:
     assert_finite(tensors, str(folder))
     config = read_json(folder / "adapter_config.json")
     return Adapter(folder, config, str(config.get("base_model_name_or_path")), tensors)
+
+
+def saved_chat_template(folder: Path) -> str | None:
+    """`folder` when it holds a saved chat template (an adapter folder or export), else None."""
+    folder = Path(folder)
+    if (folder / "chat_template.jinja").is_file():
+        return str(folder)
+    config = folder / "tokenizer_config.json"
+    return str(folder) if config.is_file() and "chat_template" in json.loads(config.read_text()) else None

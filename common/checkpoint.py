@@ -1,9 +1,8 @@
-"""Checkpoints and adapter folders: save/load/find/rotate for resume, atomic publish, COMPLETE marker.
+"""Checkpoints and adapter folders (layout: docs/run_folder.md): save/load/find/rotate, atomic publish.
 
-`checkpoints/step_000120/` holds the adapter, optimizer.safetensors + .json, scheduler.json,
-scaler.json, rng_state_rank<N>.json, trainer_state.json and config.json. Every folder (checkpoint,
-best/, final/) is written under a temporary name, renamed into place, and gets its COMPLETE marker
-last ({"created", "sha256": {file: digest}}); a folder without it is never used. Nothing is pickled.
+Every folder (checkpoints/step_000120/, best/, final/) is written under a temporary name, renamed into place,
+and gets its COMPLETE marker ({"created", "sha256": {file: digest}}) last; a folder without it is never used.
+Nothing is pickled.
 """
 
 from __future__ import annotations
@@ -33,11 +32,8 @@ class CheckpointError(RuntimeError):
 
 def sha256_of(path: Path) -> str:
     """Hex sha256 of a file's bytes."""
-    digest = hashlib.sha256()
     with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def assert_finite(tensors: dict, where: str) -> None:
@@ -47,29 +43,23 @@ def assert_finite(tensors: dict, where: str) -> None:
             raise CheckpointError(f"{where}: tensor {name} has non-finite values; refusing to save or export it")
 
 
-def save_file_atomic(tensors: dict, path: Path) -> None:
-    """safetensors `save_file` to a temp name, then rename into place."""
-    tmp = Path(path).with_name(f".{Path(path).name}.tmp")
-    save_file(tensors, str(tmp))
-    os.replace(tmp, path)
-
-
-def optimizer_state_to_files(state_dict: dict) -> tuple[dict, dict]:
-    """Split an optimizer state_dict into tensors (for safetensors) and JSON-able metadata."""
+def write_optimizer_state(state_dict: dict, folder: Path) -> None:
+    """An optimizer state_dict as optimizer.safetensors (its tensors) + optimizer.json (the rest, tensors by key)."""
     tensors, meta = {}, {"param_groups": state_dict["param_groups"], "state": {}}
     for index, param_state in state_dict["state"].items():
-        meta["state"][str(index)] = {}
+        entry = meta["state"][str(index)] = {}
         for key, value in param_state.items():
             if torch.is_tensor(value):
                 tensors[f"{index}.{key}"] = value.detach().contiguous().cpu()
-                meta["state"][str(index)][key] = {"tensor": f"{index}.{key}"}
-            else:
-                meta["state"][str(index)][key] = value
-    return tensors, meta
+                value = {"tensor": f"{index}.{key}"}
+            entry[key] = value
+    save_file(tensors, str(folder / "optimizer.safetensors"))
+    write_json(folder / "optimizer.json", meta)
 
 
-def optimizer_state_from_files(tensors: dict, meta: dict) -> dict:
-    """Inverse of `optimizer_state_to_files`."""
+def read_optimizer_state(folder: Path) -> dict:
+    """Inverse of `write_optimizer_state`."""
+    tensors, meta = load_file(folder / "optimizer.safetensors"), read_json(folder / "optimizer.json")
     state = {}
     for index, param_state in meta["state"].items():
         state[int(index)] = {
@@ -104,10 +94,7 @@ def restore_rng_state(state: dict) -> None:
 
 def publish_folder(tmp_dir: Path, final_dir: Path, overwrite: bool = True, complete_marker: bool = True) -> None:
     """Rename a finished sibling temp folder into place, then write its COMPLETE marker (hashes) last.
-
-    Raises:
-        FileExistsError: `final_dir` exists (or appeared meanwhile) and `overwrite` is False.
-    """
+    FileExistsError if `final_dir` exists (or appears meanwhile) and not `overwrite`."""
     final_dir = Path(final_dir)
     # hash before the rename: the marker then vouches for exactly the bytes that were written
     digests = {p.name: sha256_of(p) for p in sorted(Path(tmp_dir).glob("*.safetensors"))}
@@ -158,25 +145,16 @@ def verify(path: Path) -> None:
 
 def list_complete(checkpoint_dir: Path) -> list[Path]:
     """Complete checkpoints (with the COMPLETE marker) under `checkpoint_dir`, oldest first."""
-    checkpoint_dir = Path(checkpoint_dir)
-    if not checkpoint_dir.is_dir():
-        return []
-    found = [p for p in checkpoint_dir.glob("step_*") if p.is_dir() and (p / COMPLETE_MARKER).is_file()]
+    found = [p for p in Path(checkpoint_dir).glob("step_*") if p.is_dir() and (p / COMPLETE_MARKER).is_file()]
     return sorted(found, key=lambda p: int(p.name.split("_")[1]))
 
 
 def save_adapter_folder(
     model, tokenizer, folder: Path, base_model: str, extra_json: dict, state_dict: dict | None = None
 ) -> None:
-    """Write a PEFT adapter folder atomically (tokenizer and `extra_json` {name: data} beside it).
-
-    Args:
-        base_model: what the user passed as --model, recorded in adapter_config.json.
-        state_dict: the full adapter tensors of a sharded model (`common.fsdp.gather_sharded_adapter`).
-
-    Raises:
-        CheckpointError: an adapter weight is NaN/inf.
-    """
+    """Write a PEFT adapter folder atomically (tokenizer and `extra_json` {name: data} beside it); CheckpointError
+    if a weight is NaN/inf. `base_model`: the --model recorded in adapter_config.json; `state_dict`: the full
+    adapter of a sharded model (`common.fsdp.gather_sharded_adapter`), None when the model holds it whole."""
     from peft import get_peft_model_state_dict
 
     assert_finite(get_peft_model_state_dict(model, state_dict=state_dict), str(folder))
@@ -202,19 +180,14 @@ def save(accelerator, model, optimizer, lr_scheduler, trainer_state: dict, folde
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     write_json(tmp / f"rng_state_rank{accelerator.process_index}.json", rng_state())
-    # FSDP: the adapter and its AdamW moments are sharded; every rank gathers them whole, rank 0 writes
-    # the same files a one-process run writes (None / the state itself when nothing is sharded).
+    # FSDP: every rank gathers the sharded adapter and AdamW moments whole; rank 0 writes a one-process run's files
     adapter = fsdp.gather_sharded_adapter(model)
-    optimizer_state = optimizer.state_dict()
-    if adapter is not None:
-        optimizer_state = fsdp.gather_optimizer_state(optimizer_state)
+    optimizer_state = optimizer.state_dict() if adapter is None else fsdp.gather_optimizer_state(optimizer.state_dict())
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         model.peft_config["default"].base_model_name_or_path = config["args"]["model"]
         model.save_pretrained(tmp, safe_serialization=True, state_dict=adapter)
-        tensors, meta = optimizer_state_to_files(optimizer_state)
-        save_file_atomic(tensors, tmp / "optimizer.safetensors")
-        write_json(tmp / "optimizer.json", meta)
+        write_optimizer_state(optimizer_state, tmp)
         write_json(tmp / "scheduler.json", lr_scheduler.state_dict())
         scaler = accelerator.scaler.state_dict() if accelerator.scaler is not None else None
         write_json(tmp / "scaler.json", scaler)
@@ -225,11 +198,8 @@ def save(accelerator, model, optimizer, lr_scheduler, trainer_state: dict, folde
 
 
 def find_resume(output_dir: Path, resume_from: str, logger: logging.Logger) -> Path:
-    """The checkpoint to resume from: "latest" is the newest complete one that verifies (others are skipped).
-
-    Raises:
-        CheckpointError: no usable checkpoint.
-    """
+    """The checkpoint to resume from: "latest" is the newest complete one that verifies (others are skipped);
+    CheckpointError if there is none."""
     if resume_from != "latest":
         path = Path(resume_from)
         verify(path)
@@ -248,16 +218,11 @@ def find_resume(output_dir: Path, resume_from: str, logger: logging.Logger) -> P
 
 def load(accelerator, model, optimizer, lr_scheduler, folder: Path) -> dict:
     """Restore adapter weights, optimizer, scheduler, scaler and this rank's RNG; return trainer_state.json.
-
-    Raises:
-        CheckpointError: the weights do not fit this model, or the checkpoint has fewer ranks.
-    """
+    CheckpointError if the weights do not fit this model or the checkpoint was saved by fewer ranks."""
     from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
     adapter = load_file(folder / "adapter_model.safetensors")
-    optimizer_state = optimizer_state_from_files(
-        load_file(folder / "optimizer.safetensors"), read_json(folder / "optimizer.json")
-    )
+    optimizer_state = read_optimizer_state(folder)
     if fsdp.is_sharded(model):  # FSDP: every rank keeps its own slice of the full tensors saved
         sharded = get_peft_model_state_dict(model)  # {file key: DTensor}, no communication
         adapter = {
@@ -286,5 +251,5 @@ def rotate(checkpoint_dir: Path, keep: int) -> None:
     """Delete the oldest complete checkpoints beyond `keep` (0 keeps all); incomplete ones stay for inspection."""
     if keep <= 0:
         return
-    for victim in list_complete(checkpoint_dir)[: -max(keep, 1)]:
+    for victim in list_complete(checkpoint_dir)[:-keep]:
         shutil.rmtree(victim)

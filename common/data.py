@@ -87,14 +87,11 @@ def _json_records(path: Path) -> Iterator[tuple[int, object]]:
             continue
         try:
             record = json.loads(line)
-        except json.JSONDecodeError as err:
-            reason = f"{err.msg} at column {err.colno}"
-        except (ValueError, RecursionError) as err:  # a 5000-digit number, nesting deeper than ~1000
-            reason = f"{type(err).__name__}: {str(err)[:80]}"
-        else:
-            yield number, record
-            continue
-        raise DataError(f"{path}:{number}: invalid JSON ({reason}); each line must be one JSON object")
+        except (ValueError, RecursionError) as err:  # also a 5000-digit number, nesting deeper than ~1000
+            decode_error = isinstance(err, json.JSONDecodeError)
+            reason = f"{err.msg} at column {err.colno}" if decode_error else f"{type(err).__name__}: {str(err)[:80]}"
+            raise DataError(f"{path}:{number}: invalid JSON ({reason}); each line must be one JSON object") from None
+        yield number, record
 
 
 def _dataset_rows(path: Path) -> Iterator[tuple[int, dict]]:
@@ -116,9 +113,8 @@ def _dataset_rows(path: Path) -> Iterator[tuple[int, dict]]:
         yield number, row
 
 
-def _check_chat(turns: object, where: str, field: str, keys: tuple[str, str], roles: dict) -> list[dict]:
-    """Validate a record's turns ([{keys[0]: a key of `roles`, keys[1]: text}]) as {role, content} messages."""
-    role_key, content_key = keys
+def _check_chat(turns: object, where: str, field: str, role_key: str, content_key: str, roles: dict) -> list[dict]:
+    """Validate a record's turns ([{role_key: a key of `roles`, content_key: text}]) as {role, content} messages."""
     if not isinstance(turns, list) or not turns:
         raise DataError(f"{where}: '{field}' must be a non-empty list of {{{role_key}, {content_key}}} objects")
     messages = []
@@ -165,10 +161,10 @@ def normalize_record(raw: object, where: str) -> dict:
     if not isinstance(raw, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(raw).__name__}")
     if raw.get("messages") is not None:
-        return {**raw, "messages": _check_chat(raw["messages"], where, "messages", ("role", "content"), ROLES)}
+        return {**raw, "messages": _check_chat(raw["messages"], where, "messages", "role", "content", ROLES)}
     if raw.get("conversations") is not None:
-        turns = raw["conversations"]
-        return {**raw, "messages": _check_chat(turns, where, "conversations", ("from", "value"), SHAREGPT_ROLES)}
+        turns = _check_chat(raw["conversations"], where, "conversations", "from", "value", SHAREGPT_ROLES)
+        return {**raw, "messages": turns}
     if raw.get("prompt") is not None or raw.get("completion") is not None:
         _require_text(raw, ("prompt", "completion"), where)
         messages = [{"role": "user", "content": raw["prompt"]}, {"role": "assistant", "content": raw["completion"]}]
@@ -186,11 +182,8 @@ def normalize_record(raw: object, where: str) -> dict:
 
 
 def load_records(path: str | Path) -> list[dict]:
-    """Every record of a data file or save_to_disk folder, normalized, with `_line` (1-based line or row).
-
-    Raises:
-        DataError: missing, empty, unsupported or invalid file, naming file, line and field.
-    """
+    """Every record of a data file or save_to_disk folder, normalized, with `_line` (1-based line or row);
+    DataError naming file, line and field for a missing, empty, unsupported or invalid file."""
     path = Path(path)
     suffixes = ", ".join(SUPPORTED_SUFFIXES)
     if path.is_dir():
@@ -218,14 +211,9 @@ def load_records(path: str | Path) -> list[dict]:
 def hold_out_validation(
     records: Sequence[dict], fraction: float, seed: int, source: str, recorded: dict | None = None
 ) -> tuple[list[dict], list[dict], dict]:
-    """Split one file into (train, validation, split record for config.json), disjoint, in file order.
-
-    Draws `round(fraction * n)` records (at least 1) with `random.Random(seed)`, or reuses a run's
-    `recorded` split (`dataset.validation_split`), so a resume or evaluate.py sees the same one.
-
-    Raises:
-        DataError: too few records to split, or the file no longer matches `recorded`.
-    """
+    """Split one file into (train, validation, split record for config.json), disjoint, in file order; a run's
+    `recorded` split (`dataset.validation_split`) is reused, so a resume or evaluate.py sees the same one.
+    DataError if too few records are left to train on, or the file no longer matches `recorded`."""
     if not 0 < fraction < 1:
         raise DataError(f"--validation-split must be between 0 and 1, got {fraction}")
     if recorded is not None:
@@ -306,14 +294,12 @@ def _reply_end(rendered: str, start: int, reply: str, specials: list[str], model
             f"the chat template of {model} rewrites the assistant reply text, so its tokens cannot be located; "
             f"{TEMPLATE_HINT} not"
         )
-    position = found + len(reply)
-    while position < len(rendered) and rendered[position].isspace():
-        position += 1  # e.g. Llama 2's "reply </s>"
+    after = rendered[found + len(reply) :]
+    position = len(rendered) - len(after.lstrip())  # whitespace skipped, e.g. Llama 2's "reply </s>"
     marker = next((text for text in specials if rendered.startswith(text, position)), None)
     if marker is None:
-        after = rendered[found + len(reply) : found + len(reply) + 20]
         raise DataError(
-            f"the chat template of {model} ends an assistant turn with {after!r}, not with a special "
+            f"the chat template of {model} ends an assistant turn with {after[:20]!r}, not with a special "
             f"end-of-turn token, so a model trained on it would never learn to stop; {TEMPLATE_HINT}"
         )
     return position + len(marker), marker
@@ -326,11 +312,8 @@ def assistant_turns(
 
     Turn i runs from the end of the turns before it rendered with the generation prompt (what the model
     sees at inference) through the first special token after its text (<|im_end|>, <|eot_id|>, ...).
-
-    Raises:
-        DataError: the template is not prefix-stable, rewrites replies, or ends a turn with no special
-            token; the message names the model (`model_name`) and says to pass --chat-template FILE.
-    """
+    DataError naming the model if the template is not prefix-stable, rewrites replies, or ends a turn with
+    no special token."""
     model = model_name or tokenizer.name_or_path or "this model"
     text = _render(tokenizer, messages)
     # every special or added token's text, longest first (so "<|eot_id|>" is never cut short)
@@ -369,23 +352,15 @@ def end_of_turn_token_ids(tokenizer) -> list[int]:
 
 def tokenize_messages(tokenizer, messages: list[dict]) -> dict:
     """Tokenize one conversation: {"input_ids", "labels"}, labels -100 outside the assistant replies.
-
-    The template writes any BOS itself, so no special tokens are added; of two BOS in a row, one goes.
-    """
+    The template writes any BOS itself, so no special tokens are added; of two BOS in a row, one goes."""
     text, turns = assistant_turns(tokenizer, messages)
     encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     input_ids, offsets = list(encoding["input_ids"]), list(encoding["offset_mapping"])
     bos = tokenizer.bos_token_id
     while bos is not None and len(input_ids) > 1 and input_ids[0] == input_ids[1] == bos:
         input_ids, offsets = input_ids[1:], offsets[1:]
-    labels = [IGNORE_INDEX] * len(input_ids)
-    turn = 0
-    for t, (start, _end) in enumerate(offsets):
-        while turn < len(turns) and start >= turns[turn][1]:
-            turn += 1
-        if turn < len(turns) and turns[turn][0] <= start < turns[turn][1]:
-            labels[t] = input_ids[t]
-    return {"input_ids": input_ids, "labels": labels}
+    in_reply = [any(first <= start < end for first, end, _ in turns) for start, _ in offsets]
+    return {"input_ids": input_ids, "labels": [t if kept else IGNORE_INDEX for t, kept in zip(input_ids, in_reply)]}
 
 
 def tokenize_records(
@@ -395,11 +370,7 @@ def tokenize_records(
 
     Longer than `max_seq_len`: with "truncate_history" the oldest exchanges after the system prompt
     go until it fits (the final reply is never cut, an example still too long is dropped); with
-    "drop" it is dropped. `text` records train every token, and an eos is appended.
-
-    Raises:
-        DataError: unknown policy, or an example has no trained token left.
-    """
+    "drop" it is dropped. `text` records train every token, and an eos is appended."""
     if overlong not in ("truncate_history", "drop"):
         raise DataError(f"overlong policy must be 'truncate_history' or 'drop', got {overlong!r}")
     stats = TokenizeStats()
@@ -439,10 +410,8 @@ def tokenize_records(
 
 
 def collate_batch(examples: Sequence[dict], pad_token_id: int, pad_to_multiple_of: int | None = None) -> dict:
-    """Right-pad examples into {"input_ids", "attention_mask", "labels"} tensors.
-
-    Labels are padded with -100, so a pad id equal to the end-of-turn id never hides a trained token.
-    """
+    """Right-pad examples into {"input_ids", "attention_mask", "labels"} tensors; labels are padded with -100,
+    so a pad id equal to the end-of-turn id never hides a trained token."""
     length = max(len(e["input_ids"]) for e in examples)
     if pad_to_multiple_of:
         length = math.ceil(length / pad_to_multiple_of) * pad_to_multiple_of
@@ -458,11 +427,9 @@ def collate_batch(examples: Sequence[dict], pad_token_id: int, pad_to_multiple_o
 
 
 class LengthGroupedBatchSampler(BatchSampler):
-    """Shuffled batches of similar length (little padding), the same for a seed and epoch (resume).
-
-    Shuffle the indices, sort each mega-batch of `batch_size * mega_batch_factor` by length, cut it
-    into batches, shuffle the batches.
-    """
+    """Shuffled batches of similar length (little padding), the same for a seed and epoch (resume): shuffle
+    the indices, sort each mega-batch of `batch_size * mega_batch_factor` by length, cut it into batches,
+    shuffle the batches."""
 
     def __init__(self, lengths: Sequence[int], batch_size: int, seed: int, mega_batch_factor: int = 16):
         self.lengths = list(lengths)

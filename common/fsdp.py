@@ -1,17 +1,8 @@
 """FSDP2 (`torch.distributed.fsdp.fully_shard`) through Accelerate: the few things train.py must do itself.
 
-Accelerate shards the model in `prepare()` (one `fully_shard` unit per decoder layer, then the root),
-replacing every parameter by a DTensor that holds 1/N of it on each rank. Three things then differ
-from data parallel, and this module holds them:
-
-1. On a CPU, Accelerate (1.16) never selects FSDP: `AcceleratorState` switches to FSDP only inside
-   its GPU-family branch, so `torchrun` with `ACCELERATE_USE_FSDP=true` silently runs as MULTI_CPU
-   (data parallel). `enable_cpu_fsdp` switches it on, so the same Accelerate code path that shards
-   the model on GPUs runs, and is tested, on a CPU with gloo.
-2. A sharded tensor is whole on no rank: saving the adapter, the optimizer state or a fingerprint
-   needs `full_tensor()` (an all-gather) on EVERY rank, in the same order, before rank 0 writes.
-   A rank-0-only call would wait forever for the others.
-3. Loading a checkpoint puts each rank's slice of the full tensor back into the DTensor.
+Accelerate's `prepare()` makes every parameter a DTensor holding 1/N of it on each rank, whole on no rank
+(docs/scale-out.md): saving needs `full_tensor()` (an all-gather) on EVERY rank, in the same order, before
+rank 0 writes; a rank-0-only call would wait forever for the others. Loading puts each rank's slice back.
 """
 
 from __future__ import annotations
@@ -21,23 +12,17 @@ import os
 
 import torch
 
-FSDP_ENV = "ACCELERATE_USE_FSDP"  # set by `accelerate launch` from a config with distributed_type: FSDP
-
 
 def fsdp_requested() -> bool:
-    """Whether this launch asks for FSDP (`accelerate launch --config_file accelerate_config.fsdp.yaml`, or
-    `ACCELERATE_USE_FSDP=true FSDP_VERSION=2 ... torchrun`)."""
-    return os.environ.get(FSDP_ENV, "false").lower() == "true"
+    """Whether this launch asks for FSDP: `ACCELERATE_USE_FSDP=true` (set by `accelerate launch` from FSDP configs)."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
 
 
 def enable_cpu_fsdp(accelerator) -> bool:
-    """Switch a multi-process CPU accelerator (MULTI_CPU, gloo) to FSDP2 when the launch asked for FSDP;
-    return whether it did. Call it after `Accelerator(...)`, before `prepare()`: it does what Accelerate
-    does itself on GPUs (plugin from the `FSDP_*` variables, mixed precision, distributed type).
-
-    Raises:
-        ValueError: FSDP was asked with `FSDP_VERSION` other than 2 (FSDP1 needs CUDA).
-    """
+    """Switch a multi-process CPU accelerator (MULTI_CPU, gloo) to FSDP2 when the launch asked for FSDP; return
+    whether it did. Call it after `Accelerator(...)`, before `prepare()`. Accelerate (1.16) never selects FSDP on
+    a CPU (`torchrun` with `ACCELERATE_USE_FSDP=true` silently runs data parallel); switched on here as Accelerate
+    does on GPUs, its GPU code path runs, and is tested, on a CPU with gloo. ValueError unless `FSDP_VERSION=2`."""
     from accelerate.state import PartialState
     from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 
@@ -51,9 +36,8 @@ def enable_cpu_fsdp(accelerator) -> bool:
         )
     if accelerator.mixed_precision != "no":
         plugin.set_mixed_precision(accelerator.mixed_precision)
-    state = accelerator.state
-    state.fsdp_plugin = plugin
-    state.distributed_type = DistributedType.FSDP
+    accelerator.state.fsdp_plugin = plugin
+    accelerator.state.distributed_type = DistributedType.FSDP
     PartialState._shared_state["distributed_type"] = DistributedType.FSDP  # as AcceleratorState does
     return True
 
@@ -67,19 +51,8 @@ def is_sharded(model: torch.nn.Module) -> bool:
 
 def gather_full(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """{name: whole detached CPU tensor}: DTensors all-gathered (collective: every rank, same keys, same order)."""
-    from torch.distributed.tensor import DTensor
-
-    full = {}
-    for name, tensor in tensors.items():
-        tensor = tensor.detach()
-        full[name] = (tensor.full_tensor() if isinstance(tensor, DTensor) else tensor).cpu()
-    return full
-
-
-def trainable_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The trainable (adapter) entries of `model.state_dict()`, whole on every rank (collective)."""
-    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
-    return gather_full({name: t for name, t in model.state_dict().items() if name in trainable})
+    tensors = {name: tensor.detach() for name, tensor in tensors.items()}
+    return {name: (t.full_tensor() if hasattr(t, "full_tensor") else t).cpu() for name, t in tensors.items()}
 
 
 def shard_like(tensor: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -93,27 +66,26 @@ def shard_like(tensor: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 def gather_sharded_adapter(model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
-    """The adapter's full tensors when the model is FSDP-sharded, else None (the model holds them whole).
-
-    Collective under FSDP: call it on every rank, then let rank 0 write.
-    """
-    return trainable_state_dict(model) if is_sharded(model) else None
+    """The adapter's (trainable) entries of `model.state_dict()` whole when the model is FSDP-sharded, else None
+    (the model holds them whole). Collective under FSDP: call it on every rank, then let rank 0 write."""
+    if not is_sharded(model):
+        return None
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    return gather_full({name: t for name, t in model.state_dict().items() if name in trainable})
 
 
 def gather_optimizer_state(state_dict: dict) -> dict:
     """An optimizer `state_dict()` with its DTensor states gathered whole (collective): the one-process state."""
     state = {}
     for index, param_state in sorted(state_dict["state"].items()):
-        tensors = gather_full({key: value for key, value in param_state.items() if torch.is_tensor(value)})
-        state[index] = {key: tensors.get(key, value) for key, value in param_state.items()}
+        state[index] = param_state | gather_full({key: v for key, v in param_state.items() if torch.is_tensor(v)})
     return {"state": state, "param_groups": state_dict["param_groups"]}
 
 
 def shard_optimizer_state(state_dict: dict, optimizer: torch.optim.Optimizer) -> dict:
     """Inverse of `gather_optimizer_state` for this rank: states shaped like their parameter become DTensors."""
-    params = {}
-    for saved, group in zip(state_dict["param_groups"], optimizer.param_groups, strict=True):
-        params.update(zip(saved["params"], group["params"], strict=True))
+    groups = zip(state_dict["param_groups"], optimizer.param_groups, strict=True)
+    params = {i: p for saved, group in groups for i, p in zip(saved["params"], group["params"], strict=True)}
     state = {}
     for index, param_state in state_dict["state"].items():
         param = params[index]
@@ -132,14 +104,10 @@ def describe_sharding(model: torch.nn.Module, num_processes: int) -> str:
     units = collections.Counter(
         type(m).__name__.removeprefix("FSDP") for m in model.modules() if isinstance(m, FSDPModule)
     )
-    total = local = whole = 0
-    for param in model.parameters():
-        total += param.numel()
-        if isinstance(param, DTensor):
-            local += param.to_local().numel()
-        else:
-            local += param.numel()
-            whole += 1
+    params = list(model.parameters())
+    total = sum(p.numel() for p in params)
+    local = sum(p.to_local().numel() if isinstance(p, DTensor) else p.numel() for p in params)
+    whole = sum(not isinstance(p, DTensor) for p in params)
     return (
         f"FSDP2: fully_shard units {dict(units)} over {num_processes} processes; this rank holds {local:,} of "
         f"{total:,} parameter elements ({local / max(total, 1):.1%}); {whole} tensors left whole"
@@ -155,10 +123,8 @@ def clip_grad_norm_(accelerator, parameters: list[torch.nn.Parameter], max_norm:
     """
     if not accelerator.is_fsdp2:
         return accelerator.clip_grad_norm_(parameters, max_norm)
-    from torch.distributed.tensor import DTensor
-
     accelerator.unscale_gradients()
     norm = torch.nn.utils.get_total_norm([p.grad for p in parameters if p.grad is not None])
-    norm = norm.full_tensor() if isinstance(norm, DTensor) else norm  # sharded gradients: partial norms combined
+    norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # sharded gradients: partial norms combined
     torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, norm)
     return norm

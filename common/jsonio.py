@@ -1,11 +1,8 @@
 """Strict JSON for every file the scripts write: config.json, the JSONL logs, metrics, markers.
 
 `json.dumps` writes a NaN loss as a bare `NaN`, which strict parsers (jq, JavaScript) reject. Here a
-non-finite float is written as `null` and named in a "nonfinite" field of the object holding it:
-
-    {"loss": null, "grad_norm": null, "nonfinite": {"loss": "NaN", "grad_norm": "NaN"}, ...}
-
-`loads`/`read_json`/`read_jsonl` put the values back, so Python readers see the logged numbers.
+non-finite float is written as `null` and named in a "nonfinite" field of the object holding it,
+`{"loss": null, "nonfinite": {"loss": "NaN"}}`, and the readers here put the values back.
 """
 
 from __future__ import annotations
@@ -16,18 +13,14 @@ import os
 from pathlib import Path
 
 NONFINITE_KEY = "nonfinite"
-_NAMES = {"nan": "NaN", "inf": "Infinity", "-inf": "-Infinity"}
 _VALUES = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
-
-
-def _is_nonfinite(value: object) -> bool:
-    return isinstance(value, float) and not math.isfinite(value)
+_NAMES = {str(value): name for name, value in _VALUES.items()}  # str(math.nan) == "nan", ...
 
 
 def to_strict(value: object) -> object:
     """A copy of `value` with non-finite floats as None, flagged in the dict holding them:
     {"nonfinite": {key: "NaN" | "Infinity" | "-Infinity"}} (a list element as "key[i]")."""
-    if _is_nonfinite(value):
+    if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, list | tuple):
         return [to_strict(v) for v in value]
@@ -35,29 +28,23 @@ def to_strict(value: object) -> object:
         return value
     result, flags = {}, {}
     for key, item in value.items():
-        if _is_nonfinite(item):
-            flags[str(key)] = _NAMES[str(item)]
-        elif isinstance(item, list | tuple):
-            flags |= {f"{key}[{i}]": _NAMES[str(v)] for i, v in enumerate(item) if _is_nonfinite(v)}
+        named = {f"{key}[{i}]": v for i, v in enumerate(item)} if isinstance(item, list | tuple) else {str(key): item}
+        flags |= {name: _NAMES[str(v)] for name, v in named.items() if isinstance(v, float) and not math.isfinite(v)}
         result[key] = to_strict(item)
     if flags:
         result[NONFINITE_KEY] = flags
     return result
 
 
-def _restore(value: object) -> object:
-    if isinstance(value, list):
-        return [_restore(v) for v in value]
-    if not isinstance(value, dict):
-        return value
-    result = {k: _restore(v) for k, v in value.items() if k != NONFINITE_KEY}
-    for flagged, name in (value.get(NONFINITE_KEY) or {}).items():
+def _restore(obj: dict) -> dict:
+    """`json.loads` object_hook (called innermost first): put the flagged non-finite values back."""
+    for flagged, name in (obj.pop(NONFINITE_KEY, None) or {}).items():
         key, _, index = flagged.partition("[")
-        if index and isinstance(result.get(key), list):
-            result[key][int(index.rstrip("]"))] = _VALUES[name]
-        elif key in result:
-            result[key] = _VALUES[name]
-    return result
+        if index and isinstance(obj.get(key), list):
+            obj[key][int(index.rstrip("]"))] = _VALUES[name]
+        elif key in obj:
+            obj[key] = _VALUES[name]
+    return obj
 
 
 def dumps(data: object, indent: int | None = None, sort_keys: bool = True) -> str:
@@ -65,18 +52,9 @@ def dumps(data: object, indent: int | None = None, sort_keys: bool = True) -> st
     return json.dumps(to_strict(data), indent=indent, sort_keys=sort_keys, default=str, allow_nan=False)
 
 
-def _reject_constant(name: str) -> float:
-    raise ValueError(f"not strict JSON: bare {name}")
-
-
 def loads(text: str) -> object:
-    """Parse strict JSON written by `dumps`, flagged values restored; ValueError on a bare NaN/Infinity."""
-    return _restore(json.loads(text, parse_constant=_reject_constant))
-
-
-def loads_lenient(text: str) -> object:
-    """Like `loads`, but also accept the bare NaN/Infinity of files written before strict JSON."""
-    return _restore(json.loads(text))
+    """Parse JSON written by `dumps`, flagged values restored (the bare NaN of older files is accepted too)."""
+    return json.loads(text, object_hook=_restore)
 
 
 def write_json(path: Path, data: object) -> None:
@@ -88,17 +66,11 @@ def write_json(path: Path, data: object) -> None:
 
 
 def read_json(path: Path, missing_ok: bool = False) -> object:
-    """Read a JSON file (bare NaN of older files accepted), non-finite values restored; None if missing and
-    `missing_ok`.
-
-    Raises:
-        FileNotFoundError: the file is missing (and not `missing_ok`).
-        ValueError: the file is not JSON.
-    """
+    """Read a JSON file (an older file's bare NaN accepted); None if it is missing and `missing_ok`."""
     path = Path(path)
     if missing_ok and not path.is_file():
         return None
-    return loads_lenient(path.read_text())
+    return loads(path.read_text())
 
 
 def append_jsonl(path: Path, record: dict) -> None:
@@ -114,20 +86,14 @@ def write_jsonl(path: Path, records: list, sort_keys: bool = True) -> None:
 
 
 def read_jsonl(path: Path, skip_torn_last_line: bool = False) -> list:
-    """Read a JSON-lines file (missing: []), non-finite values restored; `skip_torn_last_line` drops an
-    unparsable last line (a run killed while writing it).
-
-    Raises:
-        ValueError: a line that is not JSON (other than a torn last line when allowed).
-    """
+    """Read a JSON-lines file (missing: []); `skip_torn_last_line` drops an unparsable last line (a run
+    killed while writing it), any other bad line raises ValueError."""
     path = Path(path)
-    if not path.exists():
-        return []
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    lines = [line for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
     records = []
     for number, line in enumerate(lines, 1):
         try:
-            records.append(loads_lenient(line))
+            records.append(loads(line))
         except ValueError:
             if not (skip_torn_last_line and number == len(lines)):
                 raise

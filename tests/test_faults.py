@@ -106,10 +106,10 @@ def save_checkpoint(*args, **kwargs):
     return original_save_checkpoint(*args, **kwargs)
 
 
-original_save_file = checkpoint.save_file_atomic
-def save_file_atomic(*args, **kwargs):
+original_save_file = checkpoint.save_file
+def save_file(*args, **kwargs):
     # mid_save:N -> the adapter of step N's checkpoint is written, the optimizer state is not
-    path = Path(inspect.signature(original_save_file).bind(*args, **kwargs).arguments["path"])
+    path = Path(inspect.signature(original_save_file).bind(*args, **kwargs).arguments["filename"])
     if KIND == "mid_save" and path.parent.name == f".step_{N:06d}.tmp":
         pause(mid_save=str(path))
     return original_save_file(*args, **kwargs)
@@ -118,7 +118,7 @@ def save_file_atomic(*args, **kwargs):
 jsonio.append_jsonl = append_jsonl
 TrainedTokenLoss.forward = forward
 checkpoint.save = save_checkpoint
-checkpoint.save_file_atomic = save_file_atomic
+checkpoint.save_file = save_file
 train.main(sys.argv[1:])
 '''
 
