@@ -5,8 +5,9 @@ underwriter shorthand, a long email with stories and numbers that are not facts,
 with a plain-text table, pasted call notes, a team chat, non-native English, a key/value dump, and
 the held-out `form_fields` (test split only). Inside a family the facts vary too: money as
 $1,250,000 / 1.25M / 1250k / words, ages as years or a birth year, feet as ft / feet / ', miles as
-mi / miles, claims as a count or listed by year (one year outside the five-year window), typos and
-mixed case in the surrounding words, and a fact said wrong first and corrected in a later turn.
+mi / miles, claims as a count or listed by year (one year outside the five-year window), typos (in
+the surrounding words, and a few misspelled fact words), all-lower or all-upper case, and a fact
+said wrong first and corrected in a later turn.
 Only the words change: the facts, the decision and the assistant's turns come from generate.py.
 
     python -c "import random; from data import families; print(families.write_user_turn('homeowners', \
@@ -84,14 +85,14 @@ PHRASES = {
     },
     "smoker=True": {
         "prose": ["the applicant smokes", "they are a current smoker", "the applicant uses tobacco daily"],
-        "terse": ["smoker", "tobacco: yes"],
+        "terse": ["smoker", "tobacco: yes", "tabacco: yes"],
         "short": ["smkr", "tob Y"],
         "nonnative": ["he is smoking every day", "the client is smoker"],
         "form": ["Tobacco: yes"],
     },
     "smoker=False": {
         "prose": ["the applicant is a non-smoker", "there is no tobacco use", "they have never smoked"],
-        "terse": ["non-smoker", "tobacco: no"],
+        "terse": ["non-smoker", "tobacco: no", "tabacco: no"],
         "short": ["NS", "non-smkr", "tob N"],
         "nonnative": ["he is not smoking", "the client don't smoke"],
         "form": ["Tobacco: no"],
@@ -140,7 +141,7 @@ PHRASES = {
     },
     "hydrant_feet": {
         "prose": ["the closest hydrant is {ft} away", "there is a hydrant {ft} from the house"],
-        "terse": ["hydrant {ft}"],
+        "terse": ["hydrant {ft}", "hydrnat {ft}"],
         "short": ["hyd {ft}", "FH {ft}"],
         "nonnative": ["hydrant is at {ft} from house"],
         "form": ["Hydrant distance: {x} ft"],
@@ -203,7 +204,7 @@ PHRASES = {
     },
     "sprinklered=False": {
         "prose": ["there are no sprinklers", "the building is not sprinklered"],
-        "terse": ["no sprinklers", "spr: no"],
+        "terse": ["no sprinklers", "spr: no", "no sprinkelrs"],
         "short": ["spr N", "no spr"],
         "nonnative": ["building have no sprinklers"],
         "form": ["Sprinklers: no"],
@@ -231,7 +232,7 @@ PHRASES = {
     },
     "annual_revenue": {
         "prose": ["annual revenue is {money}", "they turn over {money} a year"],
-        "terse": ["revenue {money}", "rev {money}/yr"],
+        "terse": ["revenue {money}", "rev {money}/yr", "reveune {money}"],
         "short": ["rev {money}", "sales {money}/yr"],
         "nonnative": ["yearly revenue is {money}"],
         "form": ["Annual revenue: {money}"],
@@ -514,10 +515,10 @@ STORIES = (
 NAMES = ("Dana", "Sam", "Priya", "Marco", "Lena", "Tom")
 
 
-def write_story(rng: random.Random) -> str:
+def fill_story(story: str, rng: random.Random) -> str:
     """One filler sentence of a long email, with a number or two that are not facts."""
     month = rng.choice(["March", "June", "August", "October"])
-    return rng.choice(STORIES).format(k=rng.randint(2, 14), m=month, f=rng.randint(2, 9))
+    return story.format(k=rng.randint(2, 14), m=month, f=rng.randint(2, 9))
 
 
 def write_table(rows: list[tuple[str, str]], rng: random.Random) -> str:
@@ -543,7 +544,7 @@ def write_dump(rows: list[tuple[str, str]], rng: random.Random) -> str:
 
 
 def change_case(text: str, rng: random.Random) -> str:
-    """Shorthand is often typed all in lower or upper case."""
+    """Shorthand and call notes are often typed all in lower or upper case."""
     draw = rng.random()
     return text.upper() if draw < 0.2 else text.lower() if draw < 0.4 else text
 
@@ -648,8 +649,8 @@ def write_shorthand(lob_name: str, said: list[str], fixes: list[str], rng: rando
 def write_long_email(lob_name: str, said: list[str], fixes: list[str], rng: random.Random, opening: bool) -> str:
     """long_email: stories and numbers that are not facts between the fact sentences."""
     sentences = [capitalize(s) + "." for s in said]
-    for _ in range(rng.randint(1, 2)):
-        sentences.insert(rng.randrange(len(sentences) + 1), add_typos(write_story(rng), rng))
+    for story in rng.sample(STORIES, rng.randint(1, 2)):
+        sentences.insert(rng.randrange(len(sentences) + 1), add_typos(fill_story(story, rng), rng))
     sentences.insert(rng.randrange(len(sentences) + 1), distractor(rng))
     sentences += [f"One more thing, I had it wrong before: {f}." for f in fixes]
     if opening:
@@ -668,8 +669,8 @@ def write_call_log(lob_name: str, said: list[str], fixes: list[str], rng: random
     if opening:
         phone = f"555-{rng.randint(100, 9999):04d}"
         head = f"Call notes {clock} - {lob_name}, broker {rng.choice(NAMES)} (cb {phone})"
-        return "\n".join([head, *lines, f"* {distractor(rng)}"])
-    return "\n".join([f"Follow-up call {clock}:", *lines])
+        return change_case("\n".join([head, *lines, f"* {distractor(rng)}"]), rng)
+    return change_case("\n".join([f"Follow-up call {clock}:", *lines]), rng)
 
 
 def write_colleague_chat(lob_name: str, said: list[str], fixes: list[str], rng: random.Random, opening: bool) -> str:

@@ -141,7 +141,7 @@ FACT_PATTERNS = {
     "smoker": flag_patterns(
         r"\bsmokes\b|(?<!non-)\bsmoker\b(?![ :=|\"]{1,30}(?:yes|y|true|no|n|false)\b)|uses tobacco|(?<!non-)\bsmkr\b|\btob y\b|smoking every day|is smoker",
         r"non-smok|non-smkr|no tobacco|never smoked|not smoking|don't smoke|\bns\b|\btob n\b",
-        "tobacco|smoker",
+        "tobacco|tabacco|smoker",
     ),
     "medical_history": [
         (
@@ -168,7 +168,7 @@ FACT_PATTERNS = {
     "occupancy": [(re.escape(name), name) for name in rulebook.OCCUPANCY_HAZARD],
     "sprinklered": flag_patterns(
         r"(?<!not )(?<!no )\bsprinklered\b(?![ :=|\"]{1,30}(?:no|n|false)\b)|sprinkler system|\bspr\W{1,3}y(?:es)?\b|fully spr|sprinklers everywhere",
-        r"no sprinklers|not sprinklered|\bspr\W{1,3}no?\b|no spr\b",
+        r"no sprinklers|no sprinkelrs|not sprinklered|\bspr\W{1,3}no?\b|no spr\b",
         "sprinklers|sprinklered",
     ),
     "building_age": [(rf"\b(?:built|bldg|blt|building|year_built)\b{SPAN}(\d+)", age_from)],
@@ -183,7 +183,7 @@ FACT_PATTERNS = {
 MONEY_KEYWORDS = {
     "face_amount": r"face|cover|sum assured|\bfa\b",
     "dwelling_value": r"dwelling|dwlg|cov a|insured for",
-    "annual_revenue": r"revenue|\brev\b|sales|turn over",
+    "annual_revenue": r"revenue|reveune|\brev\b|sales|turn over",
     "tiv": r"\btiv\b|insured value",
 }
 
@@ -386,3 +386,12 @@ def test_conditions_sit_on_the_firing_rules_line():
                 assert ", condition " not in line, (record["id"], line)
         assert sorted(parse_conditions(reply)) == sorted(c.lower() for c in decision["conditions"]), record["id"]
     assert checked >= 20
+
+
+def test_held_out_family_keeps_a_quarter_of_test_only():
+    by_split = {}
+    for record in read_splits():
+        by_split.setdefault(record["id"].split("-")[0], []).append(record["phrasing_family"])
+    assert by_split["test"].count("form_fields") == 25
+    assert "form_fields" not in by_split["train"] + by_split["validation"]
+    assert set(by_split["train"]) == set(by_split["validation"]) == set(families.SEEN_FAMILIES)
