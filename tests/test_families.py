@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from data import families, generate, rulebook
+from data import families, generate, rulebook, worksheet_errors
 from data.task import parse_conditions
 
 DATA_DIR = Path(__file__).resolve().parents[1] / "data"
@@ -395,3 +395,15 @@ def test_held_out_family_keeps_a_quarter_of_test_only():
     assert by_split["test"].count("form_fields") == 25
     assert "form_fields" not in by_split["train"] + by_split["validation"]
     assert set(by_split["train"]) == set(by_split["validation"]) == set(families.SEEN_FAMILIES)
+
+
+def test_worksheet_errors_reads_a_check_line_with_a_condition():
+    facts = {"construction": "masonry", "roof_age": 22, "fire_station_miles": 2.0, "hydrant_feet": 300}
+    facts |= {"prior_claims": 0, "wind_zone": "inland", "dwelling_value": 400_000}
+    decision = rulebook.decide("homeowners", facts)
+    reply = generate.write_decision_turn("homeowners", facts, decision, set(), random.Random(0))
+    line = "H-7 masonry limit 25, roof 22 >= 15 yes, roof 22 <= 25 yes: standard, condition roof inspection within 30 days -> standard H-7"
+    assert decision["rules"] == ["H-7"] and line in reply.splitlines()
+    _, checks = worksheet_errors.parse_worksheet(reply)
+    assert ("H-7", "masonry limit 25, roof 22 >= 15 yes, roof 22 <= 25 yes", "standard", "standard H-7") in checks
+    assert parse_conditions(reply) == ["roof inspection within 30 days"]
