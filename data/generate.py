@@ -35,6 +35,7 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 from data import rulebook  # noqa: E402
+from data.families import HELD_OUT_FAMILIES, ROUND_AMOUNTS, SEEN_FAMILIES, join_items, write_user_turn, wrong_value  # noqa: E402
 from data.task import FACT_ASK_NAMES, format_decision_line  # noqa: E402
 
 SPLITS = ("train", "validation", "test")
@@ -46,8 +47,8 @@ CELL_SHARES = {
     ("refer", "n/a"): 0.30,
     ("decline", "n/a"): 0.30,
 }
-SEEN_FAMILIES = ("broker_email", "bullet_notes", "chatty_agent")
-HELD_OUT_FAMILIES = ("form_fields",)  # test split only: measures generalization to new phrasing
+HELD_OUT_SHARE = 0.25  # share of the test split written in HELD_OUT_FAMILIES
+CORRECTION_SHARE = 0.25  # conversations where the opening says one fact wrong and a later turn corrects it
 USER_TURN_WEIGHTS = {2: 5, 3: 4, 4: 1}
 MAX_SAMPLING_TRIES = 20_000
 PROFILE_PREFIX = {"term_life": "life", "homeowners": "home", "small_business_property": "biz"}
@@ -58,184 +59,6 @@ SYSTEM_PROMPTS = (
     "You are an insurance underwriting assistant. Gather missing facts, apply the rulebook "
     f"(year {rulebook.REFERENCE_YEAR}) and end with a DECISION line.",
 )
-LOB_NAMES = {
-    "term_life": ("term life", "term life insurance"),
-    "homeowners": ("homeowners", "home insurance"),
-    "small_business_property": ("small business property", "commercial property"),
-}
-
-# --- how each fact is said: "prose" (email/chatty), "terse" (bullets), "form" (held-out) ---
-# Keys are "fact=value" for categorical variants, else the fact name; see `render_fact`.
-PHRASES = {
-    "age": {
-        "prose": ["the applicant is {age}", "the applicant is {age} years old", "the applicant was born in {year}"],
-        "terse": ["age {age}", "{age} y/o", "{age}-year-old", "born {year}"],
-        "form": ["Age: {age}", "Birth year: {year}"],
-    },
-    "face_amount": {
-        "prose": ["they want {money} of cover", "the requested face amount is {money}", "coverage asked is {money}"],
-        "terse": ["face {money}", "{money} face", "cover {money}"],
-        "form": ["Face amount: {money}"],
-    },
-    "bmi": {
-        "prose": ["the BMI is {bmi}", "body mass index is {bmi}"],
-        "terse": ["BMI {bmi}"],
-        "form": ["BMI: {bmi}"],
-    },
-    "smoker=True": {
-        "prose": ["the applicant smokes", "they are a current smoker", "the applicant uses tobacco daily"],
-        "terse": ["smoker", "tobacco: yes"],
-        "form": ["Tobacco: yes"],
-    },
-    "smoker=False": {
-        "prose": ["the applicant is a non-smoker", "there is no tobacco use", "they have never smoked"],
-        "terse": ["non-smoker", "tobacco: no"],
-        "form": ["Tobacco: no"],
-    },
-    "medical_history=none": {
-        "prose": ["there is no significant medical history", "the medical history is clean"],
-        "terse": ["no medical hx", "hx: none"],
-        "form": ["Medical history: none"],
-    },
-    "medical_history": {
-        "prose": ["the applicant {verb} {cond}", "the medical history shows {cond}"],
-        "terse": ["hx: {cond}"],
-        "form": ["Medical history: {cond}"],
-    },
-    "occupation": {
-        "prose": ["the applicant works as {a_occ}", "the occupation is {occ}"],
-        "terse": ["occ: {occ}", "{occ}"],
-        "form": ["Occupation: {occ}"],
-    },
-    "construction": {
-        "prose": ["it is a {c} house", "construction is {c}"],
-        "terse": ["{c} construction", "const: {c}"],
-        "form": ["Construction: {c}"],
-    },
-    "roof_age": {
-        "prose": ["the roof is {n} years old", "the roof was replaced in {year}"],
-        "terse": ["roof {n} yrs", "roof {year}"],
-        "form": ["Roof age: {n} years", "Roof year: {year}"],
-    },
-    "fire_station_miles": {
-        "prose": ["the nearest fire station is {x} miles away", "it is {x} miles from the fire station"],
-        "terse": ["FD {x} mi", "fire station {x} mi"],
-        "form": ["Fire station: {x} miles"],
-    },
-    "hydrant_feet": {
-        "prose": ["the closest hydrant is {n} feet away", "there is a hydrant {n} ft from the house"],
-        "terse": ["hydrant {n} ft"],
-        "form": ["Hydrant distance: {n} ft"],
-    },
-    "prior_claims=0": {
-        "prose": ["there were no claims in the last five years", "the claims history is clean for 5 years"],
-        "terse": ["no claims 5 yrs", "claims: 0"],
-        "form": ["Claims (5 yrs): 0"],
-    },
-    "prior_claims=1": {
-        "prose": ["there was one claim in the last five years"],
-        "terse": ["1 claim in 5 yrs", "claims: 1"],
-        "form": ["Claims (5 yrs): 1"],
-    },
-    "prior_claims": {
-        "prose": ["there were {n} claims in the last five years", "they filed {n} claims in 5 years"],
-        "terse": ["{n} claims in 5 yrs", "claims: {n}"],
-        "form": ["Claims (5 yrs): {n}"],
-    },
-    "wind_zone=coastal": {
-        "prose": ["it sits in the coastal wind zone", "the property is inside the coastal wind zone"],
-        "terse": ["coastal wind zone", "wind: coastal"],
-        "form": ["Wind zone: coastal"],
-    },
-    "wind_zone=inland": {
-        "prose": ["it is inland, outside the coastal wind zone", "the property is not in the coastal wind zone"],
-        "terse": ["inland", "wind: inland"],
-        "form": ["Wind zone: inland"],
-    },
-    "dwelling_value": {
-        "prose": ["the dwelling value is {money}", "they want the home insured for {money}"],
-        "terse": ["Cov A {money}", "dwelling {money}"],
-        "form": ["Dwelling value: {money}"],
-    },
-    "occupancy": {
-        "prose": ["the insured runs {a_occ} ({hazard} hazard)", "occupancy is {a_occ}, {hazard}-hazard class"],
-        "terse": ["{occ} ({hazard} hazard)", "occ: {occ}, {hazard} hazard"],
-        "form": ["Occupancy: {occ} ({hazard} hazard)"],
-    },
-    "sprinklered=True": {
-        "prose": ["the building is fully sprinklered", "there is a sprinkler system throughout"],
-        "terse": ["sprinklered", "spr: yes"],
-        "form": ["Sprinklers: yes"],
-    },
-    "sprinklered=False": {
-        "prose": ["there are no sprinklers", "the building is not sprinklered"],
-        "terse": ["no sprinklers", "spr: no"],
-        "form": ["Sprinklers: no"],
-    },
-    "building_age": {
-        "prose": ["the building is {n} years old", "it was built in {year}"],
-        "terse": ["built {year}", "bldg {n} yrs"],
-        "form": ["Year built: {year}", "Building age: {n} years"],
-    },
-    "wiring_updated=True": {
-        "prose": ["the wiring has been updated", "it has been fully rewired"],
-        "terse": ["wiring updated", "rewired"],
-        "form": ["Wiring updated: yes"],
-    },
-    "wiring_updated=False": {
-        "prose": ["the wiring is original", "the electrical was never updated"],
-        "terse": ["original wiring", "wiring not updated"],
-        "form": ["Wiring updated: no"],
-    },
-    "annual_revenue": {
-        "prose": ["annual revenue is {money}", "they turn over {money} a year"],
-        "terse": ["revenue {money}", "rev {money}/yr"],
-        "form": ["Annual revenue: {money}"],
-    },
-    "tiv": {
-        "prose": ["total insured value is {money}", "the TIV comes to {money}"],
-        "terse": ["TIV {money}"],
-        "form": ["TIV: {money}"],
-    },
-    "prior_losses=0": {
-        "prose": ["there were no property losses in five years", "the loss history is clean"],
-        "terse": ["no losses 5 yrs", "losses: 0"],
-        "form": ["Losses (5 yrs): 0"],
-    },
-    "prior_losses=1": {
-        "prose": ["there was one property loss in the last five years"],
-        "terse": ["1 loss in 5 yrs", "losses: 1"],
-        "form": ["Losses (5 yrs): 1"],
-    },
-    "prior_losses": {
-        "prose": ["there were {n} property losses in the last five years"],
-        "terse": ["{n} losses in 5 yrs", "losses: {n}"],
-        "form": ["Losses (5 yrs): {n}"],
-    },
-}
-CONDITION_EXAMPLES = {
-    "controlled": [
-        "hypertension controlled with medication",
-        "well-controlled type 2 diabetes",
-        "treated high cholesterol",
-        "mild asthma on an inhaler",
-    ],
-    "serious": ["a heart attack in {year}", "a stroke in {year}", "cancer treatment that ended in {year}"],
-}
-CONSTRUCTION_NAMES = {
-    "frame": ["wood frame", "frame"],
-    "masonry": ["masonry", "brick masonry"],
-    "fire_resistive": ["fire-resistive", "concrete fire-resistive"],
-}
-MONEY_WORDS = {
-    250_000: "a quarter million",
-    500_000: "half a million",
-    750_000: "three quarters of a million",
-    1_000_000: "one million",
-    2_000_000: "two million",
-}
-ROUND_AMOUNTS = sorted(MONEY_WORDS)
-NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five")
 
 ASK_FIRST = (
     "Thanks. Could you send {items}?",
@@ -355,115 +178,6 @@ def build_profile_id(line_of_business: str, facts: dict) -> str:
     """Name a profile by a hash of its facts, so equal facts mean equal ids across splits."""
     payload = json.dumps([line_of_business, facts], sort_keys=True)
     return f"{PROFILE_PREFIX[line_of_business]}-{hashlib.sha256(payload.encode()).hexdigest()[:10]}"
-
-
-def format_money_varied(amount: int, rng: random.Random) -> str:
-    """Write dollars in one of several broker styles: $250,000 / 250k / USD 250000 / a quarter million."""
-    options = [f"${amount:,}", f"USD {amount}"]
-    if amount < 1_000_000 and amount % 1000 == 0:
-        options.append(f"{amount // 1000}k")
-    if amount >= 1_000_000 and amount % 10_000 == 0:
-        options += [f"${amount / 1e6:g}M", f"{amount / 1e6:g} million"]
-    if amount in MONEY_WORDS:
-        options.append(MONEY_WORDS[amount])
-    return rng.choice(options)
-
-
-def render_fact(key: str, value: object, style: str, rng: random.Random, year_keys: set[str]) -> str:
-    """Say one fact with a random template and number format.
-
-    Args:
-        key: the fact name, e.g. "face_amount".
-        value: its value, e.g. 250000.
-        style: "prose" (sentences), "terse" (bullet notes) or "form" ("Label: value").
-        rng: the split's random generator.
-        year_keys: an age fact said as a year ("born 1983") is added to it, so the worksheet of the
-            final reply can write the subtraction out.
-
-    Returns:
-        e.g. "they want a quarter million of cover", "face 250k" or "Face amount: $250,000".
-    """
-    templates = PHRASES.get(f"{key}={value}") or PHRASES[key]
-    fields = {"age": value, "bmi": value, "n": value, "occ": value}
-    if key == "fire_station_miles":
-        fields["x"] = f"{value:g}"
-    elif key in ("face_amount", "dwelling_value", "annual_revenue", "tiv"):
-        fields["money"] = format_money_varied(value, rng)
-    elif key in ("age", "roof_age", "building_age"):
-        fields["year"] = rulebook.REFERENCE_YEAR - value
-    elif key == "hydrant_feet":
-        fields["n"] = f"{value:,}"
-    elif key in ("prior_claims", "prior_losses"):
-        fields["n"] = rng.choice([str(value), NUMBER_WORDS[value]])
-    elif key in ("occupation", "occupancy"):
-        fields["a_occ"] = ("an " if value[0] in "aeiou" else "a ") + value
-        fields["hazard"] = rulebook.OCCUPANCY_HAZARD.get(value, "")
-    elif key == "construction":
-        fields["c"] = rng.choice(CONSTRUCTION_NAMES[value])
-    elif key == "medical_history" and value != "none":
-        year = rng.randint(rulebook.REFERENCE_YEAR - 4, rulebook.REFERENCE_YEAR - 1)
-        fields["cond"] = rng.choice(CONDITION_EXAMPLES[value]).format(year=year)
-        fields["verb"] = "has" if value == "controlled" else "had"
-    template = rng.choice(templates[style])
-    if "{year}" in template and key in ("age", "roof_age", "building_age"):
-        year_keys.add(key)
-    return template.format(**fields)
-
-
-def join_items(items: list[str]) -> str:
-    """Join ["a", "b", "c"] as "a, b and c"."""
-    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
-
-
-def capitalize(text: str) -> str:
-    """Upper-case the first letter only ("the BMI" -> "The BMI")."""
-    return text[:1].upper() + text[1:]
-
-
-def write_user_turn(
-    lob: str, keys: list[str], facts: dict, family: str, rng: random.Random, opening: bool, year_keys: set[str]
-) -> str:
-    """Write a broker turn that states some facts in the style of a phrasing family.
-
-    Args:
-        lob: line of business (named in an opening turn).
-        keys: the facts to state, in this order.
-        facts: all facts of the case.
-        family: one of SEEN_FAMILIES + HELD_OUT_FAMILIES.
-        rng: the split's random generator.
-        opening: True for the submission that opens the chat, False for an answer to a question.
-        year_keys: collects the age facts said as a year (see `render_fact`).
-
-    Returns:
-        The message content.
-    """
-    lob_name = rng.choice(LOB_NAMES[lob])
-    if family == "broker_email":
-        sentences = [capitalize(render_fact(k, facts[k], "prose", rng, year_keys)) + "." for k in keys]
-        if opening:
-            head = rng.choice(
-                [
-                    f"Dear underwriter, please review this {lob_name} submission.",
-                    f"Hello, a new {lob_name} application.",
-                ]
-            )
-            tail = rng.choice(["", " Kind regards.", " Many thanks."])
-            return f"{head} {' '.join(sentences)}{tail}"
-        return f"{rng.choice(['Certainly.', 'Of course.', 'Thank you.'])} {' '.join(sentences)}"
-    if family == "bullet_notes":
-        lines = [render_fact(k, facts[k], "terse", rng, year_keys) for k in keys]
-        if opening:
-            head = rng.choice([f"{lob_name} sub:", f"New {lob_name} risk", f"{lob_name.upper()} - quote req"])
-            return head + "\n- " + "\n- ".join(lines)
-        return "- " + "\n- ".join(lines) if rng.random() < 0.5 else "; ".join(lines)
-    if family == "chatty_agent":
-        clauses = capitalize(join_items([render_fact(k, facts[k], "prose", rng, year_keys) for k in keys])) + "."
-        if opening:
-            head = rng.choice([f"Hi! Got a {lob_name} one for you.", f"Hey, quick {lob_name} quote.", "Morning!"])
-            return f"{head} {clauses}"
-        return f"{rng.choice(['Sure!', 'Yep.', 'Just checked.', 'Oh, right.'])} {clauses}"
-    fields = " | ".join(render_fact(k, facts[k], "form", rng, year_keys) for k in keys)  # form_fields
-    return f"SUBMISSION | Line: {lob_name} | {fields}" if opening else f"UPDATE | {fields}"
 
 
 # --- the worksheet of the final reply: facts restated in a fixed order, then every rule checked ---
@@ -659,7 +373,10 @@ def worksheet_checks(lob: str, facts: dict, year_keys: set[str]) -> list[str]:
     that fires adds ":", its effect and, after "->", the running result: the effect of the first
     fired rule (rules go from most to least severe, so the first fired one decides) and every rule
     fired so far. The result is written only where it changes, so the last "->" of the worksheet is
-    the decision, and each one is a local step: copy the previous result and append the rule.
+    the decision, and each one is a local step: copy the previous result and append the rule. A
+    fired rule that attaches a condition to an approval writes it after its effect
+    (": standard, condition roof inspection within 30 days -> standard H-7") unless a decline or
+    refer already fired, so the outcome sentence's "Condition: ..." copies from the lines above.
 
     Args:
         lob: line of business.
@@ -682,7 +399,10 @@ def worksheet_checks(lob: str, facts: dict, year_keys: set[str]) -> list[str]:
         if rule.applies(facts):
             first_effect = first_effect or rule.effect
             fired.append(rule.rule_id)
-            line += f": {rule.effect} -> {first_effect} {', '.join(fired)}"
+            # A condition binds only an approval: no earlier decline or refer (those rules come first).
+            approving = rule.condition and first_effect not in ("decline", "refer")
+            condition = f", condition {rule.condition}" if approving else ""
+            line += f": {rule.effect}{condition} -> {first_effect} {', '.join(fired)}"
         lines.append(line)
     return lines
 
@@ -715,8 +435,12 @@ def write_decision_turn(lob: str, facts: dict, decision: dict, year_keys: set[st
 
 def build_conversation(
     lob: str, facts: dict, decision: dict, family: str, rng: random.Random
-) -> tuple[list[dict], list[list[str]]]:
+) -> tuple[list[dict], list[list[str]], dict]:
     """Build the chat: system, opening submission, 1-3 ask/answer exchanges, final decision.
+
+    In CORRECTION_SHARE of the chats the opening says one fact wrong and a random later broker
+    turn corrects it; the assistant only asks for facts never given, and the worksheet uses the
+    corrected value (the one in `facts`).
 
     Args:
         lob: line of business.
@@ -726,9 +450,10 @@ def build_conversation(
         rng: the split's random generator.
 
     Returns:
-        (messages, ask_facts): [{"role", "content"}, ...] starting with system and ending with the
-        assistant's decision; and for each asking assistant turn, in order, the fact names (keys of
-        REQUIRED_FACTS) still missing at that point, which that turn asks for.
+        (messages, ask_facts, corrected): [{"role", "content"}, ...] starting with system and
+        ending with the assistant's decision; for each asking assistant turn, in order, the fact
+        names (keys of REQUIRED_FACTS) still missing at that point, which that turn asks for; and
+        {fact: the wrong value said first} for a corrected fact ({} when none).
     """
     keys = list(rulebook.REQUIRED_FACTS[lob])
     rng.shuffle(keys)
@@ -737,13 +462,15 @@ def build_conversation(
     missing = keys[first_count:]
     cuts = sorted(rng.sample(range(1, len(missing)), user_turns - 2)) if user_turns > 2 else []
     groups = [missing[a:b] for a, b in zip([0, *cuts], [*cuts, len(missing)], strict=True)]
+    corrected, fix_turn = {}, -1
+    if rng.random() < CORRECTION_SHARE:
+        key = rng.choice(keys[:first_count])
+        corrected, fix_turn = {key: wrong_value(key, facts[key], rng)}, rng.randrange(len(groups))
 
     year_keys: set[str] = set()
     ask_facts: list[list[str]] = []
-    messages = [
-        {"role": "system", "content": rng.choice(SYSTEM_PROMPTS)},
-        {"role": "user", "content": write_user_turn(lob, keys[:first_count], facts, family, rng, True, year_keys)},
-    ]
+    opening = write_user_turn(lob, keys[:first_count], facts | corrected, family, rng, True, year_keys)
+    messages = [{"role": "system", "content": rng.choice(SYSTEM_PROMPTS)}, {"role": "user", "content": opening}]
     for index, group in enumerate(groups):
         # The assistant always asks for everything still missing; the broker may answer only part.
         still_missing = [k for g in groups[index:] for k in g]
@@ -751,9 +478,11 @@ def build_conversation(
         template = rng.choice(ASK_FIRST if index == 0 else ASK_AGAIN)
         ask = template.format(items=join_items([FACT_ASK_NAMES[k] for k in still_missing]))
         messages.append({"role": "assistant", "content": ask})
-        messages.append({"role": "user", "content": write_user_turn(lob, group, facts, family, rng, False, year_keys)})
+        fixes = tuple(corrected) if index == fix_turn else ()
+        answer = write_user_turn(lob, group, facts, family, rng, False, year_keys, corrected=fixes)
+        messages.append({"role": "user", "content": answer})
     messages.append({"role": "assistant", "content": write_decision_turn(lob, facts, decision, year_keys, rng)})
-    return messages, ask_facts
+    return messages, ask_facts, corrected
 
 
 def build_split(split: str, size: int, seed: int, seen_profiles: set[str]) -> list[dict]:
@@ -772,13 +501,16 @@ def build_split(split: str, size: int, seed: int, seen_profiles: set[str]) -> li
         RuntimeError: a cell could not be filled within MAX_SAMPLING_TRIES draws.
     """
     rng = random.Random(f"{seed}-{split}")
-    families = SEEN_FAMILIES + (HELD_OUT_FAMILIES if split == "test" else ())
     plan = []
     for lob, lob_count in allocate(size, dict.fromkeys(rulebook.LINES_OF_BUSINESS, 1)).items():
         for cell, cell_count in allocate(lob_count, CELL_SHARES).items():
             plan += [(lob, cell)] * cell_count
     rng.shuffle(plan)
-    family_plan = [families[i % len(families)] for i in range(size)]
+    # The held-out family keeps a quarter of the test split (as when there were 3 seen families), so
+    # the generalization figure rests on ~25 conversations, not 1/11 of them.
+    held_out = round(size * HELD_OUT_SHARE) if split == "test" else 0
+    family_plan = [HELD_OUT_FAMILIES[i % len(HELD_OUT_FAMILIES)] for i in range(held_out)]
+    family_plan += [SEEN_FAMILIES[i % len(SEEN_FAMILIES)] for i in range(size - held_out)]
     rng.shuffle(family_plan)
 
     records = []
@@ -793,7 +525,7 @@ def build_split(split: str, size: int, seed: int, seen_profiles: set[str]) -> li
         else:
             raise RuntimeError(f"could not sample a {lob} case for {cell} in {MAX_SAMPLING_TRIES} tries")
         seen_profiles.add(profile_id)
-        messages, ask_facts = build_conversation(lob, facts, decision, family, rng)
+        messages, ask_facts, corrected = build_conversation(lob, facts, decision, family, rng)
         records.append(
             {
                 "id": f"{split}-{number:04d}",
@@ -803,6 +535,7 @@ def build_split(split: str, size: int, seed: int, seen_profiles: set[str]) -> li
                 "facts": facts,
                 "messages": messages,
                 "ask_facts": ask_facts,
+                "corrected": corrected,
                 "decision": decision,
             }
         )
@@ -915,6 +648,20 @@ def split_stat_rows(splits: dict) -> tuple[list, list, list, list, list]:
     return outcome_rows, class_rows, lob_rows, family_rows, shape_rows
 
 
+def family_examples_section(splits: dict) -> str:
+    """The data card's examples: the broker turns of one conversation per phrasing family."""
+    blocks = []
+    for family in SEEN_FAMILIES + HELD_OUT_FAMILIES:
+        record = next(r for records in splits.values() for r in records if r["phrasing_family"] == family)
+        turns = [m["content"] for m in record["messages"] if m["role"] == "user"]
+        text = "\n---\n".join(turns)
+        note = f", corrected: {record['corrected']}" if record["corrected"] else ""
+        blocks.append(
+            f"`{family}` ({record['id']}{note}):\n\n" + "\n".join("    " + line for line in text.splitlines())
+        )
+    return "\n\n".join(blocks)
+
+
 def token_length_section(tokens: tuple[dict | None, str], tokenizer_name: str) -> str:
     """The data card's token-length table, or the reason it is missing."""
     lengths, reason = tokens
@@ -983,7 +730,8 @@ The same seed gives byte-identical files (see the sha256 below).
 ## Record format
 
 One JSON object per line: `id`, `line_of_business`, `profile_id` (hash of the facts),
-`phrasing_family`, `facts` (every fact the rulebook reads), `messages` (system, then alternating
+`phrasing_family`, `facts` (every fact the rulebook reads), `corrected` ({{fact: the wrong value
+the broker said first}} when a later turn corrects it, else {{}}), `messages` (system, then alternating
 user/assistant, ending with the assistant), `decision` (`outcome`, `risk_class`, `rules`,
 `conditions`), and `ask_facts`: for each asking assistant turn, the facts (keys of `facts`) still
 missing there, which that turn asks for by the names in `data/task.py::FACT_ASK_NAMES`
@@ -1026,7 +774,7 @@ rule fires, the line's grant rule fires (preferred). RULES lists every fired rul
 ## Splits
 
 Profiles (fact sets) are disjoint across splits. The test split adds the phrasing family
-`{", ".join(HELD_OUT_FAMILIES)}`, which train and validation never show.
+`{", ".join(HELD_OUT_FAMILIES)}` ({round(100 * HELD_OUT_SHARE)}% of it), which train and validation never show.
 
 {markdown_table(["split", "file", "sha256"], [[s, f"{s}.jsonl", hashes[s]] for s in splits])}
 
@@ -1045,6 +793,18 @@ Profiles (fact sets) are disjoint across splits. The test split adds the phrasin
 ### Phrasing families
 
 {markdown_table(["split", *SEEN_FAMILIES, *HELD_OUT_FAMILIES], family_rows)}
+
+### One example per family (broker turns, "---" between turns)
+
+Every family varies inside too: money as $1,250,000 / 1.25M / 1250k / words, ages as years or a
+birth year, feet and miles in several spellings, claims counted or listed by year (one year
+outside the five-year window, which does not count), and in {round(100 * CORRECTION_SHARE)}% of the
+conversations a fact said wrong in the opening and corrected in a later turn (`corrected` holds
+the wrong value; `facts`, the worksheet and the decision use the corrected one). Long emails, forwarded
+tables, call logs and team chats carry numbers that are not facts (phones, dates, street and
+policy numbers). See `data/families.py`.
+
+{family_examples_section(splits)}
 
 ### Conversation shape (user turns; characters of all messages)
 

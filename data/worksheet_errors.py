@@ -24,8 +24,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from data.task import parse_decision_line
 
-# "L-4 age 54 >= 50 yes, face $1500k > $1000k yes: refer -> refer L-4", or without the ": ..." tail.
-CHECK_LINE = re.compile(r"([LHB]-\d+) (.*?)(?:: (\w+) -> (.*))?")
+# "L-4 age 54 >= 50 yes, face $1500k > $1000k yes: refer -> refer L-4", or without the ": ..." tail;
+# an approval's condition sits after the effect: ": standard, condition roof inspection ... -> ...".
+CHECK_LINE = re.compile(r"([LHB]-\d+) (.*?)(?:: (\w+)(?:, condition [^\n]*?)? -> (.*))?")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -140,7 +140,10 @@ def test_worksheet_checks_match_the_rulebook(splits):
             rules = [rule for rule in rulebook.RULES[lob] if rule.applies is not None]
             assert lines[0].startswith("Facts: "), record["id"]
             check_lines = lines[1 : 1 + len(rules)]
-            checks = [re.fullmatch(r"([LHB]-\d+) [^:]*(?:: (\w+) -> (.*))?", line) for line in check_lines]
+            checks = [
+                re.fullmatch(r"([LHB]-\d+) [^:]*(?:: (\w+)(?:, condition [^:]*)? -> (.*))?", line)
+                for line in check_lines
+            ]
             assert all(checks), (record["id"], check_lines)
             expected = [(r.rule_id, r.effect if r.applies(facts) else None) for r in rules]
             assert [(m.group(1), m.group(2)) for m in checks] == expected, record["id"]

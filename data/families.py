@@ -1,0 +1,745 @@
+"""How brokers write: the phrasing families of the broker (user) turns of `data/generate.py`.
+
+Each family is one way people send a submission: a polite email, bullet notes, a chatty message,
+underwriter shorthand, a long email with stories and numbers that are not facts, forwarded notes
+with a plain-text table, pasted call notes, a team chat, non-native English, a key/value dump, and
+the held-out `form_fields` (test split only). Inside a family the facts vary too: money as
+$1,250,000 / 1.25M / 1250k / words, ages as years or a birth year, feet as ft / feet / ', miles as
+mi / miles, claims as a count or listed by year (one year outside the five-year window), typos (in
+the surrounding words, and a few misspelled fact words), all-lower or all-upper case, and a fact
+said wrong first and corrected in a later turn.
+Only the words change: the facts, the decision and the assistant's turns come from generate.py.
+
+    python -c "import random; from data import families; print(families.write_user_turn('homeowners', \
+['roof_age', 'hydrant_feet'], {'roof_age': 12, 'hydrant_feet': 500}, 'long_email', random.Random(0), True, set()))"
+"""
+
+from __future__ import annotations
+
+import random
+
+from data import rulebook
+
+YEAR = rulebook.REFERENCE_YEAR
+SEEN_FAMILIES = (
+    "broker_email",
+    "bullet_notes",
+    "chatty_agent",
+    "uw_shorthand",
+    "long_email",
+    "fwd_table",
+    "call_log",
+    "colleague_chat",
+    "non_native",
+    "kv_export",
+)
+HELD_OUT_FAMILIES = ("form_fields",)  # test split only: measures generalization to new phrasing
+# The families whose turns carry numbers that are not facts (phones, dates, street and policy numbers).
+DISTRACTOR_FAMILIES = ("long_email", "fwd_table", "call_log", "colleague_chat")
+# How each family says one fact (a key of PHRASES' inner dicts; "table" and "kv" use FIELD_LABELS).
+FAMILY_STYLE = {
+    "broker_email": "prose",
+    "bullet_notes": "terse",
+    "chatty_agent": "prose",
+    "uw_shorthand": "short",
+    "long_email": "prose",
+    "fwd_table": "table",
+    "call_log": "terse",
+    "colleague_chat": "prose",
+    "non_native": "nonnative",
+    "kv_export": "kv",
+    "form_fields": "form",
+}
+CLAIMS_BY_YEAR_SHARE = 0.35  # claims/losses listed by year instead of counted (not in form_fields)
+LOB_NAMES = {
+    "term_life": ("term life", "term life insurance"),
+    "homeowners": ("homeowners", "home insurance"),
+    "small_business_property": ("small business property", "commercial property"),
+}
+
+# --- how each fact is said ---
+# Keys are "fact=value" for categorical variants, else the fact name; see `render_fact`. Fields:
+# {money} any money form, {yrs} "12 years"/"12 yrs", {mi} "2.3 miles"/"2.3 mi", {ft} "500 ft"/"500'",
+# {year} the year an age counts from, {n} a count as digits or a word.
+PHRASES = {
+    "age": {
+        "prose": ["the applicant is {age}", "the applicant is {age} years old", "the applicant was born in {year}"],
+        "terse": ["age {age}", "{age} y/o", "{age}-year-old", "born {year}", "DOB yr {year}"],
+        "short": ["{age}yo", "YOB {year}", "b.{year}", "age {age}"],
+        "nonnative": ["the client have {age} years", "applicant is born in {year}", "applicant age is {age} year"],
+        "form": ["Age: {age}", "Birth year: {year}"],
+    },
+    "face_amount": {
+        "prose": ["they want {money} of cover", "the requested face amount is {money}", "coverage asked is {money}"],
+        "terse": ["face {money}", "{money} face", "cover {money}"],
+        "short": ["FA {money}", "face amt {money}", "{money} face"],
+        "nonnative": ["he want cover of {money}", "the face amount he ask is {money}"],
+        "form": ["Face amount: {money}"],
+    },
+    "bmi": {
+        "prose": ["the BMI is {bmi}", "body mass index is {bmi}"],
+        "terse": ["BMI {bmi}"],
+        "short": ["bmi {bmi}", "BMI={bmi}"],
+        "nonnative": ["his BMI is at {bmi}"],
+        "form": ["BMI: {bmi}"],
+    },
+    "smoker=True": {
+        "prose": ["the applicant smokes", "they are a current smoker", "the applicant uses tobacco daily"],
+        "terse": ["smoker", "tobacco: yes", "tabacco: yes"],
+        "short": ["smkr", "tob Y"],
+        "nonnative": ["he is smoking every day", "the client is smoker"],
+        "form": ["Tobacco: yes"],
+    },
+    "smoker=False": {
+        "prose": ["the applicant is a non-smoker", "there is no tobacco use", "they have never smoked"],
+        "terse": ["non-smoker", "tobacco: no", "tabacco: no"],
+        "short": ["NS", "non-smkr", "tob N"],
+        "nonnative": ["he is not smoking", "the client don't smoke"],
+        "form": ["Tobacco: no"],
+    },
+    "medical_history=none": {
+        "prose": ["there is no significant medical history", "the medical history is clean"],
+        "terse": ["no medical hx", "hx: none"],
+        "short": ["PMH neg", "hx none"],
+        "nonnative": ["no any illness in medical history"],
+        "form": ["Medical history: none"],
+    },
+    "medical_history": {
+        "prose": ["the applicant {verb} {cond}", "the medical history shows {cond}"],
+        "terse": ["hx: {cond}"],
+        "short": ["PMH {cond}", "hx {cond}"],
+        "nonnative": ["in medical history he {verb} {cond}"],
+        "form": ["Medical history: {cond}"],
+    },
+    "occupation": {
+        "prose": ["the applicant works as {a_occ}", "the occupation is {occ}"],
+        "terse": ["occ: {occ}", "{occ}"],
+        "short": ["occ {occ}", "{occ}"],
+        "nonnative": ["he is working like {occ}", "his work is {occ}"],
+        "form": ["Occupation: {occ}"],
+    },
+    "construction": {
+        "prose": ["it is a {c} house", "construction is {c}"],
+        "terse": ["{c} construction", "const: {c}"],
+        "short": ["{c}", "const {c}"],
+        "nonnative": ["the house is made in {c}", "construction type is {c}"],
+        "form": ["Construction: {c}"],
+    },
+    "roof_age": {
+        "prose": ["the roof is {n} years old", "the roof was replaced in {year}", "the roof is {yrs} old"],
+        "terse": ["roof {yrs}", "roof {year}", "roof replaced {year}"],
+        "short": ["rf {yrs}", "roof {year}", "rf new {year}"],
+        "nonnative": ["the roof have {yrs}", "roof was make new in {year}"],
+        "form": ["Roof age: {n} years", "Roof year: {year}"],
+    },
+    "fire_station_miles": {
+        "prose": ["the nearest fire station is {mi} away", "it is {mi} from the fire station"],
+        "terse": ["FD {mi}", "fire station {mi}"],
+        "short": ["FD {mi}", "FS {mi}"],
+        "nonnative": ["fire station is {mi} far", "until the fire station is {mi}"],
+        "form": ["Fire station: {x} miles"],
+    },
+    "hydrant_feet": {
+        "prose": ["the closest hydrant is {ft} away", "there is a hydrant {ft} from the house"],
+        "terse": ["hydrant {ft}", "hydrnat {ft}"],
+        "short": ["hyd {ft}", "FH {ft}"],
+        "nonnative": ["hydrant is at {ft} from house"],
+        "form": ["Hydrant distance: {x} ft"],
+    },
+    "prior_claims=0": {
+        "prose": ["there were no claims in the last five years", "the claims history is clean for 5 years"],
+        "terse": ["no claims 5 yrs", "claims: 0"],
+        "short": ["0 clms/5y", "clm free 5y"],
+        "nonnative": ["no claims in the last five year"],
+        "form": ["Claims (5 yrs): 0"],
+    },
+    "prior_claims=1": {
+        "prose": ["there was one claim in the last five years"],
+        "terse": ["1 claim in 5 yrs", "claims: 1"],
+        "short": ["1 clm/5y", "clms 1"],
+        "nonnative": ["they made one claim in last five years"],
+        "form": ["Claims (5 yrs): 1"],
+    },
+    "prior_claims": {
+        "prose": ["there were {n} claims in the last five years", "they filed {n} claims in 5 years"],
+        "terse": ["{n} claims in 5 yrs", "claims: {n}"],
+        "short": ["{n} clms/5y", "clms {n}"],
+        "nonnative": ["they made {n} claims in last five years"],
+        "form": ["Claims (5 yrs): {n}"],
+    },
+    "wind_zone=coastal": {
+        "prose": ["it sits in the coastal wind zone", "the property is inside the coastal wind zone"],
+        "terse": ["coastal wind zone", "wind: coastal"],
+        "short": ["wind coastal", "cst wind zone (coastal)"],
+        "nonnative": ["house is in the coastal wind zone"],
+        "form": ["Wind zone: coastal"],
+    },
+    "wind_zone=inland": {
+        "prose": ["it is inland, outside the coastal wind zone", "the property is not in the coastal wind zone"],
+        "terse": ["inland", "wind: inland"],
+        "short": ["inland", "wind inland"],
+        "nonnative": ["house is inland, not in coastal wind zone"],
+        "form": ["Wind zone: inland"],
+    },
+    "dwelling_value": {
+        "prose": ["the dwelling value is {money}", "they want the home insured for {money}"],
+        "terse": ["Cov A {money}", "dwelling {money}"],
+        "short": ["Cov A {money}", "dwlg {money}"],
+        "nonnative": ["the value of dwelling is {money}"],
+        "form": ["Dwelling value: {money}"],
+    },
+    "occupancy": {
+        "prose": ["the insured runs {a_occ} ({hazard} hazard)", "occupancy is {a_occ}, {hazard}-hazard class"],
+        "terse": ["{occ} ({hazard} hazard)", "occ: {occ}, {hazard} hazard"],
+        "short": ["{occ} ({hazard} haz)", "occ {occ} / {hazard} haz"],
+        "nonnative": ["the business is {a_occ} ({hazard} hazard)"],
+        "form": ["Occupancy: {occ} ({hazard} hazard)"],
+    },
+    "sprinklered=True": {
+        "prose": ["the building is fully sprinklered", "there is a sprinkler system throughout"],
+        "terse": ["sprinklered", "spr: yes"],
+        "short": ["spr Y", "fully spr"],
+        "nonnative": ["building have sprinklers everywhere"],
+        "form": ["Sprinklers: yes"],
+    },
+    "sprinklered=False": {
+        "prose": ["there are no sprinklers", "the building is not sprinklered"],
+        "terse": ["no sprinklers", "spr: no", "no sprinkelrs"],
+        "short": ["spr N", "no spr"],
+        "nonnative": ["building have no sprinklers"],
+        "form": ["Sprinklers: no"],
+    },
+    "building_age": {
+        "prose": ["the building is {yrs} old", "it was built in {year}"],
+        "terse": ["built {year}", "bldg {yrs}"],
+        "short": ["blt {year}", "bldg {yrs}"],
+        "nonnative": ["the building have {yrs}", "building is construct in {year}"],
+        "form": ["Year built: {year}", "Building age: {n} years"],
+    },
+    "wiring_updated=True": {
+        "prose": ["the wiring has been updated", "it has been fully rewired"],
+        "terse": ["wiring updated", "rewired"],
+        "short": ["wiring upd Y", "rewired"],
+        "nonnative": ["electric wiring was renew"],
+        "form": ["Wiring updated: yes"],
+    },
+    "wiring_updated=False": {
+        "prose": ["the wiring is original", "the electrical was never updated"],
+        "terse": ["original wiring", "wiring not updated"],
+        "short": ["orig wiring", "wiring upd N"],
+        "nonnative": ["the wiring is still the original one"],
+        "form": ["Wiring updated: no"],
+    },
+    "annual_revenue": {
+        "prose": ["annual revenue is {money}", "they turn over {money} a year"],
+        "terse": ["revenue {money}", "rev {money}/yr", "reveune {money}"],
+        "short": ["rev {money}", "sales {money}/yr"],
+        "nonnative": ["yearly revenue is {money}"],
+        "form": ["Annual revenue: {money}"],
+    },
+    "tiv": {
+        "prose": ["total insured value is {money}", "the TIV comes to {money}"],
+        "terse": ["TIV {money}"],
+        "short": ["TIV {money}", "tiv {money}"],
+        "nonnative": ["total insured value (TIV) is {money}"],
+        "form": ["TIV: {money}"],
+    },
+    "prior_losses=0": {
+        "prose": ["there were no property losses in five years", "the loss history is clean"],
+        "terse": ["no losses 5 yrs", "losses: 0"],
+        "short": ["0 losses/5y", "loss free 5y"],
+        "nonnative": ["no losses in last five year"],
+        "form": ["Losses (5 yrs): 0"],
+    },
+    "prior_losses=1": {
+        "prose": ["there was one property loss in the last five years"],
+        "terse": ["1 loss in 5 yrs", "losses: 1"],
+        "short": ["1 loss/5y", "losses 1"],
+        "nonnative": ["they had one loss in last five years"],
+        "form": ["Losses (5 yrs): 1"],
+    },
+    "prior_losses": {
+        "prose": ["there were {n} property losses in the last five years"],
+        "terse": ["{n} losses in 5 yrs", "losses: {n}"],
+        "short": ["{n} losses/5y", "losses {n}"],
+        "nonnative": ["they had {n} losses in last five years"],
+        "form": ["Losses (5 yrs): {n}"],
+    },
+}
+# Labels of the table and key/value families: (label, how the value is written). "year" writes an
+# age as the year it counts from; "count" a number of claims; "flag" yes/no; "text" a word.
+FIELD_LABELS = {
+    "age": {"table": [("Age", "age"), ("Year of birth", "year")], "kv": [("age", "age"), ("dob_year", "year")]},
+    "face_amount": {"table": [("Face amount", "money"), ("Sum assured", "money")], "kv": [("face_amt", "money")]},
+    "bmi": {"table": [("BMI", "bmi")], "kv": [("bmi", "bmi")]},
+    "smoker": {"table": [("Tobacco", "flag"), ("Smoker", "flag")], "kv": [("smoker", "flag"), ("tobacco", "flag")]},
+    "medical_history": {"table": [("Medical hx", "text")], "kv": [("med_hx", "text")]},
+    "occupation": {"table": [("Occupation", "text")], "kv": [("occupation", "text")]},
+    "construction": {"table": [("Construction", "text")], "kv": [("construction", "text")]},
+    "roof_age": {"table": [("Roof age", "yrs"), ("Roof replaced", "year")], "kv": [("roof_yr", "year")]},
+    "fire_station_miles": {"table": [("Fire station", "mi")], "kv": [("fire_station_mi", "x")]},
+    "hydrant_feet": {"table": [("Hydrant", "ft")], "kv": [("hydrant_ft", "x")]},
+    "prior_claims": {"table": [("Claims 5 yrs", "count")], "kv": [("claims_5y", "count")]},
+    "wind_zone": {"table": [("Wind zone", "text")], "kv": [("wind_zone", "text")]},
+    "dwelling_value": {"table": [("Dwelling (Cov A)", "money")], "kv": [("dwelling_value", "money")]},
+    "occupancy": {"table": [("Occupancy", "text")], "kv": [("occupancy", "text")]},
+    "sprinklered": {"table": [("Sprinklers", "flag")], "kv": [("sprinklered", "flag")]},
+    "building_age": {"table": [("Year built", "year"), ("Bldg age", "yrs")], "kv": [("year_built", "year")]},
+    "wiring_updated": {"table": [("Wiring updated", "flag")], "kv": [("wiring_updated", "flag")]},
+    "annual_revenue": {"table": [("Annual revenue", "money")], "kv": [("revenue", "money")]},
+    "tiv": {"table": [("TIV", "money")], "kv": [("tiv", "money")]},
+    "prior_losses": {"table": [("Losses 5 yrs", "count")], "kv": [("losses_5y", "count")]},
+}
+CONDITION_EXAMPLES = {
+    "controlled": [
+        "hypertension controlled with medication",
+        "well-controlled type 2 diabetes",
+        "treated high cholesterol",
+        "mild asthma on an inhaler",
+    ],
+    "serious": ["a heart attack in {year}", "a stroke in {year}", "cancer treatment that ended in {year}"],
+}
+CONSTRUCTION_NAMES = {
+    "frame": ["wood frame", "frame"],
+    "masonry": ["masonry", "brick masonry"],
+    "fire_resistive": ["fire-resistive", "concrete fire-resistive"],
+}
+MONEY_WORDS = {
+    250_000: "a quarter million",
+    500_000: "half a million",
+    750_000: "three quarters of a million",
+    1_000_000: "one million",
+    2_000_000: "two million",
+}
+ROUND_AMOUNTS = sorted(MONEY_WORDS)
+NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five")
+ONES = ("", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+TEENS = ("ten", "eleven", "twelve", "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen")
+TENS = ("", "", "twenty", "thirty", "forty", "fifty", "sixty", "seventy", "eighty", "ninety")
+CLAIM_CAUSES = ("hail", "water", "theft", "wind", "kitchen fire", "burst pipe")
+
+
+def say_number(number: int) -> str:
+    """An integer below a billion in words: 1250000 -> "one million two hundred fifty thousand"."""
+
+    def below_thousand(n: int) -> list[str]:
+        words = [ONES[n // 100], "hundred"] if n >= 100 else []
+        n %= 100
+        if 10 <= n < 20:
+            return [*words, TEENS[n - 10]]
+        tens = TENS[n // 10] + ("-" + ONES[n % 10] if n >= 20 and n % 10 else "")
+        return [*words, tens if n >= 20 else ONES[n]]
+
+    parts = []
+    for scale, name in ((1_000_000, "million"), (1_000, "thousand"), (1, "")):
+        chunk = number // scale % 1000
+        if chunk:
+            parts += [w for w in below_thousand(chunk) if w] + ([name] if name else [])
+    return " ".join(parts) or "zero"
+
+
+def format_money_varied(amount: int, rng: random.Random) -> str:
+    """Dollars in one of many broker styles: $250,000 / 250k / $1.25M / USD 250000 / words."""
+    options = [f"${amount:,}", f"USD {amount}", f"{amount:,} dollars", f"${amount // 1000:,}k"]
+    if amount < 1_000_000:
+        options += [f"{amount // 1000}k", f"{amount // 1000}K"]
+    if amount >= 1_000_000 and amount % 10_000 == 0:
+        options += [f"${amount / 1e6:g}M", f"{amount / 1e6:g} million", f"${amount / 1e6:g}m", f"{amount / 1e6:g}MM"]
+    if amount in MONEY_WORDS:
+        options.append(MONEY_WORDS[amount])
+    options.append(say_number(amount) + " dollars")
+    return rng.choice(options)
+
+
+def format_years(n: int, rng: random.Random) -> str:
+    """A duration in years: "12 years", "12 yrs", "12 yr", "12y"."""
+    return rng.choice([f"{n} years", f"{n} yrs", f"{n} yr" if n == 1 else f"{n} yrs", f"{n}y"])
+
+
+def format_miles(x: float, rng: random.Random) -> str:
+    """A distance in miles: "2.3 miles", "2.3 mi", "2.3mi" (no conversion to km: that would not be exact)."""
+    return rng.choice([f"{x:g} miles", f"{x:g} mi", f"{x:g}mi", f"{x:g} mi."])
+
+
+def format_feet(n: int, rng: random.Random) -> str:
+    """A distance in feet: "1,200 ft", "1200 feet", "1200'", "1200ft"."""
+    return rng.choice([f"{n:,} ft", f"{n} feet", f"{n}'", f"{n}ft", f"{n:,} feet"])
+
+
+def claims_by_year(key: str, count: int, style: str, rng: random.Random) -> str:
+    """Claims (or losses) listed by year, one of them outside the five-year window.
+
+    Only the years from REFERENCE_YEAR - 4 on count toward the fact: `count` of them, plus one
+    year at least 7 years back that the reader must leave out.
+    """
+    inside = sorted(rng.sample(range(YEAR - 4, YEAR + 1), count))
+    outside = rng.randint(YEAR - 13, YEAR - 7)
+    years = sorted([outside, *inside])
+    items = [f"{y} ({rng.choice(CLAIM_CAUSES)})" for y in years]
+    noun = "claims" if key == "prior_claims" else "losses"
+    listed = ", ".join(items[:-1]) + " and " + items[-1] if len(items) > 1 else items[0]
+    templates = {
+        "prose": [f"the {noun} on record are {listed}", f"{noun} by year: {listed}"],
+        "terse": [f"{noun}: {', '.join(items)}", f"{noun} {', '.join(map(str, years))}"],
+        "short": [f"{noun[:4]} {', '.join(map(str, years))}", f"{noun} yrs {'/'.join(map(str, years))}"],
+        "nonnative": [f"they had {noun} in {listed}"],
+        "table": [", ".join(items)],
+        "kv": ["[" + ", ".join(map(str, years)) + "]"],
+    }
+    return rng.choice(templates[style])
+
+
+def value_fields(key: str, value: object, rng: random.Random) -> dict:
+    """The template fields of one fact: its value in every form a template may ask for."""
+    fields = {"age": value, "bmi": value, "n": value, "occ": value, "x": value}
+    if key == "fire_station_miles":
+        fields["x"], fields["mi"] = f"{value:g}", format_miles(value, rng)
+    elif key in ("face_amount", "dwelling_value", "annual_revenue", "tiv"):
+        fields["money"] = format_money_varied(value, rng)
+    elif key in ("age", "roof_age", "building_age"):
+        fields["year"], fields["yrs"] = YEAR - value, format_years(value, rng)
+    elif key == "hydrant_feet":
+        fields["x"], fields["ft"] = f"{value:,}", format_feet(value, rng)
+    elif key in ("prior_claims", "prior_losses"):
+        fields["n"] = rng.choice([str(value), NUMBER_WORDS[value]])
+    elif key in ("occupation", "occupancy"):
+        fields["a_occ"] = ("an " if value[0] in "aeiou" else "a ") + value
+        fields["hazard"] = rulebook.OCCUPANCY_HAZARD.get(value, "")
+    elif key == "construction":
+        fields["c"] = rng.choice(CONSTRUCTION_NAMES[value])
+    elif key == "medical_history" and value != "none":
+        year = rng.randint(YEAR - 4, YEAR - 1)
+        fields["cond"] = rng.choice(CONDITION_EXAMPLES[value]).format(year=year)
+        fields["verb"] = "has" if value == "controlled" else "had"
+    return fields
+
+
+def render_fact(key: str, value: object, style: str, rng: random.Random, year_keys: set[str]) -> str:
+    """Say one fact with a random template and number format.
+
+    Args:
+        key: the fact name, e.g. "face_amount".
+        value: its value, e.g. 250000.
+        style: "prose", "terse", "short", "nonnative" or "form" (sentences to "Label: value").
+        rng: the split's random generator.
+        year_keys: an age fact said as a year ("born 1983") is added to it, one said as an age is
+            removed (the last mention wins, so a corrected fact keeps the unit of its correction).
+
+    Returns:
+        e.g. "they want a quarter million of cover", "face 250k" or "Face amount: $250,000".
+    """
+    if key in ("prior_claims", "prior_losses") and style != "form" and rng.random() < CLAIMS_BY_YEAR_SHARE:
+        return claims_by_year(key, value, style, rng)
+    templates = PHRASES.get(f"{key}={value}") or PHRASES[key]
+    template = rng.choice(templates[style])
+    if key in ("age", "roof_age", "building_age"):
+        (year_keys.add if "{year}" in template else year_keys.discard)(key)
+    return template.format(**value_fields(key, value, rng))
+
+
+def render_field(key: str, value: object, style: str, rng: random.Random, year_keys: set[str]) -> tuple[str, str]:
+    """One fact as a (label, value) pair of a table ("table") or key/value dump ("kv")."""
+    label, kind = rng.choice(FIELD_LABELS[key][style])
+    if key in ("prior_claims", "prior_losses") and rng.random() < CLAIMS_BY_YEAR_SHARE:
+        return label.replace(" 5 yrs", "").replace("_5y", "_years"), claims_by_year(key, value, style, rng)
+    if key in ("age", "roof_age", "building_age"):
+        (year_keys.add if kind == "year" else year_keys.discard)(key)
+    fields = value_fields(key, value, rng)
+    if kind == "flag":
+        text = rng.choice(["yes", "Y", "true"] if value else ["no", "N", "false"])
+    elif kind == "text":
+        text = {"none": "none", "inland": "inland", "coastal": "coastal"}.get(value, "")
+        text = text or fields.get("cond") or fields.get("c") or str(value)
+        if key == "occupancy":
+            text = f"{value} ({fields['hazard']} hazard)"
+    elif kind in ("money", "yrs", "mi", "ft", "year"):
+        text = str(fields[kind])
+    elif kind == "count":
+        text = str(value)
+    else:
+        text = str(fields[kind])
+    if style == "kv" and kind == "money" and rng.random() < 0.5:
+        text = str(value)
+    return label, text
+
+
+def join_items(items: list[str]) -> str:
+    """Join ["a", "b", "c"] as "a, b and c"."""
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def capitalize(text: str) -> str:
+    """Upper-case the first letter only ("the BMI" -> "The BMI")."""
+    return text[:1].upper() + text[1:]
+
+
+def add_typos(text: str, rng: random.Random, rate: float = 0.15) -> str:
+    """Swap two inner letters of some longer words: filler text only, never a fact."""
+    words = text.split(" ")
+    for i, word in enumerate(words):
+        if len(word) > 4 and word.isalpha() and rng.random() < rate:
+            j = rng.randrange(1, len(word) - 2)
+            words[i] = word[:j] + word[j + 1] + word[j] + word[j + 2 :]
+    return " ".join(words)
+
+
+def distractor(rng: random.Random) -> str:
+    """A sentence with numbers that are not facts: a phone, a date, a street or a policy number."""
+    month, day = rng.randint(1, 12), rng.randint(1, 28)
+    phone = f"({rng.randint(201, 989)}) 555-{rng.randint(100, 9999):04d}"
+    street = f"{rng.randint(12, 9870)} {rng.choice(['Oak', 'Harbor', 'Maple', 'Mill', 'Cedar'])} {rng.choice(['St', 'Ave', 'Rd'])}"
+    policy = f"{rng.choice(['POL', 'HB', 'QT', 'REF'])}-{rng.randint(10000, 99999)}"
+    return rng.choice(
+        [
+            f"Call me on {phone} if anything is unclear.",
+            f"Our ref is {policy}, please quote it back.",
+            f"The mailing address is {street}.",
+            f"They want it bound by {month}/{day}/{YEAR}.",
+            f"Prior carrier was Northfield, account {policy}.",
+            f"I'm out of office from {month}/{day} to {month}/{day + 2}, reach my colleague on {phone}.",
+            f"Met them at the {street} office on {month}/{day}.",
+        ]
+    )
+
+
+STORIES = (
+    "Long week here, we had {k} renewals land on my desk at once.",
+    "The client is a friend of a friend, lovely people, they brought us {k} dozen cookies last Christmas.",
+    "Their daughter just started university, so they are sorting out all their paperwork.",
+    "They have been with our agency since we opened, so I'd love to keep them happy.",
+    "We spoke for almost an hour, mostly about their dog and their trip to the mountains in {m}.",
+    "Sorry for the delay, our office moved to floor {f} and the phones were down.",
+)
+
+
+NAMES = ("Dana", "Sam", "Priya", "Marco", "Lena", "Tom")
+
+
+def fill_story(story: str, rng: random.Random) -> str:
+    """One filler sentence of a long email, with a number or two that are not facts."""
+    month = rng.choice(["March", "June", "August", "October"])
+    return story.format(k=rng.randint(2, 14), m=month, f=rng.randint(2, 9))
+
+
+def write_table(rows: list[tuple[str, str]], rng: random.Random) -> str:
+    """A plain-text table of (label, value) rows, in one of three layouts."""
+    width = max(len(label) for label, _ in rows)
+    layout = rng.randrange(3)
+    if layout == 0:
+        lines = [f"{'Item'.ljust(width)} | Detail", f"{'-' * width}-+-------"]
+        return "\n".join(lines + [f"{label.ljust(width)} | {value}" for label, value in rows])
+    if layout == 1:
+        return "\n".join(f"{label.ljust(width)}   {value}" for label, value in rows)
+    return "\n".join(f"| {label} | {value} |" for label, value in rows)
+
+
+def write_dump(rows: list[tuple[str, str]], rng: random.Random) -> str:
+    """A key/value dump: key=value lines, "key: value" lines or a JSON-like object."""
+    layout = rng.randrange(3)
+    if layout == 0:
+        return "\n".join(f"{key}={value}" for key, value in rows)
+    if layout == 1:
+        return "\n".join(f"{key.upper()}: {value}" for key, value in rows)
+    return "{" + ", ".join(f'"{key}": "{value}"' for key, value in rows) + "}"
+
+
+def change_case(text: str, rng: random.Random) -> str:
+    """Shorthand and call notes are often typed all in lower or upper case."""
+    draw = rng.random()
+    return text.upper() if draw < 0.2 else text.lower() if draw < 0.4 else text
+
+
+def write_user_turn(
+    lob: str,
+    keys: list[str],
+    facts: dict,
+    family: str,
+    rng: random.Random,
+    opening: bool,
+    year_keys: set[str],
+    corrected: tuple[str, ...] = (),
+) -> str:
+    """Write a broker turn that states some facts in the style of a phrasing family.
+
+    Args:
+        lob: line of business (named in an opening turn).
+        keys: the facts to state, in this order.
+        facts: the values to state (the wrong value of a fact corrected later, in an opening turn).
+        family: one of SEEN_FAMILIES + HELD_OUT_FAMILIES.
+        rng: the split's random generator.
+        opening: True for the submission that opens the chat, False for an answer to a question.
+        year_keys: collects the age facts said as a year (see `render_fact`).
+        corrected: facts said wrong in an earlier turn, restated here with their right value.
+
+    Returns:
+        The message content.
+    """
+    lob_name = rng.choice(LOB_NAMES[lob])
+    style = FAMILY_STYLE[family]
+    if style in ("table", "kv"):
+        rows = [render_field(k, facts[k], style, rng, year_keys) for k in keys]
+        fixes = [render_field(k, facts[k], style, rng, year_keys) for k in corrected]
+        return write_structured(family, lob_name, rows, fixes, rng, opening)
+    said = [render_fact(k, facts[k], style, rng, year_keys) for k in keys]
+    fixes = [render_fact(k, facts[k], style, rng, year_keys) for k in corrected]
+    return WRITERS[family](lob_name, said, fixes, rng, opening)
+
+
+def write_structured(family: str, lob_name: str, rows: list, fixes: list, rng: random.Random, opening: bool) -> str:
+    """fwd_table and kv_export turns: a header, then the rows as a table or a dump."""
+    if family == "fwd_table":
+        fixed = [(f"{label} (corrected)", value) for label, value in fixes]
+        body = write_table(rows + fixed, rng) if rows or fixed else ""
+        if not opening:
+            head = rng.choice(["Filled in the rest:", "Here you go, updated sheet:", "From the agent's file:"])
+            return f"{head}\n{body}"
+        sender = rng.choice(NAMES)
+        return (
+            f"---------- Forwarded message ---------\nFrom: {sender} <{sender.lower()}@harborbrokers.com>\n"
+            f"Subject: {lob_name} submission\n{distractor(rng)}\n\n{add_typos('See the notes below, thanks', rng)}\n\n"
+            + body
+        )
+    fixed = [(f"{key}_corrected", value) for key, value in fixes]
+    body = write_dump(rows + fixed, rng)
+    if opening:
+        return rng.choice([f"line={lob_name}\n", f"# {lob_name} export\n", f"LOB: {lob_name}\n"]) + body
+    return body
+
+
+def write_prose(lob_name: str, said: list[str], fixes: list[str], rng: random.Random, opening: bool) -> str:
+    """broker_email: polite sentences, one fact each."""
+    sentences = [capitalize(s) + "." for s in said]
+    sentences += [rng.choice(["Correction to my earlier note: ", "Sorry, I sent one wrong: "]) + f + "." for f in fixes]
+    if opening:
+        head = rng.choice(
+            [f"Dear underwriter, please review this {lob_name} submission.", f"Hello, a new {lob_name} application."]
+        )
+        return f"{head} {' '.join(sentences)}{rng.choice(['', ' Kind regards.', ' Many thanks.'])}"
+    return f"{rng.choice(['Certainly.', 'Of course.', 'Thank you.'])} {' '.join(sentences)}"
+
+
+def write_bullets(lob_name: str, said: list[str], fixes: list[str], rng: random.Random, opening: bool) -> str:
+    """bullet_notes: one fact per bullet (or "; " in a reply)."""
+    lines = said + [f"correction: {f}" for f in fixes]
+    if opening:
+        head = rng.choice([f"{lob_name} sub:", f"New {lob_name} risk", f"{lob_name.upper()} - quote req"])
+        return head + "\n- " + "\n- ".join(lines)
+    return "- " + "\n- ".join(lines) if rng.random() < 0.5 else "; ".join(lines)
+
+
+def write_chatty(lob_name: str, said: list[str], fixes: list[str], rng: random.Random, opening: bool) -> str:
+    """chatty_agent: one run-on sentence."""
+    text = capitalize(join_items(said)) + "." if said else ""
+    text += "".join(f" Oh wait, I got one wrong: {f}." for f in fixes)
+    if opening:
+        head = rng.choice([f"Hi! Got a {lob_name} one for you.", f"Hey, quick {lob_name} quote.", "Morning!"])
+        return f"{head} {text}"
+    return f"{rng.choice(['Sure!', 'Yep.', 'Just checked.', 'Oh, right.'])} {text.strip()}"
+
+
+def write_shorthand(lob_name: str, said: list[str], fixes: list[str], rng: random.Random, opening: bool) -> str:
+    """uw_shorthand: abbreviations, few words, often all lower or upper case."""
+    items = said + [rng.choice(["corr: ", "*fix: ", "correction - "]) + f for f in fixes]
+    text = rng.choice([", ", " / ", "; ", "\n"]).join(items)
+    if opening:
+        text = rng.choice([f"{lob_name} - ", f"new {lob_name}: ", "pls quote: "]) + text
+    return change_case(text, rng)
+
+
+def write_long_email(lob_name: str, said: list[str], fixes: list[str], rng: random.Random, opening: bool) -> str:
+    """long_email: stories and numbers that are not facts between the fact sentences."""
+    sentences = [capitalize(s) + "." for s in said]
+    for story in rng.sample(STORIES, rng.randint(1, 2)):
+        sentences.insert(rng.randrange(len(sentences) + 1), add_typos(fill_story(story, rng), rng))
+    sentences.insert(rng.randrange(len(sentences) + 1), distractor(rng))
+    sentences += [f"One more thing, I had it wrong before: {f}." for f in fixes]
+    if opening:
+        head = rng.choice(
+            [f"Hi there, hope your week is going well! I have a {lob_name} case for you.", "Good morning,"]
+        )
+        tail = rng.choice(["Thanks so much, talk soon!", "Best, Dana", "Cheers and have a good weekend."])
+        return f"{head}\n\n{' '.join(sentences)}\n\n{tail}"
+    return f"{rng.choice(['Hi again,', 'Sorry, missed those!', 'Here you go.'])} {' '.join(sentences)}"
+
+
+def write_call_log(lob_name: str, said: list[str], fixes: list[str], rng: random.Random, opening: bool) -> str:
+    """call_log: pasted notes of a phone call, with the time and the caller's number."""
+    clock = f"{rng.randint(8, 17)}:{rng.randint(0, 59):02d}"
+    lines = [f"* {s}" for s in said] + [f"* correction from broker: {f}" for f in fixes]
+    if opening:
+        phone = f"555-{rng.randint(100, 9999):04d}"
+        head = f"Call notes {clock} - {lob_name}, broker {rng.choice(NAMES)} (cb {phone})"
+        return change_case("\n".join([head, *lines, f"* {distractor(rng)}"]), rng)
+    return change_case("\n".join([f"Follow-up call {clock}:", *lines]), rng)
+
+
+def write_colleague_chat(lob_name: str, said: list[str], fixes: list[str], rng: random.Random, opening: bool) -> str:
+    """colleague_chat: a pasted chat between colleagues, one fact a message."""
+    broker, colleague = rng.sample(NAMES, 2)
+    hour, minute = rng.randint(8, 17), rng.randint(0, 50)
+    lines = []
+    if opening:
+        lines.append(f"[{hour}:{minute:02d}] {broker}: {lob_name} one from Harbor, can you look?")
+        lines.append(f"[{hour}:{minute:02d}] {colleague}: sure, what do we have")
+    for offset, text in enumerate(said, start=1):
+        lines.append(f"[{hour}:{minute + offset:02d}] {broker}: {text}")
+    if opening or rng.random() < 0.4:
+        lines.append(f"[{hour}:{minute + 9:02d}] {colleague}: {distractor(rng).lower()}")
+    lines += [f"[{hour}:{minute + 9:02d}] {broker}: wait no, {f}" for f in fixes]
+    return "\n".join(lines)
+
+
+def write_non_native(lob_name: str, said: list[str], fixes: list[str], rng: random.Random, opening: bool) -> str:
+    """non_native: English as a second language, simple sentences."""
+    sentences = [capitalize(s) + "." for s in said]
+    sentences += [f"Sorry, I make mistake before: {f}." for f in fixes]
+    if opening:
+        head = rng.choice(
+            [f"Hello dear underwriter, I send you one {lob_name} case.", f"Good day. Here is {lob_name}."]
+        )
+        return f"{head} {' '.join(sentences)} {rng.choice(['Thank you in advance.', 'Waiting your answer.'])}"
+    return f"{rng.choice(['Yes, here.', 'Ok, I check.', 'Please find:'])} {' '.join(sentences)}"
+
+
+def write_form(lob_name: str, said: list[str], fixes: list[str], rng: random.Random, opening: bool) -> str:
+    """form_fields (held out): "Label: value" fields separated by bars."""
+    fields = " | ".join(said + [f"Corrected {f}" for f in fixes])
+    return f"SUBMISSION | Line: {lob_name} | {fields}" if opening else f"UPDATE | {fields}"
+
+
+WRITERS = {
+    "broker_email": write_prose,
+    "bullet_notes": write_bullets,
+    "chatty_agent": write_chatty,
+    "uw_shorthand": write_shorthand,
+    "long_email": write_long_email,
+    "call_log": write_call_log,
+    "colleague_chat": write_colleague_chat,
+    "non_native": write_non_native,
+    "form_fields": write_form,
+}
+
+
+def wrong_value(key: str, value: object, rng: random.Random) -> object:
+    """A plausible wrong value for a fact, said first and corrected in a later turn (never the right one)."""
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, str):
+        options = {
+            "medical_history": rulebook.MEDICAL_HISTORIES,
+            "construction": rulebook.CONSTRUCTION_TYPES,
+            "wind_zone": rulebook.WIND_ZONES,
+            "occupation": sorted(rulebook.LIFE_OCCUPATIONS),
+            "occupancy": sorted(rulebook.OCCUPANCY_HAZARD),
+        }[key]
+        return rng.choice([option for option in options if option != value])
+    if key == "bmi":
+        return round(value + rng.choice([-1, 1]) * rng.uniform(1.0, 5.0), 1)
+    if key == "fire_station_miles":
+        return round(max(0.2, value + rng.choice([-1, 1]) * rng.uniform(0.5, 3.0)), 1) or 0.2
+    step = {"hydrant_feet": 100, "face_amount": 50_000, "dwelling_value": 50_000, "annual_revenue": 50_000}
+    step |= {"tiv": 50_000, "prior_claims": 1, "prior_losses": 1}
+    low = {"prior_claims": 0, "prior_losses": 0, "age": 18}.get(key, step.get(key, 1))
+    high = {"prior_claims": 4, "prior_losses": 4}.get(key, 10**9)
+    shifted = [value + sign * k * step.get(key, 1) for sign in (-1, 1) for k in range(1, 6)]
+    return rng.choice([v for v in shifted if low <= v <= high])

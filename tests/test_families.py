@@ -1,0 +1,409 @@
+"""Tests of the broker phrasing families: every fact a turn claims to carry can be read back.
+
+The reader below is written apart from data/families.py's renderers: it knows the surface forms a
+person would write (money as $/k/M/commas/words, ages as years or birth years, feet and miles in
+several spellings, claims counted or listed by year) and reads the facts back from the user turns.
+Where a fact is said twice (a correction), the later mention wins.
+
+python -m pytest -q tests/test_families.py
+"""
+
+import json
+import random
+import re
+from pathlib import Path
+
+import pytest
+
+from data import families, generate, rulebook, worksheet_errors
+from data.task import parse_conditions
+
+DATA_DIR = Path(__file__).resolve().parents[1] / "data"
+YEAR = 2025  # ages and claim windows as of this year (the rulebook's reference year)
+PER_FAMILY = 30  # conversations per family and line of business
+
+# --- an independent reader of broker text ---
+GAP = r'[ :=|"\t]'  # between a label and its value on one line: "Age | 70", "age=70", '"age": "70"'
+SEP = GAP + "{1,30}"
+SPAN = r"(?:(?!\. | and )[^\d\n,;]){0,40}?"  # words between a keyword and its number, within one clause
+WORD_VALUES = {
+    "zero": 0, "one": 1, "two": 2, "three": 3, "four": 4, "five": 5, "six": 6, "seven": 7, "eight": 8, "nine": 9,
+    "ten": 10, "eleven": 11, "twelve": 12, "thirteen": 13, "fourteen": 14, "fifteen": 15, "sixteen": 16,
+    "seventeen": 17, "eighteen": 18, "nineteen": 19, "twenty": 20, "thirty": 30, "forty": 40, "fifty": 50,
+    "sixty": 60, "seventy": 70, "eighty": 80, "ninety": 90,
+}  # fmt: skip
+WORD_NUMBER = "(?:" + "|".join(WORD_VALUES) + "|hundred|thousand|million)"
+IDIOMS = {
+    "three quarters of a million": 750_000,
+    "a quarter million": 250_000,
+    "half a million": 500_000,
+    "one million": 1_000_000,
+    "two million": 2_000_000,
+}
+COUNT_WORDS = {"no": 0, "zero": 0, "one": 1, "two": 2, "three": 3, "four": 4}
+
+
+def words_to_int(text: str) -> int:
+    """ "one million one hundred twenty-five thousand" -> 1125000."""
+    total = current = 0
+    for word in re.split(r"[ -]+", text.strip()):
+        if word == "hundred":
+            current *= 100
+        elif word in ("thousand", "million"):
+            total += current * (1000 if word == "thousand" else 1_000_000)
+            current = 0
+        else:
+            current += WORD_VALUES[word]
+    return total + current
+
+
+def read_money(text: str) -> list[tuple[int, int]]:
+    """Every dollar amount with its position: $1,250,000 / usd 1250000 / 1.25m / 1.25mm / 1250k / words."""
+    found = {}
+    for match in re.finditer(rf"\b({WORD_NUMBER}(?:[ -]{WORD_NUMBER})*) dollars\b", text):
+        found[match.start()] = words_to_int(match.group(1))
+    for phrase, value in IDIOMS.items():
+        for match in re.finditer(re.escape(phrase), text):
+            if not any(start <= match.start() < start + 80 for start in found):
+                found[match.start()] = value
+    pattern = r"(?<![\w.])(\$|usd )?(\d[\d,]*(?:\.\d+)?)\s?(k|mm|m|million)?(?!\w)( dollars)?"
+    for match in re.finditer(pattern, text):
+        dollar, number, suffix, dollars = match.groups()
+        if not (dollar or suffix or dollars):
+            continue
+        scale = {"k": 1000, "m": 1_000_000, "mm": 1_000_000, "million": 1_000_000}.get(suffix or "", 1)
+        found[match.start()] = round(float(number.replace(",", "")) * scale)
+    return sorted(found.items())
+
+
+def find_values(patterns: list[tuple[str, object]], text: str) -> list[tuple[int, object]]:
+    """(position, value) of every match; a value that is callable gets the match."""
+    found = {}
+    for pattern, value in patterns:
+        for match in re.finditer(pattern, text):
+            position = match.start(1) if match.re.groups else match.start()  # the value's own position
+            found[position] = value(match) if callable(value) else value
+    return sorted(found.items())
+
+
+def age_from(match: re.Match) -> int:
+    """An age or a year (four digits: the age is the years since)."""
+    number = int(match.group(1))
+    return YEAR - number if number >= 1000 else number
+
+
+def claims_from_years(match: re.Match) -> int:
+    """Claims listed by year: only those of the last five years count."""
+    return sum(YEAR - 5 < int(year) <= YEAR for year in re.findall(r"\d{4}", match.group(1)))
+
+
+def to_count(word: str) -> int:
+    return int(word) if word.isdigit() else COUNT_WORDS[word]
+
+
+def count_patterns(nouns: str, labels: str) -> list[tuple[str, object]]:
+    """Claims/losses as a count ("2 claims", "claims: 2", "clm free"), or listed by year."""
+    count = r"(\d|no|zero|one|two|three|four)"
+    return [
+        (rf"\b{count} (?:property )?(?:{nouns})\b", lambda m: to_count(m.group(1))),
+        (rf"\b(?:{labels})(?: 5 yrs|_5y| \(5 yrs\))?{SEP}{count}(?![\d/]| ?y)\b", lambda m: to_count(m.group(1))),
+        (
+            rf"\b(?:{labels})(?:_years)?\b(?: on record are| by year| yrs| in)?[ :=|\"\[]{{0,30}}"
+            r"((?:\d{4}(?: \([a-z ]+\))?(?:, | and |/)?)+)",
+            claims_from_years,
+        ),
+        (r"(?:claims history is clean|clm free|loss history is clean|loss free)", 0),
+    ]
+
+
+def flag_patterns(yes: str, no: str, labels: str) -> list[tuple[str, object]]:
+    """A yes/no fact from its phrases, or a label followed by yes/y/true or no/n/false."""
+    return [
+        (yes, True),
+        (no, False),
+        (rf"\b(?:{labels}){SEP}(?:yes|y|true)\b", True),
+        (rf"\b(?:{labels}){SEP}(?:no|n|false)\b", False),
+    ]
+
+
+def number(pattern: str, cast: type = int) -> tuple[str, object]:
+    return pattern, lambda m: cast(m.group(1).replace(",", ""))
+
+
+FACT_PATTERNS = {
+    "age": [
+        (r"\b(\d{2})(?: ?yo\b| ?y/o|-year-old| years?\b)", age_from),
+        (rf"\bage(?: is)?{SEP}(\d{{2}})\b", age_from),
+        (r"applicant is (\d{2})\b", age_from),
+        (rf"(?:born(?: in)?|yob|\bb\.|dob yr|year of birth|birth year|dob_year){GAP}{{0,30}}(\d{{4}})", age_from),
+    ],
+    "bmi": [number(rf"(?:bmi|body mass index)(?: is)?(?: at)?{GAP}{{0,30}}(\d{{2}}\.\d)", float)],
+    "smoker": flag_patterns(
+        r"\bsmokes\b|(?<!non-)\bsmoker\b(?![ :=|\"]{1,30}(?:yes|y|true|no|n|false)\b)|uses tobacco|(?<!non-)\bsmkr\b|\btob y\b|smoking every day|is smoker",
+        r"non-smok|non-smkr|no tobacco|never smoked|not smoking|don't smoke|\bns\b|\btob n\b",
+        "tobacco|tabacco|smoker",
+    ),
+    "medical_history": [
+        (
+            r"no significant medical|history is clean|no medical hx|\bhx\W{1,4}none|pmh neg|no any illness|medical (?:history|hx)\W{1,30}none|med_hx\W{1,6}none",
+            "none",
+        ),
+        (r"heart attack|stroke|cancer", "serious"),
+        (r"hypertension|diabetes|cholesterol|asthma", "controlled"),
+    ],
+    "occupation": [(re.escape(name), name) for name in rulebook.LIFE_OCCUPATIONS],
+    "construction": [
+        (r"fire-resistive|fire-res\b", "fire_resistive"),
+        (r"masonry", "masonry"),
+        (r"\bframe\b", "frame"),
+    ],
+    "roof_age": [(rf"\b(?:roof_yr|roof|rf)\b{SPAN}(\d+)", age_from)],
+    "fire_station_miles": [
+        number(r"(\d+(?:\.\d+)?) ?(?:miles|mi)\b", float),
+        number(rf"fire_station_mi{SEP}(\d+(?:\.\d+)?)", float),
+    ],
+    "hydrant_feet": [number(r"(\d[\d,]*) ?(?:ft\b|feet\b|')"), number(rf"hydrant_ft{SEP}(\d[\d,]*)")],
+    "prior_claims": count_patterns("claims?|clms?", "claims|clms|clai"),
+    "wind_zone": [(r"coastal", "coastal"), (r"inland", "inland")],
+    "occupancy": [(re.escape(name), name) for name in rulebook.OCCUPANCY_HAZARD],
+    "sprinklered": flag_patterns(
+        r"(?<!not )(?<!no )\bsprinklered\b(?![ :=|\"]{1,30}(?:no|n|false)\b)|sprinkler system|\bspr\W{1,3}y(?:es)?\b|fully spr|sprinklers everywhere",
+        r"no sprinklers|no sprinkelrs|not sprinklered|\bspr\W{1,3}no?\b|no spr\b",
+        "sprinklers|sprinklered",
+    ),
+    "building_age": [(rf"\b(?:built|bldg|blt|building|year_built)\b{SPAN}(\d+)", age_from)],
+    "wiring_updated": flag_patterns(
+        r"has been updated|rewired|was renew|wiring updated(?![ :=|\"]{1,30}(?:no|n|false)\b)",
+        r"wiring is original|never updated|original wiring|wiring not updated|orig wiring|still the original",
+        r"wiring[\W_]?upd(?:ated)?",
+    ),
+    "prior_losses": count_patterns("loss(?:es)?", "losses|loss"),
+}
+# Money facts: the only one of its line, or told apart by the last keyword before the amount.
+MONEY_KEYWORDS = {
+    "face_amount": r"face|cover|sum assured|\bfa\b",
+    "dwelling_value": r"dwelling|dwlg|cov a|insured for",
+    "annual_revenue": r"revenue|reveune|\brev\b|sales|turn over",
+    "tiv": r"\btiv\b|insured value",
+}
+
+
+def normalize(text: str) -> str:
+    """Lower case; drop correction labels; a coastal zone said in the negative is inland."""
+    text = text.lower().replace(" (corrected)", "").replace("_corrected", "")
+    return re.sub(r"(?:outside|not in)(?: the)? coastal wind zone", "inland", text)
+
+
+def read_facts(lob: str, text: str) -> dict[str, list]:
+    """Every value each fact of the line is given in the broker text, in order of appearance."""
+    text = normalize(text)
+    values = {
+        key: [v for _, v in find_values(FACT_PATTERNS[key], text)]
+        for key in rulebook.REQUIRED_FACTS[lob]
+        if key in FACT_PATTERNS
+    }
+    money_keys = [key for key in rulebook.REQUIRED_FACTS[lob] if key in MONEY_KEYWORDS]
+    amounts = read_money(text)
+    for key in money_keys:
+        raw = find_values([number(rf"\b(?:face_amt|dwelling_value|revenue|tiv)\b{SEP}(\d{{5,}})")], text)
+        amounts_here = sorted(dict(amounts + raw).items())
+        if len(money_keys) == 1:
+            values[key] = [v for _, v in amounts_here]
+            continue
+        keyword = {k: MONEY_KEYWORDS[k] for k in money_keys}
+        values[key] = []
+        for position, amount in amounts_here:
+            before = [(m.end(), k) for k, p in keyword.items() for m in re.finditer(p, text[:position])]
+            if before and max(before)[1] == key:
+                values[key].append(amount)
+    return values
+
+
+def user_text(record: dict) -> str:
+    return "\n".join(m["content"] for m in record["messages"] if m["role"] == "user")
+
+
+def generated_records() -> list[dict]:
+    """PER_FAMILY conversations per family and line of business, from sampled cases (any outcome)."""
+    rng = random.Random("test-families")
+    records = []
+    for family in families.SEEN_FAMILIES + families.HELD_OUT_FAMILIES:
+        for lob in rulebook.LINES_OF_BUSINESS:
+            for _ in range(PER_FAMILY):
+                facts = generate.sample_facts(lob, rng)
+                decision = rulebook.decide(lob, facts)
+                messages, _, corrected = generate.build_conversation(lob, facts, decision, family, rng)
+                records.append(
+                    {"family": family, "lob": lob, "facts": facts, "messages": messages, "corrected": corrected}
+                )
+    return records
+
+
+@pytest.fixture(scope="module")
+def records() -> list[dict]:
+    return generated_records()
+
+
+def read_splits() -> list[dict]:
+    return [
+        json.loads(line) for split in ("train", "validation", "test") for line in (DATA_DIR / f"{split}.jsonl").open()
+    ]
+
+
+# --- the reader itself, on hand-written text ---
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("$1,250,000", 1_250_000),
+        ("USD 1250000", 1_250_000),
+        ("1.25M", 1_250_000),
+        ("$1.25mm", 1_250_000),
+        ("1250k", 1_250_000),
+        ("one million two hundred fifty thousand dollars", 1_250_000),
+        ("half a million", 500_000),
+        ("four hundred seventy-five thousand dollars", 475_000),
+    ],
+)
+def test_reader_money_forms(text, expected):
+    assert [v for _, v in read_money(text.lower())] == [expected]
+
+
+def test_reader_on_hand_written_notes():
+    notes = (
+        "Hi, call me on (555) 555-0199. Roof replaced 2013, hydrant 750', FD 2.5 miles. Mailing address 1400 Oak St. "
+        "Claims: 2012 (hail), 2022 (water) and 2024 (theft). Brick masonry, not in the coastal wind zone, Cov A 1.2M."
+    )
+    values = read_facts("homeowners", notes)
+    assert {k: v[-1] for k, v in values.items()} == {
+        "construction": "masonry",
+        "roof_age": 12,
+        "fire_station_miles": 2.5,
+        "hydrant_feet": 750,
+        "prior_claims": 2,
+        "wind_zone": "inland",
+        "dwelling_value": 1_200_000,
+    }
+
+
+# --- every family carries every fact, readably ---
+
+
+def test_generated_families_cover_the_requested_kinds():
+    assert len(families.SEEN_FAMILIES) >= 10 and families.HELD_OUT_FAMILIES == ("form_fields",)
+    assert not set(families.SEEN_FAMILIES) & set(families.HELD_OUT_FAMILIES)
+
+
+def assert_facts_read_back(lob: str, family: str, facts: dict, corrected: dict, text: str) -> None:
+    """Every fact is read from the text; the last mention is the fact, and only a corrected fact changes."""
+    values = read_facts(lob, text)
+    for key, value in facts.items():
+        said = values[key]
+        assert said, (family, key, text)
+        assert said[-1] == value, (family, key, said, value, text)
+        if key not in corrected:
+            assert set(said) == {value}, (family, key, said, text)
+
+
+def test_every_fact_is_read_back_from_the_user_turns(records):
+    for record in records:
+        assert_facts_read_back(record["lob"], record["family"], record["facts"], record["corrected"], user_text(record))
+
+
+def test_corrections_say_the_wrong_value_first_and_the_right_one_last(records):
+    corrected = [r for r in records if r["corrected"]]
+    assert {r["family"] for r in corrected} == set(families.SEEN_FAMILIES + families.HELD_OUT_FAMILIES)
+    for record in corrected:
+        [(key, wrong)] = record["corrected"].items()
+        assert wrong != record["facts"][key]
+        said = read_facts(record["lob"], user_text(record))[key]
+        assert said[0] == wrong and said[-1] == record["facts"][key], (record["family"], key, said, user_text(record))
+        first_user = record["messages"][1]["content"]
+        assert read_facts(record["lob"], first_user)[key][-1] == wrong
+
+
+def test_surface_forms_vary(records):
+    # Money in several forms, ages as birth years, claims listed by year, feet/miles spellings.
+    text = "\n".join(user_text(r).lower() for r in records)
+    for form in [
+        r"\$\d{1,3},\d{3},\d{3}",
+        r"\d\.?\d*m\b",
+        r"\d+k\b",
+        r"thousand dollars",
+        r"\d+'",
+        r"\d feet",
+        r"\d mi\b",
+    ]:
+        assert re.search(form, text), form
+    assert re.search(r"(?:born|yob|b\.|dob_year|year of birth)\W{0,30}19\d\d", text)
+    assert re.search(r"claims[^\n]*20[01]\d \(", text) and re.search(r"losses[^\n]*20[01]\d", text)
+
+
+def test_distractor_numbers_appear_where_claimed(records):
+    marker = r"\(\d{3}\) 555-\d{4}|555-\d{4}|\b(?:pol|hb|qt|ref)-\d{5}\b|\d{1,2}/\d{1,2}|\d+ (?:oak|harbor|maple|mill|cedar) "
+    for record in records:
+        text = user_text(record).lower()
+        if record["family"] in families.DISTRACTOR_FAMILIES:
+            assert re.search(marker, text), (record["family"], text)
+
+
+def test_worksheet_uses_the_corrected_value(records):
+    # The facts line restates the corrected value, whichever unit (age or year) the broker used.
+    unit_choices = [set(), {"age", "roof_age", "building_age"}]
+    for record in records:
+        if not record["corrected"]:
+            continue
+        facts_line = record["messages"][-1]["content"].splitlines()[0]
+        wrong_facts = record["facts"] | record["corrected"]
+        assert facts_line in {generate.worksheet_facts(record["lob"], record["facts"], u) for u in unit_choices}
+        assert facts_line not in {generate.worksheet_facts(record["lob"], wrong_facts, u) for u in unit_choices}
+
+
+# --- the committed splits ---
+
+
+def test_committed_splits_read_back():
+    for record in read_splits():
+        lob, family = record["line_of_business"], record["phrasing_family"]
+        assert_facts_read_back(lob, family, record["facts"], record["corrected"], user_text(record))
+
+
+def test_conditions_sit_on_the_firing_rules_line():
+    checked = 0
+    for record in read_splits():
+        decision, reply = record["decision"], record["messages"][-1]["content"]
+        lines = reply.splitlines()
+        for rule_id in decision["rules"]:
+            condition = rulebook.get_rule(rule_id).condition
+            if rulebook.get_rule(rule_id).applies is None:  # the grant rule has no check line
+                continue
+            line = next(line for line in lines if line.startswith(rule_id + " "))
+            if decision["outcome"] == "approve" and condition:
+                assert f": {rulebook.get_rule(rule_id).effect}, condition {condition} -> " in line, (record["id"], line)
+                checked += 1
+            else:
+                assert ", condition " not in line, (record["id"], line)
+        assert sorted(parse_conditions(reply)) == sorted(c.lower() for c in decision["conditions"]), record["id"]
+    assert checked >= 20
+
+
+def test_held_out_family_keeps_a_quarter_of_test_only():
+    by_split = {}
+    for record in read_splits():
+        by_split.setdefault(record["id"].split("-")[0], []).append(record["phrasing_family"])
+    assert by_split["test"].count("form_fields") == 25
+    assert "form_fields" not in by_split["train"] + by_split["validation"]
+    assert set(by_split["train"]) == set(by_split["validation"]) == set(families.SEEN_FAMILIES)
+
+
+def test_worksheet_errors_reads_a_check_line_with_a_condition():
+    facts = {"construction": "masonry", "roof_age": 22, "fire_station_miles": 2.0, "hydrant_feet": 300}
+    facts |= {"prior_claims": 0, "wind_zone": "inland", "dwelling_value": 400_000}
+    decision = rulebook.decide("homeowners", facts)
+    reply = generate.write_decision_turn("homeowners", facts, decision, set(), random.Random(0))
+    line = "H-7 masonry limit 25, roof 22 >= 15 yes, roof 22 <= 25 yes: standard, condition roof inspection within 30 days -> standard H-7"
+    assert decision["rules"] == ["H-7"] and line in reply.splitlines()
+    _, checks = worksheet_errors.parse_worksheet(reply)
+    assert ("H-7", "masonry limit 25, roof 22 >= 15 yes, roof 22 <= 25 yes", "standard", "standard H-7") in checks
+    assert parse_conditions(reply) == ["roof inspection within 30 days"]
