@@ -34,6 +34,7 @@ from data.task import (
     score_decisions,
     score_reply,
 )
+from tests.conftest import eval_metrics
 
 BEFORE = json.loads((Path(__file__).parent / "task_metrics_before.json").read_text())
 
@@ -393,18 +394,7 @@ def test_report_lines_continue_the_main_table():
     task = {k: v for k, v in decision_metrics(REPLIES, REFERENCES, ["a"] * 4).items() if k != "parsed"}
     result = {"loss": loss, "perplexity": perplexity_from_loss_ci(loss), "decision": task}
     result["outcome_accuracy_ci"] = {"low": 0.0, "high": 1.0}  # a metrics.json from before decision_ci
-    metrics = {
-        "adapter": "runs/x/best",
-        "model": "tiny",
-        "data_file": "t.jsonl",
-        "examples": 4,
-        "loss_examples": 4,
-        "generation_examples": 4,
-        "settings": {"max_new_tokens": 8, "dtype": "float32", "bootstrap": 10},
-        "models": {"base": result, "finetuned": result},
-        "comparison": {"loss_delta": {"mean": -0.2, "low": -0.3, "high": -0.1, "n": 4}, "perplexity_ratio": 0.8},
-    }
-    metrics["comparison"]["significant"] = True
+    metrics = eval_metrics(result, result)
     lines = report_lines(metrics["models"], ["base", "finetuned"])
     assert lines[1] == "| outcome accuracy | 0.500 [0.000, 1.000] | 0.500 [0.000, 1.000] | +0.000 |"
     report = render_eval_report(metrics, (), lines).splitlines()

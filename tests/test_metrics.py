@@ -16,6 +16,7 @@ from common.metrics import (
     render_eval_report,
     rouge_scores,
 )
+from tests.conftest import eval_metrics
 
 
 def test_perplexity_of_uniform_distribution_is_vocab_size():
@@ -91,21 +92,7 @@ def test_render_eval_report_table():
         "perplexity": perplexity_from_loss_ci(loss),
         "rouge": {"rouge1": 0.5, "rouge2": 0.25, "rougeL": 0.5},
     }
-    metrics = {
-        "adapter": "runs/x/best",
-        "model": "tiny",
-        "data_file": "t.jsonl",
-        "examples": 4,
-        "loss_examples": 4,
-        "generation_examples": 4,
-        "settings": {"max_new_tokens": 8, "dtype": "float32", "bootstrap": 10},
-        "models": {"base": result, "finetuned": dict(result, rouge={"rouge1": 0.75, "rouge2": 0.5, "rougeL": 0.625})},
-        "comparison": {
-            "loss_delta": {"mean": -0.2, "low": -0.3, "high": -0.1, "n": 4},
-            "perplexity_ratio": 0.8,
-            "significant": True,
-        },
-    }
+    metrics = eval_metrics(result, dict(result, rouge={"rouge1": 0.75, "rouge2": 0.5, "rougeL": 0.625}))
     sample = {"id": "e1", "reference": "r", "generated_base": "b", "generated_finetuned": "f"}
     task_lines = ["| exact answer | 0.250 | 0.500 | +0.250 |", "", "## Task section"]
     lines = render_eval_report(metrics, [sample], task_lines).splitlines()
