@@ -88,7 +88,7 @@ from common.model import (
     prepare_chat_template,
     resolve_model_path,
 )
-from common.model_card import render_model_card
+from common.model_card import CardInputs, render_model_card
 from common.modelfile import MULTI_TURN_CHECK, TemplateError, build_modelfile, check_modelfile, training_system_prompt
 from common.redact import redact_secrets, secret_env_values
 
@@ -437,26 +437,28 @@ def main(argv: list[str] | None = None) -> Path:
         adapter_bytes = sum(t.numel() * t.element_size() for t in adapter_tensors.values())
         memory, memory_note = estimate_export_memory(recorded_base, run_config, adapter_bytes, args.trust_remote_code)
         card = render_model_card(
-            name=args.name,
-            version=args.version,
-            base_model=base_model,
-            adapter_config=redact_secrets(adapter_config, secrets),
-            run_config=redact_secrets(run_config, secrets),
-            summary=redact_secrets(read_json(run_dir / "summary.json", missing_ok=True), secrets),
-            metrics=redact_secrets(metrics, secrets),
-            samples=redact_secrets(load_samples(run_dir, metrics["checkpoint"]["step"], args.num_samples), secrets),
-            memory=memory,
-            memory_note=memory_note,
-            base_recreate=base_recreate,
-            stop_tokens=tokenizer.convert_ids_to_tokens(end_of_turn_token_ids(tokenizer)),
-            gguf=gguf,
-            lineage={
-                "run": str(run_dir),
-                "checkpoint": str(checkpoint),
-                "git_commit": run_config.get("git_commit") or "not recorded",
-                "run_created": run_config.get("created") or "not recorded",
-                "exported": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            },
+            CardInputs(
+                name=args.name,
+                version=args.version,
+                base_model=base_model,
+                adapter_config=redact_secrets(adapter_config, secrets),
+                run_config=redact_secrets(run_config, secrets),
+                summary=redact_secrets(read_json(run_dir / "summary.json", missing_ok=True), secrets),
+                metrics=redact_secrets(metrics, secrets),
+                samples=redact_secrets(load_samples(run_dir, metrics["checkpoint"]["step"], args.num_samples), secrets),
+                memory=memory,
+                memory_note=memory_note,
+                base_recreate=base_recreate,
+                stop_tokens=tokenizer.convert_ids_to_tokens(end_of_turn_token_ids(tokenizer)),
+                gguf=gguf,
+                lineage={
+                    "run": str(run_dir),
+                    "checkpoint": str(checkpoint),
+                    "git_commit": run_config.get("git_commit") or "not recorded",
+                    "run_created": run_config.get("created") or "not recorded",
+                    "exported": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                },
+            )
         )
         (tmp_dir / "README.md").write_text(redact_secrets(card, secrets))
 

@@ -239,9 +239,10 @@ def generate_reply(model, tokenizer, prompt: str, max_new_tokens: int) -> str:
 
 
 def check_parity(
-    tmp_dir: Path, adapter_outputs, prompt_ids, eos_ids, precision, args, nf4_dtype, base_name: str
+    tmp_dir: Path, adapter_outputs, prompt_ids, eos_ids, precision, args, nf4_base: tuple[str, torch.dtype] | None
 ) -> dict:
-    """Reload the merged model from disk with plain transformers and compare it with the adapter.
+    """Reload the merged model from disk with plain transformers and compare it with the adapter; for a QLoRA
+    adapter also run it on the real NF4 base (`nf4_base`: the base's name and the NF4 compute dtype).
 
     Returns:
         {"parity": ...} (and, for a QLoRA adapter, the ungated "nf4_reference" on the real NF4 base).
@@ -260,9 +261,9 @@ def check_parity(
     )
     info["parity"] = parity
     print(format_parity("parity (adapter vs merged, reloaded from disk)", parity, args.atol))
-    if nf4_dtype is not None:
+    if nf4_base is not None:
         nf4_model, _ = load_model_and_tokenizer(
-            base_name, quantization="nf4", dtype=nf4_dtype, trust_remote_code=args.trust_remote_code
+            nf4_base[0], quantization="nf4", dtype=nf4_base[1], trust_remote_code=args.trust_remote_code
         )
         nf4_model = PeftModel.from_pretrained(nf4_model, str(Path(args.adapter)))
         outputs = run_prompts(nf4_model, prompt_ids, args.max_new_tokens, eos_ids, precision)
@@ -387,7 +388,8 @@ def main(argv: list[str] | None = None) -> dict:
             "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }
         if not args.no_verify:  # published only if the merged model, reloaded from disk, matches the adapter
-            info |= check_parity(tmp_dir, adapter_outputs, prompt_ids, eos_ids, precision, args, nf4_dtype, base_name)
+            nf4_base = (base_name, nf4_dtype) if nf4_dtype is not None else None
+            info |= check_parity(tmp_dir, adapter_outputs, prompt_ids, eos_ids, precision, args, nf4_base)
         write_json(tmp_dir / "merge_info.json", info)
         publish_folder(tmp_dir, output_dir, overwrite=args.force, complete_marker=False)
     except FileExistsError as err:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
@@ -67,63 +68,50 @@ def _shorten(text: str, limit: int = 600) -> str:
     return text if len(text) <= limit else text[:limit] + " ..."
 
 
-def render_model_card(
-    *,
-    name: str,
-    version: str,
-    base_model: str,
-    adapter_config: Mapping,
-    run_config: Mapping,
-    summary: Mapping | None,
-    metrics: Mapping,
-    samples: Sequence[Mapping],
-    memory: Mapping[str, int],
-    memory_note: str,
-    lineage: Mapping[str, str],
-    base_recreate: str | None = None,
-    stop_tokens: Sequence[str] = (),
-    gguf: Mapping | None = None,
-) -> str:
-    """Render the export's README.md: YAML front matter + every section the issue asks for.
+@dataclass
+class CardInputs:
+    """What the model card is rendered from (export.py gathers it, secrets already redacted)."""
 
-    Args:
-        name, version: the export's name and version.
-        base_model: the base as the user passed it to train.py (alias, folder or hub id).
-        adapter_config: the exported adapter_config.json.
-        run_config: the run's config.json (args, derived, lora, versions, git_commit, dataset, seed).
-        summary: the run's summary.json, or None if training did not finish.
-        metrics: the exported metrics.json ({"validation", "baseline", optional "test", "checkpoint"}).
-        samples: up to a few sample generations ({"prompt_messages", "reference", "generated"}).
-        memory: from `common.artifacts.estimate_inference_memory`.
-        memory_note: how the parameter counts were obtained.
-        lineage: {"run", "checkpoint", "git_commit", "run_created", "exported"} (shown as listed).
-        base_recreate: for an embedded alias, the one command that rebuilds the converted base folder
-            recorded in adapter_config.json on another machine (`common.embedded_model.recreate_command`).
-        stop_tokens: the end-of-turn token(s) as text (generation_config.json's eos), for the "Run it" lines.
-        gguf: the gguf/gguf_check.json report when the export has GGUF files (`export.py --gguf`), else None.
+    name: str  # the export's name and version
+    version: str
+    base_model: str  # the base as the user passed it to train.py (alias, folder or hub id)
+    adapter_config: Mapping  # the exported adapter_config.json
+    run_config: Mapping  # the run's config.json (args, derived, lora, versions, git_commit, dataset, seed)
+    summary: Mapping | None  # the run's summary.json, or None if training did not finish
+    metrics: Mapping  # the exported metrics.json ({"validation", "baseline", optional "test", "checkpoint"})
+    samples: Sequence[Mapping]  # up to a few sample generations ({"prompt_messages", "reference", "generated"})
+    memory: Mapping[str, int]  # from `common.artifacts.estimate_inference_memory`
+    memory_note: str  # how the parameter counts were obtained
+    lineage: Mapping[str, str]  # {"run", "checkpoint", "git_commit", "run_created", "exported"} (shown as listed)
+    # for an embedded alias, the one command that rebuilds the converted base folder recorded in
+    # adapter_config.json on another machine (`common.embedded_model.recreate_command`)
+    base_recreate: str | None = None
+    stop_tokens: Sequence[str] = ()  # the end-of-turn token(s) as text (generation_config.json's eos)
+    gguf: Mapping | None = None  # gguf/gguf_check.json when the export has GGUF files (`export.py --gguf`)
 
-    Returns:
-        The markdown text.
-    """
+
+def render_model_card(card: CardInputs) -> str:
+    """Render the export's README.md: YAML front matter + every section the issue asks for (markdown text)."""
+    name, version, base_model, run_config = card.name, card.version, card.base_model, card.run_config
     args, derived = run_config.get("args", {}), run_config.get("derived", {})
     quantization = args.get("quantization") or "none"
     hub_id = ALIAS_HUB_IDS.get(base_model, base_model)
     is_hub_id = hub_id.count("/") == 1 and not Path(hub_id).exists() and not hub_id.startswith((".", "/", "~"))
     out = front_matter(name, version, base_model, hub_id if is_hub_id else None, quantization)
-    out += base_model_section(base_model, hub_id, is_hub_id, adapter_config, quantization, base_recreate)
+    out += base_model_section(base_model, hub_id, is_hub_id, card.adapter_config, quantization, card.base_recreate)
     out += dataset_section(run_config.get("dataset", {}), derived)
-    out += hyperparameters_section(adapter_config, args, derived, run_config.get("seed"))
-    out += training_section(summary, derived)
-    out += metrics_section(metrics)
-    out += samples_section(samples)
+    out += hyperparameters_section(card.adapter_config, args, derived, run_config.get("seed"))
+    out += training_section(card.summary, derived)
+    out += metrics_section(card.metrics)
+    out += samples_section(card.samples)
     out += use_and_limitations_section(base_model, args.get("max_seq_len", "the training max_seq_len"))
-    out += inference_section(memory, memory_note, run_config.get("versions", {}))
+    out += inference_section(card.memory, card.memory_note, run_config.get("versions", {}))
     out += how_to_load_section(f"{name}-v{version}", quantization)
     out += run_it_section(
-        name, f"{name}-v{version}", str(adapter_config.get("base_model_name_or_path")), stop_tokens, gguf
+        name, f"{name}-v{version}", str(card.adapter_config.get("base_model_name_or_path")), card.stop_tokens, card.gguf
     )
     out += ["", "## Lineage", ""]
-    out += [f"- {key.replace('_', ' ')}: `{value}`" for key, value in lineage.items()]
+    out += [f"- {key.replace('_', ' ')}: `{value}`" for key, value in card.lineage.items()]
     return "\n".join(out) + "\n"
 
 
