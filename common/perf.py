@@ -20,7 +20,8 @@ def count_matmul_params(model: torch.nn.Module) -> dict:
         if "lora_" in name:
             lora += module.weight.numel() if isinstance(module, torch.nn.Linear) else 0
         elif module is not head and getattr(module, "weight", None) is not None:
-            if isinstance(module, torch.nn.Linear) or type(module).__name__ == "Linear4bit":
+            # PEFT's LoRA wrappers (peft's own "Linear4bit" too) hold the base linear as `base_layer`: count it once
+            if isinstance(module, torch.nn.Linear) and not hasattr(module, "base_layer"):
                 body += module.in_features * module.out_features
     head_params, config = head.weight.numel() if head is not None else 0, base.config
     return dict(body=body, head=head_params, lora=lora, layers=config.num_hidden_layers, hidden=config.hidden_size)

@@ -25,6 +25,7 @@ from common.memory_estimator import (
 )
 from common.memory_measure import compare_to_measurement, measure_in_subprocess
 from common.model import load_config
+from common.perf import count_matmul_params
 from common.preflight import (
     CPU_ALLOCATOR_FRACTION,
     CPU_RUNTIME_BYTES,
@@ -277,6 +278,14 @@ def test_train_check_memory_logs_warns_or_refuses(tiny_config, caplog, monkeypat
     monkeypatch.setattr(model.get_base_model().config, "get_text_config", lambda *args, **kwargs: text)
     line = train.check_memory(model, args, torch.device("cpu"), torch.float32, 64, logger)
     assert line == "memory estimate skipped: config of model_type 'llama' has no intermediate_size"
+
+
+def test_matmul_count_sees_each_4bit_linear_once():
+    """PEFT wraps a 4-bit linear in its own `Linear4bit`: the FLOP count (MFU, the pre-flight) counts the base once."""
+    config = load_config("smollm2-135m-instruct")
+    lora = count_matmul_params(peft_model(config, torch.bfloat16, QKV))
+    qlora = count_matmul_params(peft_model(config, torch.bfloat16, QKV, quantized=True))
+    assert qlora == lora and lora["body"] == 30 * (2 * 576 * 576 + 2 * 576 * 192 + 3 * 576 * 1536)
 
 
 # train.py's pre-flight (read off the model) against the full estimate (from the config) on the default model,
