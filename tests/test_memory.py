@@ -172,12 +172,12 @@ def within_band(ratio: float) -> bool:
 
 
 def test_error_band_is_the_measured_cpu_error():
-    # tables 1a-1c of memory_profile_cpu.md: estimated / measured of every run (default glibc malloc); the band is
+    # tables 1a-1d of memory_profile_cpu.md: estimated / measured of every run (default glibc malloc); the band is
     # the largest error either way, rounded up to a whole percent
     text = (REPO / "benchmarks/results/memory_profile_cpu.md").read_text()
     tables = text.split("## Table 1:")[1].split("## Table 2")[0]
     ratios = [float(row.split("|")[7]) for row in tables.splitlines() if row.startswith(("| LoRA", "| QLoRA"))]
-    assert len(ratios) == 6 + 8 + 4  # table 1a: 6 runs of 5 configurations so far
+    assert len(ratios) == 6 + 8 + 4 + 2  # table 1a: 6 runs of 5 configurations; 1d: after the heap trim
     assert math.ceil(100 * max(max(r, 1 / r) - 1 for r in ratios)) / 100 == ESTIMATE_ERROR_BAND
     assert all(within_band(r) for r in ratios)
 
@@ -353,14 +353,19 @@ def test_script_writes_table_and_recommendation(tmp_path, capsys):
 
 
 def _measured_ratio(
-    model: str, quantization: str | None, batch_size: int, seq_len: int, checkpointing: bool = False
-) -> tuple[dict, dict]:
+    model: str,
+    quantization: str | None,
+    batch_size: int,
+    seq_len: int,
+    checkpointing: bool = False,
+    extra_env: dict | None = None,
+) -> tuple[dict, dict, dict]:
     # LoRA keeps the base in fp32 on a CPU, QLoRA computes in bf16; autocast in bf16
     setup = Setup(batch_size, seq_len, 16, QKV, quantization, "bf16" if quantization else "fp32", checkpointing, "cpu")
-    measurement = measure_in_subprocess(model, setup, steps=2)
+    measurement = measure_in_subprocess(model, setup, steps=2, extra_env=extra_env)
     setup.trained_fraction = measurement["trained_tokens"] / (batch_size * seq_len)
     estimate = estimate_memory(load_config(model), setup)
-    return compare_to_measurement(estimate, measurement), measurement
+    return compare_to_measurement(estimate, measurement), measurement, estimate
 
 
 # Table 1a of benchmarks/results/memory_profile_cpu.md: LoRA and QLoRA, gradient checkpointing off and on,
@@ -368,23 +373,37 @@ def _measured_ratio(
 # six are marked slow: `python -m pytest -q -m slow tests/test_memory.py`.
 MEASURED = [
     pytest.param(None, 256, False, id="lora-256"),
-    pytest.param("nf4", 256, True, id="qlora-256-checkpointing"),
     *[
         pytest.param(q, n, gc, id=f"{'qlora' if q else 'lora'}-{n}{'-checkpointing' if gc else ''}", marks=pytest.mark.slow)
         for q, n, gc in [(None, 512, False), (None, 256, True), (None, 512, True), ("nf4", 256, False),
-                         ("nf4", 512, False), ("nf4", 512, True)]
+                         ("nf4", 256, True), ("nf4", 512, False), ("nf4", 512, True)]
     ],
 ]  # fmt: skip
 
 
 @pytest.mark.parametrize(("quantization", "seq_len", "checkpointing"), MEASURED)
 def test_estimate_within_tolerance_of_measured_default_model(quantization, seq_len, checkpointing, record_property):
-    compared, measurement = _measured_ratio("smollm2-135m-instruct", quantization, 2, seq_len, checkpointing)
+    compared, measurement, _ = _measured_ratio("smollm2-135m-instruct", quantization, 2, seq_len, checkpointing)
     ratio = compared["ratio"]
     for key in ("estimated_bytes", "measured_bytes", "ratio"):  # `pytest --junitxml` keeps them with the test
         record_property(key, compared[key])
     assert measurement["peak_reset"]  # the peak is the training steps', not the loading's
     assert within_band(ratio), (ratio, measurement["measured_bytes"] / 2**20)
+
+
+def test_qlora_tensor_terms_match_the_live_tensor_peak_of_the_default_model(record_property):
+    """QLoRA + checkpointing, the recommendation for big models on a small GPU, term by term: with glibc
+    returning every freed buffer at once (MALLOC_MMAP_THRESHOLD_), peak RSS is the live-tensor peak, the
+    same on any machine, and the estimate without its allocator allowance must meet it within 10%
+    (table 2 of memory_profile_cpu.md: +1..+6%). The default-malloc peak of the same run wanders by
+    ~15% between runs (table 1), which the 20% band covers, not this test."""
+    fixed = {"MALLOC_MMAP_THRESHOLD_": "131072"}
+    compared, measurement, estimate = _measured_ratio("smollm2-135m-instruct", "nf4", 2, 256, True, extra_env=fixed)
+    live = compared["estimated_bytes"] - estimate["details"]["allocator_allowance"]
+    record_property("live_estimate_bytes", live)
+    record_property("measured_bytes", measurement["measured_bytes"])
+    assert measurement["peak_reset"]
+    assert 1 / 1.1 <= live / measurement["measured_bytes"] <= 1.1, (live / 2**20, measurement["measured_bytes"] / 2**20)
 
 
 def test_measure_flag_on_tiny_model(tiny_model_dir, tmp_path, capsys, record_property):
