@@ -207,6 +207,5 @@ def load_model_and_tokenizer(
 def load_config(name_or_path: str = DEFAULT_MODEL, trust_remote_code: bool = False):
     """Load only the model config (no weights) from a config.json file, a folder, an alias or a hub id."""
     path = Path(name_or_path).expanduser()
-    if path.is_file() and path.suffix == ".json":
-        return AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
-    return _from_pretrained(AutoConfig, resolve_model_path(name_or_path), trust_remote_code=trust_remote_code)
+    source = str(path) if path.is_file() and path.suffix == ".json" else resolve_model_path(name_or_path)
+    return _from_pretrained(AutoConfig, source, trust_remote_code=trust_remote_code)
