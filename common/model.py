@@ -180,9 +180,9 @@ def load_model_and_tokenizer(
     logger: logging.Logger | None = None,
     quant_storage: torch.dtype | None = None,
 ):
-    """Load (model, tokenizer) in eval mode, on CPU unless `device_map`. `dtype`: the weights not quantized, and
-    the compute dtype of "nf4" (QLoRA: 4-bit NormalFloat, double quantization), whose values `quant_storage` packs
-    (None: uint8; FSDP shards only floating-point parameters, so QLoRA + FSDP passes the base's other dtype)."""
+    """Load (model, tokenizer) in eval mode, on CPU unless `device_map`. `dtype`: the weights not quantized, and the
+    compute dtype of "nf4" (QLoRA: 4-bit NormalFloat, double quantization), packed in `quant_storage` (None: uint8;
+    FSDP shards only floating-point parameters, so QLoRA + FSDP passes the dtype of the rest of the base)."""
     path = resolve_model_path(name_or_path)
     tokenizer = load_tokenizer(path, trust_remote_code, chat_template, logger)
     kwargs = {"dtype": dtype, "trust_remote_code": trust_remote_code, "device_map": device_map}
