@@ -1,9 +1,8 @@
 """Load, validate and tokenize chat data with assistant-only labels.
 
-Reads `.jsonl`, `.json`, `.csv`, `.parquet` and `Dataset.save_to_disk` folders holding chat `messages`,
-ShareGPT `conversations`, `prompt` + `completion`, Alpaca `instruction` + `output`, or plain `text`.
-Labels are -100 except on each assistant reply and the end-of-turn token closing it, both found
-from the chat template itself (`assistant_turns`): few templates have `{% generation %}` markers.
+Reads chat `messages`, ShareGPT `conversations`, `prompt` + `completion`, Alpaca `instruction` + `output` or `text` from
+.jsonl, .json, .csv, .parquet and save_to_disk folders. Labels are -100 except on each assistant reply and its closing
+end-of-turn token, found in the chat template (`assistant_turns`): few templates have `{% generation %}` markers.
 """
 
 from __future__ import annotations
@@ -82,11 +81,10 @@ def _json_records(path: Path) -> Iterator[tuple[int, object]]:
     # split on "\n" only: str.splitlines() also breaks at U+2028, U+2029 and NEL, which JSON
     # allows raw inside strings (json.dumps(..., ensure_ascii=False) writes them that way)
     for number, line in enumerate(text.split("\n"), start=1):
-        line = line.removesuffix("\r")  # CRLF line ends (Windows editors)
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
+            record = json.loads(line.removesuffix("\r"))  # CRLF line ends (Windows editors)
         except (ValueError, RecursionError) as err:  # also a 5000-digit number, nesting deeper than ~1000
             decode_error = isinstance(err, json.JSONDecodeError)
             reason = f"{err.msg} at column {err.colno}" if decode_error else f"{type(err).__name__}: {str(err)[:80]}"
@@ -143,47 +141,41 @@ def _require_text(raw: dict, keys: tuple[str, ...], where: str, hint: str = "") 
             raise DataError(f"{where}: '{key}' must be a non-empty string{hint}")
 
 
-def _alpaca_messages(raw: dict, where: str) -> list[dict]:
-    _require_text(raw, ("instruction", "output"), where, " (Alpaca records: instruction, input, output)")
-    extra = raw.get("input")
-    if extra is not None and not isinstance(extra, str):
-        raise DataError(f"{where}: 'input' must be a string, got {type(extra).__name__}")
-    # The usual Alpaca rendering: the input (the data the instruction is about) follows the instruction.
-    user = raw["instruction"] if not (extra or "").strip() else f"{raw['instruction']}\n\n{extra}"
-    messages = [{"role": "user", "content": user}, {"role": "assistant", "content": raw["output"]}]
-    if isinstance(raw.get("system"), str) and raw["system"].strip():
-        messages.insert(0, {"role": "system", "content": raw["system"]})
-    return messages
-
-
 def normalize_record(raw: object, where: str) -> dict:
     """One record as validated `messages` (or `text`) plus its other fields; errors name `where` ("file:line")."""
     if not isinstance(raw, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(raw).__name__}")
     if raw.get("messages") is not None:
-        return {**raw, "messages": _check_chat(raw["messages"], where, "messages", "role", "content", ROLES)}
-    if raw.get("conversations") is not None:
-        turns = _check_chat(raw["conversations"], where, "conversations", "from", "value", SHAREGPT_ROLES)
-        return {**raw, "messages": turns}
-    if raw.get("prompt") is not None or raw.get("completion") is not None:
+        messages = _check_chat(raw["messages"], where, "messages", "role", "content", ROLES)
+    elif raw.get("conversations") is not None:
+        messages = _check_chat(raw["conversations"], where, "conversations", "from", "value", SHAREGPT_ROLES)
+    elif raw.get("prompt") is not None or raw.get("completion") is not None:
         _require_text(raw, ("prompt", "completion"), where)
         messages = [{"role": "user", "content": raw["prompt"]}, {"role": "assistant", "content": raw["completion"]}]
-        return {**raw, "messages": messages}
-    if raw.get("instruction") is not None or raw.get("output") is not None:
-        return {**raw, "messages": _alpaca_messages(raw, where)}
-    if raw.get("text") is not None:
+    elif raw.get("instruction") is not None or raw.get("output") is not None:
+        _require_text(raw, ("instruction", "output"), where, " (Alpaca records: instruction, input, output)")
+        extra = raw.get("input")
+        if extra is not None and not isinstance(extra, str):
+            raise DataError(f"{where}: 'input' must be a string, got {type(extra).__name__}")
+        # The usual Alpaca rendering: the input (the data the instruction is about) follows the instruction.
+        user = raw["instruction"] if not (extra or "").strip() else f"{raw['instruction']}\n\n{extra}"
+        messages = [{"role": "user", "content": user}, {"role": "assistant", "content": raw["output"]}]
+        if isinstance(raw.get("system"), str) and raw["system"].strip():
+            messages.insert(0, {"role": "system", "content": raw["system"]})
+    elif raw.get("text") is not None:
         _require_text(raw, ("text",), where)
         # a null "messages" (mixed-schema CSV/parquet rows) must not make tokenize_records treat it as chat
         return {key: value for key, value in raw.items() if key != "messages"}
-    raise DataError(
-        f"{where}: missing field 'messages' (or 'conversations', 'prompt'+'completion', 'instruction'+'output', "
-        f"or 'text'); found {sorted(raw)[:8]}"
-    )
+    else:
+        raise DataError(
+            f"{where}: missing field 'messages' (or 'conversations', 'prompt'+'completion', 'instruction'+'output', "
+            f"or 'text'); found {sorted(raw)[:8]}"
+        )
+    return {**raw, "messages": messages}
 
 
 def load_records(path: str | Path) -> list[dict]:
-    """Every record of a data file or save_to_disk folder, normalized, with `_line` (1-based line or row);
-    DataError naming file, line and field for a missing, empty, unsupported or invalid file."""
+    """Every record of a data file or save_to_disk folder, normalized, with `_line` (1-based line or row)."""
     path = Path(path)
     suffixes = ", ".join(SUPPORTED_SUFFIXES)
     if path.is_dir():
@@ -265,10 +257,8 @@ def dataset_sha256(path: str | Path) -> str:
 
 def read_recorded_split(config_file: Path) -> dict | None:
     """The split a run held out (`dataset.validation_split` of its config.json or training_args.json), or None."""
-    if not Path(config_file).is_file():
-        return None
     try:
-        config = json.loads(Path(config_file).read_text())
+        config = json.loads(Path(config_file).read_text()) if Path(config_file).is_file() else None
     except json.JSONDecodeError:
         return None
     dataset = config.get("dataset") if isinstance(config, dict) else None
@@ -308,12 +298,10 @@ def _reply_end(rendered: str, start: int, reply: str, specials: list[str], model
 def assistant_turns(
     tokenizer, messages: list[dict], model_name: str | None = None
 ) -> tuple[str, list[tuple[int, int, str]]]:
-    """Render a conversation: (text, [(start, end, end-of-turn token)] per assistant turn, in characters).
-
-    Turn i runs from the end of the turns before it rendered with the generation prompt (what the model
-    sees at inference) through the first special token after its text (<|im_end|>, <|eot_id|>, ...).
-    DataError naming the model if the template is not prefix-stable, rewrites replies, or ends a turn with
-    no special token."""
+    """Render a conversation: (text, [(start, end, end-of-turn token)] per assistant turn, in characters). Turn i
+    runs from the end of the turns before it rendered with the generation prompt (what the model sees at inference)
+    through the first special token after its text (<|im_end|>, <|eot_id|>, ...). DataError naming the model if
+    the template is not prefix-stable, rewrites replies, or ends a turn with no special token."""
     model = model_name or tokenizer.name_or_path or "this model"
     text = _render(tokenizer, messages)
     # every special or added token's text, longest first (so "<|eot_id|>" is never cut short)
@@ -345,9 +333,7 @@ def end_of_turn_token_ids(tokenizer) -> list[int]:
     """The ids generation stops at: the end-of-turn token `assistant_turns` trains, then eos if it differs."""
     _text, turns = assistant_turns(tokenizer, PROBE_CONVERSATION[1:3])
     ids = [tokenizer.convert_tokens_to_ids(turns[-1][2])]
-    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
-        ids.append(tokenizer.eos_token_id)
-    return ids
+    return ids if tokenizer.eos_token_id in (None, *ids) else [*ids, tokenizer.eos_token_id]
 
 
 def tokenize_messages(tokenizer, messages: list[dict]) -> dict:
@@ -366,11 +352,10 @@ def tokenize_messages(tokenizer, messages: list[dict]) -> dict:
 def tokenize_records(
     records: Sequence[dict], tokenizer, max_seq_len: int, overlong: str = "truncate_history"
 ) -> tuple[list[dict], TokenizeStats]:
-    """Tokenize records from `load_records`; examples: input_ids, labels, n_trained, index (in records).
-
-    Longer than `max_seq_len`: with "truncate_history" the oldest exchanges after the system prompt
-    go until it fits (the final reply is never cut, an example still too long is dropped); with
-    "drop" it is dropped. `text` records train every token, and an eos is appended."""
+    """Tokenize records from `load_records`; examples: input_ids, labels, n_trained, index (in records). Longer
+    than `max_seq_len`: with "truncate_history" the oldest exchanges after the system prompt go until it fits (the
+    final reply is never cut, an example still too long is dropped); with "drop" it is dropped. `text` records
+    train every token, and an eos is appended."""
     if overlong not in ("truncate_history", "drop"):
         raise DataError(f"overlong policy must be 'truncate_history' or 'drop', got {overlong!r}")
     stats = TokenizeStats()
@@ -412,18 +397,14 @@ def tokenize_records(
 def collate_batch(examples: Sequence[dict], pad_token_id: int, pad_to_multiple_of: int | None = None) -> dict:
     """Right-pad examples into {"input_ids", "attention_mask", "labels"} tensors; labels are padded with -100,
     so a pad id equal to the end-of-turn id never hides a trained token."""
-    length = max(len(e["input_ids"]) for e in examples)
-    if pad_to_multiple_of:
-        length = math.ceil(length / pad_to_multiple_of) * pad_to_multiple_of
-    input_ids = torch.full((len(examples), length), pad_token_id, dtype=torch.long)
-    labels = torch.full((len(examples), length), IGNORE_INDEX, dtype=torch.long)
-    attention_mask = torch.zeros((len(examples), length), dtype=torch.long)
-    for row, example in enumerate(examples):
-        n = len(example["input_ids"])
-        input_ids[row, :n] = torch.tensor(example["input_ids"])
-        labels[row, :n] = torch.tensor(example["labels"])
-        attention_mask[row, :n] = 1
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    multiple = pad_to_multiple_of or 1
+    length = math.ceil(max(len(e["input_ids"]) for e in examples) / multiple) * multiple
+    pads = {"input_ids": pad_token_id, "attention_mask": 0, "labels": IGNORE_INDEX}
+    rows = [e | {"attention_mask": [1] * len(e["input_ids"])} for e in examples]
+    return {
+        key: torch.tensor([list(r[key]) + [pad] * (length - len(r[key])) for r in rows], dtype=torch.long)
+        for key, pad in pads.items()
+    }
 
 
 class LengthGroupedBatchSampler(BatchSampler):
@@ -448,17 +429,15 @@ class LengthGroupedBatchSampler(BatchSampler):
         rng = random.Random(self.seed * 100_003 + self.epoch)
         order = list(range(len(self.lengths)))
         rng.shuffle(order)
-        mega = self.batch_size * self.mega_batch_factor
-        batches = []
-        for start in range(0, len(order), mega):
-            chunk = sorted(order[start : start + mega], key=lambda i: self.lengths[i], reverse=True)
-            batches += [chunk[j : j + self.batch_size] for j in range(0, len(chunk), self.batch_size)]
-        # A short batch (the dataset size is not a multiple of batch_size) goes last, so every rank
+        mega = self.batch_size * self.mega_batch_factor  # a whole number of batches
+        for at in range(0, len(order), mega):  # each mega-batch sorted, longest first
+            order[at : at + mega] = sorted(order[at : at + mega], key=lambda i: self.lengths[i], reverse=True)
+        batches = [order[j : j + self.batch_size] for j in range(0, len(order), self.batch_size)]
+        # A short batch (the dataset size is not a multiple of batch_size) stays last, so every rank
         # of a multi-process run sees full batches until the very end.
-        full = [b for b in batches if len(b) == self.batch_size]
-        short = [b for b in batches if len(b) != self.batch_size]
+        full = batches[: len(order) // self.batch_size]
         rng.shuffle(full)
-        return full + short
+        return full + batches[len(full) :]
 
     def __iter__(self) -> Iterator[list[int]]:
         yield from self.batches()

