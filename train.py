@@ -249,9 +249,7 @@ def choose_attention(requested: str, device: torch.device, longest: int) -> str:
     return "eager" if device.type == "cpu" and longest <= 512 else "sdpa"
 
 
-def make_accelerator(
-    args: argparse.Namespace, use_cpu: bool, logger: logging.Logger
-) -> tuple[Accelerator, PrecisionChoice]:
+def make_accelerator(args: argparse.Namespace, use_cpu: bool, logger) -> tuple[Accelerator, PrecisionChoice]:
     """Resolve the precision (CPU "auto" measures it) and create the Accelerator (SystemExit: unreadable model)."""
     try:
         model_config = load_config(args.model, trust_remote_code=args.trust_remote_code)
@@ -302,10 +300,9 @@ def load_inputs(args: argparse.Namespace, accelerator: Accelerator, dtype: torch
         longest = max(len(e["input_ids"]) for e in train_examples)
         attn_implementation = choose_attention(args.attn_implementation, accelerator.device, longest)
         model.set_attn_implementation(attn_implementation)
-        target_modules = parse_target_modules(args.target_modules)
-        quantized, checkpointing = bool(args.quantization), args.gradient_checkpointing
+        target_modules, quantized = parse_target_modules(args.target_modules), bool(args.quantization)
         model = apply_lora(
-            model, args.rank, args.alpha, args.dropout, target_modules, quantized, gradient_checkpointing=checkpointing
+            model, args.rank, args.alpha, args.dropout, target_modules, quantized, args.gradient_checkpointing
         )
         padded = -(-longest // 8) * 8  # the longest row as collate pads it
         memory_preflight = check_memory(model, args, accelerator.device, dtype, padded, logger)
@@ -464,38 +461,22 @@ def log_setup(logger: logging.Logger, args: argparse.Namespace, config: dict, in
 
 def make_dataloaders(inputs: Inputs, args) -> tuple[DataLoader, LengthGroupedBatchSampler, DataLoader]:
     """(length-grouped shuffled training dataloader, its batch sampler, length-sorted validation dataloader)."""
-    train_examples, pad_token_id = inputs.train_examples, inputs.tokenizer.pad_token_id
-    lengths = [len(e["input_ids"]) for e in train_examples]
+    lengths = [len(e["input_ids"]) for e in inputs.train_examples]
     train_sampler = LengthGroupedBatchSampler(lengths, args.batch_size, seed=args.seed)
     # Own generator: making a DataLoader iterator then never draws from the global torch RNG, so the
     # dropout masks after a resume are the ones an uninterrupted run would have used.
     generator = torch.Generator().manual_seed(args.seed)
-    collate = functools.partial(collate_batch, pad_token_id=pad_token_id, pad_to_multiple_of=8)
+    collate = functools.partial(collate_batch, pad_token_id=inputs.tokenizer.pad_token_id, pad_to_multiple_of=8)
 
     def collate_with_index(batch: list[dict]) -> dict:  # the example indices let --log-examples audit the sharding
         return collate(batch) | {"index": torch.tensor([e["index"] for e in batch])}
 
     train_dataloader = DataLoader(
-        train_examples, batch_sampler=train_sampler, collate_fn=collate_with_index, generator=generator
+        inputs.train_examples, batch_sampler=train_sampler, collate_fn=collate_with_index, generator=generator
     )
     val_sorted = sorted(inputs.val_examples, key=lambda e: len(e["input_ids"]))  # similar lengths share a batch
     eval_dataloader = DataLoader(val_sorted, batch_size=args.eval_batch_size, collate_fn=collate)
     return train_dataloader, train_sampler, eval_dataloader
-
-
-def resume(run: Run, folder: Path | None) -> TrainState:
-    """A fresh TrainState, or the one saved in checkpoint `folder` with weights, optimizer and RNGs restored."""
-    if folder is None:
-        return TrainState()
-    try:
-        saved = checkpoint.load(run.accelerator, run.model, run.optimizer, run.lr_scheduler, folder)
-    except CheckpointError as err:
-        sys.exit(f"error: {err}")
-    state = TrainState(**saved)
-    run.logger.info(
-        f"resumed from {folder}: step {state.global_step}, epoch {state.epoch + 1}, batch {state.batches_done_in_epoch}"
-    )
-    return state
 
 
 def start_epoch(state: TrainState, epoch: int, run: Run, train_dataloader, train_sampler) -> Iterator[list[dict]]:
@@ -568,9 +549,8 @@ def clip_gradients(run: Run, trainable: list, rescale: float) -> float:
 
 
 def optimizer_step(state: TrainState, loss: float, grad_norm: float, run: Run) -> tuple[bool, str]:
-    """One optimizer update, skipped when the loss or gradient norm is not finite (the NaN guard), then the
-    schedule, cleared gradients and the step counted; return (whether it stepped, why the run must stop: more
-    than --max-bad-steps skipped updates in a row, or "" to go on)."""
+    """Step unless the loss or gradient norm is not finite (the NaN guard), advance the schedule, clear the gradients,
+    count the step; return (whether it stepped, why the run must stop: > --max-bad-steps skipped in a row, or "")."""
     finite = math.isfinite(loss) and math.isfinite(grad_norm)
     if finite or run.accelerator.scaler is not None:
         run.optimizer.step()  # under fp16 the GradScaler skips an inf/NaN update by itself
@@ -613,7 +593,6 @@ class StepStats:
 def log_step(state: TrainState, epoch: float, stats: StepStats, layer_norms: dict, meter: MfuMeter, run: Run) -> None:
     """The update's record (loss, schedule, gradient, throughput, MFU never > 100%, memory) to train_log.jsonl
     and the tracker, its per-layer norms to grad_log.jsonl, its console line every --log-every steps."""
-    device = run.accelerator.device
     record = {
         "type": "step",
         "step": state.global_step,
@@ -627,8 +606,8 @@ def log_step(state: TrainState, epoch: float, stats: StepStats, layer_norms: dic
         "tokens_per_s": stats.tokens / stats.seconds,
         "mfu": meter.mfu(stats.tokens, stats.trained, stats.sum_sq, stats.seconds),
         "peak_flops": meter.peak_flops,
-        "peak_mem_mb": peak_memory_mb(device),
-        "gpu_util": gpu_utilization(device),
+        "peak_mem_mb": peak_memory_mb(run.accelerator.device),
+        "gpu_util": gpu_utilization(run.accelerator.device),
         "elapsed_s": state.train_time_s,
     }
     run.log_jsonl("train_log.jsonl", record)
@@ -713,11 +692,11 @@ def train_loop(state: TrainState, run: Run, train_dataloader, train_sampler, met
     num_processes, total_steps = accelerator.num_processes, run.config["derived"]["total_steps"]
     trainable = [p for p in model.parameters() if p.requires_grad]
     # --- the token-normalized loss: set up here and nowhere else ---
-    # Each micro-batch backpropagates the SUM of its trained tokens' losses divided by `loss_scale`, a
-    # constant (max_seq_len x batch_size) that keeps the summed loss and its gradients in fp16 range.
-    # After the update's window, clip_gradients multiplies the gradients by `rescale`: the gradient of
-    # the MEAN loss over every trained token of the update (all its micro-batches, all ranks; DDP
-    # averages over the ranks, hence x num_processes), not a mean of batch means.
+    # Each micro-batch backpropagates the SUM of its trained tokens' losses divided by `loss_scale`, a constant
+    # (max_seq_len x batch_size) that keeps the summed loss and its gradients in fp16 range. After the update's
+    # window, clip_gradients multiplies the gradients by `rescale`: the gradient of the MEAN loss over every
+    # trained token of the update (all its micro-batches, all ranks; DDP averages over the ranks, hence
+    # x num_processes), not a mean of batch means.
     loss_scale = args.max_seq_len * args.batch_size
     status, stop_reason = "completed", ""
     progress = tqdm(total=total_steps, initial=state.global_step, disable=not accelerator.is_local_main_process)
@@ -788,9 +767,8 @@ def finish(state: TrainState, status: str, stop_reason: str, run: Run, lock) -> 
         extra = {"trainer_state.json": asdict(state), "config.json": run.config}
         checkpoint.save_adapter_folder(model, run.tokenizer, run.output_dir / "final", run.args.model, extra, adapter)
         jsonio.write_json(run.output_dir / "update_ratios.json", ratios)
-    params = count_parameters(model)
     summary = run_folder.write_run_summary(
-        run.output_dir, status, stop_reason, asdict(state), params, accelerator, in_sync
+        run.output_dir, status, stop_reason, asdict(state), count_parameters(model), accelerator, in_sync
     )
     run.logger.info(
         f"done: {status}{f' ({stop_reason})' if stop_reason else ''} | best val ppl {summary['best_val_ppl']} "
@@ -821,9 +799,8 @@ def prepare_run(args, accelerator: Accelerator, inputs: Inputs, config: dict, lo
         KEEP_UNTIL_EXIT.extend([accelerator, loss_model])  # the DDP model must outlive main(): see exit_distributed
     if fsdp.is_sharded(model):
         logger.info(fsdp.describe_sharding(loss_model, accelerator.num_processes))
-    task = load_task(args.task)
     run = Run(args, accelerator, model, loss_model, inputs.tokenizer, optimizer, lr_scheduler, eval_dataloader,
-              inputs.sample_records, task, config, logger)  # fmt: skip
+              inputs.sample_records, load_task(args.task), config, logger)  # fmt: skip
     return run, train_dataloader, train_sampler
 
 
@@ -846,7 +823,15 @@ def main(argv: list[str] | None = None) -> dict:
     # MFU against the probed peak; a step that beats it has the peak measured again (never > 100%)
     meter = MfuMeter(count_matmul_params(run.model), precision_choice.peak_flops)
     meter.remeasure = functools.partial(remeasure_peak, precision_choice, run.model.config)
-    state = resume(run, inputs.resume_folder)
+    state, folder = TrainState(), inputs.resume_folder
+    if folder is not None:  # the checkpoint's trainer state, weights, optimizer, schedule and RNGs
+        try:
+            state = TrainState(**checkpoint.load(accelerator, run.model, run.optimizer, run.lr_scheduler, folder))
+        except CheckpointError as err:
+            sys.exit(f"error: {err}")
+        logger.info(
+            f"resumed from {folder}: step {state.global_step}, epoch {state.epoch + 1}, batch {state.batches_done_in_epoch}"
+        )
     # TensorBoard / wandb get the scalar flags, secrets redacted: a path or a --config value may hold a token
     scalars = {k: v for k, v in vars(args).items() if isinstance(v, int | float | str | bool)}
     tracker_config = redact_secrets(scalars, secret_env_values())
@@ -858,14 +843,14 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def exit_distributed(code: int | str | None) -> None:
-    """End a torchrun rank without freeing the DDP model or tearing the interpreter down.
+    """End a torchrun rank without freeing the DDP model or tearing the interpreter down; `code` is the exit
+    status, or a message for stderr (exit status 1), as `sys.exit` takes it.
 
-    Freeing the DDP reducer destroys the gloo process group, whose destructor joins the gloo worker
-    threads while holding the GIL; a worker whose last job was an all-gather needs the GIL to free
-    that job's tensors: deadlock (py-spy, torch 2.13: ~1 in 4 two-process runs hung after "done",
-    and the CI run that never finished). So main() keeps the prepared model alive in KEEP_UNTIL_EXIT
-    and the rank leaves with os._exit; logs, checkpoints and trackers are closed by then. `code` is
-    the exit status, or a message for stderr (exit status 1), as `sys.exit` takes it.
+    Freeing the DDP reducer destroys the gloo process group, whose destructor joins the gloo worker threads
+    while holding the GIL; a worker whose last job was an all-gather needs the GIL to free that job's tensors:
+    deadlock (py-spy, torch 2.13: ~1 in 4 two-process runs hung after "done", and the CI run that never
+    finished). So main() keeps the prepared model alive in KEEP_UNTIL_EXIT and the rank leaves with os._exit;
+    logs, checkpoints and trackers are closed by then.
     """
     if isinstance(code, str):
         print(code, file=sys.stderr)
