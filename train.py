@@ -165,7 +165,13 @@ def validate_args(args: argparse.Namespace, num_processes: int) -> int:
     ]:
         if not ok:
             sys.exit(f"error: {message}")
-    check_wandb_login(args.report_to)
+    netrc = Path("~/.netrc").expanduser()
+    if args.report_to == "wandb" and os.environ.get("WANDB_MODE", "online") not in ("offline", "disabled"):
+        if not (os.environ.get("WANDB_API_KEY") or (netrc.exists() and "api.wandb.ai" in netrc.read_text())):
+            sys.exit(
+                "error: --report-to wandb needs a login: set WANDB_API_KEY (or run `wandb login`), "
+                "or set WANDB_MODE=offline to log locally, or use --report-to tensorboard"
+            )
     if fsdp.fsdp_requested() and args.num_samples:
         sys.exit(
             "error: under FSDP the model is sharded across the processes and the main process alone cannot "
@@ -180,23 +186,7 @@ def validate_args(args: argparse.Namespace, num_processes: int) -> int:
             "for a path use --output-dir"
         )
     args.output_dir = str(args.output_dir or REPO / "runs" / args.run_name)
-    return resolve_grad_accum(args, num_processes)
-
-
-def check_wandb_login(report_to: str) -> None:
-    """Refuse `--report-to wandb` without a login (unless wandb runs offline): SystemExit with the ways out."""
-    if report_to != "wandb" or os.environ.get("WANDB_MODE", "online") in ("offline", "disabled"):
-        return
-    netrc = Path("~/.netrc").expanduser()
-    if not (os.environ.get("WANDB_API_KEY") or (netrc.exists() and "api.wandb.ai" in netrc.read_text())):
-        sys.exit(
-            "error: --report-to wandb needs a login: set WANDB_API_KEY (or run `wandb login`), "
-            "or set WANDB_MODE=offline to log locally, or use --report-to tensorboard"
-        )
-
-
-def resolve_grad_accum(args: argparse.Namespace, num_processes: int) -> int:
-    """Reconcile --grad-accum and --effective-batch-size (SystemExit when they disagree); return grad accum."""
+    # --grad-accum and --effective-batch-size: give either, they must agree when both are given
     per_update = args.batch_size * num_processes
     if args.grad_accum is not None:
         if args.grad_accum < 1 or args.effective_batch_size not in (None, per_update * args.grad_accum):
@@ -259,9 +249,7 @@ def choose_attention(requested: str, device: torch.device, longest: int) -> str:
     return "eager" if device.type == "cpu" and longest <= 512 else "sdpa"
 
 
-def make_accelerator(
-    args: argparse.Namespace, use_cpu: bool, logger: logging.Logger
-) -> tuple[Accelerator, PrecisionChoice]:
+def make_accelerator(args: argparse.Namespace, use_cpu: bool, logger) -> tuple[Accelerator, PrecisionChoice]:
     """Resolve the precision (CPU "auto" measures it) and create the Accelerator (SystemExit: unreadable model)."""
     try:
         model_config = load_config(args.model, trust_remote_code=args.trust_remote_code)
@@ -289,9 +277,8 @@ def load_inputs(args: argparse.Namespace, accelerator: Accelerator, dtype: torch
     output_dir = Path(args.output_dir)
     try:
         run_folder.check_resume_flags(output_dir, args.resume_from, args.overwrite)
-        resume_folder = None
-        if args.resume_from:  # look now: "nothing to resume" must not leave a run folder behind
-            resume_folder = checkpoint.find_resume(output_dir, args.resume_from, logger)
+        # look now: "nothing to resume" must not leave a run folder behind
+        resume_folder = checkpoint.find_resume(output_dir, args.resume_from, logger) if args.resume_from else None
         model, tokenizer = load_model_and_tokenizer(
             args.model,
             quantization=args.quantization,
@@ -313,10 +300,9 @@ def load_inputs(args: argparse.Namespace, accelerator: Accelerator, dtype: torch
         longest = max(len(e["input_ids"]) for e in train_examples)
         attn_implementation = choose_attention(args.attn_implementation, accelerator.device, longest)
         model.set_attn_implementation(attn_implementation)
-        target_modules = parse_target_modules(args.target_modules)
-        quantized, checkpointing = bool(args.quantization), args.gradient_checkpointing
+        target_modules, quantized = parse_target_modules(args.target_modules), bool(args.quantization)
         model = apply_lora(
-            model, args.rank, args.alpha, args.dropout, target_modules, quantized, gradient_checkpointing=checkpointing
+            model, args.rank, args.alpha, args.dropout, target_modules, quantized, args.gradient_checkpointing
         )
         padded = -(-longest // 8) * 8  # the longest row as collate pads it
         memory_preflight = check_memory(model, args, accelerator.device, dtype, padded, logger)
@@ -415,9 +401,17 @@ def open_run_folder(args: argparse.Namespace, accelerator: Accelerator, trainabl
     return lock
 
 
-def write_config(args, accelerator, precision_choice, inputs: Inputs, params: dict, schedule: dict) -> dict:
-    """Build the resolved configuration, write config.json (main process) and return it, secrets redacted."""
-    derived = schedule | {
+def write_config(args, accelerator, precision_choice, inputs: Inputs, params: dict, grad_accum: int) -> dict:
+    """Build the resolved configuration and schedule, write config.json (main process), return it redacted."""
+    batches_per_epoch = math.ceil(len(inputs.train_examples) / (args.batch_size * accelerator.num_processes))
+    steps_per_epoch = math.ceil(batches_per_epoch / grad_accum)
+    total_steps = min(args.max_steps or math.inf, steps_per_epoch * args.epochs)
+    derived = {
+        "grad_accum": grad_accum,
+        "num_processes": accelerator.num_processes,
+        "steps_per_epoch": steps_per_epoch,
+        "total_steps": total_steps,
+        "warmup_steps": math.ceil(args.warmup_ratio * total_steps),
         "mixed_precision": precision_choice.precision,
         "base_dtype": str(precision_choice.dtype).removeprefix("torch."),
         **inputs.derived,
@@ -457,8 +451,7 @@ def log_setup(logger: logging.Logger, args: argparse.Namespace, config: dict, in
         f"{derived['device']}"
     )
     logger.info(precision_choice.describe())  # the probe's figures, the choice and the MFU denominator
-    split = inputs.split
-    if split is not None:
+    if (split := inputs.split) is not None:
         logger.info(
             f"validation: {split['validation_examples']} of the {split['source_examples']} examples of "
             f"{args.train_file} held out (--validation-split {split['fraction']}, seed {split['seed']}; recorded in "
@@ -466,95 +459,39 @@ def log_setup(logger: logging.Logger, args: argparse.Namespace, config: dict, in
         )
 
 
-def plan_schedule(num_examples: int, args: argparse.Namespace, num_processes: int, grad_accum: int) -> dict:
-    """Steps per epoch, total and warmup steps (recorded in config.json's "derived")."""
-    batches_per_epoch = math.ceil(num_examples / (args.batch_size * num_processes))
-    steps_per_epoch = math.ceil(batches_per_epoch / grad_accum)
-    total_steps = min(args.max_steps or math.inf, steps_per_epoch * args.epochs)
-    return {
-        "grad_accum": grad_accum,
-        "num_processes": num_processes,
-        "steps_per_epoch": steps_per_epoch,
-        "total_steps": total_steps,
-        "warmup_steps": math.ceil(args.warmup_ratio * total_steps),
-    }
-
-
-def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, betas) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters; weight decay on the LoRA matrices only."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]  # LoRA A/B matrices
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]  # biases, norms (if trainable)
-    param_groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(param_groups, lr=lr, betas=tuple(betas))
-
-
-def collate_with_index(batch: list[dict], pad_token_id: int) -> dict:
-    """Pad a training batch; the example indices let --log-examples audit the sharding."""
-    return collate_batch(batch, pad_token_id, pad_to_multiple_of=8) | {
-        "index": torch.tensor([e["index"] for e in batch])
-    }
-
-
-def make_dataloaders(
-    train_examples: list[dict], val_examples: list[dict], pad_token_id: int, args: argparse.Namespace
-) -> tuple[DataLoader, LengthGroupedBatchSampler, DataLoader]:
+def make_dataloaders(inputs: Inputs, args) -> tuple[DataLoader, LengthGroupedBatchSampler, DataLoader]:
     """(length-grouped shuffled training dataloader, its batch sampler, length-sorted validation dataloader)."""
-    lengths = [len(e["input_ids"]) for e in train_examples]
+    lengths = [len(e["input_ids"]) for e in inputs.train_examples]
     train_sampler = LengthGroupedBatchSampler(lengths, args.batch_size, seed=args.seed)
     # Own generator: making a DataLoader iterator then never draws from the global torch RNG, so the
     # dropout masks after a resume are the ones an uninterrupted run would have used.
     generator = torch.Generator().manual_seed(args.seed)
-    train_collate = functools.partial(collate_with_index, pad_token_id=pad_token_id)
+    collate = functools.partial(collate_batch, pad_token_id=inputs.tokenizer.pad_token_id, pad_to_multiple_of=8)
+
+    def collate_with_index(batch: list[dict]) -> dict:  # the example indices let --log-examples audit the sharding
+        return collate(batch) | {"index": torch.tensor([e["index"] for e in batch])}
+
     train_dataloader = DataLoader(
-        train_examples, batch_sampler=train_sampler, collate_fn=train_collate, generator=generator
+        inputs.train_examples, batch_sampler=train_sampler, collate_fn=collate_with_index, generator=generator
     )
-    val_sorted = sorted(val_examples, key=lambda e: len(e["input_ids"]))  # similar lengths share a batch
-    val_collate = functools.partial(collate_batch, pad_token_id=pad_token_id, pad_to_multiple_of=8)
-    eval_dataloader = DataLoader(val_sorted, batch_size=args.eval_batch_size, collate_fn=val_collate)
+    val_sorted = sorted(inputs.val_examples, key=lambda e: len(e["input_ids"]))  # similar lengths share a batch
+    eval_dataloader = DataLoader(val_sorted, batch_size=args.eval_batch_size, collate_fn=collate)
     return train_dataloader, train_sampler, eval_dataloader
 
 
-def resume(run: Run, folder: Path | None) -> TrainState:
-    """A fresh TrainState, or the one saved in checkpoint `folder` with weights, optimizer and RNGs restored."""
-    if folder is None:
-        return TrainState()
-    try:
-        saved = checkpoint.load(run.accelerator, run.model, run.optimizer, run.lr_scheduler, folder)
-    except CheckpointError as err:
-        sys.exit(f"error: {err}")
-    state = TrainState(**saved)
-    run.logger.info(
-        f"resumed from {folder}: step {state.global_step}, epoch {state.epoch + 1}, batch {state.batches_done_in_epoch}"
-    )
-    return state
-
-
-def init_trackers(accelerator: Accelerator, args: argparse.Namespace) -> None:
-    """Start TensorBoard / wandb with the scalar flags as the run's hyperparameters (secrets redacted:
-    a path or a --config value may hold a token, and wandb uploads these)."""
-    scalars = {k: v for k, v in vars(args).items() if isinstance(v, int | float | str | bool)}
-    tracker_config = redact_secrets(scalars, secret_env_values())
-    accelerator.init_trackers("tensorboard" if args.report_to == "tensorboard" else args.run_name, tracker_config)
-
-
-def start_epoch(state: TrainState, epoch: int, accelerator: Accelerator, train_dataloader, train_sampler):
-    """Reset the epoch's loss sums (unless resuming mid-epoch); return its dataloader past the batches done."""
+def start_epoch(state: TrainState, epoch: int, run: Run, train_dataloader, train_sampler) -> Iterator[list[dict]]:
+    """Reset the epoch's loss sums (unless resuming mid-epoch); return its micro-batches past the batches done,
+    one optimizer update's window (grad_accum of them; the epoch's last may be shorter) at a time."""
     skip = state.batches_done_in_epoch  # > 0 only when resuming mid-epoch
     if not skip:  # a new epoch; a mid-epoch resume keeps the sums of the steps before its checkpoint
         state.epoch_loss_sum, state.epoch_loss_steps = 0.0, 0
-    epoch_dataloader = accelerator.skip_first_batches(train_dataloader, skip) if skip else train_dataloader
+    epoch_dataloader = run.accelerator.skip_first_batches(train_dataloader, skip) if skip else train_dataloader
     # Both calls matter: iter() re-applies Accelerate's own epoch counter to the sampler (a fresh
     # skip-dataloader would restart it at 0), and a multi-process shard does not forward set_epoch.
     epoch_dataloader.set_epoch(epoch)
     train_sampler.set_epoch(epoch)
-    return epoch_dataloader
-
-
-def update_batches(dataloader, grad_accum: int) -> Iterator[list[dict]]:
-    """Yield the micro-batches of one optimizer update at a time (the epoch's last window may be shorter)."""
-    batches = iter(dataloader)
-    while window := list(itertools.islice(batches, grad_accum)):
-        yield window
+    batches, grad_accum = iter(epoch_dataloader), run.config["derived"]["grad_accum"]
+    return iter(lambda: list(itertools.islice(batches, grad_accum)), [])  # until a window comes back empty
 
 
 @dataclass
@@ -611,28 +548,30 @@ def clip_gradients(run: Run, trainable: list, rescale: float) -> float:
     return float(fsdp.clip_grad_norm_(run.accelerator, trainable, run.args.max_grad_norm))  # FSDP + fp16: see there
 
 
-def optimizer_step(run: Run, finite: bool) -> bool:
-    """Step (only when finite: the NaN guard), advance the schedule, clear the gradients; return whether it stepped."""
+def optimizer_step(state: TrainState, loss: float, grad_norm: float, run: Run) -> tuple[bool, str]:
+    """Step unless the loss or gradient norm is not finite (the NaN guard), advance the schedule, clear the gradients,
+    count the step; return (whether it stepped, why the run must stop: > --max-bad-steps skipped in a row, or "")."""
+    finite = math.isfinite(loss) and math.isfinite(grad_norm)
     if finite or run.accelerator.scaler is not None:
         run.optimizer.step()  # under fp16 the GradScaler skips an inf/NaN update by itself
     stepped = finite and not run.optimizer.step_was_skipped
     if stepped:
         run.lr_scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
-    return stepped
-
-
-def record_bad_step(state: TrainState, loss: float, grad_norm: float, run: Run) -> str:
-    """Count and log a skipped non-finite update; return why the run must stop (more than --max-bad-steps
-    in a row), or "" to go on."""
+    state.global_step += 1
+    if finite:
+        state.consecutive_bad_steps = 0
+        state.epoch_loss_sum += loss
+        state.epoch_loss_steps += 1
+        return stepped, ""
     state.consecutive_bad_steps += 1
     state.bad_steps_total += 1
     reason = f"non-finite loss {loss} or grad norm {grad_norm}: update skipped"
     run.log_jsonl("train_log.jsonl", {"type": "bad_step", "step": state.global_step, "reason": reason})
     run.logger.warning(f"step {state.global_step} | {reason} ({state.consecutive_bad_steps} in a row)")
     if state.consecutive_bad_steps <= run.args.max_bad_steps:
-        return ""
-    return (
+        return False, ""
+    return False, (
         f"{state.consecutive_bad_steps} non-finite steps in a row (> --max-bad-steps {run.args.max_bad_steps}); "
         "lower --lr or check the data"
     )
@@ -651,31 +590,26 @@ class StepStats:
     seconds: float  # the update's wall time
 
 
-def step_record(state: TrainState, epoch: float, lr: float, stats: StepStats, elapsed: float, meter: MfuMeter, device):
-    """The update's train_log.jsonl record: loss, schedule, gradient, throughput, MFU (never > 100%), memory."""
-    mfu = meter.mfu(stats.tokens, stats.trained, stats.sum_sq, stats.seconds)
-    return {
+def log_step(state: TrainState, epoch: float, stats: StepStats, layer_norms: dict, meter: MfuMeter, run: Run) -> None:
+    """The update's record (loss, schedule, gradient, throughput, MFU never > 100%, memory) to train_log.jsonl
+    and the tracker, its per-layer norms to grad_log.jsonl, its console line every --log-every steps."""
+    record = {
         "type": "step",
         "step": state.global_step,
         "epoch": epoch,
         "loss": stats.loss,
-        "lr": lr,
+        "lr": run.lr_scheduler.get_last_lr()[0],
         "grad_norm": stats.grad_norm,
         "skipped": not stats.stepped,
         "tokens": int(stats.tokens),
         "trained_tokens": int(stats.trained),
         "tokens_per_s": stats.tokens / stats.seconds,
-        "mfu": mfu,
+        "mfu": meter.mfu(stats.tokens, stats.trained, stats.sum_sq, stats.seconds),
         "peak_flops": meter.peak_flops,
-        "peak_mem_mb": peak_memory_mb(device),
-        "gpu_util": gpu_utilization(device),
-        "elapsed_s": elapsed,
+        "peak_mem_mb": peak_memory_mb(run.accelerator.device),
+        "gpu_util": gpu_utilization(run.accelerator.device),
+        "elapsed_s": state.train_time_s,
     }
-
-
-def log_step(state: TrainState, record: dict, layer_norms: dict, run: Run) -> None:
-    """The update's record to train_log.jsonl and the tracker, its per-layer norms, its console line."""
-    state.train_time_s = record["elapsed_s"]
     run.log_jsonl("train_log.jsonl", record)
     if layer_norms:
         run.log_jsonl("grad_log.jsonl", {"step": state.global_step, "norms": layer_norms})
@@ -691,12 +625,9 @@ def log_step(state: TrainState, record: dict, layer_norms: dict, run: Run) -> No
 
 
 def write_samples(run: Run, path: Path) -> dict:
-    """Generate a reply for each sample prompt, write them to `path` and score them with the task module.
-
-    Returns:
-        {"sample_n": replies scored, "sample_<key>": the mean of each key of `task.score_reply(reply,
-        record)` over them}: a run whose loss falls while its replies still miss says so in its logs.
-    """
+    """Generate a reply for each sample prompt, write them to `path` and score them with the task module; return
+    {"sample_n": replies scored, "sample_<key>": the mean of each key of `task.score_reply(reply, record)` over
+    them}: a run whose loss falls while its replies still miss says so in its logs."""
     prompts = [prompt_messages(r["messages"]) for r in run.samples]
     with run.accelerator.autocast():
         replies = generate_replies(run.model, run.tokenizer, prompts, len(prompts), run.args.max_new_tokens)
@@ -714,7 +645,7 @@ def write_samples(run: Run, path: Path) -> dict:
 def validate(state: TrainState, epoch: float, run: Run, baseline: bool = False) -> None:
     """Validation loss and scored samples at `epoch` (fractional); keep best/ when it improved (never for the
     step-0 `baseline`); count toward early stopping."""
-    args, accelerator, step = run.args, run.accelerator, state.global_step
+    args, accelerator, model, step = run.args, run.accelerator, run.model, state.global_step
     metrics = evaluate_loss(run.loss_model, run.eval_dataloader, accelerator, seed=args.seed)
     best = state.best_val_loss
     improved = not baseline and (best is None or metrics["val_loss"] < best - args.early_stopping_min_delta)
@@ -736,12 +667,10 @@ def validate(state: TrainState, epoch: float, run: Run, baseline: bool = False) 
     elif improved:
         state.best_val_loss, state.best_step, state.best_epoch = metrics["val_loss"], step, math.ceil(epoch)
         state.evals_without_improvement = 0
-        adapter = fsdp.gather_sharded_adapter(run.model)  # FSDP: every rank gathers, rank 0 writes
+        adapter = fsdp.gather_sharded_adapter(model)  # FSDP: every rank gathers, rank 0 writes
         if accelerator.is_main_process:
             extra = {"metrics.json": record, "trainer_state.json": asdict(state), "config.json": run.config}
-            checkpoint.save_adapter_folder(
-                run.model, run.tokenizer, run.output_dir / "best", args.model, extra, adapter
-            )
+            checkpoint.save_adapter_folder(model, run.tokenizer, run.output_dir / "best", args.model, extra, adapter)
     else:
         state.evals_without_improvement += 1
 
@@ -755,46 +684,19 @@ def save_checkpoint(state: TrainState, run: Run) -> None:
         checkpoint.rotate(checkpoints, run.args.save_total_limit)
 
 
-def end_epoch(state: TrainState, epoch: int, seconds: float, run: Run) -> None:
-    """Count the epoch as done and log its mean training loss."""
-    state.epoch, state.batches_done_in_epoch = epoch + 1, 0
-    mean_loss = state.epoch_loss_sum / max(state.epoch_loss_steps, 1)
-    record = {"type": "epoch", "epoch": epoch + 1, "step": state.global_step, "mean_train_loss": mean_loss}
-    run.log_jsonl("train_log.jsonl", record | {"epoch_time_s": seconds})
-    run.logger.info(f"epoch {epoch + 1} | mean train loss {mean_loss:.4f} | {seconds:.1f}s")
-
-
-def early_stop_reason(state: TrainState, run: Run) -> str:
-    """Why training stops early (--early-stopping-patience evaluations without improvement), or ""."""
-    patience = run.args.early_stopping_patience
-    if not patience or state.evals_without_improvement < patience:
-        return ""
-    reason = (
-        f"validation loss did not improve by more than {run.args.early_stopping_min_delta} for {patience} "
-        f"evaluations (best: step {state.best_step})"
-    )
-    run.logger.info(f"early stopping: {reason}")
-    return reason
-
-
 def train_loop(state: TrainState, run: Run, train_dataloader, train_sampler, meter: MfuMeter) -> tuple[str, str]:
-    """Train until the epochs or --max-steps are done, early stopping, or too many bad steps.
-
-    One iteration of the inner loop is one optimizer update (global_step); micro_step counts micro-batches.
-
-    Returns:
-        (status, stop reason): "completed", "max_steps", "early_stopped" or "stopped_bad_steps".
-    """
+    """Train until the epochs or --max-steps are done, early stopping, or too many bad steps; return (status,
+    stop reason), status "completed", "max_steps", "early_stopped" or "stopped_bad_steps". One iteration of the
+    inner loop is one optimizer update (global_step); micro_step counts micro-batches."""
     args, accelerator, model = run.args, run.accelerator, run.model
-    num_processes, grad_accum = accelerator.num_processes, run.config["derived"]["grad_accum"]
-    total_steps = run.config["derived"]["total_steps"]
+    num_processes, total_steps = accelerator.num_processes, run.config["derived"]["total_steps"]
     trainable = [p for p in model.parameters() if p.requires_grad]
     # --- the token-normalized loss: set up here and nowhere else ---
-    # Each micro-batch backpropagates the SUM of its trained tokens' losses divided by `loss_scale`, a
-    # constant (max_seq_len x batch_size) that keeps the summed loss and its gradients in fp16 range.
-    # After the update's window, clip_gradients multiplies the gradients by `rescale`: the gradient of
-    # the MEAN loss over every trained token of the update (all its micro-batches, all ranks; DDP
-    # averages over the ranks, hence x num_processes), not a mean of batch means.
+    # Each micro-batch backpropagates the SUM of its trained tokens' losses divided by `loss_scale`, a constant
+    # (max_seq_len x batch_size) that keeps the summed loss and its gradients in fp16 range. After the update's
+    # window, clip_gradients multiplies the gradients by `rescale`: the gradient of the MEAN loss over every
+    # trained token of the update (all its micro-batches, all ranks; DDP averages over the ranks, hence
+    # x num_processes), not a mean of batch means.
     loss_scale = args.max_seq_len * args.batch_size
     status, stop_reason = "completed", ""
     progress = tqdm(total=total_steps, initial=state.global_step, disable=not accelerator.is_local_main_process)
@@ -802,45 +704,47 @@ def train_loop(state: TrainState, run: Run, train_dataloader, train_sampler, met
     clock = time.perf_counter() - state.train_time_s
     for epoch in range(state.epoch, args.epochs):
         epoch_start = step_start = time.perf_counter()
-        epoch_dataloader = start_epoch(state, epoch, accelerator, train_dataloader, train_sampler)
-        for batches in update_batches(epoch_dataloader, grad_accum):
+        for batches in start_epoch(state, epoch, run, train_dataloader, train_sampler):
             sums = forward_backward(run, batches, state, loss_scale)
             loss_sum, trained, tokens, sum_sq = accelerator.reduce(sums, "sum").tolist()  # one host sync
             loss = loss_sum / max(trained, 1.0)
             grad_norm = clip_gradients(run, trainable, loss_scale * num_processes / max(trained, 1.0))
-            log_layers = (state.global_step + 1) % max(args.grad_log_every, 1) == 0
-            layer_norms = lora_grad_norms(model) if log_layers else {}
-            # NaN guard: a non-finite loss or gradient skips the update; too many in a row stop the run.
-            finite = math.isfinite(loss) and math.isfinite(grad_norm)
-            stepped = optimizer_step(run, finite)
-            state.global_step += 1
+            layer_norms = lora_grad_norms(model) if (state.global_step + 1) % max(args.grad_log_every, 1) == 0 else {}
             progress.update(1)
-            if finite:
-                state.consecutive_bad_steps = 0
-                state.epoch_loss_sum += loss
-                state.epoch_loss_steps += 1
-            elif stop_reason := record_bad_step(state, loss, grad_norm, run):
+            # NaN guard: a non-finite loss or gradient skips the update; too many in a row stop the run.
+            stepped, stop_reason = optimizer_step(state, loss, grad_norm, run)
+            if stop_reason:
                 return "stopped_bad_steps", stop_reason
             seconds, step_start = time.perf_counter() - step_start, time.perf_counter()
+            state.train_time_s = time.perf_counter() - clock
             epoch_done = epoch + state.batches_done_in_epoch / len(train_dataloader)
             stats = StepStats(loss, grad_norm, stepped, tokens, trained, sum_sq, seconds)
-            lr = run.lr_scheduler.get_last_lr()[0]
-            record = step_record(state, epoch_done, lr, stats, time.perf_counter() - clock, meter, accelerator.device)
-            log_step(state, record, layer_norms, run)
+            log_step(state, epoch_done, stats, layer_norms, meter, run)
             if args.eval_every and state.global_step % args.eval_every == 0:
-                validate(state, record["epoch"], run)
+                validate(state, epoch_done, run)
             if args.save_every and state.global_step % args.save_every == 0:
                 save_checkpoint(state, run)
             if state.global_step >= total_steps and state.batches_done_in_epoch < len(train_dataloader):
                 status, stop_reason = "max_steps", f"reached --max-steps {args.max_steps}"
                 break
         # --- end of the epoch (or of --max-steps): evaluate, checkpoint, maybe stop early ---
-        if status != "max_steps":
-            end_epoch(state, epoch, time.perf_counter() - epoch_start, run)
+        if status != "max_steps":  # the epoch is done: log its mean training loss
+            seconds = time.perf_counter() - epoch_start
+            state.epoch, state.batches_done_in_epoch = epoch + 1, 0
+            mean_loss = state.epoch_loss_sum / max(state.epoch_loss_steps, 1)
+            record = {"type": "epoch", "epoch": epoch + 1, "step": state.global_step, "mean_train_loss": mean_loss}
+            run.log_jsonl("train_log.jsonl", record | {"epoch_time_s": seconds})
+            run.logger.info(f"epoch {epoch + 1} | mean train loss {mean_loss:.4f} | {seconds:.1f}s")
         validate(state, state.epoch + state.batches_done_in_epoch / len(train_dataloader), run)
         save_checkpoint(state, run)
-        if status == "completed" and (stop_reason := early_stop_reason(state, run)):
+        patience = args.early_stopping_patience
+        if status == "completed" and patience and state.evals_without_improvement >= patience:
             status = "early_stopped"
+            stop_reason = (
+                f"validation loss did not improve by more than {args.early_stopping_min_delta} for {patience} "
+                f"evaluations (best: step {state.best_step})"
+            )
+            run.logger.info(f"early stopping: {stop_reason}")
         if status != "completed" or state.global_step >= total_steps:
             break
     progress.close()
@@ -863,9 +767,8 @@ def finish(state: TrainState, status: str, stop_reason: str, run: Run, lock) -> 
         extra = {"trainer_state.json": asdict(state), "config.json": run.config}
         checkpoint.save_adapter_folder(model, run.tokenizer, run.output_dir / "final", run.args.model, extra, adapter)
         jsonio.write_json(run.output_dir / "update_ratios.json", ratios)
-    params = count_parameters(model)
     summary = run_folder.write_run_summary(
-        run.output_dir, status, stop_reason, asdict(state), params, accelerator, in_sync
+        run.output_dir, status, stop_reason, asdict(state), count_parameters(model), accelerator, in_sync
     )
     run.logger.info(
         f"done: {status}{f' ({stop_reason})' if stop_reason else ''} | best val ppl {summary['best_val_ppl']} "
@@ -881,11 +784,14 @@ def finish(state: TrainState, status: str, stop_reason: str, run: Run, lock) -> 
 def prepare_run(args, accelerator: Accelerator, inputs: Inputs, config: dict, logger) -> tuple[Run, DataLoader, object]:
     """Optimizer, schedule, dataloaders and the loss model prepared by Accelerate: (Run, train dataloader, sampler)."""
     model, derived = inputs.model, config["derived"]
-    optimizer = make_optimizer(model, args.lr, args.weight_decay, args.adam_betas)
+    # AdamW; weight decay on the LoRA A/B matrices only, not on biases or norms (if any were trainable)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    decay, no_decay = [p for p in trainable if p.ndim >= 2], [p for p in trainable if p.ndim < 2]
+    param_groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW(param_groups, lr=args.lr, betas=tuple(args.adam_betas))
     # Not passed to prepare(): Accelerate would step it once per process; we step it once per update.
     lr_scheduler = get_cosine_schedule_with_warmup(optimizer, derived["warmup_steps"], derived["total_steps"])
-    dataloaders = make_dataloaders(inputs.train_examples, inputs.val_examples, inputs.tokenizer.pad_token_id, args)
-    train_dataloader, train_sampler, eval_dataloader = dataloaders
+    train_dataloader, train_sampler, eval_dataloader = make_dataloaders(inputs, args)
     loss_model, optimizer, train_dataloader, eval_dataloader = accelerator.prepare(
         TrainedTokenLoss(model), optimizer, train_dataloader, eval_dataloader
     )
@@ -893,9 +799,8 @@ def prepare_run(args, accelerator: Accelerator, inputs: Inputs, config: dict, lo
         KEEP_UNTIL_EXIT.extend([accelerator, loss_model])  # the DDP model must outlive main(): see exit_distributed
     if fsdp.is_sharded(model):
         logger.info(fsdp.describe_sharding(loss_model, accelerator.num_processes))
-    task = load_task(args.task)
     run = Run(args, accelerator, model, loss_model, inputs.tokenizer, optimizer, lr_scheduler, eval_dataloader,
-              inputs.sample_records, task, config, logger)  # fmt: skip
+              inputs.sample_records, load_task(args.task), config, logger)  # fmt: skip
     return run, train_dataloader, train_sampler
 
 
@@ -904,24 +809,33 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     # cpu=True on a machine without CUDA lets `torchrun --nproc_per_node N` run as MULTI_CPU (gloo).
     use_cpu = not torch.cuda.is_available()
-    num_processes = PartialState(cpu=use_cpu).num_processes
-    grad_accum = validate_args(args, num_processes)
+    grad_accum = validate_args(args, PartialState(cpu=use_cpu).num_processes)
     logger = run_folder.setup_logging(None, PartialState().is_main_process)
     accelerator, precision_choice = make_accelerator(args, use_cpu, logger)
     seed_everything(args.seed)
     inputs = load_inputs(args, accelerator, precision_choice.dtype, logger)  # bad input fails here
-    schedule = plan_schedule(len(inputs.train_examples), args, num_processes, grad_accum)
     params = count_parameters(inputs.model)
     lock = open_run_folder(args, accelerator, params["trainable"])
     logger = run_folder.setup_logging(Path(args.output_dir) / "train.log", accelerator.is_main_process)
-    config = write_config(args, accelerator, precision_choice, inputs, params, schedule)
+    config = write_config(args, accelerator, precision_choice, inputs, params, grad_accum)
     log_setup(logger, args, config, inputs, precision_choice)
     run, train_dataloader, train_sampler = prepare_run(args, accelerator, inputs, config, logger)
     # MFU against the probed peak; a step that beats it has the peak measured again (never > 100%)
     meter = MfuMeter(count_matmul_params(run.model), precision_choice.peak_flops)
     meter.remeasure = functools.partial(remeasure_peak, precision_choice, run.model.config)
-    state = resume(run, inputs.resume_folder)
-    init_trackers(accelerator, args)
+    state, folder = TrainState(), inputs.resume_folder
+    if folder is not None:  # the checkpoint's trainer state, weights, optimizer, schedule and RNGs
+        try:
+            state = TrainState(**checkpoint.load(accelerator, run.model, run.optimizer, run.lr_scheduler, folder))
+        except CheckpointError as err:
+            sys.exit(f"error: {err}")
+        logger.info(
+            f"resumed from {folder}: step {state.global_step}, epoch {state.epoch + 1}, batch {state.batches_done_in_epoch}"
+        )
+    # TensorBoard / wandb get the scalar flags, secrets redacted: a path or a --config value may hold a token
+    scalars = {k: v for k, v in vars(args).items() if isinstance(v, int | float | str | bool)}
+    tracker_config = redact_secrets(scalars, secret_env_values())
+    accelerator.init_trackers("tensorboard" if args.report_to == "tensorboard" else args.run_name, tracker_config)
     if not args.resume_from and not args.no_baseline:
         validate(state, 0.0, run, baseline=True)
     status, stop_reason = train_loop(state, run, train_dataloader, train_sampler, meter)
@@ -929,16 +843,14 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def exit_distributed(code: int | str | None) -> None:
-    """End a torchrun rank without freeing the DDP model or tearing the interpreter down.
+    """End a torchrun rank without freeing the DDP model or tearing the interpreter down; `code` is the exit
+    status, or a message for stderr (exit status 1), as `sys.exit` takes it.
 
-    Freeing the DDP reducer destroys the gloo process group, whose destructor joins the gloo worker
-    threads while holding the GIL; a worker whose last job was an all-gather needs the GIL to free
-    that job's tensors: deadlock (py-spy, torch 2.13: ~1 in 4 two-process runs hung after "done",
-    and the CI run that never finished). So main() keeps the prepared model alive in KEEP_UNTIL_EXIT
-    and the rank leaves with os._exit; logs, checkpoints and trackers are closed by then.
-
-    Args:
-        code: the exit status, or a message for stderr (exit status 1), as `sys.exit` takes it.
+    Freeing the DDP reducer destroys the gloo process group, whose destructor joins the gloo worker threads
+    while holding the GIL; a worker whose last job was an all-gather needs the GIL to free that job's tensors:
+    deadlock (py-spy, torch 2.13: ~1 in 4 two-process runs hung after "done", and the CI run that never
+    finished). So main() keeps the prepared model alive in KEEP_UNTIL_EXIT and the rank leaves with os._exit;
+    logs, checkpoints and trackers are closed by then.
     """
     if isinstance(code, str):
         print(code, file=sys.stderr)
@@ -955,10 +867,9 @@ if __name__ == "__main__":
     else:
         try:
             main()
-            exit_code = 0
         except SystemExit as stop:
-            exit_code = stop.code
+            exit_distributed(stop.code)
         except BaseException:
             traceback.print_exc()
-            exit_code = 1
-        exit_distributed(exit_code)
+            exit_distributed(1)
+        exit_distributed(0)
