@@ -42,6 +42,7 @@ from types import ModuleType
 
 import numpy as np
 import torch
+from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from common.artifacts import open_adapter, saved_chat_template
@@ -77,7 +78,6 @@ from common.model import (
 )
 from common.precision import PrecisionChoice, resolve_precision
 from common.report import ReportError, analyze_run, load_run_logs, plot_run, render_report
-from common.seed import seed_everything
 
 REPO = Path(__file__).resolve().parent
 logger = logging.getLogger("evaluate")
@@ -135,6 +135,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         value = getattr(args, name)
         if value is not None and value < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    if not 0 <= args.seed < 2**32:
+        parser.error(f"--seed must be in [0, 2**32), got {args.seed}")
     return args
 
 
@@ -610,7 +612,7 @@ def main(argv: list[str] | None = None) -> dict:
     adapter_dir, model_name = resolve_model(args)
     output_dir = Path(args.output_dir or (adapter_dir.parent / "eval" if adapter_dir else "runs/base-eval"))
     data_file, held_out = resolve_data(args, adapter_dir)
-    seed_everything(args.seed)
+    set_seed(args.seed)  # python, numpy, torch and every accelerator's generators
     start = time.perf_counter()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     inputs = load_inputs(args, model_name, adapter_dir, data_file, held_out, device)

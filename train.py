@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator, PartialState
-from accelerate.utils import ProjectConfiguration
+from accelerate.utils import ProjectConfiguration, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
@@ -66,7 +66,6 @@ from common.perf import MfuMeter, count_matmul_params, gpu_utilization, peak_mem
 from common.precision import PrecisionChoice, enable_cpu_fp16, remeasure_peak, resolve_precision_on_main
 from common.preflight import check_fits, estimate_step_bytes
 from common.redact import redact_secrets, secret_env_values
-from common.seed import seed_everything
 
 REPO = Path(__file__).resolve().parent
 
@@ -152,6 +151,7 @@ def validate_args(args: argparse.Namespace, num_processes: int) -> int:
         (args.alpha > 0, f"--alpha must be > 0, got {args.alpha}"),
         (0 <= args.dropout < 1, f"--dropout must be in [0, 1), got {args.dropout}"),
         (args.lr > 0, f"--lr must be > 0, got {args.lr}"),
+        (0 <= args.seed < 2**32, f"--seed must be in [0, 2**32), got {args.seed}"),
         (args.batch_size >= 1 and args.eval_batch_size >= 1, "--batch-size and --eval-batch-size must be >= 1"),
         (args.epochs >= 1, f"--epochs must be >= 1, got {args.epochs}"),
         (args.max_seq_len >= 16, f"--max-seq-len must be >= 16, got {args.max_seq_len}"),
@@ -812,7 +812,7 @@ def main(argv: list[str] | None = None) -> dict:
     grad_accum = validate_args(args, PartialState(cpu=use_cpu).num_processes)
     logger = run_folder.setup_logging(None, PartialState().is_main_process)
     accelerator, precision_choice = make_accelerator(args, use_cpu, logger)
-    seed_everything(args.seed)
+    set_seed(args.seed)  # python, numpy, torch and every accelerator's generators
     inputs = load_inputs(args, accelerator, precision_choice.dtype, logger)  # bad input fails here
     params = count_parameters(inputs.model)
     lock = open_run_folder(args, accelerator, params["trainable"])

@@ -240,6 +240,7 @@ FLAG_CASES = [
     ("negative --lr", ["--lr", "-0.0002"], "error: --lr must be > 0, got -0.0002"),
     ("--lr 0", ["--lr", "0"], "error: --lr must be > 0, got 0.0"),
     ("--alpha 0", ["--alpha", "0"], "error: --alpha must be > 0, got 0.0"),
+    ("negative --seed", ["--seed", "-1"], "error: --seed must be in [0, 2**32), got -1"),
     ("--dropout 1", ["--dropout", "1"], "error: --dropout must be in [0, 1), got 1.0"),
     ("--epochs 0", ["--epochs", "0"], "error: --epochs must be >= 1, got 0"),
     ("--max-seq-len 8", ["--max-seq-len", "8"], "error: --max-seq-len must be >= 16, got 8"),

@@ -319,3 +319,11 @@ def test_metrics_of_known_replies(adapter_dir, tiny_model_dir, toy_data_dir, tmp
     assert re.search(r"\| ask recall \(missing facts asked for\) \| 0\.000 [^|]*\| 0\.500 ", report), report
     row = r"\| asks again for a given fact \(final and asking turns\) \| 0\.000 [^|]*\| 0\.250 [^|]*\| \+0\.250 \|"
     assert re.search(row, report), report
+
+
+@pytest.mark.parametrize(("flags", "message"), [(["--seed", "-1"], "--seed must be in [0, 2**32), got -1"),
+                                                (["--limit", "0"], "--limit must be at least 1, got 0")])  # fmt: skip
+def test_bad_flags_are_refused_naming_the_flag(flags, message, capsys):
+    with pytest.raises(SystemExit) as excinfo:
+        evaluate.parse_args(flags)
+    assert excinfo.value.code == 2 and message in capsys.readouterr().err
