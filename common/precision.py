@@ -132,7 +132,7 @@ def _best_rates(device: torch.device, names: list[str], shapes: list, budget_s: 
     return figures
 
 
-def _cpu_rule(requested: str, figures: dict, logger: logging.Logger) -> tuple[str, str]:
+def _cpu_rule(requested: str, native: list[str], figures: dict, logger: logging.Logger) -> tuple[str, str]:
     """(precision, reason) on a CPU: `auto` takes the fastest of `figures`; an explicit flag wins."""
     if requested == "auto":
         chosen = "no"
@@ -142,10 +142,10 @@ def _cpu_rule(requested: str, figures: dict, logger: logging.Logger) -> tuple[st
         ranked = " > ".join(sorted(figures, key=figures.get, reverse=True))
         fp16_note = "" if "fp16" in figures else "; fp16 not probed (no AVX512-FP16/AMX-FP16: emulated, slow)"
         return chosen, f"auto: the fastest dtype measured at this model's shapes ({ranked}){fp16_note}"
-    if requested == "bf16" and not cpu_bf16_supported():
+    if requested == "bf16" and "bf16" not in native:
         logger.warning("warning: this CPU has no bf16 support; training in fp32")
         return "no", "bf16 requested, but this CPU has no bf16 support"
-    if requested == "fp16" and not read_cpu_flags() & CPU_FP16_FLAGS:
+    if requested == "fp16" and "fp16" not in native:
         logger.warning("warning: this CPU has no native fp16 matmul (AVX512-FP16/AMX-FP16); fp16 will be slow")
     return requested, f"{PROBE_NAMES[requested]} requested explicitly"
 
@@ -183,16 +183,15 @@ def resolve_precision(
     figures, start = {}, time.perf_counter()
     if device.type == "cuda":
         # Compute capability, not torch.cuda.is_bf16_supported(): that also says True on a T4 (emulated bf16).
-        bf16_ok = torch.cuda.get_device_capability(device) >= (8, 0)
+        native = ["fp16"] + ["bf16"] * (torch.cuda.get_device_capability(device) >= (8, 0))
         if measure_peak:
-            names = ["fp16", "bf16"] if bf16_ok else ["fp16"]
-            figures = _best_rates(device, names, shapes, 0.2 * len(names), rounds=1)
-        precision, reason = _cuda_rule(requested, bf16_ok, logger)
+            figures = _best_rates(device, native, shapes, 0.2 * len(native), rounds=1)
+        precision, reason = _cuda_rule(requested, "bf16" in native, logger)
     elif device.type == "cpu":
+        native = ["fp32"] + ["bf16"] * cpu_bf16_supported() + ["fp16"] * bool(read_cpu_flags() & CPU_FP16_FLAGS)
         if requested == "auto" or measure_peak:
-            names = ["fp32"] + ["bf16"] * cpu_bf16_supported() + ["fp16"] * bool(read_cpu_flags() & CPU_FP16_FLAGS)
-            figures = _best_rates(device, names, shapes, budget_s, PROBE_ROUNDS)
-        precision, reason = _cpu_rule(requested, figures, logger)
+            figures = _best_rates(device, native, shapes, budget_s, PROBE_ROUNDS)
+        precision, reason = _cpu_rule(requested, native, figures, logger)
     else:
         precision, reason = "no", f"no precision rule for {device.type}: fp32"
     seconds, probed = (time.perf_counter() - start, [s[:3] for s in shapes]) if figures else (0.0, [])
