@@ -108,7 +108,6 @@ def publish_folder(tmp_dir: Path, final_dir: Path, overwrite: bool = True, compl
 
 def verify(path: Path) -> None:
     """Raise CheckpointError (naming the file) unless the folder has COMPLETE, matching hashes and readable tensors."""
-    path = Path(path)
     if not (path / COMPLETE_MARKER).is_file():
         raise CheckpointError(f"{path} has no COMPLETE marker: it was not fully written; use another checkpoint")
     try:  # COMPLETE holds {"sha256": {file: digest}}; older checkpoints hold only a timestamp
@@ -182,7 +181,7 @@ def save(accelerator, model, optimizer, lr_scheduler, trainer_state: dict, folde
 def find_resume(output_dir: Path, resume_from: str, logger: logging.Logger) -> Path:
     """The checkpoint to resume from ("latest": the newest complete one that verifies); CheckpointError if none."""
     if resume_from != "latest":
-        verify(resume_from)
+        verify(Path(resume_from))
         return Path(resume_from)
     for path in reversed(list_complete(output_dir / "checkpoints")):
         try:

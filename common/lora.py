@@ -22,8 +22,7 @@ def bernoulli_drop_positions(
     dropped positions, ~n*p random numbers instead of n (torch's CPU generator draws one at a time; at p=0.05
     the dense mask was 14% of a LoRA step on CPU). `draws`: the batch size (default: all n at once, nearly surely).
     """
-    expected = n * p
-    batch = draws or int(expected + 8 * math.sqrt(expected) + 16)  # one batch almost always suffices
+    batch = draws or int(n * p + 8 * math.sqrt(n * p) + 16)  # one batch almost always suffices
     positions = torch.tensor([-1.0], dtype=torch.float64)  # a drop just before position 0
     while positions[-1] < n:
         gaps = torch.empty(batch, dtype=torch.float64).geometric_(p, generator=generator)

@@ -50,11 +50,6 @@ class PrecisionChoice:
         self.peak_dtype = max(self.probe_flops, key=self.probe_flops.get) if self.probe_flops else None
         self.peak_flops = self.probe_flops.get(self.peak_dtype)
 
-    def autocast(self):
-        """Autocast context in `dtype` on this device; a no-op for fp32."""
-        enabled = self.dtype != torch.float32
-        return torch.autocast(self.device, dtype=self.dtype if enabled else torch.bfloat16, enabled=enabled)
-
     def to_json(self) -> dict:
         """The choice and the probe's figures, for config.json / metrics.json."""
         dtype, shapes = str(self.dtype).removeprefix("torch."), [list(s) for s in self.probe_shapes]
