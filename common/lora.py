@@ -46,9 +46,7 @@ class SampledGapDropout(torch.nn.Dropout):
 
 def parse_target_modules(value: str) -> list[str] | str:
     """`--target-modules` ("q_proj,k_proj,v_proj" or "all-linear") in PEFT's form: a list of names or "all-linear"."""
-    if value.strip() == "all-linear":
-        return "all-linear"
-    return [name.strip() for name in value.split(",") if name.strip()]
+    return "all-linear" if value.strip() == "all-linear" else [n.strip() for n in value.split(",") if n.strip()]
 
 
 def apply_lora(
@@ -116,8 +114,7 @@ def lora_grad_norms(model: torch.nn.Module) -> dict[str, float]:
     """L2 norm of every LoRA matrix's gradient, keyed "layer.module.A|B" (after backward; one host sync)."""
     keys, norms = [], []
     for name, param in model.named_parameters():
-        key = lora_parameter_key(name)
-        if key is not None and param.grad is not None:
+        if (key := lora_parameter_key(name)) is not None and param.grad is not None:
             keys.append(key)
             norm = param.grad.detach().float().norm()
             # FSDP: a sharded gradient's norm is partial on each rank; full_tensor() combines them (collective)

@@ -66,8 +66,7 @@ def evaluate_loss(model: torch.nn.Module, dataloader, accelerator, bootstrap: in
     perplexity over every trained token of a prepared dataloader, the 95% interval's half-width from `bootstrap`
     resamples of examples. `gather_for_metrics` drops the samples Accelerate repeats to even out the last batch
     across ranks, so every example counts once."""
-    start = time.perf_counter()
-    was_training = model.training
+    start, was_training = time.perf_counter(), model.training
     model.eval()
     gathered = []  # per batch: (loss sums, trained tokens) of every rank's rows
     for batch in dataloader:
