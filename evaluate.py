@@ -45,7 +45,7 @@ import torch
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
-from common.artifacts import open_adapter, saved_chat_template
+from common.artifacts import open_adapter, precision_autocast, saved_chat_template
 from common.checkpoint import CheckpointError
 from common.cli import load_task
 from common.data import (
@@ -219,7 +219,7 @@ def compute_example_losses(
     for start in range(0, len(order), batch_size):
         rows = order[start : start + batch_size]
         batch = {k: v.to(device) for k, v in collate_batch([examples[i] for i in rows], pad_token_id).items()}
-        with precision.autocast():
+        with precision_autocast(precision):
             loss_sum, count = compute_token_losses(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
         loss_sums[rows] = loss_sum.double().cpu().numpy()
         counts[rows] = count.double().cpu().numpy()
@@ -444,7 +444,7 @@ def run_model(name: str, inputs: EvalInputs, targets: dict, args, adapter_off: b
         loss_sums, counts = compute_example_losses(
             model, examples, tokenizer.pad_token_id, args.batch_size, precision, progress=f"{name}: scoring"
         )
-        with precision.autocast():
+        with precision_autocast(precision):
             progress = f"{name}: generating (+ {len(targets['extras'])} extra prompts)"
             replies = generate_replies(
                 model, tokenizer, prompts, args.gen_batch_size, args.max_new_tokens, progress=progress, stats=stats

@@ -55,7 +55,13 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedTokenizerBase, pipeline
 
-from common.artifacts import build_generation_config, open_adapter, round_trip_nf4, saved_chat_template
+from common.artifacts import (
+    build_generation_config,
+    open_adapter,
+    precision_autocast,
+    round_trip_nf4,
+    saved_chat_template,
+)
 from common.checkpoint import CheckpointError, publish_folder
 from common.data import DataError, load_records
 from common.jsonio import read_json, write_json
@@ -173,7 +179,7 @@ def run_prompts(
     model.eval()
     logits, generations = [], []
     for ids in prompt_ids:
-        with precision.autocast():
+        with precision_autocast(precision):
             logits.append(model(input_ids=ids).logits.float())
             output = model.generate(
                 input_ids=ids,

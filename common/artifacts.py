@@ -202,6 +202,12 @@ class Adapter(NamedTuple):
     tensors: dict  # adapter_model.safetensors
 
 
+def precision_autocast(choice) -> torch.autocast:
+    """Autocast in the dtype of `choice` (a `common.precision.PrecisionChoice`) on its device; a no-op for fp32."""
+    enabled = choice.dtype != torch.float32
+    return torch.autocast(choice.device, dtype=choice.dtype if enabled else torch.bfloat16, enabled=enabled)
+
+
 def open_adapter(folder: Path, require_complete: bool = False) -> Adapter:
     """Check and read an adapter folder (best/, final/, a checkpoint, an export): safetensors, finite, and
     complete with matching hashes when train.py wrote it (or `require_complete`).

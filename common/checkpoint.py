@@ -1,8 +1,7 @@
-"""Checkpoints and adapter folders (layout: docs/run_folder.md): save/load/find/rotate, atomic publish.
+"""Checkpoints and adapter folders (layout: docs/run_folder.md): save/load/find/rotate, atomic publish; no pickle.
 
 Every folder (checkpoints/step_000120/, best/, final/) is written under a temporary name, renamed into place,
 and gets its COMPLETE marker ({"created", "sha256": {file: digest}}) last; a folder without it is never used.
-Nothing is pickled.
 """
 
 from __future__ import annotations
@@ -45,36 +44,29 @@ def assert_finite(tensors: dict, where: str) -> None:
 
 def write_optimizer_state(state_dict: dict, folder: Path) -> None:
     """An optimizer state_dict as optimizer.safetensors (its tensors) + optimizer.json (the rest, tensors by key)."""
-    tensors, meta = {}, {"param_groups": state_dict["param_groups"], "state": {}}
-    for index, param_state in state_dict["state"].items():
-        entry = meta["state"][str(index)] = {}
-        for key, value in param_state.items():
-            if torch.is_tensor(value):
-                tensors[f"{index}.{key}"] = value.detach().contiguous().cpu()
-                value = {"tensor": f"{index}.{key}"}
-            entry[key] = value
+    tensors, state = {}, {}
+    for index, entry in state_dict["state"].items():
+        state[str(index)] = {k: {"tensor": f"{index}.{k}"} if torch.is_tensor(v) else v for k, v in entry.items()}
+        tensors |= {f"{index}.{k}": v.detach().contiguous().cpu() for k, v in entry.items() if torch.is_tensor(v)}
     save_file(tensors, str(folder / "optimizer.safetensors"))
-    write_json(folder / "optimizer.json", meta)
+    write_json(folder / "optimizer.json", {"param_groups": state_dict["param_groups"], "state": state})
 
 
 def read_optimizer_state(folder: Path) -> dict:
     """Inverse of `write_optimizer_state`."""
     tensors, meta = load_file(folder / "optimizer.safetensors"), read_json(folder / "optimizer.json")
-    state = {}
-    for index, param_state in meta["state"].items():
-        state[int(index)] = {
-            key: tensors[value["tensor"]] if isinstance(value, dict) and "tensor" in value else value
-            for key, value in param_state.items()
-        }
+    state = {
+        int(index): {k: tensors[v["tensor"]] if isinstance(v, dict) and "tensor" in v else v for k, v in entry.items()}
+        for index, entry in meta["state"].items()
+    }
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
 def rng_state() -> dict:
     """Every RNG this process uses, as JSON data: {"python", "numpy", "torch", "cuda"}."""
-    py_version, py_state, py_gauss = random.getstate()
     np_state = np.random.get_state()
     return {
-        "python": [py_version, list(py_state), py_gauss],
+        "python": random.getstate(),  # (version, tuple of ints, gauss): a list of the same in JSON
         "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
         "torch": torch.get_rng_state().tolist(),
         "cuda": [s.tolist() for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else [],
@@ -95,35 +87,29 @@ def restore_rng_state(state: dict) -> None:
 def publish_folder(tmp_dir: Path, final_dir: Path, overwrite: bool = True, complete_marker: bool = True) -> None:
     """Rename a finished sibling temp folder into place, then write its COMPLETE marker (hashes) last.
     FileExistsError if `final_dir` exists (or appears meanwhile) and not `overwrite`."""
-    final_dir = Path(final_dir)
     # hash before the rename: the marker then vouches for exactly the bytes that were written
-    digests = {p.name: sha256_of(p) for p in sorted(Path(tmp_dir).glob("*.safetensors"))}
+    digests = {p.name: sha256_of(p) for p in sorted(tmp_dir.glob("*.safetensors"))}
     old = final_dir.with_name(f".{final_dir.name}.old")
     if final_dir.exists():
         if not overwrite:
             raise FileExistsError(f"{final_dir} already exists")
         shutil.rmtree(old, ignore_errors=True)
         os.replace(final_dir, old)
-    try:
-        # rename (not replace): fails if another process published the same folder meanwhile
+    try:  # rename (not replace): fails if another process published the same folder meanwhile
         os.rename(tmp_dir, final_dir)
     except OSError:
         if old.exists() and not final_dir.exists():
             os.replace(old, final_dir)
         raise FileExistsError(f"{final_dir} appeared while writing; not overwritten") from None
     if complete_marker:
-        marker = {"created": time.strftime("%Y-%m-%dT%H:%M:%S"), "sha256": digests}
-        (final_dir / COMPLETE_MARKER).write_text(json.dumps(marker, indent=2, sort_keys=True) + "\n")
+        write_json(final_dir / COMPLETE_MARKER, {"created": time.strftime("%Y-%m-%dT%H:%M:%S"), "sha256": digests})
     shutil.rmtree(old, ignore_errors=True)
 
 
 def verify(path: Path) -> None:
     """Raise CheckpointError (naming the file) unless the folder has COMPLETE, matching hashes and readable tensors."""
-    path = Path(path)
     if not (path / COMPLETE_MARKER).is_file():
-        raise CheckpointError(
-            f"{path} has no {COMPLETE_MARKER} marker: it was not fully written; use another checkpoint"
-        )
+        raise CheckpointError(f"{path} has no COMPLETE marker: it was not fully written; use another checkpoint")
     try:  # COMPLETE holds {"sha256": {file: digest}}; older checkpoints hold only a timestamp
         expected = json.loads((path / COMPLETE_MARKER).read_text()).get("sha256", {})
     except (json.JSONDecodeError, AttributeError):
@@ -131,8 +117,7 @@ def verify(path: Path) -> None:
     for name, digest in sorted(expected.items()):
         if not (path / name).is_file() or sha256_of(path / name) != digest:
             raise CheckpointError(
-                f"{path / name} is corrupted (sha256 differs from the one recorded in {COMPLETE_MARKER}); "
-                "use an earlier checkpoint"
+                f"{path / name} is corrupted (sha256 differs from the one recorded in COMPLETE); use an earlier checkpoint"
             )
     for file in sorted(path.glob("*.safetensors")):
         try:
@@ -159,13 +144,11 @@ def save_adapter_folder(
 
     assert_finite(get_peft_model_state_dict(model, state_dict=state_dict), str(folder))
     tmp = folder.with_name(f".{folder.name}.tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     model.peft_config["default"].base_model_name_or_path = base_model
     model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
     for name, data in extra_json.items():
         write_json(tmp / name, data)
     publish_folder(tmp, folder)
@@ -175,8 +158,7 @@ def save(accelerator, model, optimizer, lr_scheduler, trainer_state: dict, folde
     """Save everything an exact resume needs into `folder`; every rank calls it (each saves its RNG)."""
     tmp = folder.with_name(f".{folder.name}.tmp")
     if accelerator.is_main_process:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     write_json(tmp / f"rng_state_rank{accelerator.process_index}.json", rng_state())
@@ -189,8 +171,7 @@ def save(accelerator, model, optimizer, lr_scheduler, trainer_state: dict, folde
         model.save_pretrained(tmp, safe_serialization=True, state_dict=adapter)
         write_optimizer_state(optimizer_state, tmp)
         write_json(tmp / "scheduler.json", lr_scheduler.state_dict())
-        scaler = accelerator.scaler.state_dict() if accelerator.scaler is not None else None
-        write_json(tmp / "scaler.json", scaler)
+        write_json(tmp / "scaler.json", accelerator.scaler.state_dict() if accelerator.scaler is not None else None)
         write_json(tmp / "trainer_state.json", trainer_state)
         write_json(tmp / "config.json", config)
         publish_folder(tmp, folder)
@@ -198,12 +179,10 @@ def save(accelerator, model, optimizer, lr_scheduler, trainer_state: dict, folde
 
 
 def find_resume(output_dir: Path, resume_from: str, logger: logging.Logger) -> Path:
-    """The checkpoint to resume from: "latest" is the newest complete one that verifies (others are skipped);
-    CheckpointError if there is none."""
+    """The checkpoint to resume from ("latest": the newest complete one that verifies); CheckpointError if none."""
     if resume_from != "latest":
-        path = Path(resume_from)
-        verify(path)
-        return path
+        verify(Path(resume_from))
+        return Path(resume_from)
     for path in reversed(list_complete(output_dir / "checkpoints")):
         try:
             verify(path)
@@ -225,18 +204,13 @@ def load(accelerator, model, optimizer, lr_scheduler, folder: Path) -> dict:
     optimizer_state = read_optimizer_state(folder)
     if fsdp.is_sharded(model):  # FSDP: every rank keeps its own slice of the full tensors saved
         sharded = get_peft_model_state_dict(model)  # {file key: DTensor}, no communication
-        adapter = {
-            key: fsdp.shard_like(value, sharded[key]) if key in sharded else value for key, value in adapter.items()
-        }
+        adapter = {key: fsdp.shard_like(v, sharded[key]) if key in sharded else v for key, v in adapter.items()}
         optimizer_state = fsdp.shard_optimizer_state(optimizer_state, optimizer)
-    result = set_peft_model_state_dict(model, adapter)
-    unexpected = getattr(result, "unexpected_keys", [])
-    if unexpected:
+    if unexpected := getattr(set_peft_model_state_dict(model, adapter), "unexpected_keys", []):
         raise CheckpointError(f"{folder}: adapter weights do not match this model ({unexpected[:3]})")
     optimizer.load_state_dict(optimizer_state)
     lr_scheduler.load_state_dict(read_json(folder / "scheduler.json"))
-    scaler_state = read_json(folder / "scaler.json")
-    if scaler_state and accelerator.scaler is not None:
+    if (scaler_state := read_json(folder / "scaler.json")) and accelerator.scaler is not None:
         accelerator.scaler.load_state_dict(scaler_state)
     rng_file = folder / f"rng_state_rank{accelerator.process_index}.json"
     if not rng_file.exists():
@@ -249,7 +223,5 @@ def load(accelerator, model, optimizer, lr_scheduler, folder: Path) -> dict:
 
 def rotate(checkpoint_dir: Path, keep: int) -> None:
     """Delete the oldest complete checkpoints beyond `keep` (0 keeps all); incomplete ones stay for inspection."""
-    if keep <= 0:
-        return
-    for victim in list_complete(checkpoint_dir)[:-keep]:
+    for victim in list_complete(checkpoint_dir)[:-keep] if keep > 0 else []:
         shutil.rmtree(victim)

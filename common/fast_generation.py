@@ -348,7 +348,7 @@ def generate_replies(
 
     Continuous batching (see the module docstring), stopping at the end-of-turn token, with the
     LoRA adapter merged while it runs. Wrap the call in the autocast context you want (e.g.
-    `accelerator.autocast()`, `PrecisionChoice.autocast()`).
+    `accelerator.autocast()`, `common.artifacts.precision_autocast(choice)`).
 
     Args:
         model: the (PEFT) causal LM; it is put in eval mode and its mode is restored afterwards.

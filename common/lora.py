@@ -22,18 +22,12 @@ def bernoulli_drop_positions(
     dropped positions, ~n*p random numbers instead of n (torch's CPU generator draws one at a time; at p=0.05
     the dense mask was 14% of a LoRA step on CPU). `draws`: the batch size (default: all n at once, nearly surely).
     """
-    expected = n * p
-    batch = draws or int(expected + 8 * math.sqrt(expected) + 16)  # one batch almost always suffices
-    chunks, last = [], -1.0
-    while True:
+    batch = draws or int(n * p + 8 * math.sqrt(n * p) + 16)  # one batch almost always suffices
+    positions = torch.tensor([-1.0], dtype=torch.float64)  # a drop just before position 0
+    while positions[-1] < n:
         gaps = torch.empty(batch, dtype=torch.float64).geometric_(p, generator=generator)
-        positions = gaps.cumsum(0) + last  # float64 holds these integers exactly
-        if positions[-1] >= n:
-            chunks.append(positions[positions < n])
-            break
-        chunks.append(positions)
-        last = positions[-1].item()
-    return torch.cat(chunks).long()
+        positions = torch.cat([positions, gaps.cumsum(0) + positions[-1]])  # float64 holds these integers exactly
+    return positions[(positions >= 0) & (positions < n)].long()
 
 
 class SampledGapDropout(torch.nn.Dropout):
@@ -52,9 +46,7 @@ class SampledGapDropout(torch.nn.Dropout):
 
 def parse_target_modules(value: str) -> list[str] | str:
     """`--target-modules` ("q_proj,k_proj,v_proj" or "all-linear") in PEFT's form: a list of names or "all-linear"."""
-    if value.strip() == "all-linear":
-        return "all-linear"
-    return [name.strip() for name in value.split(",") if name.strip()]
+    return "all-linear" if value.strip() == "all-linear" else [n.strip() for n in value.split(",") if n.strip()]
 
 
 def apply_lora(
@@ -82,18 +74,12 @@ def apply_lora(
     elif gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
-    config = LoraConfig(
-        r=rank,
-        lora_alpha=alpha,
-        lora_dropout=dropout,
-        target_modules=target_modules,
-        bias="none",
-        task_type="CAUSAL_LM",
+    config = LoraConfig(  # bias: PEFT's default "none", so only the lora_ weights train
+        r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules, task_type="CAUSAL_LM"
     )
     model = get_peft_model(model, config)
     for module in model.modules():  # every LoRA nn.Dropout -> SampledGapDropout (same p)
-        dropouts = getattr(module, "lora_dropout", None)
-        if isinstance(dropouts, torch.nn.ModuleDict):
+        if isinstance(dropouts := getattr(module, "lora_dropout", None), torch.nn.ModuleDict):
             for name, layer in dropouts.items():
                 if type(layer) is torch.nn.Dropout:
                     dropouts[name] = SampledGapDropout(p=layer.p, inplace=layer.inplace)
@@ -128,8 +114,7 @@ def lora_grad_norms(model: torch.nn.Module) -> dict[str, float]:
     """L2 norm of every LoRA matrix's gradient, keyed "layer.module.A|B" (after backward; one host sync)."""
     keys, norms = [], []
     for name, param in model.named_parameters():
-        key = lora_parameter_key(name)
-        if key is not None and param.grad is not None:
+        if (key := lora_parameter_key(name)) is not None and param.grad is not None:
             keys.append(key)
             norm = param.grad.detach().float().norm()
             # FSDP: a sharded gradient's norm is partial on each rank; full_tensor() combines them (collective)
@@ -142,14 +127,11 @@ def lora_update_ratios(model: torch.nn.Module) -> dict[str, float]:
     """{"layer.module": ||scale * B @ A||_F / ||W||_F}: how much each adapter changes its (de-quantized) weight."""
     ratios = {}
     for name, module in model.named_modules():
-        if not (hasattr(module, "lora_A") and hasattr(module, "base_layer")) or "default" not in module.lora_A:
-            continue
         match = re.search(r"layers\.(\d+)\.(?:.*\.)?(\w+)$", name)
-        if not match:
+        if not match or not hasattr(module, "base_layer") or "default" not in getattr(module, "lora_A", {}):
             continue
-        a = module.lora_A["default"].weight.float()
-        b = module.lora_B["default"].weight.float()
-        delta = (b @ a) * module.scaling["default"]
+        lora_a, lora_b = module.lora_A["default"].weight.float(), module.lora_B["default"].weight.float()
+        delta = (lora_b @ lora_a) * module.scaling["default"]
         weight = module.base_layer.weight
         if type(weight).__name__ == "Params4bit":
             import bitsandbytes.functional as bnb_functional

@@ -37,8 +37,7 @@ def compute_token_losses(
         hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
         logits = base.get_output_embeddings()(hidden[:, :-1][mask])
     token_losses = F.cross_entropy(logits.float(), shift_labels[mask], reduction="none")
-    loss_sum = torch.zeros(labels.shape[0], dtype=torch.float32, device=labels.device)
-    loss_sum = loss_sum.index_add(0, rows, token_losses)
+    loss_sum = torch.zeros(labels.shape[0], dtype=torch.float32, device=labels.device).index_add(0, rows, token_losses)
     return loss_sum, mask.sum(dim=1)
 
 
@@ -55,40 +54,30 @@ class TrainedTokenLoss(torch.nn.Module):
         return compute_token_losses(self.model, input_ids, attention_mask, labels)
 
     def tie_weights(self) -> None:
-        """Re-tie the wrapped model's input and output embeddings. Accelerate's FSDP2 `cpu_ram_efficient_loading` moves the prepared module to the meta device
-        and back, which unties them, then calls `tie_weights()` on it if it has one: without this a
-        tied-embedding model (SmolLM2, Qwen2.5 up to 3B) would hold and shard two embedding copies.
-        """
+        """Re-tie the wrapped model's embeddings: Accelerate's FSDP2 `cpu_ram_efficient_loading` unties them (to the
+        meta device and back), then calls this; without it a tied-embedding model (SmolLM2, Qwen2.5 <= 3B) would
+        hold and shard two embedding copies."""
         self.model.tie_weights()
 
 
 @torch.no_grad()
 def evaluate_loss(model: torch.nn.Module, dataloader, accelerator, bootstrap: int = 200, seed: int = 0) -> dict:
-    """Mean cross-entropy and perplexity over every trained token of a prepared dataloader.
-
-    `gather_for_metrics` drops the samples Accelerate repeats to even out the last batch across ranks,
-    so every example counts once. `bootstrap` resamples of examples give the 95% interval of the mean.
-
-    Returns:
-        {"val_loss", "val_ppl", "val_tokens", "val_examples", "val_loss_ci95" (half-width), "eval_time_s"}.
-    """
-    start = time.perf_counter()
-    was_training = model.training
+    """{"val_loss", "val_ppl", "val_tokens", "val_examples", "val_loss_ci95", "eval_time_s"}: mean cross-entropy and
+    perplexity over every trained token of a prepared dataloader, the 95% interval's half-width from `bootstrap`
+    resamples of examples. `gather_for_metrics` drops the samples Accelerate repeats to even out the last batch
+    across ranks, so every example counts once."""
+    start, was_training = time.perf_counter(), model.training
     model.eval()
-    losses, counts = [], []
+    gathered = []  # per batch: (loss sums, trained tokens) of every rank's rows
     for batch in dataloader:
         with accelerator.autocast():
-            loss_sum, count = model(**batch)
-        loss_sum, count = accelerator.gather_for_metrics((loss_sum, count))
-        losses.append(loss_sum.double().cpu())
-        counts.append(count.double().cpu())
+            gathered.append(accelerator.gather_for_metrics(model(**batch)))
     model.train(was_training)
-    losses, counts = torch.cat(losses), torch.cat(counts)
+    losses, counts = (torch.cat(column).double().cpu() for column in zip(*gathered, strict=True))
     mean = float(losses.sum() / counts.sum().clamp_min(1.0))
     half_width = 0.0
     if bootstrap > 0 and len(losses) > 1:
-        generator = torch.Generator().manual_seed(seed)
-        picks = torch.randint(len(losses), (bootstrap, len(losses)), generator=generator)
+        picks = torch.randint(len(losses), (bootstrap, len(losses)), generator=torch.Generator().manual_seed(seed))
         means = losses[picks].sum(1) / counts[picks].sum(1)
         low, high = torch.quantile(means, torch.tensor([0.025, 0.975], dtype=means.dtype)).tolist()
         half_width = (high - low) / 2

@@ -1,16 +1,13 @@
 """One precision rule for every script that runs the model: measured on a CPU, a fixed rule on a GPU.
 
-CPU, `auto`: no fixed rule holds (an AMX Xeon ran bf16 ~6x faster than fp32, an AVX512-BF16 Xeon
-without AMX at ~0.55x: DESIGN.md), so fp32, bf16 and (native units only) fp16 matmuls are timed at the
-model's shapes, best of `PROBE_ROUNDS`. GPU, `auto`: `accelerate launch`'s mixed precision, else bf16
-from compute capability 8.0, fp16 below. A flag wins (unsupported bf16 falls back). The MFU
-denominator (common/perf.py) is the FASTEST probed dtype's rate, whatever was chosen.
+CPU `auto` times fp32, bf16 and (native units only) fp16 matmuls at the model's shapes, as no fixed rule holds
+(an AMX Xeon ran bf16 ~6x faster than fp32, an AVX512-BF16 Xeon without AMX at ~0.55x: DESIGN.md). A flag
+wins (unsupported bf16 falls back). The MFU denominator (common/perf.py) is the FASTEST probed dtype's rate.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -53,11 +50,6 @@ class PrecisionChoice:
         self.peak_dtype = max(self.probe_flops, key=self.probe_flops.get) if self.probe_flops else None
         self.peak_flops = self.probe_flops.get(self.peak_dtype)
 
-    def autocast(self):
-        """Autocast context in `dtype` on this device; a no-op for fp32."""
-        enabled = self.dtype != torch.float32
-        return torch.autocast(self.device, dtype=self.dtype if enabled else torch.bfloat16, enabled=enabled)
-
     def to_json(self) -> dict:
         """The choice and the probe's figures, for config.json / metrics.json."""
         dtype, shapes = str(self.dtype).removeprefix("torch."), [list(s) for s in self.probe_shapes]
@@ -65,11 +57,10 @@ class PrecisionChoice:
 
     def describe(self) -> str:
         """One log line: the choice, the figures and the MFU denominator."""
-        figures = ", ".join(f"{name} {rate / 1e12:.3f}" for name, rate in self.probe_flops.items())
         line = f"precision {self.precision} ({PROBE_NAMES[self.precision]} base) on {self.device}: {self.reason}"
-        if figures:
+        if self.probe_flops:  # every probed rate is > 0, so there is a peak too
+            figures = ", ".join(f"{name} {rate / 1e12:.3f}" for name, rate in self.probe_flops.items())
             line += f" | matmul TFLOP/s: {figures} ({self.probe_seconds:.1f} s probe)"
-        if self.peak_flops:
             line += f" | MFU against the {self.peak_dtype} peak {self.peak_flops / 1e12:.3f} TFLOP/s"
         return line
 
@@ -115,14 +106,14 @@ def measure_matmul_flops(device: torch.device, dtype: torch.dtype, shapes: list,
         a, b = _random_matrix(rows, k, device, dtype), _random_matrix(k, n, device, dtype)
         out = torch.matmul(a, b)
         share_end = time.perf_counter() + (deadline - time.perf_counter()) / (len(shapes) - index)
-        best, repeats = math.inf, 0
-        while repeats < PROBE_MIN_REPEATS or (time.perf_counter() < share_end and repeats < PROBE_MAX_REPEATS):
+        times = []
+        while len(times) < PROBE_MIN_REPEATS or (time.perf_counter() < share_end and len(times) < PROBE_MAX_REPEATS):
             sync(device)
             start = time.perf_counter()
             torch.matmul(a, b, out=out)
             sync(device)
-            best, repeats = min(best, time.perf_counter() - start), repeats + 1
-        weighted_seconds += weight / (2 * rows * k * n / max(best, 1e-9))
+            times.append(time.perf_counter() - start)
+        weighted_seconds += weight / (2 * rows * k * n / max(min(times), 1e-9))
     return sum(s[3] for s in shapes) / weighted_seconds
 
 
@@ -136,22 +127,20 @@ def _best_rates(device: torch.device, names: list[str], shapes: list, budget_s: 
     return figures
 
 
-def _cpu_rule(requested: str, figures: dict, logger: logging.Logger) -> tuple[str, str]:
+def _cpu_rule(requested: str, native: list[str], figures: dict, logger: logging.Logger) -> tuple[str, str]:
     """(precision, reason) on a CPU: `auto` takes the fastest of `figures`; an explicit flag wins."""
     if requested == "auto":
-        chosen = "fp32"
+        chosen = "no"
         for name in ("bf16", "fp16"):  # a lower precision must win by MIN_SPEEDUP (fp16 also scales the loss)
-            if name in figures and figures[name] > figures[chosen] * MIN_SPEEDUP:
+            if name in figures and figures[name] > figures[PROBE_NAMES[chosen]] * MIN_SPEEDUP:
                 chosen = name
         ranked = " > ".join(sorted(figures, key=figures.get, reverse=True))
-        reason = f"auto: the fastest dtype measured at this model's shapes ({ranked})"
-        if "fp16" not in figures:
-            reason += "; fp16 not probed (no AVX512-FP16/AMX-FP16: emulated, slow)"
-        return {"fp32": "no"}.get(chosen, chosen), reason
-    if requested == "bf16" and not cpu_bf16_supported():
+        fp16_note = "" if "fp16" in figures else "; fp16 not probed (no AVX512-FP16/AMX-FP16: emulated, slow)"
+        return chosen, f"auto: the fastest dtype measured at this model's shapes ({ranked}){fp16_note}"
+    if requested == "bf16" and "bf16" not in native:
         logger.warning("warning: this CPU has no bf16 support; training in fp32")
         return "no", "bf16 requested, but this CPU has no bf16 support"
-    if requested == "fp16" and not read_cpu_flags() & CPU_FP16_FLAGS:
+    if requested == "fp16" and "fp16" not in native:
         logger.warning("warning: this CPU has no native fp16 matmul (AVX512-FP16/AMX-FP16); fp16 will be slow")
     return requested, f"{PROBE_NAMES[requested]} requested explicitly"
 
@@ -189,42 +178,34 @@ def resolve_precision(
     figures, start = {}, time.perf_counter()
     if device.type == "cuda":
         # Compute capability, not torch.cuda.is_bf16_supported(): that also says True on a T4 (emulated bf16).
-        bf16_ok = torch.cuda.get_device_capability(device) >= (8, 0)
+        native = ["fp16"] + ["bf16"] * (torch.cuda.get_device_capability(device) >= (8, 0))
         if measure_peak:
-            names = ["fp16", "bf16"] if bf16_ok else ["fp16"]
-            figures = _best_rates(device, names, shapes, 0.2 * len(names), rounds=1)
-        precision, reason = _cuda_rule(requested, bf16_ok, logger)
+            figures = _best_rates(device, native, shapes, 0.2 * len(native), rounds=1)
+        precision, reason = _cuda_rule(requested, "bf16" in native, logger)
     elif device.type == "cpu":
+        native = ["fp32"] + ["bf16"] * cpu_bf16_supported() + ["fp16"] * bool(read_cpu_flags() & CPU_FP16_FLAGS)
         if requested == "auto" or measure_peak:
-            names = ["fp32"] + ["bf16"] * cpu_bf16_supported() + ["fp16"] * bool(read_cpu_flags() & CPU_FP16_FLAGS)
-            figures = _best_rates(device, names, shapes, budget_s, PROBE_ROUNDS)
-        precision, reason = _cpu_rule(requested, figures, logger)
+            figures = _best_rates(device, native, shapes, budget_s, PROBE_ROUNDS)
+        precision, reason = _cpu_rule(requested, native, figures, logger)
     else:
         precision, reason = "no", f"no precision rule for {device.type}: fp32"
     seconds, probed = (time.perf_counter() - start, [s[:3] for s in shapes]) if figures else (0.0, [])
     return PrecisionChoice(requested, precision, device.type, reason, figures, seconds, probed)
 
 
-def remeasure_peak(choice: PrecisionChoice, config=None, budget_s: float = PROBE_BUDGET_S) -> float:
-    """Time the peak dtype again (a step beat it): the better of that and the old peak (0.0: nothing probed)."""
-    if not choice.peak_dtype:
-        return 0.0
+def remeasure_peak(choice: PrecisionChoice, config) -> float:
+    """The peak dtype's FLOP/s timed again, for `MfuMeter.remeasure` (only called with a peak; it keeps the max)."""
     shapes = GPU_PEAK_SHAPES if choice.device == "cuda" else probe_shapes(config)
-    rate = _best_rates(torch.device(choice.device), [choice.peak_dtype], shapes, budget_s, PROBE_ROUNDS)
-    return max(rate[choice.peak_dtype], choice.peak_flops or 0.0)
+    rates = _best_rates(torch.device(choice.device), [choice.peak_dtype], shapes, PROBE_BUDGET_S, PROBE_ROUNDS)
+    return rates[choice.peak_dtype]
 
 
-def resolve_precision_on_main(
-    requested: str, device: torch.device, config=None, logger: logging.Logger | None = None
-) -> PrecisionChoice:
+def resolve_precision_on_main(requested: str, device: torch.device, config, logger: logging.Logger) -> PrecisionChoice:
     """`resolve_precision` on rank 0 alone, broadcast to all: one dtype, and no ranks timing each other's load."""
     from accelerate import PartialState
     from accelerate.utils import broadcast_object_list
 
-    state = PartialState()
-    if state.num_processes == 1:
-        return resolve_precision(requested, device, config, logger=logger)
-    choice = [resolve_precision(requested, device, config, logger=logger) if state.is_main_process else None]
+    choice = [resolve_precision(requested, device, config, logger=logger) if PartialState().is_main_process else None]
     return broadcast_object_list(choice, from_process=0)[0]
 
 
