@@ -286,8 +286,6 @@ def load_inputs(args: argparse.Namespace, accelerator: Accelerator, dtype: torch
             # anyway); the trainable adapters stay fp32, and so do their gradients and AdamW states.
             dtype=dtype,
             device_map={"": accelerator.device} if args.quantization else None,
-            # QLoRA + FSDP: 4-bit weights packed into the base's float dtype, so FSDP can shard them too
-            quant_storage=dtype if fsdp.fsdp_requested() else None,
             trust_remote_code=args.trust_remote_code,
             chat_template=args.chat_template,
             logger=logger,

@@ -18,6 +18,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedTokenizerBase
 
 from common.data import PROBE_CONVERSATION, DataError, assistant_turns
+from common.fsdp import fsdp_requested
 
 # On CPUs with AVX512-BF16, bitsandbytes tries to fetch an optional kernel from the Hugging Face hub
 # at import time and warns when it cannot; the built-in CPU kernels are used either way.
@@ -178,11 +179,10 @@ def load_model_and_tokenizer(
     trust_remote_code: bool = False,
     chat_template: str | None = None,
     logger: logging.Logger | None = None,
-    quant_storage: torch.dtype | None = None,
 ):
     """Load (model, tokenizer) in eval mode, on CPU unless `device_map`. `dtype`: the weights not quantized, and the
-    compute dtype of "nf4" (QLoRA: 4-bit NormalFloat, double quantization), packed in `quant_storage` (None: uint8;
-    FSDP shards only floating-point parameters, so QLoRA + FSDP passes the dtype of the rest of the base)."""
+    compute dtype of "nf4" (QLoRA: 4-bit NormalFloat, double quantization), packed in uint8, or in `dtype` when
+    the launch asks for FSDP (it shards only floating-point parameters)."""
     path = resolve_model_path(name_or_path)
     tokenizer = load_tokenizer(path, trust_remote_code, chat_template, logger)
     kwargs = {"dtype": dtype, "trust_remote_code": trust_remote_code, "device_map": device_map}
@@ -196,7 +196,7 @@ def load_model_and_tokenizer(
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=dtype,
-            bnb_4bit_quant_storage=quant_storage or torch.uint8,
+            bnb_4bit_quant_storage=dtype if fsdp_requested() else torch.uint8,
         )
     model = _from_pretrained(AutoModelForCausalLM, path, **kwargs)
     if model.generation_config.pad_token_id is None:
