@@ -18,7 +18,6 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedTokenizerBase
 
 from common.data import PROBE_CONVERSATION, DataError, assistant_turns
-from common.fsdp import fsdp_requested
 
 # On CPUs with AVX512-BF16, bitsandbytes tries to fetch an optional kernel from the Hugging Face hub
 # at import time and warns when it cannot; the built-in CPU kernels are used either way.
@@ -191,12 +190,13 @@ def load_model_and_tokenizer(
             raise ModelLoadError(f"--quantization must be 'nf4' or omitted, got '{quantization}'")
         if importlib.util.find_spec("bitsandbytes") is None:
             raise ModelLoadError("--quantization nf4 needs bitsandbytes: pip install 'bitsandbytes>=0.46'")
+        fsdp = os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"  # as common.fsdp.fsdp_requested
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=dtype,
-            bnb_4bit_quant_storage=dtype if fsdp_requested() else torch.uint8,
+            bnb_4bit_quant_storage=dtype if fsdp else torch.uint8,
         )
     model = _from_pretrained(AutoModelForCausalLM, path, **kwargs)
     if model.generation_config.pad_token_id is None:
