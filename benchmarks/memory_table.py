@@ -55,6 +55,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="measure with MALLOC_MMAP_THRESHOLD_=131072 (live-tensor peak; much slower steps)",
     )
+    parser.add_argument(
+        "--compute-dtype",
+        choices=["bf16", "fp32"],
+        default="bf16",
+        help="measured compute dtype: bf16 autocast (LoRA's base fp32, QLoRA's bf16) or fp32 throughout",
+    )
     parser.add_argument("--machine", default="2-core CPU, 24 GiB, no GPU", help="machine description for the header")
     parser.add_argument("--output", default=None, help="also write the markdown here")
     return parser.parse_args(argv)
@@ -109,10 +115,11 @@ def build_measure_table(args: argparse.Namespace) -> list[str]:
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     batch = args.measure_batch_size
-    for quantization, dtype in ((None, "fp32"), ("nf4", "bf16")):
+    compute = args.compute_dtype
+    for quantization, dtype in ((None, "fp32"), ("nf4", compute)):
         for gc in (False, True):
             for seq_len in args.measure_seq_lens:
-                setup = Setup(batch, seq_len, args.rank, args.target_modules, quantization, dtype, gc, device="cpu")
+                setup = Setup(batch, seq_len, args.rank, args.target_modules, quantization, dtype, gc, "cpu", compute)
                 measurement = measure_in_subprocess(DEFAULT_MODEL, setup, steps=2, extra_env=extra_env)
                 trained_fraction = measurement["trained_tokens"] / (batch * seq_len)
                 estimate = estimate_memory(config, replace(setup, trained_fraction=trained_fraction))
