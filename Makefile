@@ -53,7 +53,7 @@ demo: setup
 	echo "==> make demo stage times"; cat runs/demo-timings.txt
 
 test: $(STAMP)
-	$(PY) -m pytest -q --durations=15 tests
+	$(PY) -m pytest -q -n auto --durations=15 tests
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff format --check .
