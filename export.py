@@ -76,6 +76,7 @@ from common.gguf_export import (
     llama_cpp_available,
     load_check_conversations,
     nf4_dtype_of,
+    parse_each_gguf_once,
     quantize_gguf,
     run_reference,
 )
@@ -370,8 +371,9 @@ def export_gguf(export_dir: Path, base_dir: str, run_config: dict, args: argpars
             source = next(files[t] for t in ("f32", "bf16", "f16") if t in files)
             files[args.quantize] = quantize_gguf(source, gguf_dir / f"{stem}-{args.quantize}.gguf", args.quantize)
         report["convert_s"] = round(time.time() - started, 1)
-        report["tokenizer"] = check_gguf_tokenizer(files[args.gguf[0]], prompts, tokenizer)
-        report["files"] = {t: check_gguf(p, t, prompts, reference, tokenizer, eos_ids) for t, p in files.items()}
+        with parse_each_gguf_once():
+            report["tokenizer"] = check_gguf_tokenizer(files[args.gguf[0]], prompts, tokenizer)
+            report["files"] = {t: check_gguf(p, t, prompts, reference, tokenizer, eos_ids) for t, p in files.items()}
         system, source = training_system_prompt(dataset.get("train_file")), files[args.gguf[0]].name
         modelfile = build_modelfile(source, tokenizer, eos_ids, system)
         (gguf_dir / "Modelfile").write_text(modelfile)

@@ -15,6 +15,9 @@ LoRA layer runs two extra matmuls per linear per token. Here:
 - the cache appends into spare room (capacity doubles) instead of concatenating at every step;
 - a LoRA adapter is merged into the base weights while generating, and the base weights are copied
   back exactly afterwards (bit-exact, not unmerged by subtraction);
+- a decode step's attention (one query per row) is two batched matmuls over the cache, the query heads
+  grouped on their shared KV head (`decode_attention`); SDPA's CPU flash kernel took 7.5 ms per layer and
+  step at 64 rows, a quarter of the generation time; prefill keeps SDPA;
 - greedy: the next token is the argmax of the last position's logits, as `generate(do_sample=False)`;
   outputs equal it up to the float noise of a different batch composition.
 
@@ -32,6 +35,9 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from common.generation import encode_prompts, end_of_turn_ids, generate_batches
 
@@ -57,6 +63,31 @@ class GenerationStats:
     def tokens_per_s(self) -> float:
         """Useful new tokens per second."""
         return self.new_tokens / self.seconds if self.seconds else 0.0
+
+
+def decode_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Attention for generation: SDPA for a prefill, two batched matmuls for a decode step (one query per row).
+
+    Registered with transformers' attention interface as "decode_matmul" (masks as for "sdpa": boolean,
+    True where a position is attended). query (rows, heads, queries, dim), key / value (rows, KV heads,
+    positions, dim); returns (rows, queries, heads, dim) and no weights.
+    """
+    rows, heads, queries, dim = query.shape
+    if queries != 1 or dropout or kwargs.get("softcap") is not None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
+    kv_heads = key.shape[1]
+    grouped = query.view(rows, kv_heads, heads // kv_heads, dim)  # the query heads that share each KV head
+    scores = torch.matmul(grouped, key.transpose(-1, -2)) * (dim**-0.5 if scaling is None else scaling)
+    if attention_mask is not None and attention_mask.dtype == torch.bool:  # (rows, 1, 1, positions)
+        scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
+    elif attention_mask is not None:
+        scores = scores + attention_mask
+    output = torch.matmul(scores.softmax(-1, dtype=torch.float32).to(value.dtype), value)
+    return output.reshape(rows, heads, 1, dim).transpose(1, 2), None
+
+
+ALL_ATTENTION_FUNCTIONS.register("decode_matmul", decode_attention)
+ALL_MASK_ATTENTION_FUNCTIONS.register("decode_matmul", sdpa_mask)
 
 
 class _AppendLayer(DynamicLayer):
@@ -334,6 +365,19 @@ def merged_lora(model) -> Iterator[int]:
                 m.base_layer.weight.copy_(weight)
 
 
+@contextlib.contextmanager
+def decode_with_matmul_attention(model) -> Iterator[None]:
+    """Switch a full-attention model that attends with SDPA to `decode_attention` for the duration (others pass)."""
+    config = model.config
+    before = config._attn_implementation
+    if before == "sdpa" and _uses_standard_cache(model):
+        config._attn_implementation = "decode_matmul"
+    try:
+        yield
+    finally:
+        config._attn_implementation = before
+
+
 @torch.no_grad()
 def generate_replies(
     model,
@@ -375,7 +419,7 @@ def generate_replies(
     model.eval()
     bar = tqdm(total=len(prompts), desc=progress, unit="reply", disable=progress is None)
     try:
-        with merged_lora(model):
+        with merged_lora(model), decode_with_matmul_attention(model):
             for row, ids in decode(model, prompt_ids, stop_ids, batch_size, max_new_tokens, pad_token_id):
                 replies[row] = tokenizer.decode(ids, skip_special_tokens=True).strip()
                 new_tokens += len(ids)

@@ -202,6 +202,34 @@ def convert_lora_to_gguf(converter: Path, adapter_dir: Path, base_dir: Path, out
     return out_file
 
 
+@contextlib.contextmanager
+def parse_each_gguf_once():
+    """Memoize `gguf.GGUFReader` for the duration: each unchanged file is parsed once.
+
+    The gguf package parses a vocabulary's ~100k strings one numpy element at a time (5 s a file on one
+    core), and transformers' config, tokenizer and model loaders each parse the file again (4-5 parses
+    a file per check). A file rewritten in between (inode, size or mtime changed) is parsed again.
+    """
+    import gguf
+
+    original, parsed = gguf.GGUFReader, {}
+
+    def reader(path, mode="r"):
+        stat = os.stat(path)
+        key = (os.fspath(path), mode, stat.st_ino, stat.st_size, stat.st_mtime_ns)
+        if mode != "r":
+            return original(path, mode)
+        if key not in parsed:
+            parsed[key] = original(path, mode)
+        return parsed[key]
+
+    gguf.GGUFReader = reader
+    try:
+        yield
+    finally:
+        gguf.GGUFReader = original
+
+
 def read_gguf_metadata(path: Path) -> dict:
     """The GGUF key/values this module checks (tokens lists left out), read with the gguf package."""
     from gguf import GGUFReader

@@ -14,7 +14,15 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from common import generation
-from common.fast_generation import GenerationStats, generate_replies, greedy_decode, merged_lora, prefix_groups
+from common.fast_generation import (
+    GenerationStats,
+    decode_attention,
+    decode_with_matmul_attention,
+    generate_replies,
+    greedy_decode,
+    merged_lora,
+    prefix_groups,
+)
 
 # Prompts of different lengths (the decode sorts them; refills join batches of other lengths).
 PROMPTS = [
@@ -100,9 +108,39 @@ def test_greedy_decode_equals_generate_on_each_prompt_alone(tiny):
     expected = reference(model, ids, stops, max_new_tokens=12)
     assert any(len(r) < 12 for r in expected) and any(len(r) == 12 for r in expected)  # both ends are exercised
     for batch_size in (1, 3, 16):  # 3: rows leave early and refills join a running batch
-        with torch.no_grad():
+        with torch.no_grad(), decode_with_matmul_attention(model):
             got = dict(greedy_decode(model, ids, stops, batch_size, 12, pad_token_id=0))
         assert [got[i] for i in range(len(ids))] == expected, f"batch size {batch_size}"
+
+
+def test_decode_attention_equals_attention_written_out_per_head():
+    """One query per row over a left-padded cache, 8 query heads on 2 KV heads: the grouped matmuls equal
+    softmax(q k^T / sqrt(d)) v computed head by head with the KV heads repeated, padding excluded."""
+    torch.manual_seed(0)
+    rows, heads, kv_heads, positions, dim = 3, 8, 2, 7, 16
+    query = torch.randn(rows, heads, 1, dim)
+    key, value = torch.randn(rows, kv_heads, positions, dim), torch.randn(rows, kv_heads, positions, dim)
+    padding = [0, 2, 5]  # left padding of each row
+    mask = torch.tensor([[p <= j for j in range(positions)] for p in padding])[:, None, None, :]
+    got, weights = decode_attention(None, query, key, value, mask, scaling=dim**-0.5)
+    assert weights is None and got.shape == (rows, 1, heads, dim)
+    for r in range(rows):
+        for h in range(heads):
+            k, v = key[r, h // (heads // kv_heads), padding[r] :], value[r, h // (heads // kv_heads), padding[r] :]
+            expected = torch.softmax(query[r, h, 0] @ k.T / dim**0.5, -1) @ v
+            torch.testing.assert_close(got[r, 0, h], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_generate_replies_decodes_with_matmul_attention_and_restores_sdpa(tiny, monkeypatch):
+    model, tokenizer = tiny
+    calls = []
+    monkeypatch.setattr("common.fast_generation.torch.matmul", lambda *a: calls.append(1) or torch.Tensor.matmul(*a))
+    assert model.config._attn_implementation == "sdpa"
+    with torch.no_grad(), decode_with_matmul_attention(model):
+        assert model.config._attn_implementation == "decode_matmul"
+        dict(greedy_decode(model, prompt_ids(tokenizer, PROMPTS[:2]), [-1], 2, 3, pad_token_id=0))
+    assert model.config._attn_implementation == "sdpa"
+    assert len(calls) == 2 * 2 * model.config.num_hidden_layers  # 2 decode steps x 2 matmuls per layer
 
 
 def test_prompts_that_begin_another_share_its_prefill(tiny):

@@ -5,8 +5,10 @@ Needs llama.cpp's converter (`make gguf-setup`); the llama.cpp checks run only w
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
+import os
 import tarfile
 from pathlib import Path
 
@@ -18,7 +20,14 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 import export
 from common import gguf_export
-from common.gguf_export import GGUFError, check_metadata, find_converter, install_converter
+from common.gguf_export import (
+    GGUFError,
+    check_metadata,
+    find_converter,
+    install_converter,
+    parse_each_gguf_once,
+    read_gguf_metadata,
+)
 from common.modelfile import (
     TemplateError,
     build_ollama_template,
@@ -43,8 +52,13 @@ GGUF_FLAGS = ["--gguf", "f16,q8_0", "--gguf-lora"]
 SYSTEM = "You are an insurance underwriting assistant."  # the toy data's system prompt (tests/conftest.py)
 
 
+@functools.lru_cache
+def parsed(path: Path, mtime_ns: int) -> GGUFReader:
+    return GGUFReader(path)  # ~5 s a file with a vocabulary: once per file version
+
+
 def read_field(path: Path, key: str):
-    return GGUFReader(path).fields[key].contents()
+    return parsed(path, path.stat().st_mtime_ns).fields[key].contents()
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +131,7 @@ def test_gguf_metadata_matches_the_export(gguf_export_dir, default_tokenizer):
     lora = gguf_export_dir / "gguf" / "toy-v1.0-lora.gguf"
     assert read_field(lora, "general.type") == "adapter" and read_field(lora, "adapter.type") == "lora"
     assert read_field(lora, "adapter.lora.alpha") == 8.0
-    assert len(GGUFReader(lora).tensors) == 2 * 2 * 3  # A and B, 2 layers, q/k/v
+    assert len(parsed(lora, lora.stat().st_mtime_ns).tensors) == 2 * 2 * 3  # A and B, 2 layers, q/k/v
 
 
 def test_check_metadata_flags_each_mismatch():
@@ -297,3 +311,23 @@ def test_greedy_divergence_passes_only_at_a_near_tie():
     assert gguf_export.failed_checks(report(max_diff=0.8, margin=2.5)) == [
         "q8_0: greedy text identical 2/3 (step 7 by 2.5)"
     ]
+
+
+def test_the_checks_parse_each_gguf_file_once(gguf_export_dir, monkeypatch):
+    """transformers' loaders and our metadata reader share one parse of a file while the checks run."""
+    import gguf
+    from transformers import AutoConfig
+
+    parses, original = [], gguf.GGUFReader
+    monkeypatch.setattr(gguf, "GGUFReader", lambda path, mode="r": parses.append(path) or original(path, mode))
+    path = gguf_export_dir / "gguf" / "toy-v1.0-f16.gguf"
+    with parse_each_gguf_once():
+        assert read_gguf_metadata(path)["general.architecture"] == "llama"
+        assert AutoConfig.from_pretrained(path.parent, gguf_file=path.name).num_hidden_layers == 2
+        read_gguf_metadata(path)
+        assert len(parses) == 1
+        os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 1))  # rewritten: parsed again
+        read_gguf_metadata(path)
+        assert len(parses) == 2
+    read_gguf_metadata(path)
+    assert len(parses) == 3  # outside the checks every read parses
