@@ -52,8 +52,9 @@ demo: setup
 	printf '%6d s  total\n' $$(( $$(date +%s) - start )) >> runs/demo-timings.txt; \
 	echo "==> make demo stage times"; cat runs/demo-timings.txt
 
+# One pytest-xdist worker per core, each test file on one worker (its module fixtures built once).
 test: $(STAMP)
-	$(PY) -m pytest -q -n auto --durations=15 tests
+	$(PY) -m pytest -q -n auto --dist loadfile --durations=15 tests
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff format --check .
