@@ -199,8 +199,8 @@ def load_model_and_tokenizer(
             bnb_4bit_quant_storage=dtype if fsdp else torch.uint8,
         )
     model = _from_pretrained(AutoModelForCausalLM, path, **kwargs)
-    for param in model.parameters() if quantization else []:  # views of the file keep its quantized pages mapped
-        param.data = param.data.clone() if type(param) is torch.nn.Parameter else param.data
+    for param in [p for p in model.parameters() if quantization and type(p) is torch.nn.Parameter]:
+        param.data = param.data.clone()  # not 4-bit: zero-copy views of the file keep all its pages mapped
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
