@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> dict:
         "machine": describe_machine(),
         "adapter": str(Path(args.adapter)),
         "split": args.split,
-        "threads": os.cpu_count(),
+        "threads": int(os.environ.get("OMP_NUM_THREADS") or len(os.sched_getaffinity(0))),  # torch in the children
         "training": training,
         "generation": generation,
         "ratio": generation["tokens_per_s"] / training["tokens_per_s"],
