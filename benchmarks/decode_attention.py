@@ -13,6 +13,7 @@ import argparse
 import contextlib
 import sys
 from pathlib import Path
+from unittest import mock
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -42,7 +43,7 @@ def main(argv: list[str] | None = None) -> dict:
         ("sdpa", lambda model: contextlib.nullcontext()),
         ("matmul", fast.decode_with_matmul_attention),
     ):
-        with _patched(switch):
+        with mock.patch.object(fast, "decode_with_matmul_attention", switch):
             stats = fast.GenerationStats()
             replies[arm] = fast.generate_replies(
                 model, tokenizer, prompts, args.gen_batch_size, args.max_new_tokens, stats=stats
@@ -54,17 +55,6 @@ def main(argv: list[str] | None = None) -> dict:
         f"matmul / sdpa = {result['matmul'] / result['sdpa']:.2f}x; identical replies {result['identical']} of {len(prompts)}"
     )
     return result
-
-
-@contextlib.contextmanager
-def _patched(switch):
-    """generate_replies with `switch` as its decode-attention context."""
-    original = fast.decode_with_matmul_attention
-    fast.decode_with_matmul_attention = switch
-    try:
-        yield
-    finally:
-        fast.decode_with_matmul_attention = original
 
 
 if __name__ == "__main__":

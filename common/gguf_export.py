@@ -215,10 +215,10 @@ def parse_each_gguf_once():
     original, parsed = gguf.GGUFReader, {}
 
     def reader(path, mode="r"):
-        stat = os.stat(path)
-        key = (os.fspath(path), mode, stat.st_ino, stat.st_size, stat.st_mtime_ns)
         if mode != "r":
             return original(path, mode)
+        stat = os.stat(path)
+        key = (os.fspath(path), stat.st_ino, stat.st_size, stat.st_mtime_ns)
         if key not in parsed:
             parsed[key] = original(path, mode)
         return parsed[key]

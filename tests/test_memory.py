@@ -373,7 +373,7 @@ def _measured_ratio(
 # Table 1a of benchmarks/results/memory_profile_cpu.md: LoRA and QLoRA in bf16 autocast, gradient
 # checkpointing off and on, 256 and 512 tokens, all eight marked slow (bf16 is emulated on CPUs without
 # AVX512-BF16 / AMX: 3 minutes a run): `python -m pytest -q -m slow tests/test_memory.py`. By default one LoRA
-# and one QLoRA run in fp32 (table 1e), what train.py's `auto` trains in on such CPUs.
+# and one QLoRA run in fp32 (table 3), what train.py's `auto` trains in on such CPUs.
 MEASURED = [
     pytest.param(q, n, gc, id=f"{'qlora' if q else 'lora'}-{n}{'-checkpointing' if gc else ''}", marks=pytest.mark.slow)
     for q, n, gc in [(None, 256, False), (None, 512, False), (None, 256, True), (None, 512, True),
