@@ -49,7 +49,7 @@ CELL_SHARES = {
 }
 HELD_OUT_SHARE = 0.25  # share of the test split written in HELD_OUT_FAMILIES
 CORRECTION_SHARE = 0.25  # conversations where the opening says one fact wrong and a later turn corrects it
-USER_TURN_WEIGHTS = {2: 5, 3: 4, 4: 1}
+USER_TURN_WEIGHTS = {1: 2, 2: 5, 3: 4, 4: 1}  # 1: a complete submission, decided at once
 MAX_SAMPLING_TRIES = 20_000
 PROFILE_PREFIX = {"term_life": "life", "homeowners": "home", "small_business_property": "biz"}
 
@@ -436,7 +436,7 @@ def write_decision_turn(lob: str, facts: dict, decision: dict, year_keys: set[st
 def build_conversation(
     lob: str, facts: dict, decision: dict, family: str, rng: random.Random
 ) -> tuple[list[dict], list[list[str]], dict]:
-    """Build the chat: system, opening submission, 1-3 ask/answer exchanges, final decision.
+    """Build the chat: system, opening submission, 0-3 ask/answer exchanges, final decision.
 
     In CORRECTION_SHARE of the chats the opening says one fact wrong and a random later broker
     turn corrects it; the assistant only asks for facts never given, and the worksheet uses the
@@ -458,12 +458,12 @@ def build_conversation(
     keys = list(rulebook.REQUIRED_FACTS[lob])
     rng.shuffle(keys)
     user_turns = rng.choices(list(USER_TURN_WEIGHTS), weights=list(USER_TURN_WEIGHTS.values()))[0]
-    first_count = rng.randint(2, len(keys) - (user_turns - 1))
+    first_count = len(keys) if user_turns == 1 else rng.randint(2, len(keys) - (user_turns - 1))
     missing = keys[first_count:]
     cuts = sorted(rng.sample(range(1, len(missing)), user_turns - 2)) if user_turns > 2 else []
-    groups = [missing[a:b] for a, b in zip([0, *cuts], [*cuts, len(missing)], strict=True)]
+    groups = [missing[a:b] for a, b in zip([0, *cuts], [*cuts, len(missing)], strict=True)] if missing else []
     corrected, fix_turn = {}, -1
-    if rng.random() < CORRECTION_SHARE:
+    if groups and rng.random() < CORRECTION_SHARE:  # a correction needs a later broker turn
         key = rng.choice(keys[:first_count])
         corrected, fix_turn = {key: wrong_value(key, facts[key], rng)}, rng.randrange(len(groups))
 
@@ -680,9 +680,9 @@ def card_introduction(seed: int) -> str:
 
 Short chat conversations between an insurance broker (user) and an underwriting assistant, for
 LoRA finetuning. The broker presents a term life, homeowners or small-business property
-submission with some facts; the assistant asks for exactly the missing ones (2-4 user turns in
-all); the last assistant turn works the case out on a short worksheet and ends with one
-machine-readable line:
+submission with some or all of the facts; the assistant asks for exactly the missing ones (1-4 user
+turns in all: one when the submission is complete); the last assistant turn works the case out on a
+short worksheet and ends with one machine-readable line:
 
     Facts: born 1971; face $1500k; BMI 31.2; smoker no; medical history none; occupation nurse, not hazardous.
     L-1 born 1971 < 1955 no
@@ -799,8 +799,8 @@ Profiles (fact sets) are disjoint across splits. The test split adds the phrasin
 Every family varies inside too: money as $1,250,000 / 1.25M / 1250k / words, ages as years or a
 birth year, feet and miles in several spellings, claims counted or listed by year (one year
 outside the five-year window, which does not count), and in {round(100 * CORRECTION_SHARE)}% of the
-conversations a fact said wrong in the opening and corrected in a later turn (`corrected` holds
-the wrong value; `facts`, the worksheet and the decision use the corrected one). Long emails, forwarded
+conversations with a later broker turn a fact said wrong in the opening and corrected in a later
+turn (`corrected` holds the wrong value; `facts`, the worksheet and the decision use the corrected one). Long emails, forwarded
 tables, call logs and team chats carry numbers that are not facts (phones, dates, street and
 policy numbers). See `data/families.py`.
 

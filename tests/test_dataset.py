@@ -116,8 +116,11 @@ def test_conversation_shape(splits):
             roles = [message["role"] for message in record["messages"]]
             assert roles[0] == "system" and roles[-1] == "assistant", record["id"]
             assert roles[1:] == ["user", "assistant"] * (len(roles[1:]) // 2), record["id"]
-            assert 2 <= roles.count("user") <= 4, record["id"]
+            assert 1 <= roles.count("user") <= 4, record["id"]
             assert all(message["content"].strip() for message in record["messages"]), record["id"]
+        # Complete submissions decided at once (no asking turn) are a share of every split, not all.
+        complete = sum(len(record["ask_facts"]) == 0 for record in records) / len(records)
+        assert 0.08 <= complete <= 0.30, complete
 
 
 def test_final_turn_decision_line_matches_record(splits):
@@ -227,7 +230,7 @@ def test_asking_turns_name_exactly_the_missing_facts(splits):
     for records in splits.values():
         for record in records:
             asks = [m["content"] for m in record["messages"] if m["role"] == "assistant"][:-1]
-            assert len(asks) == len(record["ask_facts"]) >= 1, record["id"]
+            assert len(asks) == len(record["ask_facts"]), record["id"]
             for text, missing in zip(asks, record["ask_facts"], strict=True):
                 assert parse_asked_facts(text) == set(missing), (record["id"], text)
                 assert parse_decision_line(text) is None
