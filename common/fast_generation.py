@@ -7,8 +7,9 @@ the batch; the default `DynamicCache` concatenates the whole cache at every step
 LoRA layer runs two extra matmuls per linear per token. Here:
 
 - prompts are sorted by length and prefilled in groups; each decode step runs only unfinished rows;
-  a row leaves the batch the step it ends, and when half the slots are free the next prompts are
-  prefilled and join (their cache left-padded to the running one's length);
+  a row leaves the batch the step it ends (a row from the end of the batch takes its place: only that
+  row's cache is copied), and when a quarter of the slots are free the next prompts are prefilled
+  and join (their cache left-padded to the running one's length);
 - a prompt that is the beginning of another prompt (an asking turn of a conversation whose final
   reply is also generated) is not prefilled again: its cache is the first positions of the longer
   prompt's, and its first token comes from the longer prompt's hidden state at its last position;
@@ -86,6 +87,8 @@ def decode_attention(module, query, key, value, attention_mask, scaling=None, dr
     return output.reshape(rows, heads, 1, dim).transpose(1, 2), None
 
 
+REFILL_FREE = 4  # the next prompts are prefilled and join when 1/REFILL_FREE of the rows are free
+
 ALL_ATTENTION_FUNCTIONS.register("decode_matmul", decode_attention)
 ALL_MASK_ATTENTION_FUNCTIONS.register("decode_matmul", sdpa_mask)
 
@@ -119,10 +122,13 @@ class _AppendLayer(DynamicLayer):
             k[..., :length, :], v[..., :length, :] = self.keys, self.values
         self._k, self._v = k, v
 
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        """Keep only the rows `indices` (the buffers keep their spare room)."""
+    def fill_holes(self, holes: torch.Tensor, movers: torch.Tensor, rows: int) -> None:
+        """Copy rows `movers` into rows `holes`, then keep the first `rows` rows (views: nothing else moves)."""
         length = self.get_seq_length()
-        self._k, self._v = self._k[indices], self._v[indices]
+        if len(holes):
+            self._k[holes, :, :length] = self._k[movers, :, :length]
+            self._v[holes, :, :length] = self._v[movers, :, :length]
+        self._k, self._v = self._k[:rows], self._v[:rows]
         self.keys, self.values = self._k[..., :length, :], self._v[..., :length, :]
 
     def drop_left(self, columns: int) -> None:
@@ -145,9 +151,10 @@ class _AppendLayer(DynamicLayer):
         """Append `other`'s rows below these, both right-aligned (left-padded) to `length` positions."""
         rows = self.keys.shape[0] + other.keys.shape[0]
         shape = [rows, self.keys.shape[1], max(2 * length, 64), self.keys.shape[-1]]
-        k, v = self.keys.new_zeros(shape), self.values.new_zeros([*shape[:-1], self.values.shape[-1]])
+        k, v = self.keys.new_empty(shape), self.values.new_empty([*shape[:-1], self.values.shape[-1]])
         for start, part in ((0, self), (self.keys.shape[0], other)):
             end, width = start + part.keys.shape[0], part.get_seq_length()
+            k[start:end, :, : length - width], v[start:end, :, : length - width] = 0, 0  # left padding
             k[start:end, :, length - width : length], v[start:end, :, length - width : length] = part.keys, part.values
         self._k, self._v = k, v
         self.keys, self.values = k[..., :length, :], v[..., :length, :]
@@ -245,14 +252,26 @@ def _join(batch: _Batch | None, new: _Batch) -> _Batch:
 
 
 def _keep(batch: _Batch, keep: list[int]) -> _Batch | None:
-    """The batch with only the rows at `keep`, and the positions that are padding for all of them dropped."""
+    """The batch with only the rows at `keep`, and the positions that are padding for all of them dropped.
+
+    Rows that leave are replaced by rows from the end of the batch (only those are copied, not the whole
+    cache), so the kept rows' order changes; `batch.rows` says which prompt each row is.
+    """
     if not keep:
         return None
     if len(keep) < len(batch.rows):
-        index = torch.tensor(keep, device=batch.mask.device)
+        kept = set(keep)
+        holes = [r for r in range(len(keep)) if r not in kept]
+        movers = [r for r in keep if r >= len(keep)]
+        order = list(range(len(keep)))
+        for hole, mover in zip(holes, movers, strict=True):
+            order[hole] = mover
+        device = batch.mask.device
+        holes_t, movers_t = torch.tensor(holes, device=device), torch.tensor(movers, device=device)
         for layer in batch.cache.layers:
-            layer.batch_select_indices(index)
-        batch.rows = [batch.rows[k] for k in keep]
+            layer.fill_holes(holes_t, movers_t, len(keep))
+        index = torch.tensor(order, device=device)
+        batch.rows = [batch.rows[r] for r in order]
         batch.mask, batch.positions, batch.last = batch.mask[index], batch.positions[index], batch.last[index]
     padding = int(batch.mask.any(0).int().argmax())  # leading columns with no real token in any row
     if padding:
@@ -285,7 +304,7 @@ def greedy_decode(
     batch: _Batch | None = None
     while pending or batch is not None:
         active = 0 if batch is None else len(batch.rows)
-        if pending and active <= batch_size // 2:  # refill when half the slots are free
+        if pending and active <= batch_size - batch_size // REFILL_FREE:  # refill when that many slots are free
             admitted = [pending.pop(0)]
             while pending and active + sum(map(len, admitted)) + len(pending[0]) <= batch_size:
                 admitted.append(pending.pop(0))

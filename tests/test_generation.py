@@ -16,6 +16,9 @@ from transformers import AutoModelForCausalLM
 from common import generation
 from common.fast_generation import (
     GenerationStats,
+    _AppendCache,
+    _Batch,
+    _keep,
     decode_attention,
     decode_with_matmul_attention,
     generate_replies,
@@ -151,6 +154,30 @@ def test_prompts_that_begin_another_share_its_prefill(tiny):
     groups = prefix_groups(ids)
     assert [7, 4] not in groups and any(group[0] == 4 and 7 in group for group in groups)  # an asking turn rides along
     assert sorted(i for group in groups for i in group) == list(range(len(ids)))
+
+
+def test_rows_that_leave_are_refilled_from_the_end_and_every_row_keeps_its_own_cache():
+    # 6 rows, each row's cache filled with its own number; rows 1, 2 and 5 end. The reference is the
+    # cache before, indexed by the prompt each row holds after (batch.rows), so any mix-up shows.
+    rows, width = 6, 5
+    cache = _AppendCache()
+    keys = torch.arange(rows, dtype=torch.float32)[:, None, None, None].expand(rows, 2, width, 4).clone()
+    mask = torch.ones(rows, width, dtype=torch.long)
+    mask[:, :2] = 0  # two columns of left padding under every row ...
+    mask[3, 1] = 1  # ... but row 3 starts one column earlier
+    for layer in range(2):
+        cache.update(keys + 100 * layer, -(keys + 100 * layer), layer)
+    batch = _Batch([10, 11, 12, 13, 14, 15], cache, mask, torch.arange(rows), torch.arange(20, 20 + rows))
+    kept = _keep(batch, [0, 3, 4])
+    assert sorted(kept.rows) == [10, 13, 14] and len(kept.rows) == 3
+    for r, prompt in enumerate(kept.rows):
+        original = prompt - 10
+        for layer in range(2):
+            assert torch.equal(kept.cache.layers[layer].keys[r], keys[original, :, 1:] + 100 * layer)
+            assert torch.equal(kept.cache.layers[layer].values[r], -(keys[original, :, 1:] + 100 * layer))
+        assert kept.positions[r] == original and kept.last[r] == 20 + original
+        assert torch.equal(kept.mask[r], mask[original, 1:])  # the column that is padding in every kept row left
+    assert _keep(kept, []) is None
 
 
 def test_a_reply_that_stops_at_once_is_empty_and_finished(tiny):
