@@ -42,6 +42,8 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from common.generation import encode_prompts, end_of_turn_ids, generate_batches
 
+REFILL_FREE = 4  # the next prompts are prefilled and join when 1/REFILL_FREE of the rows are free
+
 
 @dataclass
 class GenerationStats:
@@ -86,8 +88,6 @@ def decode_attention(module, query, key, value, attention_mask, scaling=None, dr
     output = torch.matmul(scores.softmax(-1, dtype=torch.float32).to(value.dtype), value)
     return output.reshape(rows, heads, 1, dim).transpose(1, 2), None
 
-
-REFILL_FREE = 4  # the next prompts are prefilled and join when 1/REFILL_FREE of the rows are free
 
 ALL_ATTENTION_FUNCTIONS.register("decode_matmul", decode_attention)
 ALL_MASK_ATTENTION_FUNCTIONS.register("decode_matmul", sdpa_mask)
