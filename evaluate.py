@@ -118,6 +118,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-new-tokens", type=int, default=400, help="tokens per reply (data/task.py's ~275)")
     extra_help = "skip the task's extra prompts (data/task.py: the asking turns)"
     parser.add_argument("--no-extra-prompts", "--no-ask-turns", action="store_true", help=extra_help)
+    own_help = "each prompt's earlier assistant turns are the model's own replies, generated turn by turn"
+    parser.add_argument("--own-history", action="store_true", help=own_help)
     parser.add_argument("--no-base", action="store_true", help="with --adapter: score only the finetuned model")
     parser.add_argument("--no-cache", action="store_true", help="recompute the base model's results (and re-cache)")
     dtype_help = "model and autocast dtype (auto: the fastest measured on this CPU, bf16/fp16 on a GPU)"
@@ -427,10 +429,51 @@ def generation_targets(records: list[dict], task: ModuleType, no_extra_prompts: 
     }
 
 
+def own_history_replies(generate, chats: list[dict], extras: list[dict]) -> tuple[list[str], list[str]]:
+    """Replies whose prompts carry the model's own earlier assistant turns (what a deployed model sees).
+
+    Every assistant turn of each chat is generated, one `generate` call per turn number: the prompt
+    of turn k is the conversation before it, with turns 1..k-1 replaced by the model's replies there
+    (the user turns stay as recorded). An extra prompt that is a chat's conversation before one of
+    its assistant turns gets that turn's reply; any other extra prompt is generated as recorded.
+
+    Args:
+        generate: prompts (lists of messages) -> replies, e.g. a bound `generate_replies`.
+        chats: the chat records.
+        extras: the task's extra prompts ({"messages", ...}).
+
+    Returns:
+        (the final replies, aligned with `chats`; the extra replies, aligned with `extras`).
+    """
+    turns = [[i for i, m in enumerate(chat["messages"]) if m["role"] == "assistant"] for chat in chats]
+    own: list[dict[int, str]] = [{} for _ in chats]
+    for k in range(max(map(len, turns), default=0)):
+        todo = [(c, positions[k]) for c, positions in enumerate(turns) if len(positions) > k]
+        prompts = [
+            [{**m, "content": own[c].get(i, m["content"])} for i, m in enumerate(chats[c]["messages"][:end])]
+            for c, end in todo
+        ]
+        for (c, end), reply in zip(todo, generate(prompts), strict=True):
+            own[c][end] = reply
+    finals = [own[c][positions[-1]] for c, positions in enumerate(turns)]
+    extra_replies: list[str | None] = []
+    for extra in extras:
+        end = len(extra["messages"])
+        chat = next(
+            (c for c, chat in enumerate(chats) if end in own[c] and chat["messages"][:end] == extra["messages"]), None
+        )
+        extra_replies.append(None if chat is None else own[chat][end])
+    unmatched = [j for j, reply in enumerate(extra_replies) if reply is None]
+    for j, reply in zip(unmatched, generate([extras[j]["messages"] for j in unmatched]), strict=True):
+        extra_replies[j] = reply
+    return finals, extra_replies
+
+
 def run_model(name: str, inputs: EvalInputs, targets: dict, args, adapter_off: bool) -> dict:
     """One model's per-example losses, replies and extra replies (the adapter disabled for the base).
 
-    The final replies and the extra prompts are generated in one continuous batch.
+    The final replies and the extra prompts are generated in one continuous batch (with --own-history,
+    one per turn number: `own_history_replies`).
 
     Returns:
         {"loss_sums", "counts", "replies", "extra_replies", "generation": useful new tokens, prompt
@@ -445,10 +488,22 @@ def run_model(name: str, inputs: EvalInputs, targets: dict, args, adapter_off: b
             model, examples, tokenizer.pad_token_id, args.batch_size, precision, progress=f"{name}: scoring"
         )
         with precision_autocast(precision):
-            progress = f"{name}: generating (+ {len(targets['extras'])} extra prompts)"
-            replies = generate_replies(
-                model, tokenizer, prompts, args.gen_batch_size, args.max_new_tokens, progress=progress, stats=stats
-            )
+            if args.own_history:
+
+                def generate(turn_prompts: list[list[dict]]) -> list[str]:
+                    progress = f"{name}: generating (own history)"
+                    size, budget = args.gen_batch_size, args.max_new_tokens
+                    return generate_replies(
+                        model, tokenizer, turn_prompts, size, budget, progress=progress, stats=stats
+                    )
+
+                finals, extra_replies = own_history_replies(generate, targets["chats"], targets["extras"])
+                replies = finals + extra_replies
+            else:
+                progress = f"{name}: generating (+ {len(targets['extras'])} extra prompts)"
+                replies = generate_replies(
+                    model, tokenizer, prompts, args.gen_batch_size, args.max_new_tokens, progress=progress, stats=stats
+                )
     logger.info(
         "%s: generated %d useful new tokens in %.1f s (%.1f tok/s; %d prompt tokens)",
         name,
@@ -494,6 +549,7 @@ def base_cache_key(args, inputs: EvalInputs, targets: dict) -> tuple[str, dict]:
             "gen_batch_size": args.gen_batch_size,
             "max_new_tokens": args.max_new_tokens,
             "extra_prompts": hashlib.sha256(extra_messages.encode()).hexdigest(),
+            **({"own_history": True} if args.own_history else {}),  # absent: keys cached before the flag still hit
         },
         "precision": {"precision": inputs.precision.precision, "dtype": str(inputs.precision.dtype)},
     }
@@ -545,6 +601,7 @@ def build_metrics(args, inputs: EvalInputs, targets: dict, results: dict) -> dic
             "dtype": str(inputs.precision.dtype).replace("torch.", ""),
             "precision": inputs.precision.to_json(),
             "max_seq_len": args.max_seq_len,
+            "own_history": args.own_history,
             "device": str(inputs.device),
         },
         "models": results,

@@ -327,3 +327,28 @@ def test_bad_flags_are_refused_naming_the_flag(flags, message, capsys):
     with pytest.raises(SystemExit) as excinfo:
         evaluate.parse_args(flags)
     assert excinfo.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_own_history_prompts_carry_the_models_earlier_replies():
+    # Two chats (3 and 1 assistant turns) and three extra prompts: two that end before an assistant
+    # turn of chat "a" and one that is no chat's prefix. The fake model answers with the prompt it saw.
+    def turn(role, content):
+        return {"role": role, "content": content}
+
+    a = [turn("user", "u1"), turn("assistant", "A1"), turn("user", "u2"), turn("assistant", "A2")]
+    a += [turn("user", "u3"), turn("assistant", "A3")]
+    chats = [{"messages": a}, {"messages": [turn("user", "v1"), turn("assistant", "B1")]}]
+    extras = [{"messages": a[:1]}, {"messages": a[:3]}, {"messages": [turn("user", "other")]}]
+    calls = []
+
+    def generate(prompts):
+        calls.append(prompts)
+        return ["|".join(m["content"] for m in prompt) for prompt in prompts]
+
+    finals, extra_replies = evaluate.own_history_replies(generate, chats, extras)
+    # Turn 1 of both chats, then turn 2 and 3 of chat "a", then the unmatched extra: four calls.
+    assert [len(prompts) for prompts in calls] == [2, 1, 1, 1]
+    assert calls[1][0] == [turn("user", "u1"), turn("assistant", "u1"), turn("user", "u2")]
+    # Written out by hand: each earlier assistant turn is the reply the fake gave at that turn.
+    assert finals == ["u1|u1|u2|u1|u1|u2|u3", "v1"]
+    assert extra_replies == ["u1", "u1|u1|u2", "other"]
