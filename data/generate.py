@@ -1,8 +1,8 @@
 """Generate the synthetic underwriting conversations and their data card.
 
 Each record is a short chat: a broker presents a term life, homeowners or small-business
-property submission with some or all of the facts, the assistant asks for the rest (1-4 user turns
-in all), and the last assistant turn works out the decision of `data/rulebook.py` on a worksheet
+property submission with some or all of the facts, the assistant writes the facts so far ("?" where
+missing) and asks for the rest (1-4 user turns in all), and the last assistant turn works out the decision of `data/rulebook.py` on a worksheet
 (facts restated, every rule checked on its own line with the running result) and ends with a
 machine-readable line such as
 `DECISION: approve | CLASS: standard | RULES: L-8`.
@@ -27,6 +27,7 @@ import random
 import statistics
 import sys
 from collections import Counter
+from collections.abc import Collection
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -225,17 +226,43 @@ def _age_atom(key: str, op: str, limit: int, facts: dict, year_keys: set[str]) -
     return f"{age_label} {facts[key]} {op} {limit}", truth
 
 
-def worksheet_facts(lob: str, facts: dict, year_keys: set[str]) -> str:
+# How the facts line names a fact not given yet ("BMI ?"), in an asking turn.
+FACT_LABELS = {
+    "age": "age",
+    "face_amount": "face",
+    "bmi": "BMI",
+    "smoker": "smoker",
+    "medical_history": "medical history",
+    "occupation": "occupation",
+    "construction": "construction",
+    "roof_age": "roof",
+    "fire_station_miles": "fire station",
+    "hydrant_feet": "hydrant",
+    "prior_claims": "claims",
+    "wind_zone": "wind zone",
+    "dwelling_value": "dwelling",
+    "occupancy": "occupancy",
+    "sprinklered": "sprinklered",
+    "building_age": "building",
+    "wiring_updated": "wiring updated",
+    "annual_revenue": "revenue",
+    "tiv": "TIV",
+    "prior_losses": "losses",
+}
+
+
+def worksheet_facts(lob: str, facts: dict, year_keys: set[str], missing: Collection[str] = ()) -> str:
     """The facts line: every fact the rulebook reads, in REQUIRED_FACTS order and canonical units.
 
     Args:
         lob: line of business.
         facts: the case facts.
         year_keys: the age facts the broker stated as a year ("born 1983"): kept as the year.
+        missing: facts not given yet, written as "<label> ?" (an asking turn's facts line).
 
     Returns:
         e.g. "Facts: born 1983; face $500k; BMI 27.1; smoker no; medical history none; occupation
-        teacher, not hazardous."
+        teacher, not hazardous." or, with missing={"bmi"}, "...; BMI ?; ...".
     """
     f = facts
     if lob == "term_life":
@@ -268,6 +295,8 @@ def worksheet_facts(lob: str, facts: dict, year_keys: set[str]) -> str:
             f"TIV {_money(f['tiv'])}",
             f"losses {f['prior_losses']}",
         ]
+    keys = rulebook.REQUIRED_FACTS[lob]
+    items = [f"{FACT_LABELS[key]} ?" if key in missing else item for key, item in zip(keys, items, strict=True)]
     return "Facts: " + "; ".join(items) + "."
 
 
@@ -473,10 +502,15 @@ def build_conversation(
     messages = [{"role": "system", "content": rng.choice(SYSTEM_PROMPTS)}, {"role": "user", "content": opening}]
     for index, group in enumerate(groups):
         # The assistant always asks for everything still missing; the broker may answer only part.
-        still_missing = [k for g in groups[index:] for k in g]
+        # It first writes the facts so far ("?" where missing, a wrong value until it is corrected),
+        # so asking or deciding follows from a line it wrote, as the decision follows from the worksheet.
+        unanswered = {k for g in groups[index:] for k in g}
+        still_missing = [k for k in rulebook.REQUIRED_FACTS[lob] if k in unanswered]
         ask_facts.append(still_missing)
+        told = facts | corrected if index <= fix_turn else facts
         template = rng.choice(ASK_FIRST if index == 0 else ASK_AGAIN)
         ask = template.format(items=join_items([FACT_ASK_NAMES[k] for k in still_missing]))
+        ask = worksheet_facts(lob, told, year_keys, missing=unanswered) + "\n" + ask
         messages.append({"role": "assistant", "content": ask})
         fixes = tuple(corrected) if index == fix_turn else ()
         answer = write_user_turn(lob, group, facts, family, rng, False, year_keys, corrected=fixes)
@@ -681,7 +715,9 @@ def card_introduction(seed: int) -> str:
 Short chat conversations between an insurance broker (user) and an underwriting assistant, for
 LoRA finetuning. The broker presents a term life, homeowners or small-business property
 submission with some or all of the facts; the assistant asks for exactly the missing ones (1-4 user
-turns in all: one when the submission is complete); the last assistant turn works the case out on a
+turns in all: one when the submission is complete), each asking turn first writing the facts so far
+with "?" where one is missing (`Facts: age 71; face ?; BMI ?; smoker yes; ...`, a fact said wrong
+keeps its wrong value until the broker corrects it); the last assistant turn works the case out on a
 short worksheet and ends with one machine-readable line:
 
     Facts: born 1971; face $1500k; BMI 31.2; smoker no; medical history none; occupation nurse, not hazardous.

@@ -237,6 +237,40 @@ def test_asking_turns_name_exactly_the_missing_facts(splits):
             assert all(set(b) < set(a) for a, b in zip(record["ask_facts"], record["ask_facts"][1:])), record["id"]
 
 
+def _facts_items(text: str) -> list[str]:
+    line = text.splitlines()[0]
+    assert line.startswith("Facts: ") and line.endswith("."), line
+    return line[len("Facts: ") : -1].split("; ")
+
+
+def test_asking_turns_first_write_the_facts_so_far(splits):
+    # Reference: the final worksheet's facts line. An asking turn writes "<label> ?" exactly where a
+    # fact is still missing, the final item for every fact given, and a corrected fact's wrong value
+    # from the opening until the turn after the broker corrects it.
+    corrected_seen = 0
+    for records in splits.values():
+        for record in records:
+            replies = [m["content"] for m in record["messages"] if m["role"] == "assistant"]
+            final = _facts_items(replies[-1])
+            keys = rulebook.REQUIRED_FACTS[record["line_of_business"]]
+            shown_right = dict.fromkeys(record["corrected"], False)
+            for text, missing in zip(replies[:-1], record["ask_facts"], strict=True):
+                items = _facts_items(text)
+                assert len(items) == len(keys), (record["id"], text)
+                for key, item, final_item in zip(keys, items, final, strict=True):
+                    if key in missing:
+                        assert item == f"{generate.FACT_LABELS[key]} ?", (record["id"], key, text)
+                    elif key in record["corrected"]:
+                        assert item == final_item or not shown_right[key], (record["id"], key, text)
+                        shown_right[key] = item == final_item
+                    else:
+                        assert item == final_item, (record["id"], key, text)
+            for key in record["corrected"]:  # said wrong in the opening: the first asking turn keeps it wrong
+                assert _facts_items(replies[0])[keys.index(key)] != final[keys.index(key)], record["id"]
+                corrected_seen += 1
+    assert corrected_seen > 50
+
+
 def test_asked_fact_names_do_not_overlap():
     # parse_asked_facts reads names by substring: no name may contain another.
     names = list(FACT_ASK_NAMES.values())
