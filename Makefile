@@ -36,8 +36,8 @@ DEMO_RECIPE := --lr 2e-3 --target-modules all-linear --batch-size 1 --effective-
 DEMO_STAGES := \
 	"data/generate.py" \
 	"train.py --run-name demo --output-dir runs/demo --overwrite $(DEMO_RECIPE)" \
-	"evaluate.py --adapter runs/demo/best --split test" \
-	"evaluate.py --adapter runs/demo/best --data-file data/stress.jsonl --output-dir runs/demo/eval-stress" \
+	"evaluate.py --adapter runs/demo/best --split test --own-history" \
+	"evaluate.py --adapter runs/demo/best --data-file data/stress.jsonl --own-history --output-dir runs/demo/eval-stress" \
 	"evaluate.py --report runs/demo" \
 	"export.py --run runs/demo --version 1.0 --force" \
 	"merge_and_load.py --adapter exports/demo-v1.0 --output merged/demo --force"
