@@ -488,22 +488,19 @@ def run_model(name: str, inputs: EvalInputs, targets: dict, args, adapter_off: b
             model, examples, tokenizer.pad_token_id, args.batch_size, precision, progress=f"{name}: scoring"
         )
         with precision_autocast(precision):
+
+            def generate(turn_prompts: list[list[dict]], progress: str) -> list[str]:
+                size, budget = args.gen_batch_size, args.max_new_tokens
+                return generate_replies(model, tokenizer, turn_prompts, size, budget, progress=progress, stats=stats)
+
             if args.own_history:
-
-                def generate(turn_prompts: list[list[dict]]) -> list[str]:
-                    progress = f"{name}: generating (own history)"
-                    size, budget = args.gen_batch_size, args.max_new_tokens
-                    return generate_replies(
-                        model, tokenizer, turn_prompts, size, budget, progress=progress, stats=stats
-                    )
-
-                finals, extra_replies = own_history_replies(generate, targets["chats"], targets["extras"])
+                own = f"{name}: generating (own history)"
+                finals, extra_replies = own_history_replies(
+                    lambda turn_prompts: generate(turn_prompts, own), targets["chats"], targets["extras"]
+                )
                 replies = finals + extra_replies
             else:
-                progress = f"{name}: generating (+ {len(targets['extras'])} extra prompts)"
-                replies = generate_replies(
-                    model, tokenizer, prompts, args.gen_batch_size, args.max_new_tokens, progress=progress, stats=stats
-                )
+                replies = generate(prompts, f"{name}: generating (+ {len(targets['extras'])} extra prompts)")
     logger.info(
         "%s: generated %d useful new tokens in %.1f s (%.1f tok/s; %d prompt tokens)",
         name,

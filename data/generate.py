@@ -2,7 +2,8 @@
 
 Each record is a short chat: a broker presents a term life, homeowners or small-business
 property submission with some or all of the facts, the assistant writes the facts so far ("?" where
-missing) and asks for the rest (1-4 user turns in all), and the last assistant turn works out the decision of `data/rulebook.py` on a worksheet
+missing) and asks for the rest (1-4 user turns in all), and the last assistant turn works out the
+decision of `data/rulebook.py` on a worksheet
 (facts restated, every rule checked on its own line with the running result) and ends with a
 machine-readable line such as
 `DECISION: approve | CLASS: standard | RULES: L-8`.
