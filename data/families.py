@@ -5,9 +5,11 @@ underwriter shorthand, a long email with stories and numbers that are not facts,
 with a plain-text table, pasted call notes, a team chat, non-native English, a key/value dump, and
 the held-out `form_fields` (test split only). Inside a family the facts vary too: money as
 $1,250,000 / 1.25M / 1250k / words, ages as years or a birth year, feet as ft / feet / ', miles as
-mi / miles, claims as a count or listed by year (one year outside the five-year window), typos (in
-the surrounding words, and a few misspelled fact words), all-lower or all-upper case, and a fact
-said wrong first and corrected in a later turn.
+mi / miles, claims as a count or listed by year (often with a year outside the five-year window),
+the words people use for a category ("RN" for nurse, "brick" for masonry, "cabinet shop" for a
+woodworking shop; an occupancy's hazard class said only sometimes), typos (in the surrounding
+words, and a few misspelled fact words), all-lower or all-upper case, and a fact said wrong first
+and corrected in a later turn.
 Only the words change: the facts, the decision and the assistant's turns come from generate.py.
 
     python -c "import random; from data import families; print(families.write_user_turn('homeowners', \
@@ -51,6 +53,7 @@ FAMILY_STYLE = {
     "form_fields": "form",
 }
 CLAIMS_BY_YEAR_SHARE = 0.35  # claims/losses listed by year instead of counted (not in form_fields)
+OLD_CLAIM_SHARE = 0.7  # lists by year that also name a claim older than the five-year window
 LOB_NAMES = {
     "term_life": ("term life", "term life insurance"),
     "homeowners": ("homeowners", "home insurance"),
@@ -84,23 +87,33 @@ PHRASES = {
         "form": ["BMI: {bmi}"],
     },
     "smoker=True": {
-        "prose": ["the applicant smokes", "they are a current smoker", "the applicant uses tobacco daily"],
-        "terse": ["smoker", "tobacco: yes", "tabacco: yes"],
-        "short": ["smkr", "tob Y"],
+        "prose": [
+            "the applicant smokes",
+            "they are a current smoker",
+            "the applicant uses tobacco daily",
+            "they smoke about a pack a day",
+        ],
+        "terse": ["smoker", "tobacco: yes", "tabacco: yes", "smokes cigarettes", "tobacco user"],
+        "short": ["smkr", "tob Y", "cig smoker"],
         "nonnative": ["he is smoking every day", "the client is smoker"],
         "form": ["Tobacco: yes"],
     },
     "smoker=False": {
-        "prose": ["the applicant is a non-smoker", "there is no tobacco use", "they have never smoked"],
-        "terse": ["non-smoker", "tobacco: no", "tabacco: no"],
-        "short": ["NS", "non-smkr", "tob N"],
+        "prose": [
+            "the applicant is a non-smoker",
+            "there is no tobacco use",
+            "they have never smoked",
+            "the applicant does not smoke",
+        ],
+        "terse": ["non-smoker", "tobacco: no", "tabacco: no", "nonsmoker", "non smoker", "tobacco-free"],
+        "short": ["NS", "non-smkr", "tob N", "N/S"],
         "nonnative": ["he is not smoking", "the client don't smoke"],
         "form": ["Tobacco: no"],
     },
     "medical_history=none": {
         "prose": ["there is no significant medical history", "the medical history is clean"],
-        "terse": ["no medical hx", "hx: none"],
-        "short": ["PMH neg", "hx none"],
+        "terse": ["no medical hx", "hx: none", "no health issues", "healthy, no conditions"],
+        "short": ["PMH neg", "hx none", "clean hx"],
         "nonnative": ["no any illness in medical history"],
         "form": ["Medical history: none"],
     },
@@ -189,23 +202,23 @@ PHRASES = {
         "form": ["Dwelling value: {money}"],
     },
     "occupancy": {
-        "prose": ["the insured runs {a_occ} ({hazard} hazard)", "occupancy is {a_occ}, {hazard}-hazard class"],
-        "terse": ["{occ} ({hazard} hazard)", "occ: {occ}, {hazard} hazard"],
-        "short": ["{occ} ({hazard} haz)", "occ {occ} / {hazard} haz"],
-        "nonnative": ["the business is {a_occ} ({hazard} hazard)"],
-        "form": ["Occupancy: {occ} ({hazard} hazard)"],
+        "prose": ["the insured runs {a_occ}", "occupancy is {a_occ}", "the business is {a_occ}"],
+        "terse": ["{occ}", "occ: {occ}", "occupancy {occ}"],
+        "short": ["{occ}", "occ {occ}"],
+        "nonnative": ["the business is {a_occ}", "they are having {a_occ}"],
+        "form": ["Occupancy: {occ}"],
     },
     "sprinklered=True": {
         "prose": ["the building is fully sprinklered", "there is a sprinkler system throughout"],
-        "terse": ["sprinklered", "spr: yes"],
-        "short": ["spr Y", "fully spr"],
+        "terse": ["sprinklered", "spr: yes", "sprinklers: yes", "wet sprinkler system throughout"],
+        "short": ["spr Y", "fully spr", "sprk Y"],
         "nonnative": ["building have sprinklers everywhere"],
         "form": ["Sprinklers: yes"],
     },
     "sprinklered=False": {
         "prose": ["there are no sprinklers", "the building is not sprinklered"],
-        "terse": ["no sprinklers", "spr: no", "no sprinkelrs"],
-        "short": ["spr N", "no spr"],
+        "terse": ["no sprinklers", "spr: no", "no sprinkelrs", "unsprinklered", "non-sprinklered"],
+        "short": ["spr N", "no spr", "sprk N"],
         "nonnative": ["building have no sprinklers"],
         "form": ["Sprinklers: no"],
     },
@@ -218,15 +231,15 @@ PHRASES = {
     },
     "wiring_updated=True": {
         "prose": ["the wiring has been updated", "it has been fully rewired"],
-        "terse": ["wiring updated", "rewired"],
-        "short": ["wiring upd Y", "rewired"],
+        "terse": ["wiring updated", "rewired", "electrical updated", "new wiring"],
+        "short": ["wiring upd Y", "rewired", "elec upd"],
         "nonnative": ["electric wiring was renew"],
         "form": ["Wiring updated: yes"],
     },
     "wiring_updated=False": {
         "prose": ["the wiring is original", "the electrical was never updated"],
-        "terse": ["original wiring", "wiring not updated"],
-        "short": ["orig wiring", "wiring upd N"],
+        "terse": ["original wiring", "wiring not updated", "electrical never updated", "wiring: original"],
+        "short": ["orig wiring", "wiring upd N", "orig elec"],
         "nonnative": ["the wiring is still the original one"],
         "form": ["Wiring updated: no"],
     },
@@ -266,6 +279,16 @@ PHRASES = {
         "form": ["Losses (5 yrs): {n}"],
     },
 }
+# An occupancy said with its hazard class, in OCCUPANCY_HAZARD_SHARE of the mentions; brokers rarely
+# write the class, so the worksheet's class must come from the rulebook's table, not from the text.
+OCCUPANCY_HAZARD_SHARE = 0.3
+OCCUPANCY_WITH_HAZARD = {
+    "prose": ["the insured runs {a_occ} ({hazard} hazard)", "occupancy is {a_occ}, {hazard}-hazard class"],
+    "terse": ["{occ} ({hazard} hazard)", "occ: {occ}, {hazard} hazard"],
+    "short": ["{occ} ({hazard} haz)", "occ {occ} / {hazard} haz"],
+    "nonnative": ["the business is {a_occ} ({hazard} hazard)"],
+    "form": ["Occupancy: {occ} ({hazard} hazard)"],
+}
 # Labels of the table and key/value families: (label, how the value is written). "year" writes an
 # age as the year it counts from; "count" a number of claims; "flag" yes/no; "text" a word.
 FIELD_LABELS = {
@@ -299,10 +322,44 @@ CONDITION_EXAMPLES = {
     ],
     "serious": ["a heart attack in {year}", "a stroke in {year}", "cancer treatment that ended in {year}"],
 }
+# What people call each categorical value; the worksheet always writes the rulebook's own name.
+# Each mention uses the rulebook's name or, in NAME_VARIANT_SHARE of them, one of these.
+NAME_VARIANT_SHARE = 0.5
 CONSTRUCTION_NAMES = {
     "frame": ["wood frame", "frame"],
     "masonry": ["masonry", "brick masonry"],
     "fire_resistive": ["fire-resistive", "concrete fire-resistive"],
+}
+NAME_VARIANTS = {
+    "frame": ["wood", "timber frame", "stick-built", "wooden", "wood-framed", "timber"],
+    "masonry": ["brick", "solid brick", "concrete block", "cinder block", "CMU block", "stone", "block"],
+    "fire_resistive": ["reinforced concrete", "poured concrete", "steel and concrete", "fire resistive", "FR"],
+    "teacher": ["school teacher", "high school teacher", "math teacher", "kindergarten teacher"],
+    "accountant": ["CPA", "tax accountant", "chartered accountant", "staff accountant"],
+    "nurse": ["RN", "registered nurse", "ICU nurse", "staff nurse"],
+    "software developer": ["software engineer", "programmer", "web developer", "software dev", "coder"],
+    "retail manager": ["store manager", "shop manager", "manager at a retail store"],
+    "pharmacist": ["PharmD", "hospital pharmacist", "retail pharmacist"],
+    "graphic designer": ["graphic artist", "visual designer", "designer (graphics)"],
+    "commercial diver": ["saturation diver", "professional diver", "underwater welder"],
+    "offshore rig worker": ["oil rig worker", "roughneck offshore", "offshore driller", "offshore platform hand"],
+    "logger": ["lumberjack", "timber faller", "logging crew member"],
+    "commercial fisher": ["fisherman", "commercial fisherman", "deckhand on a fishing boat", "crab fisherman"],
+    "tower crane operator": ["crane operator", "tower crane driver", "crane driver"],
+    "accounting office": ["CPA firm", "accounting firm", "bookkeeping office", "tax preparer's office"],
+    "dental clinic": ["dentist's office", "dental office", "dental practice"],
+    "clothing boutique": ["boutique", "clothing store", "apparel shop", "fashion boutique"],
+    "insurance agency": ["insurance office", "insurance brokerage", "agency office"],
+    "bookstore": ["book shop", "bookshop", "used-book store"],
+    "restaurant": ["diner", "bistro", "pizzeria", "family restaurant"],
+    "bakery": ["bread bakery", "pastry shop", "bake shop"],
+    "auto repair shop": ["auto repair garage", "mechanic's garage", "car repair shop", "auto service center"],
+    "dry cleaner": ["dry cleaning shop", "dry-cleaners", "laundry and dry cleaning"],
+    "print shop": ["printing shop", "commercial printer", "print and copy shop", "offset printer"],
+    "woodworking shop": ["cabinet shop", "cabinet maker", "millwork shop", "woodshop"],
+    "furniture refinisher": ["furniture refinishing shop", "furniture stripping and refinishing", "antique refinisher"],
+    "plastics molder": ["injection molder", "plastic injection molding plant", "plastics manufacturer"],
+    "spray-paint shop": ["spray painting shop", "paint booth shop", "auto body paint shop", "spray booth"],
 }
 MONEY_WORDS = {
     250_000: "a quarter million",
@@ -367,14 +424,15 @@ def format_feet(n: int, rng: random.Random) -> str:
 
 
 def claims_by_year(key: str, count: int, style: str, rng: random.Random) -> str:
-    """Claims (or losses) listed by year, one of them outside the five-year window.
+    """Claims (or losses) listed by year, often one of them outside the five-year window.
 
-    Only the years from REFERENCE_YEAR - 4 on count toward the fact: `count` of them, plus one
-    year at least 7 years back that the reader must leave out.
+    Only the years from REFERENCE_YEAR - 4 on count toward the fact: `count` of them, plus (always
+    when `count` is 0, else in OLD_CLAIM_SHARE of the lists) one year at least 7 years back that the
+    reader must leave out.
     """
     inside = sorted(rng.sample(range(YEAR - 4, YEAR + 1), count))
-    outside = rng.randint(YEAR - 13, YEAR - 7)
-    years = sorted([outside, *inside])
+    outside = [rng.randint(YEAR - 13, YEAR - 7)] if count == 0 or rng.random() < OLD_CLAIM_SHARE else []
+    years = sorted([*outside, *inside])
     items = [f"{y} ({rng.choice(CLAIM_CAUSES)})" for y in years]
     noun = "claims" if key == "prior_claims" else "losses"
     listed = ", ".join(items[:-1]) + " and " + items[-1] if len(items) > 1 else items[0]
@@ -387,6 +445,11 @@ def claims_by_year(key: str, count: int, style: str, rng: random.Random) -> str:
         "kv": ["[" + ", ".join(map(str, years)) + "]"],
     }
     return rng.choice(templates[style])
+
+
+def name_variant(value: str, name: str, rng: random.Random) -> str:
+    """`name`, or in NAME_VARIANT_SHARE of the calls another word people use for `value` ("RN" for nurse)."""
+    return rng.choice(NAME_VARIANTS[value]) if rng.random() < NAME_VARIANT_SHARE else name
 
 
 def value_fields(key: str, value: object, rng: random.Random) -> dict:
@@ -403,10 +466,11 @@ def value_fields(key: str, value: object, rng: random.Random) -> dict:
     elif key in ("prior_claims", "prior_losses"):
         fields["n"] = rng.choice([str(value), NUMBER_WORDS[value]])
     elif key in ("occupation", "occupancy"):
-        fields["a_occ"] = ("an " if value[0] in "aeiou" else "a ") + value
+        fields["occ"] = name_variant(value, value, rng)
+        fields["a_occ"] = ("an " if fields["occ"][0] in "aeiouAEIOU" else "a ") + fields["occ"]
         fields["hazard"] = rulebook.OCCUPANCY_HAZARD.get(value, "")
     elif key == "construction":
-        fields["c"] = rng.choice(CONSTRUCTION_NAMES[value])
+        fields["c"] = name_variant(value, rng.choice(CONSTRUCTION_NAMES[value]), rng)
     elif key == "medical_history" and value != "none":
         year = rng.randint(YEAR - 4, YEAR - 1)
         fields["cond"] = rng.choice(CONDITION_EXAMPLES[value]).format(year=year)
@@ -431,6 +495,8 @@ def render_fact(key: str, value: object, style: str, rng: random.Random, year_ke
     if key in ("prior_claims", "prior_losses") and style != "form" and rng.random() < CLAIMS_BY_YEAR_SHARE:
         return claims_by_year(key, value, style, rng)
     templates = PHRASES.get(f"{key}={value}") or PHRASES[key]
+    if key == "occupancy" and rng.random() < OCCUPANCY_HAZARD_SHARE:
+        templates = OCCUPANCY_WITH_HAZARD
     template = rng.choice(templates[style])
     if key in ("age", "roof_age", "building_age"):
         (year_keys.add if "{year}" in template else year_keys.discard)(key)
@@ -449,9 +515,9 @@ def render_field(key: str, value: object, style: str, rng: random.Random, year_k
         text = rng.choice(["yes", "Y", "true"] if value else ["no", "N", "false"])
     elif kind == "text":
         text = {"none": "none", "inland": "inland", "coastal": "coastal"}.get(value, "")
-        text = text or fields.get("cond") or fields.get("c") or str(value)
-        if key == "occupancy":
-            text = f"{value} ({fields['hazard']} hazard)"
+        text = text or fields.get("cond") or fields.get("c") or str(fields["occ"])
+        if key == "occupancy" and rng.random() < OCCUPANCY_HAZARD_SHARE:
+            text = f"{text} ({fields['hazard']} hazard)"
     elif kind in ("money", "yrs", "mi", "ft", "year"):
         text = str(fields[kind])
     elif kind == "count":

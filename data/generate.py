@@ -834,8 +834,10 @@ Profiles (fact sets) are disjoint across splits. The test split adds the phrasin
 ### One example per family (broker turns, "---" between turns)
 
 Every family varies inside too: money as $1,250,000 / 1.25M / 1250k / words, ages as years or a
-birth year, feet and miles in several spellings, claims counted or listed by year (one year
-outside the five-year window, which does not count), and in {round(100 * CORRECTION_SHARE)}% of the
+birth year, feet and miles in several spellings, claims counted or listed by year (often with a
+year outside the five-year window, which does not count), other words for a category ("RN",
+"brick", "cabinet shop"; the worksheet writes the rulebook's name and an occupancy's hazard class
+from the rulebook, the broker says the class only sometimes), and in {round(100 * CORRECTION_SHARE)}% of the
 conversations with a later broker turn a fact said wrong in the opening and corrected in a later
 turn (`corrected` holds the wrong value; `facts`, the worksheet and the decision use the corrected one). Long emails, forwarded
 tables, call logs and team chats carry numbers that are not facts (phones, dates, street and

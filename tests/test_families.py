@@ -41,6 +41,38 @@ IDIOMS = {
     "two million": 2_000_000,
 }
 COUNT_WORDS = {"no": 0, "zero": 0, "one": 1, "two": 2, "three": 3, "four": 4}
+# Other words people use for a category, as a reader would list them (the canonical name matches too).
+OTHER_NAMES = {
+    "frame": r"\bframe\b|wood|timber|stick-built",
+    "masonry": r"masonry|brick|\bblock\b|stone",
+    "fire_resistive": r"fire-resistive|fire resistive|fire-res\b|reinforced concrete|poured concrete|steel and concrete|\bfr\b",
+    "teacher": r"teacher",
+    "accountant": r"accountant|\bcpa\b",
+    "nurse": r"nurse|\brn\b",
+    "software developer": r"software|programmer|web developer|coder",
+    "retail manager": r"retail manager|store manager|shop manager|manager at a retail",
+    "pharmacist": r"pharmacist|pharmd",
+    "graphic designer": r"graphic|visual designer",
+    "commercial diver": r"diver|underwater welder",
+    "offshore rig worker": r"rig worker|offshore",
+    "logger": r"logger|lumberjack|timber faller|logging",
+    "commercial fisher": r"fisher|fishing boat",
+    "tower crane operator": r"crane",
+    "accounting office": r"accounting|cpa firm|bookkeeping|tax preparer",
+    "dental clinic": r"dental|dentist",
+    "clothing boutique": r"boutique|clothing|apparel",
+    "insurance agency": r"insurance (?:agency|office|brokerage)|agency office",
+    "bookstore": r"book ?(?:store|shop)|used-book",
+    "restaurant": r"restaurant|diner|bistro|pizzeria",
+    "bakery": r"bakery|pastry|bake shop",
+    "auto repair shop": r"auto repair|mechanic|car repair|auto service",
+    "dry cleaner": r"dry.clean",
+    "print shop": r"print",
+    "woodworking shop": r"woodworking|cabinet|millwork|woodshop",
+    "furniture refinisher": r"refinish",
+    "plastics molder": r"plastic|molder",
+    "spray-paint shop": r"spray|paint booth|paint shop",
+}
 
 
 def words_to_int(text: str) -> int:
@@ -139,24 +171,20 @@ FACT_PATTERNS = {
     ],
     "bmi": [number(rf"(?:bmi|body mass index)(?: is)?(?: at)?{GAP}{{0,30}}(\d{{2}}\.\d)", float)],
     "smoker": flag_patterns(
-        r"\bsmokes\b|(?<!non-)\bsmoker\b(?![ :=|\"]{1,30}(?:yes|y|true|no|n|false)\b)|uses tobacco|(?<!non-)\bsmkr\b|\btob y\b|smoking every day|is smoker",
-        r"non-smok|non-smkr|no tobacco|never smoked|not smoking|don't smoke|\bns\b|\btob n\b",
+        r"\bsmokes\b|(?<!non-)(?<!non )\bsmoker\b(?![ :=|\"]{1,30}(?:yes|y|true|no|n|false)\b)|uses tobacco|tobacco user|smoke about a pack|(?<!non-)\bsmkr\b|\btob y\b|smoking every day|is smoker",
+        r"non-smok|non smok|nonsmok|non-smkr|no tobacco|tobacco-free|never smoked|not smok|don't smoke|\bns\b|\bn/s\b|\btob n\b",
         "tobacco|tabacco|smoker",
     ),
     "medical_history": [
         (
-            r"no significant medical|history is clean|no medical hx|\bhx\W{1,4}none|pmh neg|no any illness|medical (?:history|hx)\W{1,30}none|med_hx\W{1,6}none",
+            r"no significant medical|history is clean|no medical hx|\bhx\W{1,4}none|pmh neg|no any illness|medical (?:history|hx)\W{1,30}none|med_hx\W{1,6}none|no health issues|healthy|clean hx",
             "none",
         ),
         (r"heart attack|stroke|cancer", "serious"),
         (r"hypertension|diabetes|cholesterol|asthma", "controlled"),
     ],
-    "occupation": [(re.escape(name), name) for name in rulebook.LIFE_OCCUPATIONS],
-    "construction": [
-        (r"fire-resistive|fire-res\b", "fire_resistive"),
-        (r"masonry", "masonry"),
-        (r"\bframe\b", "frame"),
-    ],
+    "occupation": [(OTHER_NAMES[name], name) for name in rulebook.LIFE_OCCUPATIONS],
+    "construction": [(OTHER_NAMES[name], name) for name in rulebook.CONSTRUCTION_TYPES],
     "roof_age": [(rf"\b(?:roof_yr|roof|rf)\b{SPAN}(\d+)", age_from)],
     "fire_station_miles": [
         number(r"(\d+(?:\.\d+)?) ?(?:miles|mi)\b", float),
@@ -165,16 +193,16 @@ FACT_PATTERNS = {
     "hydrant_feet": [number(r"(\d[\d,]*) ?(?:ft\b|feet\b|')"), number(rf"hydrant_ft{SEP}(\d[\d,]*)")],
     "prior_claims": count_patterns("claims?|clms?", "claims|clms|clai"),
     "wind_zone": [(r"coastal", "coastal"), (r"inland", "inland")],
-    "occupancy": [(re.escape(name), name) for name in rulebook.OCCUPANCY_HAZARD],
+    "occupancy": [(OTHER_NAMES[name], name) for name in rulebook.OCCUPANCY_HAZARD],
     "sprinklered": flag_patterns(
-        r"(?<!not )(?<!no )\bsprinklered\b(?![ :=|\"]{1,30}(?:no|n|false)\b)|sprinkler system|\bspr\W{1,3}y(?:es)?\b|fully spr|sprinklers everywhere",
-        r"no sprinklers|no sprinkelrs|not sprinklered|\bspr\W{1,3}no?\b|no spr\b",
+        r"(?<!not )(?<!no )(?<!non-)\bsprinklered\b(?![ :=|\"]{1,30}(?:no|n|false)\b)|sprinkler system|\bsprk?\W{1,3}y(?:es)?\b|fully spr|sprinklers everywhere",
+        r"no sprinklers|no sprinkelrs|not sprinklered|unsprinklered|non-sprinklered|\bsprk?\W{1,3}no?\b|no spr\b",
         "sprinklers|sprinklered",
     ),
     "building_age": [(rf"\b(?:built|bldg|blt|building|year_built)\b{SPAN}(\d+)", age_from)],
     "wiring_updated": flag_patterns(
-        r"has been updated|rewired|was renew|wiring updated(?![ :=|\"]{1,30}(?:no|n|false)\b)",
-        r"wiring is original|never updated|original wiring|wiring not updated|orig wiring|still the original",
+        r"has been updated|rewired|was renew|wiring updated(?![ :=|\"]{1,30}(?:no|n|false)\b)|electrical updated|new wiring|elec upd",
+        r"wiring is original|never updated|original wiring|wiring not updated|orig wiring|orig elec|wiring\W{1,3}original|still the original",
         r"wiring[\W_]?upd(?:ated)?",
     ),
     "prior_losses": count_patterns("loss(?:es)?", "losses|loss"),
@@ -338,6 +366,21 @@ def test_surface_forms_vary(records):
         assert re.search(form, text), form
     assert re.search(r"(?:born|yob|b\.|dob_year|year of birth)\W{0,30}19\d\d", text)
     assert re.search(r"claims[^\n]*20[01]\d \(", text) and re.search(r"losses[^\n]*20[01]\d", text)
+
+
+def test_categories_go_by_other_names_and_the_hazard_class_is_said_only_sometimes(records):
+    # The worksheet writes the rulebook's names; the broker often uses others ("RN", "brick").
+    text = "\n".join(user_text(r).lower() for r in records)
+    for other in (r"\brn\b", r"\bcpa\b", r"brick", r"timber|wood\b", r"reinforced concrete|poured concrete"):
+        assert re.search(other, text), other
+    for key in ("occupation", "occupancy", "construction"):
+        canonical = [
+            r for r in records if key in r["facts"] and str(r["facts"][key]).replace("_", "-") in user_text(r).lower()
+        ]
+        assert 0.2 < len(canonical) / sum(key in r["facts"] for r in records) < 0.9, key
+    business = [user_text(r).lower() for r in records if r["lob"] == "small_business_property"]
+    with_class = sum(bool(re.search(r"(?:low|moderate|high)[ -]haz", t)) for t in business)
+    assert 0.1 < with_class / len(business) < 0.7, with_class
 
 
 def test_distractor_numbers_appear_where_claimed(records):
