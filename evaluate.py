@@ -432,13 +432,15 @@ def generation_targets(records: list[dict], task: ModuleType, no_extra_prompts: 
 def own_history_replies(generate, chats: list[dict], extras: list[dict]) -> tuple[list[str], list[str]]:
     """Replies whose prompts carry the model's own earlier assistant turns (what a deployed model sees).
 
-    Every assistant turn of each chat is generated, one `generate` call per turn number: the prompt
-    of turn k is the conversation before it, with turns 1..k-1 replaced by the model's replies there
-    (the user turns stay as recorded). An extra prompt that is a chat's conversation before one of
+    Every assistant turn of each chat is generated: the prompt of turn k is the conversation before
+    it, with turns 1..k-1 replaced by the model's replies there (the user turns stay as recorded).
+    Turn k+1's prompt is handed to `generate` as a follow-up the moment turn k's reply ends, so all
+    turns run in one continuous batch. An extra prompt that is a chat's conversation before one of
     its assistant turns gets that turn's reply; any other extra prompt is generated as recorded.
 
     Args:
-        generate: prompts (lists of messages) -> replies, e.g. a bound `generate_replies`.
+        generate: `generate(prompts, follow_up)` -> replies, as `generate_replies` with its
+            `follow_up` argument (the replies of `prompts`, then those of the follow-ups, in order).
         chats: the chat records.
         extras: the task's extra prompts ({"messages", ...}).
 
@@ -447,14 +449,22 @@ def own_history_replies(generate, chats: list[dict], extras: list[dict]) -> tupl
     """
     turns = [[i for i, m in enumerate(chat["messages"]) if m["role"] == "assistant"] for chat in chats]
     own: list[dict[int, str]] = [{} for _ in chats]
-    for k in range(max(map(len, turns), default=0)):
-        todo = [(c, positions[k]) for c, positions in enumerate(turns) if len(positions) > k]
-        prompts = [
-            [{**m, "content": own[c].get(i, m["content"])} for i, m in enumerate(chats[c]["messages"][:end])]
-            for c, end in todo
-        ]
-        for (c, end), reply in zip(todo, generate(prompts), strict=True):
-            own[c][end] = reply
+
+    def prompt(c: int, k: int) -> list[dict]:
+        end = turns[c][k]
+        return [{**m, "content": own[c].get(i, m["content"])} for i, m in enumerate(chats[c]["messages"][:end])]
+
+    owners = [(c, 0) for c, positions in enumerate(turns) if positions]  # (chat, turn number) of each prompt
+
+    def follow_up(index: int, reply: str) -> list[dict] | None:
+        c, k = owners[index]
+        own[c][turns[c][k]] = reply
+        if k + 1 == len(turns[c]):
+            return None
+        owners.append((c, k + 1))
+        return prompt(c, k + 1)
+
+    generate([prompt(c, 0) for c, _ in owners], follow_up)
     finals = [own[c][positions[-1]] for c, positions in enumerate(turns)]
     extra_replies: list[str | None] = []
     for extra in extras:
@@ -464,7 +474,7 @@ def own_history_replies(generate, chats: list[dict], extras: list[dict]) -> tupl
         )
         extra_replies.append(None if chat is None else own[chat][end])
     unmatched = [j for j, reply in enumerate(extra_replies) if reply is None]
-    for j, reply in zip(unmatched, generate([extras[j]["messages"] for j in unmatched]), strict=True):
+    for j, reply in zip(unmatched, generate([extras[j]["messages"] for j in unmatched], None), strict=True):
         extra_replies[j] = reply
     return finals, extra_replies
 
@@ -473,7 +483,8 @@ def run_model(name: str, inputs: EvalInputs, targets: dict, args, adapter_off: b
     """One model's per-example losses, replies and extra replies (the adapter disabled for the base).
 
     The final replies and the extra prompts are generated in one continuous batch (with --own-history,
-    one per turn number: `own_history_replies`).
+    every turn of every chat, each turn's prompt joining when the turn before it ends:
+    `own_history_replies`).
 
     Returns:
         {"loss_sums", "counts", "replies", "extra_replies", "generation": useful new tokens, prompt
@@ -489,14 +500,18 @@ def run_model(name: str, inputs: EvalInputs, targets: dict, args, adapter_off: b
         )
         with precision_autocast(precision):
 
-            def generate(turn_prompts: list[list[dict]], progress: str) -> list[str]:
+            def generate(turn_prompts: list[list[dict]], progress: str, follow_up=None) -> list[str]:
                 size, budget = args.gen_batch_size, args.max_new_tokens
-                return generate_replies(model, tokenizer, turn_prompts, size, budget, progress=progress, stats=stats)
+                return generate_replies(
+                    model, tokenizer, turn_prompts, size, budget, progress=progress, stats=stats, follow_up=follow_up
+                )
 
             if args.own_history:
                 own = f"{name}: generating (own history)"
                 finals, extra_replies = own_history_replies(
-                    lambda turn_prompts: generate(turn_prompts, own), targets["chats"], targets["extras"]
+                    lambda turn_prompts, follow_up: generate(turn_prompts, own, follow_up),
+                    targets["chats"],
+                    targets["extras"],
                 )
                 replies = finals + extra_replies
             else:

@@ -2,14 +2,16 @@
 
     python benchmarks/generation.py --adapter runs/demo/best                  # test split, all replies
     python benchmarks/generation.py --adapter runs/demo/best --limit 20 --compare-generate
+    python benchmarks/generation.py --adapter runs/demo/best --own-history    # as make demo evaluates
 
 Two fresh subprocesses, one after the other, both on the adapter's base model with its LoRA config:
 - training: `train.py` for `--train-steps` updates of the adapter run's own recipe (batch size,
   targets, rank, precision auto); tokens/s = non-padding tokens / step seconds over the steps after
   the first (warm-up), from its train_log.jsonl;
 - generation: `evaluate.py --adapter ... --no-base` on `--split` (final replies + asking turns, its
-  default generation settings); tokens/s = useful new tokens (up to and including each reply's
-  end-of-turn) / generation seconds, from its metrics.json.
+  default generation settings; `--own-history`: every assistant turn generated with the model's own
+  earlier replies, as `make demo` evaluates); tokens/s = useful new tokens (up to and including each
+  reply's end-of-turn) / generation seconds, from its metrics.json.
 It prints both and the ratio generation / training, and appends a section to --output.
 
 `--compare-generate` also times the plain path in this process on the same prompts
@@ -42,6 +44,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--limit", type=int, default=None, help="only the first N conversations")
     parser.add_argument("--train-steps", type=int, default=12, help="training updates timed (the first is warm-up)")
     parser.add_argument("--compare-generate", action="store_true", help="also time the previous generate() path")
+    parser.add_argument("--own-history", action="store_true", help="evaluate.py --own-history (as make demo)")
+    parser.add_argument("--skip-training", action="store_true", help="time the generation only (no ratio)")
     parser.add_argument("--output", default=str(REPO / "benchmarks/results/generation.md"), help="markdown to append")
     return parser.parse_args(argv)
 
@@ -71,9 +75,10 @@ def training_throughput(adapter: Path, steps: int, work: Path) -> dict:
     return {"steps": len(records), "tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds}
 
 
-def generation_throughput(adapter: Path, split: str, limit: int | None, work: Path) -> dict:
+def generation_throughput(adapter: Path, split: str, limit: int | None, work: Path, own_history: bool = False) -> dict:
     """evaluate.py on the finetuned model only; its generation figures from metrics.json."""
     command = [sys.executable, "evaluate.py", "--adapter", str(adapter), "--split", split, "--no-base"]
+    command += ["--own-history"] if own_history else []
     command += ["--output-dir", str(work / "eval"), "--bootstrap", "10"]
     command += ["--limit", str(limit)] if limit else []
     run_logged(command, work / "evaluate.log")
@@ -124,23 +129,25 @@ def previous_generate(adapter: Path, split: str, limit: int | None, settings: di
 def render(result: dict) -> str:
     """The markdown section appended to --output."""
     train, gen = result["training"], result["generation"]
-    lines = [
-        f"## {result['date']} | {result['machine']} | {result['adapter']} on {result['split']}",
-        "",
-        "| what | tokens | seconds | tokens/s |",
-        "|---|---|---|---|",
-        f"| training (train.py, {train['steps']} timed updates) | {train['tokens']} | {train['seconds']:.1f} | "
-        f"{train['tokens_per_s']:.1f} |",
-        f"| generation (evaluate.py, {gen['replies']} replies, useful new tokens) | {gen['new_tokens']} | "
-        f"{gen['seconds']:.1f} | {gen['tokens_per_s']:.1f} |",
-    ]
+    history = ", own history" if result.get("own_history") else ""
+    lines = [f"## {result['date']} | {result['machine']} | {result['adapter']} on {result['split']}", ""]
+    lines += ["| what | tokens | seconds | tokens/s |", "|---|---|---|---|"]
+    if train:
+        lines.append(
+            f"| training (train.py, {train['steps']} timed updates) | {train['tokens']} | {train['seconds']:.1f} | "
+            f"{train['tokens_per_s']:.1f} |"
+        )
+    lines.append(
+        f"| generation (evaluate.py{history}, {gen['replies']} replies, useful new tokens) | {gen['new_tokens']} | "
+        f"{gen['seconds']:.1f} | {gen['tokens_per_s']:.1f} |"
+    )
     if "previous" in result:
         prev = result["previous"]
         lines.append(
             f"| previous generate() path (batches of 8, unmerged) | {prev['new_tokens']} | {prev['seconds']:.1f} | "
             f"{prev['tokens_per_s']:.1f} |"
         )
-    lines += ["", f"generation / training = **{result['ratio']:.2f}**"]
+    lines += ["", f"generation / training = **{result['ratio']:.2f}**" if train else "training not timed"]
     if "previous" in result:
         prev = result["previous"]
         lines.append(
@@ -160,18 +167,19 @@ def main(argv: list[str] | None = None) -> dict:
         sys.exit(f"error: {adapter} has no config.json: pass an adapter folder written by train.py (runs/<run>/best)")
     with tempfile.TemporaryDirectory(prefix="bench-generation-") as tmp:
         work = Path(tmp)
-        training = training_throughput(adapter, args.train_steps, work)
-        generation = generation_throughput(adapter, args.split, args.limit, work)
+        training = None if args.skip_training else training_throughput(adapter, args.train_steps, work)
+        generation = generation_throughput(adapter, args.split, args.limit, work, args.own_history)
     texts = generation.pop("texts")
     result = {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "machine": describe_machine(),
         "adapter": str(Path(args.adapter)),
         "split": args.split,
+        "own_history": args.own_history,
         "threads": int(os.environ.get("OMP_NUM_THREADS") or len(os.sched_getaffinity(0))),  # torch in the children
         "training": training,
         "generation": generation,
-        "ratio": generation["tokens_per_s"] / training["tokens_per_s"],
+        "ratio": generation["tokens_per_s"] / training["tokens_per_s"] if training else None,
     }
     if args.compare_generate:
         replies, seconds, useful = previous_generate(adapter, args.split, args.limit, generation["settings"])

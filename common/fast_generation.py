@@ -10,6 +10,9 @@ LoRA layer runs two extra matmuls per linear per token. Here:
   a row leaves the batch the step it ends (a row from the end of the batch takes its place: only that
   row's cache is copied), and when a quarter of the slots are free the next prompts are prefilled
   and join (their cache left-padded to the running one's length);
+- a caller may add prompts while the decode runs (`generate_replies(follow_up=...)`: the next turn
+  of a conversation, written with the reply that just ended); they join the same running batch, so
+  turn-by-turn generation does not wait for the slowest reply of each turn;
 - a prompt that is the beginning of another prompt (an asking turn of a conversation whose final
   reply is also generated) is not prefilled again: its cache is the first positions of the longer
   prompt's, and its first token comes from the longer prompt's hidden state at its last position;
@@ -30,7 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -289,6 +292,8 @@ def greedy_decode(
     Args:
         model: a decoder-only causal LM (or a PEFT model around one), in eval mode.
         prompt_ids: token ids of each prompt (chat template applied, generation prompt included).
+            Prompts the caller appends to this list while the decode runs (between two yields) are
+            decoded too, in the same running batch.
         stop_ids: a reply ends with the first of these it generates (kept in its ids).
         batch_size: at most this many rows decode together.
         max_new_tokens: a reply without a stop token ends after this many tokens.
@@ -300,6 +305,7 @@ def greedy_decode(
     device = next(model.parameters()).device
     stops = torch.tensor(stop_ids, device=device)
     pending = prefix_groups(prompt_ids)  # shortest first; a group is prefilled once, for all its members
+    seen = len(prompt_ids)
     generated: dict[int, list[int]] = {}
     batch: _Batch | None = None
     while pending or batch is not None:
@@ -334,6 +340,8 @@ def greedy_decode(
                 yield row, generated.pop(row)
             else:
                 keep.append(r)
+        pending += [[i] for i in range(seen, len(prompt_ids))]  # appended by the caller meanwhile
+        seen = len(prompt_ids)
         batch = _keep(batch, keep)
 
 
@@ -397,6 +405,20 @@ def decode_with_matmul_attention(model) -> Iterator[None]:
         config._attn_implementation = before
 
 
+def _in_rounds(
+    model, prompt_ids: list[list[int]], stop_ids: list[int], batch_size: int, max_new_tokens: int, pad_token_id: int
+) -> Iterator[tuple[int, list[int]]]:
+    """`generate_batches` for the plain-generate path, again on the prompts appended while a round ran."""
+    first = 0
+    while first < len(prompt_ids):
+        end = len(prompt_ids)
+        for row, ids in generate_batches(
+            model, prompt_ids[first:end], stop_ids, batch_size, max_new_tokens, pad_token_id
+        ):
+            yield first + row, ids
+        first = end
+
+
 @torch.no_grad()
 def generate_replies(
     model,
@@ -406,6 +428,7 @@ def generate_replies(
     max_new_tokens: int,
     progress: str | None = None,
     stats: GenerationStats | None = None,
+    follow_up: Callable[[int, str], list[dict] | None] | None = None,
 ) -> list[str]:
     """Greedy-generate the next assistant reply for each prompt conversation.
 
@@ -422,9 +445,13 @@ def generate_replies(
         progress: label of a tqdm bar over the prompts, with the useful new tokens/s in its postfix
             (None: no bar).
         stats: if given, the call's counts and time are added to it.
+        follow_up: called as `follow_up(index, reply)` when each reply ends (index: its prompt's
+            position, counting the prompts follow_up returned after `prompts`); a conversation it
+            returns is generated too, in the running batch, and gets the next index.
 
     Returns:
-        The decoded replies (special tokens removed, stripped), aligned with `prompts`.
+        The decoded replies (special tokens removed, stripped): those of `prompts`, then those of the
+        prompts `follow_up` returned, in the order it returned them.
     """
     if not prompts:
         return []
@@ -432,7 +459,7 @@ def generate_replies(
     prompt_ids = encode_prompts(tokenizer, prompts)
     stop_ids = end_of_turn_ids(tokenizer)
     pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
-    decode = greedy_decode if _uses_standard_cache(model) else generate_batches
+    decode = greedy_decode if _uses_standard_cache(model) else _in_rounds
     replies, new_tokens = [""] * len(prompts), 0
     was_training = model.training
     model.eval()
@@ -442,13 +469,18 @@ def generate_replies(
             for row, ids in decode(model, prompt_ids, stop_ids, batch_size, max_new_tokens, pad_token_id):
                 replies[row] = tokenizer.decode(ids, skip_special_tokens=True).strip()
                 new_tokens += len(ids)
+                following = None if follow_up is None else follow_up(row, replies[row])
+                if following is not None:
+                    prompt_ids += encode_prompts(tokenizer, [following])
+                    replies.append("")
+                    bar.total += 1
                 bar.update(1)
                 bar.set_postfix_str(f"{new_tokens / (time.perf_counter() - start):.0f} new tok/s")
     finally:
         bar.close()
         model.train(was_training)
     if stats is not None:
-        stats.replies += len(prompts)
+        stats.replies += len(replies)
         stats.new_tokens += new_tokens
         stats.prompt_tokens += sum(len(ids) for ids in prompt_ids)
         stats.seconds += time.perf_counter() - start

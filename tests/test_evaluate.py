@@ -341,14 +341,20 @@ def test_own_history_prompts_carry_the_models_earlier_replies():
     extras = [{"messages": a[:1]}, {"messages": a[:3]}, {"messages": [turn("user", "other")]}]
     calls = []
 
-    def generate(prompts):
-        calls.append(prompts)
-        return ["|".join(m["content"] for m in prompt) for prompt in prompts]
+    def generate(prompts, follow_up):
+        """Replies in order; a follow-up prompt joins the end of the queue (as in a running batch)."""
+        queue, replies = list(prompts), []
+        while len(replies) < len(queue):
+            replies.append("|".join(m["content"] for m in queue[len(replies)]))
+            following = None if follow_up is None else follow_up(len(replies) - 1, replies[-1])
+            queue += [] if following is None else [following]
+        calls.append(queue)
+        return replies
 
     finals, extra_replies = evaluate.own_history_replies(generate, chats, extras)
-    # Turn 1 of both chats, then turn 2 and 3 of chat "a", then the unmatched extra: four calls.
-    assert [len(prompts) for prompts in calls] == [2, 1, 1, 1]
-    assert calls[1][0] == [turn("user", "u1"), turn("assistant", "u1"), turn("user", "u2")]
+    # One call for turn 1 of both chats, followed by turns 2 and 3 of chat "a"; one for the unmatched extra.
+    assert [len(prompts) for prompts in calls] == [4, 1]
+    assert calls[0][2] == [turn("user", "u1"), turn("assistant", "u1"), turn("user", "u2")]
     # Written out by hand: each earlier assistant turn is the reply the fake gave at that turn.
     assert finals == ["u1|u1|u2|u1|u1|u2|u3", "v1"]
     assert extra_replies == ["u1", "u1|u1|u2", "other"]

@@ -248,6 +248,40 @@ def test_generate_replies_decodes_and_counts_useful_tokens(tiny, monkeypatch):
     assert model.training is False
 
 
+@pytest.mark.parametrize("standard_cache", [True, False], ids=["fast", "plain generate"])
+def test_follow_up_prompts_join_the_running_batch_and_get_their_own_reply(tiny, monkeypatch, standard_cache):
+    # Each of the first four prompts gets a next turn written with its reply; the reference is
+    # transformers' generate on every prompt alone, the next turns built from its replies.
+    model, tokenizer = tiny
+    monkeypatch.setattr("common.fast_generation._uses_standard_cache", lambda model: standard_cache)
+    stops = pick_stops(model, prompt_ids(tokenizer, PROMPTS))
+    monkeypatch.setattr("common.fast_generation.end_of_turn_ids", lambda tokenizer: stops)
+
+    def text(ids: list[int]) -> str:
+        return tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+    def next_turn(prompt: list[dict], reply: str) -> list[dict]:
+        return [*prompt, {"role": "assistant", "content": reply}, {"role": "user", "content": "and then?"}]
+
+    first = PROMPTS[:4]
+    expected_first = [text(r) for r in reference(model, prompt_ids(tokenizer, first), stops, 12)]
+    follow_ups = [next_turn(p, r) for p, r in zip(first, expected_first, strict=True)]
+    expected_next = [text(r) for r in reference(model, prompt_ids(tokenizer, follow_ups), stops, 12)]
+    sources = []  # which first prompt each follow-up continues, in the order they were returned
+
+    def follow_up(index: int, reply: str) -> list[dict] | None:
+        if index >= len(first):
+            return None
+        sources.append(index)
+        return next_turn(first[index], reply)
+
+    stats = GenerationStats()
+    replies = generate_replies(model, tokenizer, first, 2, 12, stats=stats, follow_up=follow_up)
+    assert replies[:4] == expected_first and sorted(sources) == [0, 1, 2, 3]
+    assert replies[4:] == [expected_next[i] for i in sources]
+    assert stats.replies == 8 and stats.prompt_tokens == sum(map(len, prompt_ids(tokenizer, first + follow_ups)))
+
+
 def test_models_with_other_caches_take_the_plain_generate_path(tiny, monkeypatch):
     """A sliding-window model goes through `model.generate` per batch: the same replies and counts."""
     model, tokenizer = tiny
