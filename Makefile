@@ -30,7 +30,8 @@ gguf-setup: $(STAMP)
 # convergence report -> versioned export -> merged model with parity check. Each stage's time and
 # the total are printed at the end (and kept in runs/demo-timings.txt).
 # The recipe for the 135M default (README, "Choosing the recipe"): lr 2e-3, all-linear targets,
-# batch 1 for 2 epochs (600 updates, within the token budget), chosen on the validation split;
+# batch 1 for 2 epochs over the 450 training conversations (900 updates, 296,612 trained tokens, within
+# issue 29's budget of 2x 171,848), chosen on the validation and stress splits;
 # train.py's own defaults stay the usual 1-7B ones.
 DEMO_RECIPE := --lr 2e-3 --target-modules all-linear --batch-size 1 --effective-batch-size 1 --epochs 2
 DEMO_STAGES := \
