@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
+import transformers
 
 from common.lora import (
     LoraSetupError,
@@ -15,6 +19,8 @@ from common.lora import (
     lora_parameter_key,
 )
 from common.model import load_model_and_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
@@ -141,3 +147,31 @@ def test_apply_lora_swaps_every_adapter_dropout(tiny):
     adapter_dropouts = [d for m in model.modules() if hasattr(m, "lora_dropout") for d in m.lora_dropout.values()]
     assert len(adapter_dropouts) == 3 * tiny.config.num_hidden_layers
     assert all(type(d) is SampledGapDropout and d.p == 0.05 for d in adapter_dropouts)
+
+
+def test_the_default_models_trainable_counts_match_its_shapes_and_the_readme():
+    # The default model built on the meta device (no weights) from its config; the expected counts
+    # come from the layer shapes alone: a LoRA of rank r on an (in -> out) linear has r * (in + out).
+    config = json.loads((ROOT / "configs" / "smollm2-135m-instruct.json").read_text())
+    h, kv, inter = (
+        config["hidden_size"],
+        config["num_key_value_heads"] * config["head_dim"],
+        config["intermediate_size"],
+    )
+    per_layer_qkv = 16 * ((h + h) + 2 * (h + kv))
+    per_layer_rest = 16 * ((h + h) + 2 * (h + inter) + (inter + h))  # o_proj, gate/up_proj, down_proj
+    counts = {}
+    for targets in (["q_proj", "k_proj", "v_proj"], "all-linear"):
+        with torch.device("meta"):
+            model = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(**config))
+            counts[str(targets)] = count_parameters(apply_lora(model, 16, 32, 0.05, targets))
+    qkv, every = counts["['q_proj', 'k_proj', 'v_proj']"], counts["all-linear"]
+    assert qkv["trainable"] == config["num_hidden_layers"] * per_layer_qkv
+    assert every["trainable"] == config["num_hidden_layers"] * (per_layer_qkv + per_layer_rest)
+    # What README and docs/results.md say about them.
+    readme, results = (ROOT / "README.md").read_text(), (ROOT / "docs" / "results.md").read_text()
+    assert f"{qkv['trainable']:,} trainable of {qkv['total'] / 1e6:.1f}M ({qkv['trainable_pct']:.2f}%)" in readme
+    assert f"({every['trainable_pct']:.1f}% of parameters trainable)" in readme
+    assert (
+        f"{every['trainable']:,} of {every['total']:,} parameters trainable, {every['trainable_pct']:.1f}%" in results
+    )
