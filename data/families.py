@@ -396,7 +396,7 @@ def say_number(number: int) -> str:
 
 
 def format_money_varied(amount: int, rng: random.Random) -> str:
-    """Dollars in one of many broker styles: $250,000 / 250k / $1.25M / USD 250000 / words."""
+    """Dollars in one of many broker styles: $250,000 / 250k / $1.25M / USD 250000 / words (+ extra forms)."""
     options = [f"${amount:,}", f"USD {amount}", f"{amount:,} dollars", f"${amount // 1000:,}k"]
     if amount < 1_000_000:
         options += [f"{amount // 1000}k", f"{amount // 1000}K"]
@@ -405,7 +405,12 @@ def format_money_varied(amount: int, rng: random.Random) -> str:
     if amount in MONEY_WORDS:
         options.append(MONEY_WORDS[amount])
     options.append(say_number(amount) + " dollars")
-    return rng.choice(options)
+    usual = rng.choice(options)
+    extra = [f"{amount:,} USD".replace(",", "."), f"${amount:,}.00", f"$ {amount:,}", f"USD {amount:,}"]
+    extra += [f"{amount // 1000} thousand dollars"] if amount < 1_000_000 else [f"{amount // 1000:,}K"]
+    if amount >= 1_000_000 and amount % 10_000 == 0:
+        extra += [f"{amount / 1e6:g} mil", f"${amount / 1e6:g} million"]
+    return extra_form(extra) or usual
 
 
 def format_years(n: int, rng: random.Random) -> str:
@@ -414,13 +419,73 @@ def format_years(n: int, rng: random.Random) -> str:
 
 
 def format_miles(x: float, rng: random.Random) -> str:
-    """A distance in miles: "2.3 miles", "2.3 mi", "2.3mi" (no conversion to km: that would not be exact)."""
-    return rng.choice([f"{x:g} miles", f"{x:g} mi", f"{x:g}mi", f"{x:g} mi."])
+    """A distance in miles: "2.3 miles", "2.3 mi", "2.3mi" (no conversion to km: that would not be exact).
+
+    Extra forms: a decimal comma ("2,3 miles"), one decimal always ("5.0 mi"), words ("two point three miles").
+    """
+    usual = rng.choice([f"{x:g} miles", f"{x:g} mi", f"{x:g}mi", f"{x:g} mi."])
+    whole, tenth = int(x), round(x * 10) % 10
+    words = say_number(whole) + (f" point {ONES[tenth] or 'zero'}" if tenth else "")
+    extra = [f"{x:.1f} mi", f"{words} miles", f"about {x:g} miles"]
+    extra += [f"{x:g} miles".replace(".", ","), f"{x:g} mi".replace(".", ",")] if tenth else []
+    return extra_form(extra) or usual
 
 
 def format_feet(n: int, rng: random.Random) -> str:
-    """A distance in feet: "1,200 ft", "1200 feet", "1200'", "1200ft"."""
-    return rng.choice([f"{n:,} ft", f"{n} feet", f"{n}'", f"{n}ft", f"{n:,} feet"])
+    """A distance in feet: "1,200 ft", "1200 feet", "1200'", "1200ft" (+ "1200 ft.", "1,200ft", "1200 foot")."""
+    usual = rng.choice([f"{n:,} ft", f"{n} feet", f"{n}'", f"{n}ft", f"{n:,} feet"])
+    return extra_form([f"{n} ft.", f"{n:,}ft", f"{n} foot", f"approx. {n:,} feet"]) or usual
+
+
+# --- extra forms, for the training split only ---
+# More ways to write a number, a count, a flag. Each is drawn after the usual form, from a generator of
+# its own, and replaces it in `--extra-forms` of the draws; so turning them on changes no other draw
+# of a split. generate.py can turn them on for the training split only (augmentation): validation and
+# test keep the usual forms, and results on them stay comparable with earlier data. Off by default:
+# at 0.2 and 0.4 the demo read more stress facts right but decided worse on validation and stress
+# (docs/results.md, 2026-12-06 session 18).
+EXTRA_FORM_SHARE = 0.0
+EXTRA_PHRASES = {
+    "prior_claims=0": ["no claims", "claims-free", "nil claims 5 yrs", "clean loss run", "loss run clean"],
+    "prior_losses=0": ["no losses", "nil losses 5 yrs", "clean loss run", "loss run clean"],
+    "prior_claims": ["loss run shows {n} {claims}", "{n} {claims} in the past five years"],
+    "prior_losses": ["loss run shows {n} {losses}", "{n} {losses} in the past five years"],
+    "sprinklered=True": ["sprinklers throughout", "full sprinkler coverage", "sprinklered 100%"],
+    "sprinklered=False": ["no sprinkler system", "sprinklers: none", "no sprinkler protection"],
+    "wiring_updated=True": ["electrical upgraded", "wiring redone", "elec updated"],
+    "wiring_updated=False": ["elec original", "original electrical", "wiring orig."],
+}
+_extra = {"rng": random.Random(0), "share": 0.0}
+
+
+def use_extra_forms(seed: str, share: float) -> None:
+    """From now on, say a fact in an extra form in `share` of the draws (0 turns them off).
+
+    Args:
+        seed: seeds the extra forms' own generator.
+        share: the chance that a number, count or flag is said in an extra form.
+    """
+    _extra["rng"], _extra["share"] = random.Random(seed), share
+
+
+def extra_form(options: list[str]) -> str | None:
+    """One of `options` in the extra-form share of the calls, else None (no draw while they are off)."""
+    if _extra["share"] <= 0 or not options:
+        return None
+    return _extra["rng"].choice(options) if _extra["rng"].random() < _extra["share"] else None
+
+
+def extra_phrase(key: str, value: object) -> str | None:
+    """An extra way to say a count or a flag (`EXTRA_PHRASES`), or a claims list by year; None if not drawn."""
+    if key in ("prior_claims", "prior_losses"):
+        noun = ("claim" if key == "prior_claims" else "loss") + (
+            "" if value == 1 else "es" if key == "prior_losses" else "s"
+        )
+        templates = EXTRA_PHRASES.get(f"{key}={value}") or EXTRA_PHRASES[key]
+        by_year = claims_by_year(key, value, "terse", _extra["rng"]) if _extra["share"] > 0 else ""
+        options = [t.format(n=value, claims=noun, losses=noun) for t in templates] + [by_year] * len(templates)
+        return extra_form(options)
+    return extra_form(EXTRA_PHRASES.get(f"{key}={value}", []))
 
 
 def claims_by_year(key: str, count: int, style: str, rng: random.Random) -> str:
@@ -455,6 +520,8 @@ def name_variant(value: str, name: str, rng: random.Random) -> str:
 def value_fields(key: str, value: object, rng: random.Random) -> dict:
     """The template fields of one fact: its value in every form a template may ask for."""
     fields = {"age": value, "bmi": value, "n": value, "occ": value, "x": value}
+    if key == "bmi":
+        fields["bmi"] = extra_form([f"{value}".replace(".", ",")]) or value
     if key == "fire_station_miles":
         fields["x"], fields["mi"] = f"{value:g}", format_miles(value, rng)
     elif key in ("face_amount", "dwelling_value", "annual_revenue", "tiv"):
@@ -493,14 +560,16 @@ def render_fact(key: str, value: object, style: str, rng: random.Random, year_ke
         e.g. "they want a quarter million of cover", "face 250k" or "Face amount: $250,000".
     """
     if key in ("prior_claims", "prior_losses") and style != "form" and rng.random() < CLAIMS_BY_YEAR_SHARE:
-        return claims_by_year(key, value, style, rng)
-    templates = PHRASES.get(f"{key}={value}") or PHRASES[key]
-    if key == "occupancy" and rng.random() < OCCUPANCY_HAZARD_SHARE:
-        templates = OCCUPANCY_WITH_HAZARD
-    template = rng.choice(templates[style])
-    if key in ("age", "roof_age", "building_age"):
-        (year_keys.add if "{year}" in template else year_keys.discard)(key)
-    return template.format(**value_fields(key, value, rng))
+        usual = claims_by_year(key, value, style, rng)
+    else:
+        templates = PHRASES.get(f"{key}={value}") or PHRASES[key]
+        if key == "occupancy" and rng.random() < OCCUPANCY_HAZARD_SHARE:
+            templates = OCCUPANCY_WITH_HAZARD
+        template = rng.choice(templates[style])
+        if key in ("age", "roof_age", "building_age"):
+            (year_keys.add if "{year}" in template else year_keys.discard)(key)
+        usual = template.format(**value_fields(key, value, rng))
+    return (style != "form" and extra_phrase(key, value)) or usual
 
 
 def render_field(key: str, value: object, style: str, rng: random.Random, year_keys: set[str]) -> tuple[str, str]:

@@ -36,7 +36,7 @@ if str(REPO_ROOT) not in sys.path:
     # `python data/generate.py` puts data/ on sys.path, but the imports below live under the root.
     sys.path.insert(0, str(REPO_ROOT))
 
-from data import rulebook  # noqa: E402
+from data import families, rulebook  # noqa: E402
 from data.families import HELD_OUT_FAMILIES, ROUND_AMOUNTS, SEEN_FAMILIES, join_items, write_user_turn, wrong_value  # noqa: E402
 from data.task import FACT_ASK_NAMES, format_decision_line  # noqa: E402
 
@@ -88,6 +88,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--train-size", type=int, default=450, help="records in train.jsonl")
     parser.add_argument("--validation-size", type=int, default=60, help="records in validation.jsonl")
     parser.add_argument("--test-size", type=int, default=100, help="records in test.jsonl")
+    parser.add_argument(
+        "--extra-forms",
+        type=float,
+        default=families.EXTRA_FORM_SHARE,
+        help="share of the training split's facts said in an extra form (decimal comma, 410.000 USD, ...); default 0: none",
+    )
     # --- output ---
     parser.add_argument(
         "--output-dir", type=Path, default=Path(__file__).resolve().parent, help="folder for the splits and README.md"
@@ -520,7 +526,7 @@ def build_conversation(
     return messages, ask_facts, corrected
 
 
-def build_split(split: str, size: int, seed: int, seen_profiles: set[str]) -> list[dict]:
+def build_split(split: str, size: int, seed: int, seen_profiles: set[str], extra_share: float = 0.0) -> list[dict]:
     """Build one split: stratified (line, outcome, class) cells, fresh profiles, balanced phrasing families.
 
     Args:
@@ -528,6 +534,8 @@ def build_split(split: str, size: int, seed: int, seen_profiles: set[str]) -> li
         size: number of records.
         seed: base seed; each split draws from its own `random.Random(f"{seed}-{split}")`.
         seen_profiles: profile ids used by earlier splits; updated in place so splits stay disjoint.
+        extra_share: for the training split, the share of facts said in an extra form
+            (`families.EXTRA_FORM_SHARE`); validation and test keep the usual forms.
 
     Returns:
         The records, in random order, with ids `<split>-0001`...
@@ -536,6 +544,7 @@ def build_split(split: str, size: int, seed: int, seen_profiles: set[str]) -> li
         RuntimeError: a cell could not be filled within MAX_SAMPLING_TRIES draws.
     """
     rng = random.Random(f"{seed}-{split}")
+    families.use_extra_forms(f"{seed}-{split}-extra", extra_share if split == "train" else 0.0)
     plan = []
     for lob, lob_count in allocate(size, dict.fromkeys(rulebook.LINES_OF_BUSINESS, 1)).items():
         for cell, cell_count in allocate(lob_count, CELL_SHARES).items():
@@ -778,8 +787,24 @@ missing there, which that turn asks for by the names in `data/task.py::FACT_ASK_
 """
 
 
+def extra_forms_sentence(share: float) -> str:
+    """The data card's sentence on the training split's extra forms; empty when they are off."""
+    if share <= 0:
+        return ""
+    return f""" In the training split only, {round(100 * share)}% of the numbers, counts and flags
+are said in an extra form (augmentation: a decimal comma "6,5 miles", "1.250.000 USD", "$ 410,000.00",
+"six point five miles", "clean loss run", "elec original"), drawn from a generator of their own so the
+rest of the split is unchanged; validation and test keep the usual forms."""
+
+
 def write_data_card(
-    path: Path, splits: dict, hashes: dict, seed: int, tokens: tuple[dict | None, str], tokenizer_name: str
+    path: Path,
+    splits: dict,
+    hashes: dict,
+    seed: int,
+    tokens: tuple[dict | None, str],
+    tokenizer_name: str,
+    extra_share: float = families.EXTRA_FORM_SHARE,
 ) -> None:
     """Write the data card; the rule table comes from the rulebook so the card never drifts from it.
 
@@ -790,6 +815,7 @@ def write_data_card(
         seed: the generation seed.
         tokens: `measure_token_lengths` output, or (None, reason).
         tokenizer_name: the tokenizer the token counts are for.
+        extra_share: the training split's share of facts said in an extra form.
     """
     rule_rows = [
         [rule.rule_id, lob, rule.effect, rule.condition or "", rule.description]
@@ -841,7 +867,7 @@ from the rulebook, the broker says the class only sometimes), and in {round(100 
 conversations with a later broker turn a fact said wrong in the opening and corrected in a later
 turn (`corrected` holds the wrong value; `facts`, the worksheet and the decision use the corrected one). Long emails, forwarded
 tables, call logs and team chats carry numbers that are not facts (phones, dates, street and
-policy numbers). See `data/families.py`.
+policy numbers).{extra_forms_sentence(extra_share)} See `data/families.py`.
 
 {family_examples_section(splits)}
 
@@ -871,7 +897,7 @@ def main(argv: list[str] | None = None) -> None:
     seen_profiles: set[str] = set()
     splits = {}
     for split in SPLITS:
-        splits[split] = build_split(split, getattr(args, f"{split}_size"), args.seed, seen_profiles)
+        splits[split] = build_split(split, getattr(args, f"{split}_size"), args.seed, seen_profiles, args.extra_forms)
         check_balance(split, splits[split])
 
     hashes = {split: write_jsonl(args.output_dir / f"{split}.jsonl", records) for split, records in splits.items()}
@@ -879,7 +905,7 @@ def main(argv: list[str] | None = None) -> None:
         tokens = (None, "skipped (--no-token-stats)")
     else:
         tokens = measure_token_lengths(splits, args.tokenizer)
-    write_data_card(args.output_dir / "README.md", splits, hashes, args.seed, tokens, args.tokenizer)
+    write_data_card(args.output_dir / "README.md", splits, hashes, args.seed, tokens, args.tokenizer, args.extra_forms)
     for split, records in splits.items():
         print(f"wrote {args.output_dir / f'{split}.jsonl'}: {len(records)} records, sha256 {hashes[split][:12]}")
     print(f"wrote {args.output_dir / 'README.md'}")

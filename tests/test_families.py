@@ -21,6 +21,7 @@ from data.task import parse_conditions
 DATA_DIR = Path(__file__).resolve().parents[1] / "data"
 YEAR = 2025  # ages and claim windows as of this year (the rulebook's reference year)
 PER_FAMILY = 30  # conversations per family and line of business
+EXTRA_SHARE = 0.3  # extra forms in the generated records (generate.py's default is 0: off)
 
 # --- an independent reader of broker text ---
 GAP = r'[ :=|"\t]'  # between a label and its value on one line: "Age | 70", "age=70", '"age": "70"'
@@ -40,7 +41,7 @@ IDIOMS = {
     "one million": 1_000_000,
     "two million": 2_000_000,
 }
-COUNT_WORDS = {"no": 0, "zero": 0, "one": 1, "two": 2, "three": 3, "four": 4}
+COUNT_WORDS = {"no": 0, "nil": 0, "zero": 0, "one": 1, "two": 2, "three": 3, "four": 4}
 # Other words people use for a category, as a reader would list them (the canonical name matches too).
 OTHER_NAMES = {
     "frame": r"\bframe\b|wood|timber|stick-built",
@@ -92,19 +93,21 @@ def words_to_int(text: str) -> int:
 def read_money(text: str) -> list[tuple[int, int]]:
     """Every dollar amount with its position: $1,250,000 / usd 1250000 / 1.25m / 1.25mm / 1250k / words."""
     found = {}
-    for match in re.finditer(rf"\b({WORD_NUMBER}(?:[ -]{WORD_NUMBER})*) dollars\b", text):
+    for match in re.finditer(rf"(?<!\d )\b({WORD_NUMBER}(?:[ -]{WORD_NUMBER})*) dollars\b", text):
         found[match.start()] = words_to_int(match.group(1))
     for phrase, value in IDIOMS.items():
         for match in re.finditer(re.escape(phrase), text):
             if not any(start <= match.start() < start + 80 for start in found):
                 found[match.start()] = value
-    pattern = r"(?<![\w.])(\$|usd )?(\d[\d,]*(?:\.\d+)?)\s?(k|mm|m|million)?(?!\w)( dollars)?"
+    pattern = r"(?<![\w.])(\$ ?|usd )?(\d[\d,]*(?:\.\d+)?)\s?(k|mm|m|million|mil|thousand)?(?!\w)( dollars)?"
     for match in re.finditer(pattern, text):
         dollar, number, suffix, dollars = match.groups()
         if not (dollar or suffix or dollars):
             continue
-        scale = {"k": 1000, "m": 1_000_000, "mm": 1_000_000, "million": 1_000_000}.get(suffix or "", 1)
-        found[match.start()] = round(float(number.replace(",", "")) * scale)
+        scale = {"k": 1000, "thousand": 1000, "mm": 1_000_000, "m": 1_000_000, "million": 1_000_000, "mil": 1_000_000}
+        found[match.start()] = round(float(number.replace(",", "")) * scale.get(suffix or "", 1))
+    for match in re.finditer(r"(?<![\w.,])(\d{1,3}(?:\.\d{3})+) usd\b", text):  # 1.250.000 USD
+        found[match.start()] = int(match.group(1).replace(".", ""))
     return sorted(found.items())
 
 
@@ -133,9 +136,18 @@ def to_count(word: str) -> int:
     return int(word) if word.isdigit() else COUNT_WORDS[word]
 
 
+def miles_from(match: re.Match) -> float:
+    """Miles as digits (a decimal point or comma) or words: "6,5" / "six point five" / "five"."""
+    said = match.group(1)
+    if said[0].isdigit():
+        return float(said.replace(",", "."))
+    whole, _, tenth = said.partition(" point ")
+    return WORD_VALUES[whole] + (WORD_VALUES[tenth] / 10 if tenth else 0)
+
+
 def count_patterns(nouns: str, labels: str) -> list[tuple[str, object]]:
     """Claims/losses as a count ("2 claims", "claims: 2", "clm free"), or listed by year."""
-    count = r"(\d|no|zero|one|two|three|four)"
+    count = r"(\d|no|nil|zero|one|two|three|four)"
     return [
         (rf"\b{count} (?:property )?(?:{nouns})\b", lambda m: to_count(m.group(1))),
         (rf"\b(?:{labels})(?: 5 yrs|_5y| \(5 yrs\))?{SEP}{count}(?![\d/]| ?y)\b", lambda m: to_count(m.group(1))),
@@ -144,7 +156,10 @@ def count_patterns(nouns: str, labels: str) -> list[tuple[str, object]]:
             r"((?:\d{4}(?: \([a-z ]+\))?(?:, | and |/)?)+)",
             claims_from_years,
         ),
-        (r"(?:claims history is clean|clm free|loss history is clean|loss free)", 0),
+        (
+            r"(?:claims history is clean|clm free|loss history is clean|loss free|claims-free|clean loss run|loss run clean)",
+            0,
+        ),
     ]
 
 
@@ -169,7 +184,12 @@ FACT_PATTERNS = {
         (r"applicant is (\d{2})\b", age_from),
         (rf"(?:born(?: in)?|yob|\bb\.|dob yr|year of birth|birth year|dob_year){GAP}{{0,30}}(\d{{4}})", age_from),
     ],
-    "bmi": [number(rf"(?:bmi|body mass index)(?: is)?(?: at)?{GAP}{{0,30}}(\d{{2}}\.\d)", float)],
+    "bmi": [
+        (
+            rf"(?:bmi|body mass index)(?: is)?(?: at)?{GAP}{{0,30}}(\d{{2}}[.,]\d)",
+            lambda m: float(m.group(1).replace(",", ".")),
+        )
+    ],
     "smoker": flag_patterns(
         r"\bsmokes\b|(?<!non-)(?<!non )\bsmoker\b(?![ :=|\"]{1,30}(?:yes|y|true|no|n|false)\b)|uses tobacco|tobacco user|smoke about a pack|(?<!non-)\bsmkr\b|\btob y\b|smoking every day|is smoker",
         r"non-smok|non smok|nonsmok|non-smkr|no tobacco|tobacco-free|never smoked|not smok|don't smoke|\bns\b|\bn/s\b|\btob n\b",
@@ -187,22 +207,22 @@ FACT_PATTERNS = {
     "construction": [(OTHER_NAMES[name], name) for name in rulebook.CONSTRUCTION_TYPES],
     "roof_age": [(rf"\b(?:roof_yr|roof|rf)\b{SPAN}(\d+)", age_from)],
     "fire_station_miles": [
-        number(r"(\d+(?:\.\d+)?) ?(?:miles|mi)\b", float),
+        (rf"(\d+(?:[.,]\d+)?|{WORD_NUMBER}(?: point [a-z]+)?) ?(?:miles|mi)\b", miles_from),
         number(rf"fire_station_mi{SEP}(\d+(?:\.\d+)?)", float),
     ],
-    "hydrant_feet": [number(r"(\d[\d,]*) ?(?:ft\b|feet\b|')"), number(rf"hydrant_ft{SEP}(\d[\d,]*)")],
+    "hydrant_feet": [number(r"(\d[\d,]*) ?(?:ft\b|feet\b|foot\b|')"), number(rf"hydrant_ft{SEP}(\d[\d,]*)")],
     "prior_claims": count_patterns("claims?|clms?", "claims|clms|clai"),
     "wind_zone": [(r"coastal", "coastal"), (r"inland", "inland")],
     "occupancy": [(OTHER_NAMES[name], name) for name in rulebook.OCCUPANCY_HAZARD],
     "sprinklered": flag_patterns(
-        r"(?<!not )(?<!no )(?<!non-)\bsprinklered\b(?![ :=|\"]{1,30}(?:no|n|false)\b)|sprinkler system|\bsprk?\W{1,3}y(?:es)?\b|fully spr|sprinklers everywhere",
-        r"no sprinklers|no sprinkelrs|not sprinklered|unsprinklered|non-sprinklered|\bsprk?\W{1,3}no?\b|no spr\b",
+        r"(?<!not )(?<!no )(?<!non-)\bsprinklered\b(?![ :=|\"]{1,30}(?:no|n|false)\b)|(?<!no )sprinkler system|sprinklers throughout|full sprinkler|\bsprk?\W{1,3}y(?:es)?\b|fully spr|sprinklers everywhere",
+        r"no sprinklers|no sprinkler system|sprinklers: none|no sprinkler protection|no sprinkelrs|not sprinklered|unsprinklered|non-sprinklered|\bsprk?\W{1,3}no?\b|no spr\b",
         "sprinklers|sprinklered",
     ),
     "building_age": [(rf"\b(?:built|bldg|blt|building|year_built)\b{SPAN}(\d+)", age_from)],
     "wiring_updated": flag_patterns(
-        r"has been updated|rewired|was renew|wiring updated(?![ :=|\"]{1,30}(?:no|n|false)\b)|electrical updated|new wiring|elec upd",
-        r"wiring is original|never updated|original wiring|wiring not updated|orig wiring|orig elec|wiring\W{1,3}original|still the original",
+        r"has been updated|rewired|was renew|wiring updated(?![ :=|\"]{1,30}(?:no|n|false)\b)|electrical updated|new wiring|elec upd|electrical upgraded|wiring redone",
+        r"wiring is original|never updated|original wiring|elec original|original electrical|wiring orig\.|wiring not updated|orig wiring|orig elec|wiring\W{1,3}original|still the original",
         r"wiring[\W_]?upd(?:ated)?",
     ),
     "prior_losses": count_patterns("loss(?:es)?", "losses|loss"),
@@ -252,18 +272,26 @@ def user_text(record: dict) -> str:
 
 
 def generated_records() -> list[dict]:
-    """PER_FAMILY conversations per family and line of business, from sampled cases (any outcome)."""
+    """PER_FAMILY conversations per family and line of business, from sampled cases (any outcome).
+
+    The extra forms (`generate.py --extra-forms`, the training split's augmentation) are on in
+    EXTRA_SHARE of the draws, so the reader checks them too.
+    """
     rng = random.Random("test-families")
     records = []
-    for family in families.SEEN_FAMILIES + families.HELD_OUT_FAMILIES:
-        for lob in rulebook.LINES_OF_BUSINESS:
-            for _ in range(PER_FAMILY):
-                facts = generate.sample_facts(lob, rng)
-                decision = rulebook.decide(lob, facts)
-                messages, _, corrected = generate.build_conversation(lob, facts, decision, family, rng)
-                records.append(
-                    {"family": family, "lob": lob, "facts": facts, "messages": messages, "corrected": corrected}
-                )
+    families.use_extra_forms("test-families-extra", EXTRA_SHARE)
+    try:
+        for family in families.SEEN_FAMILIES + families.HELD_OUT_FAMILIES:
+            for lob in rulebook.LINES_OF_BUSINESS:
+                for _ in range(PER_FAMILY):
+                    facts = generate.sample_facts(lob, rng)
+                    decision = rulebook.decide(lob, facts)
+                    messages, _, corrected = generate.build_conversation(lob, facts, decision, family, rng)
+                    records.append(
+                        {"family": family, "lob": lob, "facts": facts, "messages": messages, "corrected": corrected}
+                    )
+    finally:
+        families.use_extra_forms("", 0.0)
     return records
 
 
@@ -292,6 +320,11 @@ def read_splits() -> list[dict]:
         ("one million two hundred fifty thousand dollars", 1_250_000),
         ("half a million", 500_000),
         ("four hundred seventy-five thousand dollars", 475_000),
+        ("1.250.000 USD", 1_250_000),
+        ("$ 1,250,000", 1_250_000),
+        ("$1,250,000.00", 1_250_000),
+        ("1.25 mil", 1_250_000),
+        ("475 thousand dollars", 475_000),
     ],
 )
 def test_reader_money_forms(text, expected):
@@ -362,10 +395,37 @@ def test_surface_forms_vary(records):
         r"\d+'",
         r"\d feet",
         r"\d mi\b",
+        # the extra forms (on in these records): decimal commas, European thousands, words, new phrases
+        r"\d,\d (?:miles|mi)\b",
+        r"bmi[^\n]{0,12}\d\d,\d",
+        r"\d{1,3}\.\d{3}(?:\.\d{3})? usd",
+        r"[a-z]+ point [a-z]+ miles",
+        r"loss run",
+        r"\bnil (?:claims|losses)",
+        r"\d foot\b",
+        r"elec original|original electrical|wiring orig\.",
+        r"sprinklers throughout|full sprinkler coverage|sprinklered 100%",
     ]:
         assert re.search(form, text), form
     assert re.search(r"(?:born|yob|b\.|dob_year|year of birth)\W{0,30}19\d\d", text)
     assert re.search(r"claims[^\n]*20[01]\d \(", text) and re.search(r"losses[^\n]*20[01]\d", text)
+
+
+def test_extra_forms_change_only_the_training_split_words():
+    # Extra forms come from a generator of their own: turned on, the training split keeps its cases,
+    # families and assistant turns draw for draw and only broker words change; validation is untouched.
+    def build(share: float) -> dict[str, list[dict]]:
+        seen: set[str] = set()
+        return {split: generate.build_split(split, 30, 7, seen, share) for split in ("train", "validation")}
+
+    plain, extra = build(0.0), build(0.5)
+    assert extra["validation"] == plain["validation"]
+    changed = 0
+    for a, b in zip(plain["train"], extra["train"], strict=True):
+        assert {k: v for k, v in a.items() if k != "messages"} == {k: v for k, v in b.items() if k != "messages"}
+        assert [m for m in a["messages"] if m["role"] != "user"] == [m for m in b["messages"] if m["role"] != "user"]
+        changed += a["messages"] != b["messages"]
+    assert changed > 0.8 * len(plain["train"]), changed
 
 
 def test_categories_go_by_other_names_and_the_hazard_class_is_said_only_sometimes(records):
