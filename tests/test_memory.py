@@ -4,6 +4,7 @@ estimate against measured peak memory of real training steps on CPU (default and
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import logging
 import math
@@ -445,3 +446,17 @@ def test_measure_flag_on_tiny_model(tiny_model_dir, tmp_path, capsys, record_pro
     # (1.06-1.24 in three one-thread runs, 1.13-1.14 at two threads): the band is held on the default model.
     assert 0.5 < measured["ratio"] < 2, measured["ratio"]
     assert f"ratio {measured['ratio']:.2f}" in capsys.readouterr().out
+
+
+def test_readme_and_the_results_file_show_the_memory_table_the_estimator_gives():
+    # README's T4 table (seq 1024) and benchmarks/results/memory_table.md, row for row, against the
+    # table benchmarks/memory_table.py builds from configs/ now: a change to the estimator or the
+    # recommendation that is not re-published fails here.
+    spec = importlib.util.spec_from_file_location("memory_table_bench", REPO / "benchmarks" / "memory_table.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rows = bench.build_fit_table(bench.parse_args([]))[2:]
+    readme_rows = [line for line in (REPO / "README.md").read_text().splitlines() if "B | 1024 |" in line]
+    assert readme_rows and readme_rows == [row for row in rows if "B | 1024 |" in row]
+    published = (REPO / "benchmarks" / "results" / "memory_table.md").read_text().splitlines()
+    assert [line for line in published if line.startswith("| ") and "B | " in line] == rows
