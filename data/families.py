@@ -477,12 +477,14 @@ def extra_form(options: list[str]) -> str | None:
 
 def extra_phrase(key: str, value: object) -> str | None:
     """An extra way to say a count or a flag (`EXTRA_PHRASES`), or a claims list by year; None if not drawn."""
+    if _extra["share"] <= 0:
+        return None
     if key in ("prior_claims", "prior_losses"):
         noun = ("claim" if key == "prior_claims" else "loss") + (
             "" if value == 1 else "es" if key == "prior_losses" else "s"
         )
         templates = EXTRA_PHRASES.get(f"{key}={value}") or EXTRA_PHRASES[key]
-        by_year = claims_by_year(key, value, "terse", _extra["rng"]) if _extra["share"] > 0 else ""
+        by_year = claims_by_year(key, value, "terse", _extra["rng"])
         options = [t.format(n=value, claims=noun, losses=noun) for t in templates] + [by_year] * len(templates)
         return extra_form(options)
     return extra_form(EXTRA_PHRASES.get(f"{key}={value}", []))
