@@ -423,3 +423,13 @@ def test_rule_ids_sort_by_number():
         ids = [rule.rule_id for rule in rules]
         assert ids == sorted(ids, key=rulebook.rule_sort_key)
         assert sum(rule.effect == "preferred" for rule in rules) == 1
+
+
+def test_readme_and_makefile_state_the_generators_default_sizes():
+    # What a user reads (README's command line, the Makefile's recipe comment) is what generate.py makes.
+    args = generate.parse_args([])
+    readme = (DATA_DIR.parent / "README.md").read_text(encoding="utf-8")
+    makefile = (DATA_DIR.parent / "Makefile").read_text(encoding="utf-8")
+    assert f"train {args.train_size} / validation {args.validation_size} / test {args.test_size}" in readme
+    assert f"over the {args.train_size} training conversations" in " ".join(makefile.replace("#", "").split())
+    assert {"train": args.train_size, "validation": args.validation_size, "test": args.test_size} == SIZES
