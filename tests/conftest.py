@@ -7,6 +7,7 @@ it matters (model loading, the memory estimate check).
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import os
 import sys
@@ -32,6 +33,14 @@ if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
     torch.set_num_threads(_threads)
 # evaluate.py's cache of base-model results: one empty folder per test session, never the user's.
 os.environ["UNDERWRITE_EVAL_CACHE"] = tempfile.mkdtemp(prefix="eval-cache-")
+
+
+def load_benchmark(name: str):
+    """benchmarks/<name>.py imported as a module (scripts are not a package)."""
+    spec = importlib.util.spec_from_file_location(f"{name}_bench", REPO / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def make_conversation(i: int) -> dict:

@@ -6,21 +6,16 @@ The numbers are worked out by hand in the comments, so a change of the formulas 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def bench():
-    """benchmarks/throughput.py imported as a module (scripts are not a package)."""
-    spec = importlib.util.spec_from_file_location("throughput_bench", REPO / "benchmarks/throughput.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("throughput")
 
 
 def step(tokens: int, seconds: float, trained: int, loss: float, sum_sq: int = 0) -> dict:

@@ -8,7 +8,6 @@ data of tests/test_distributed.py: 2 processes x batch 2 against 1 process x bat
 from __future__ import annotations
 
 import ast
-import importlib.util
 import json
 import os
 import re
@@ -24,7 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import train
-from tests.conftest import REPO, make_conversation, write_jsonl
+from tests.conftest import REPO, load_benchmark, make_conversation, write_jsonl
 from tests.test_distributed import free_port, kill_tree, read_jsonl
 
 FSDP_CONFIG = REPO / "accelerate_config.fsdp.yaml"
@@ -290,11 +289,7 @@ def test_cpu_fsdp_switch(monkeypatch):
 
 @pytest.fixture(scope="module")
 def gpu_check():
-    """benchmarks/gpu_check.py imported as a module (scripts are not a package)."""
-    spec = importlib.util.spec_from_file_location("gpu_check", REPO / "benchmarks/gpu_check.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("gpu_check")
 
 
 def test_gpu_check_multi_gpu_commands_compare_fsdp_on_2_gpus_with_1_gpu(gpu_check, tmp_path):

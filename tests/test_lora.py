@@ -160,12 +160,13 @@ def test_the_default_models_trainable_counts_match_its_shapes_and_the_readme():
     )
     per_layer_qkv = 16 * ((h + h) + 2 * (h + kv))
     per_layer_rest = 16 * ((h + h) + 2 * (h + inter) + (inter + h))  # o_proj, gate/up_proj, down_proj
-    counts = {}
-    for targets in (["q_proj", "k_proj", "v_proj"], "all-linear"):
+
+    def count(targets: list[str] | str) -> dict:
         with torch.device("meta"):
             model = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(**config))
-            counts[str(targets)] = count_parameters(apply_lora(model, 16, 32, 0.05, targets))
-    qkv, every = counts["['q_proj', 'k_proj', 'v_proj']"], counts["all-linear"]
+            return count_parameters(apply_lora(model, 16, 32, 0.05, targets))
+
+    qkv, every = count(["q_proj", "k_proj", "v_proj"]), count("all-linear")
     assert qkv["trainable"] == config["num_hidden_layers"] * per_layer_qkv
     assert every["trainable"] == config["num_hidden_layers"] * (per_layer_qkv + per_layer_rest)
     # What README and docs/results.md say about them.

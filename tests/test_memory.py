@@ -4,11 +4,9 @@ estimate against measured peak memory of real training steps on CPU (default and
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import logging
 import math
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -38,8 +36,8 @@ from common.preflight import (
     check_fits,
     estimate_step_bytes,
 )
+from tests.conftest import REPO, load_benchmark
 
-REPO = Path(__file__).resolve().parents[1]
 QKV = "q_proj,k_proj,v_proj"
 
 
@@ -452,9 +450,7 @@ def test_readme_and_the_results_file_show_the_memory_table_the_estimator_gives()
     # README's T4 table (seq 1024) and benchmarks/results/memory_table.md, row for row, against the
     # table benchmarks/memory_table.py builds from configs/ now: a change to the estimator or the
     # recommendation that is not re-published fails here.
-    spec = importlib.util.spec_from_file_location("memory_table_bench", REPO / "benchmarks" / "memory_table.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_benchmark("memory_table")
     rows = bench.build_fit_table(bench.parse_args([]))[2:]
     readme_rows = [line for line in (REPO / "README.md").read_text().splitlines() if "B | 1024 |" in line]
     assert readme_rows and readme_rows == [row for row in rows if "B | 1024 |" in row]
