@@ -848,8 +848,7 @@ def exit_distributed(code: int | str | None) -> None:
     while holding the GIL; a worker whose last job was an all-gather needs the GIL to free that job's tensors:
     deadlock (py-spy, torch 2.13: ~1 in 4 two-process runs hung after "done", and the CI run that never
     finished). So main() keeps the prepared model alive in KEEP_UNTIL_EXIT and the rank leaves with os._exit;
-    logs, checkpoints and trackers are closed by then.
-    """
+    logs, checkpoints and trackers are closed by then."""
     if isinstance(code, str):
         print(code, file=sys.stderr)
         code = 1

@@ -119,8 +119,7 @@ def clip_grad_norm_(accelerator, parameters: list[torch.nn.Parameter], max_norm:
 
     Accelerate (1.16) under FSDP unscales, finds no model whose parameters are exactly `parameters`
     (LoRA passes only the adapters) and unscales again: "unscale_() has already been called". Here they
-    are unscaled once. Returns the global norm before clipping, the same on every rank.
-    """
+    are unscaled once. Returns the global norm before clipping, the same on every rank."""
     if not accelerator.is_fsdp2:
         return accelerator.clip_grad_norm_(parameters, max_norm)
     accelerator.unscale_gradients()

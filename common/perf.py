@@ -40,8 +40,7 @@ def estimate_train_flops(params: dict, tokens: int, trained_tokens: int, sum_sq_
 class MfuMeter:
     """Model FLOPs utilization of each step against a peak that no step may exceed (MFU <= 1.0). Load can make the startup probe read low (a 2-core Xeon: 1.0-2.1 TFLOP/s bf16, 0.165 busy: `mfu 102%`),
     so a step above the peak has it measured again (`remeasure`, at most `max_remeasures` times) and, if
-    the step still beats it, the step's own rate is the peak.
-    """
+    the step still beats it, the step's own rate is the peak."""
 
     matmul_params: dict  # from `count_matmul_params`
     peak_flops: float | None  # FLOP/s (None: nothing measured, no MFU)

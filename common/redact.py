@@ -23,8 +23,7 @@ def is_secret_key(key: str) -> bool:
     """Whether values under a config key or environment variable name must be redacted.
 
     Whole words are matched: "max_new_tokens", "tokenizer", "keep_last" are not secret; "hf_token",
-    "wandbApiKey", "db_password" are; "secret"/"password" anywhere always is.
-    """
+    "wandbApiKey", "db_password" are; "secret"/"password" anywhere always is."""
     lowered = str(key).lower()
     if "secret" in lowered or "password" in lowered:
         return True

@@ -149,6 +149,67 @@ def test_apply_lora_swaps_every_adapter_dropout(tiny):
     assert all(type(d) is SampledGapDropout and d.p == 0.05 for d in adapter_dropouts)
 
 
+def peft_reference(model_dir, dropout: float):
+    """PEFT's own LoRA on a bf16 base (its input cast on, its own dropout module), B made non-zero."""
+    from peft import LoraConfig, get_peft_model
+
+    base, _ = load_model_and_tokenizer(str(model_dir), dtype=torch.bfloat16)
+    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules="all-linear", task_type="CAUSAL_LM")
+    return get_peft_model(base, config)
+
+
+def loss_and_grads(model, ids: torch.Tensor, autocast: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Summed logits of a forward (under bf16 autocast or not) and the adapters' gradients of it."""
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out = model(input_ids=ids).logits.float().sum()
+    out.backward()
+    return out.detach(), [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+
+@pytest.mark.parametrize("autocast", [True, False])
+def test_adapter_input_kept_in_bf16_is_bit_identical_to_peft_casting_it(tiny_model_dir, autocast):
+    """apply_lora turns PEFT's fp32 cast of the adapter input off (the dropout module casts where autocast is off):
+    on a bf16 base with fp32 adapters, the outputs and gradients equal PEFT's own path bit for bit."""
+    torch.manual_seed(0)
+    reference = peft_reference(tiny_model_dir, dropout=0.0)
+    base, _ = load_model_and_tokenizer(str(tiny_model_dir), dtype=torch.bfloat16)
+    torch.manual_seed(0)
+    ours = apply_lora(base, rank=4, alpha=8, dropout=0.0, target_modules="all-linear")
+    layers = [m for m in ours.modules() if hasattr(m, "lora_dropout")]
+    assert layers and not any(m.cast_input_dtype_enabled for m in layers)
+    assert all(
+        type(d) is SampledGapDropout and d.input_dtype == torch.float32 for m in layers for d in m.lora_dropout.values()
+    )
+    torch.manual_seed(1)
+    for model in (reference, ours):  # the same non-zero B in both, so the adapters change the output
+        for name, param in sorted(model.named_parameters()):
+            if "lora_B" in name:
+                param.data = torch.randn(param.shape, generator=torch.Generator().manual_seed(len(name))) * 0.1
+    ids = torch.randint(0, 1000, (2, 24), generator=torch.Generator().manual_seed(2))
+    expected, expected_grads = loss_and_grads(reference, ids, autocast)
+    got, grads = loss_and_grads(ours, ids, autocast)
+    assert torch.equal(got, expected)
+    assert len(grads) == len(expected_grads) and all(map(torch.equal, grads, expected_grads))
+
+
+def test_dropout_of_a_bf16_input_rounds_once_as_an_fp32_mask_would():
+    """In bf16, x * 1/(1-p) is what PEFT's path gave: x cast to fp32, times an fp32 mask, cast back by autocast."""
+    x = torch.randn(3, 40, 64).to(torch.bfloat16).requires_grad_()
+    layer = SampledGapDropout(p=0.05)
+    layer.input_dtype = torch.float32
+    torch.manual_seed(5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.bfloat16
+    y.backward(torch.ones_like(y))
+    torch.manual_seed(5)
+    mask = torch.full((x.numel(),), 1 / 0.95)
+    mask[bernoulli_drop_positions(x.numel(), 0.05)] = 0
+    assert torch.equal(y, (x.detach().float() * mask.view(x.shape)).bfloat16())
+    assert torch.equal(x.grad, (torch.ones(x.shape) * mask.view(x.shape)).bfloat16())
+    assert layer(x.detach()).dtype == torch.float32  # no autocast: cast to the adapter dtype, as PEFT would
+
+
 def test_the_default_models_trainable_counts_match_its_shapes_and_the_readme():
     # The default model built on the meta device (no weights) from its config; the expected counts
     # come from the layer shapes alone: a LoRA of rank r on an (in -> out) linear has r * (in + out).
