@@ -34,7 +34,7 @@ sys.path.insert(0, str(REPO))
 from common.data import collate_batch, load_records, tokenize_records  # noqa: E402  (the repo root first)
 from common.lora import apply_lora, parse_target_modules  # noqa: E402
 from common.loss import compute_token_losses  # noqa: E402
-from common.model import DEFAULT_MODEL, load_model_and_tokenizer  # noqa: E402
+from common.model import DEFAULT_MODEL, load_config, load_model_and_tokenizer  # noqa: E402
 from common.perf import count_matmul_params, estimate_train_flops  # noqa: E402
 from common.precision import resolve_precision  # noqa: E402
 from train import choose_attention  # noqa: E402
@@ -68,12 +68,7 @@ def typical_batches(
     chosen = ordered[start : start + batch_size * count]
     if len(chosen) < batch_size * count:
         raise SystemExit(f"error: {len(examples)} examples cannot fill {count} batches of {batch_size}")
-    batches = []
-    for i in range(count):
-        batch = collate_batch(chosen[i * batch_size : (i + 1) * batch_size], pad_token_id)
-        batch.pop("index", None)
-        batches.append(batch)
-    return batches
+    return [collate_batch(chosen[i * batch_size : (i + 1) * batch_size], pad_token_id) for i in range(count)]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -131,12 +126,7 @@ def profile_kinds(model, batches: list[dict], optimizer, trainable: list, dtype:
 def main(argv: list[str] | None = None) -> dict:
     """Profile the step; print (and append to --output) the markdown section; return the figures."""
     args = parse_args(argv)
-    from transformers import AutoConfig
-
-    from common.model import resolve_model_path
-
-    config = AutoConfig.from_pretrained(resolve_model_path(args.model))
-    choice = resolve_precision(args.precision, torch.device("cpu"), config)
+    choice = resolve_precision(args.precision, torch.device("cpu"), load_config(args.model))
     model, tokenizer = load_model_and_tokenizer(args.model, dtype=choice.dtype)
     model = apply_lora(model, args.rank, 2 * args.rank, 0.05, parse_target_modules(args.target_modules))
     model.train()
