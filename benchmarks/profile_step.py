@@ -31,7 +31,7 @@ from torch.profiler import ProfilerActivity, profile
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from common.data import collate_batch, load_records, tokenize_records  # noqa: E402  (the repo root first)
+from common.data import IGNORE_INDEX, collate_batch, load_records, tokenize_records  # noqa: E402  (the repo root first)
 from common.lora import apply_lora, parse_target_modules  # noqa: E402
 from common.loss import compute_token_losses  # noqa: E402
 from common.model import DEFAULT_MODEL, load_config, load_model_and_tokenizer  # noqa: E402
@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     lengths = [b["attention_mask"].sum(1) for b in timed]
     tokens = int(sum(int(n.sum()) for n in lengths))
-    trained = int(sum(int((b["labels"][:, 1:] != -100).sum()) for b in timed))
+    trained = int(sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in timed))
     flops = estimate_train_flops(
         count_matmul_params(model), tokens, trained, int(sum(int((n**2).sum()) for n in lengths))
     )
