@@ -517,12 +517,13 @@ def run_model(name: str, inputs: EvalInputs, targets: dict, args, adapter_off: b
             else:
                 replies = generate(prompts, f"{name}: generating (+ {len(targets['extras'])} extra prompts)")
     logger.info(
-        "%s: generated %d useful new tokens in %.1f s (%.1f tok/s; %d prompt tokens)",
+        "%s: generated %d useful new tokens in %.1f s (%.1f tok/s; %d prompt tokens, %d reused from the previous turn's KV cache)",
         name,
         stats.new_tokens,
         stats.seconds,
         stats.tokens_per_s,
         stats.prompt_tokens,
+        stats.cached_tokens,
     )
     split = len(targets["prompts"])
     generation = vars(stats) | {"tokens_per_s": stats.tokens_per_s}

@@ -1,10 +1,12 @@
-"""Decode attention A/B in one process: SDPA vs `common.fast_generation.decode_attention`, same replies.
+"""Decode attention A/B in one process: SDPA, the previous Q @ K^T matmuls and `decode_attention`, same replies.
 
     python benchmarks/decode_attention.py --adapter runs/demo/best --limit 64
 
-Loads the adapter's base model and the adapter, greedy-generates the final reply of the first `--limit`
-conversations of `--data-file` with evaluate.py's generator twice (SDPA for every step, then the batched
-matmul decode attention), and prints useful new tokens/s of each and how many replies are identical.
+Loads the adapter's base model (in `--dtype`, as evaluate.py: auto picks the fastest here) and the
+adapter, greedy-generates the final reply of the first `--limit` conversations of `--data-file` with
+evaluate.py's generator three times (SDPA for every step; the batched matmuls as first written, scores
+= Q @ K^T; `common.fast_generation.decode_attention`, scores = K @ Q^T), and prints useful new tokens/s
+of each and how many replies equal SDPA's.
 """
 
 from __future__ import annotations
@@ -15,12 +17,48 @@ import sys
 from pathlib import Path
 from unittest import mock
 
+import torch
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import common.fast_generation as fast  # noqa: E402  (the repo root must be on sys.path first)
+from common.artifacts import precision_autocast  # noqa: E402
 from common.jsonio import read_json, read_jsonl  # noqa: E402
-from common.model import load_model_and_tokenizer  # noqa: E402
+from common.model import load_config, load_model_and_tokenizer  # noqa: E402
+from common.precision import resolve_precision  # noqa: E402
+
+
+def qkt_decode_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """`decode_attention` as first written (commit 8a0e8a5): scores = Q @ K^T, which makes a bf16 bmm copy
+    the transposed cache view every step."""
+    rows, heads, queries, dim = query.shape
+    if queries != 1 or dropout or kwargs.get("softcap") is not None:
+        return fast.sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
+    grouped = query.view(rows, key.shape[1], heads // key.shape[1], dim)
+    scores = torch.matmul(grouped, key.transpose(-1, -2)) * (dim**-0.5 if scaling is None else scaling)
+    if attention_mask is not None and attention_mask.dtype == torch.bool:
+        scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
+    elif attention_mask is not None:
+        scores = scores + attention_mask
+    output = torch.matmul(scores.softmax(-1, dtype=torch.float32).to(value.dtype), value)
+    return output.reshape(rows, heads, 1, dim).transpose(1, 2), None
+
+
+fast.ALL_ATTENTION_FUNCTIONS.register("decode_matmul_qkt", qkt_decode_attention)
+fast.ALL_MASK_ATTENTION_FUNCTIONS.register("decode_matmul_qkt", fast.sdpa_mask)
+
+
+MATMUL_ATTENTION = fast.decode_with_matmul_attention  # the arms below patch the module's name
+
+
+@contextlib.contextmanager
+def qkt_attention(model):
+    """`decode_with_matmul_attention`, with the Q @ K^T scores."""
+    with MATMUL_ATTENTION(model):
+        if model.config._attn_implementation == "decode_matmul":
+            model.config._attn_implementation = "decode_matmul_qkt"
+        yield
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -31,29 +69,35 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--limit", type=int, default=64, help="conversations")
     parser.add_argument("--gen-batch-size", type=int, default=64, help="rows decoded together at most")
     parser.add_argument("--max-new-tokens", type=int, default=400, help="generation budget per reply")
+    parser.add_argument("--dtype", default="auto", help="auto, bf16, fp16 or fp32 (as evaluate.py --dtype)")
     args = parser.parse_args(argv)
     from peft import PeftModel
 
     base = read_json(Path(args.adapter) / "adapter_config.json")["base_model_name_or_path"]
-    model, tokenizer = load_model_and_tokenizer(base)
+    precision = resolve_precision(args.dtype, torch.device("cpu"), load_config(base), measure_peak=False)
+    print(precision.describe())
+    model, tokenizer = load_model_and_tokenizer(base, dtype=precision.dtype)
     model = PeftModel.from_pretrained(model, args.adapter)
     prompts = [row["messages"][:-1] for row in read_jsonl(args.data_file)[: args.limit]]
     replies, result = {}, {}
     for arm, switch in (
         ("sdpa", lambda model: contextlib.nullcontext()),
-        ("matmul", fast.decode_with_matmul_attention),
+        ("matmul Q @ K^T", qkt_attention),
+        ("matmul", MATMUL_ATTENTION),
     ):
-        with mock.patch.object(fast, "decode_with_matmul_attention", switch):
+        with mock.patch.object(fast, "decode_with_matmul_attention", switch), precision_autocast(precision):
             stats = fast.GenerationStats()
             replies[arm] = fast.generate_replies(
                 model, tokenizer, prompts, args.gen_batch_size, args.max_new_tokens, stats=stats
             )
         result[arm] = stats.tokens_per_s
         print(f"{arm}: {stats.new_tokens} new tokens in {stats.seconds:.1f} s = {stats.tokens_per_s:.1f} tokens/s")
-    result["identical"] = sum(a == b for a, b in zip(replies["sdpa"], replies["matmul"], strict=True))
-    print(
-        f"matmul / sdpa = {result['matmul'] / result['sdpa']:.2f}x; identical replies {result['identical']} of {len(prompts)}"
-    )
+    for arm in ("matmul Q @ K^T", "matmul"):
+        result[f"identical {arm}"] = sum(a == b for a, b in zip(replies["sdpa"], replies[arm], strict=True))
+        print(
+            f"{arm} / sdpa = {result[arm] / result['sdpa']:.2f}x; "
+            f"replies identical to sdpa's {result[f'identical {arm}']} of {len(prompts)}"
+        )
     return result
 
 

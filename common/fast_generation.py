@@ -12,7 +12,9 @@ LoRA layer runs two extra matmuls per linear per token. Here:
   and join (their cache left-padded to the running one's length);
 - a caller may add prompts while the decode runs (`generate_replies(follow_up=...)`: the next turn
   of a conversation, written with the reply that just ended); they join the same running batch, so
-  turn-by-turn generation does not wait for the slowest reply of each turn;
+  turn-by-turn generation does not wait for the slowest reply of each turn, and the positions such a
+  prompt shares with the ended row (its conversation and reply) are taken from that row's cache: only
+  the new turn is prefilled;
 - a prompt that is the beginning of another prompt (an asking turn of a conversation whose final
   reply is also generated) is not prefilled again: its cache is the first positions of the longer
   prompt's, and its first token comes from the longer prompt's hidden state at its last position;
@@ -32,6 +34,7 @@ Models with sliding-window or other non-standard attention caches take the plain
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -56,13 +59,15 @@ class GenerationStats:
         replies: replies generated.
         new_tokens: useful new tokens: each reply's tokens up to and including its end-of-turn token
             (all of them for a reply that hit `max_new_tokens`).
-        prompt_tokens: prompt tokens prefilled.
+        prompt_tokens: prompt tokens (prefilled or taken from a cache).
+        cached_tokens: of those, the ones a follow-up prompt took from the cache of the reply it follows.
         seconds: wall time, prefill and decode.
     """
 
     replies: int = 0
     new_tokens: int = 0
     prompt_tokens: int = 0
+    cached_tokens: int = 0
     seconds: float = 0.0
 
     @property
@@ -83,7 +88,10 @@ def decode_attention(module, query, key, value, attention_mask, scaling=None, dr
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
     kv_heads = key.shape[1]
     grouped = query.view(rows, kv_heads, heads // kv_heads, dim)  # the query heads that share each KV head
-    scores = torch.matmul(grouped, key.transpose(-1, -2)) * (dim**-0.5 if scaling is None else scaling)
+    # K @ Q^T, not Q @ K^T: the cache is a view into a longer buffer, which a transposed bf16 bmm operand
+    # would copy whole every step (4x slower at 64 rows and 340 positions, benchmarks/decode_attention.py)
+    scores = torch.matmul(key, grouped.transpose(-1, -2)).transpose(-1, -2).contiguous()
+    scores = scores * (dim**-0.5 if scaling is None else scaling)
     if attention_mask is not None and attention_mask.dtype == torch.bool:  # (rows, 1, 1, positions)
         scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
     elif attention_mask is not None:
@@ -138,6 +146,19 @@ class _AppendLayer(DynamicLayer):
         """Forget the first `columns` positions (padding of every remaining row)."""
         self._k, self._v = self._k[..., columns:, :], self._v[..., columns:, :]
         self.keys, self.values = self.keys[..., columns:, :], self.values[..., columns:, :]
+
+    @classmethod
+    def from_rows(cls, rows: list[tuple[torch.Tensor, torch.Tensor]], width: int) -> _AppendLayer:
+        """A layer holding each (keys, values) pair (KV heads, positions, dim) as a row, right-aligned in `width` columns."""
+        keys, values = rows[0]
+        shape = [len(rows), keys.shape[0], max(2 * width, 64), keys.shape[-1]]
+        layer = cls()
+        layer.lazy_initialization(keys, values)
+        layer._k, layer._v = keys.new_zeros(shape), values.new_zeros([*shape[:-1], values.shape[-1]])
+        for j, (k, v) in enumerate(rows):
+            layer._k[j, :, width - k.shape[1] : width], layer._v[j, :, width - v.shape[1] : width] = k, v
+        layer.keys, layer.values = layer._k[..., :width, :], layer._v[..., :width, :]
+        return layer
 
     def take_prefixes(self, sources: list[int], starts: list[int], lengths: list[int]) -> None:
         """Make row j the `lengths[j]` positions of row `sources[j]` from column `starts[j]`, right-aligned."""
@@ -239,10 +260,52 @@ def _prefill(model, prompt_ids: list[list[int]], groups: list[list[int]], pad_to
     return _Batch(rows, cache, mask, mask.sum(1), first_tokens)
 
 
-def _join(batch: _Batch | None, new: _Batch) -> _Batch:
+def _cached_positions(batch: _Batch, r: int, ids: list[int], follow_up: list[int]) -> tuple[int, list]:
+    """How many first positions of `follow_up` are row `r`'s cached `ids`, and each layer's (keys, values) there.
+
+    The row's real positions are its mask's ones (a row that itself continued a cache has a gap); at
+    least the last prompt position is left to prefill (its logits give the first token).
+    """
+    shared = 0
+    for a, b in zip(ids, follow_up[:-1], strict=False):
+        if a != b:
+            break
+        shared += 1
+    columns = batch.mask[r].nonzero().squeeze(1)[:shared]
+    return shared, [(layer.keys[r][:, columns], layer.values[r][:, columns]) for layer in batch.cache.layers]
+
+
+def _prefill_after_cache(model, prompt_ids: list[list[int]], rows: list[int], cached: dict, device) -> _Batch:
+    """Prefill each prompt in `rows` after its cached first positions (`cached[i]`: count, per-layer (keys, values)).
+
+    Cached positions are right-aligned in the first columns, the rest of each prompt right-aligned after
+    them; the padding between them is masked, and position ids continue from each row's cached count.
+    """
+    counts, layers = zip(*(cached.pop(i) for i in rows), strict=True)
+    rests = [prompt_ids[i][count:] for i, count in zip(rows, counts, strict=True)]
+    past, width = max(counts), max(map(len, rests))
+    input_ids = torch.zeros((len(rows), width), dtype=torch.long)
+    position_ids = torch.zeros((len(rows), width), dtype=torch.long)
+    mask = torch.zeros((len(rows), past + width), dtype=torch.long)
+    for r, (count, rest) in enumerate(zip(counts, rests, strict=True)):
+        input_ids[r, width - len(rest) :] = torch.tensor(rest)
+        position_ids[r, width - len(rest) :] = torch.arange(count, count + len(rest))
+        mask[r, past - count : past], mask[r, past + width - len(rest) :] = 1, 1
+    cache = _AppendCache()
+    cache.layers = [_AppendLayer.from_rows([row[j] for row in layers], past) for j in range(len(layers[0]))]
+    input_ids, position_ids, mask = input_ids.to(device), position_ids.to(device), mask.to(device)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    hidden = base.get_decoder()(
+        input_ids=input_ids, attention_mask=mask, position_ids=position_ids, past_key_values=cache, use_cache=True
+    ).last_hidden_state
+    first_tokens = base.get_output_embeddings()(hidden[:, -1]).argmax(-1)
+    return _Batch(list(rows), cache, mask, position_ids[:, -1] + 1, first_tokens)
+
+
+def _join(batch: _Batch | None, new: _Batch | None) -> _Batch | None:
     """One batch of `batch`'s rows and `new`'s, caches and masks left-padded to the longer one."""
-    if batch is None:
-        return new
+    if batch is None or new is None:
+        return new if batch is None else batch
     length = max(batch.mask.shape[1], new.mask.shape[1])
     for layer, other in zip(batch.cache.layers, new.cache.layers, strict=True):
         layer.join(other, length)
@@ -285,7 +348,13 @@ def _keep(batch: _Batch, keep: list[int]) -> _Batch | None:
 
 
 def greedy_decode(
-    model, prompt_ids: list[list[int]], stop_ids: list[int], batch_size: int, max_new_tokens: int, pad_token_id: int
+    model,
+    prompt_ids: list[list[int]],
+    stop_ids: list[int],
+    batch_size: int,
+    max_new_tokens: int,
+    pad_token_id: int,
+    stats: GenerationStats | None = None,
 ) -> Iterator[tuple[int, list[int]]]:
     """Greedy continuous-batching decode; yields (prompt index, new token ids) as each reply ends.
 
@@ -293,11 +362,13 @@ def greedy_decode(
         model: a decoder-only causal LM (or a PEFT model around one), in eval mode.
         prompt_ids: token ids of each prompt (chat template applied, generation prompt included).
             Prompts the caller appends to this list while the decode runs (between two yields) are
-            decoded too, in the same running batch.
+            decoded too, in the same running batch; the positions one shares with the prompt and reply
+            just yielded are taken from that row's cache.
         stop_ids: a reply ends with the first of these it generates (kept in its ids).
         batch_size: at most this many rows decode together.
         max_new_tokens: a reply without a stop token ends after this many tokens.
         pad_token_id: id used for left padding (masked out).
+        stats: if given, its `cached_tokens` counts the prompt positions taken from a cache.
 
     Yields:
         (index into `prompt_ids`, the reply's token ids), in the order replies finish.
@@ -307,6 +378,7 @@ def greedy_decode(
     pending = prefix_groups(prompt_ids)  # shortest first; a group is prefilled once, for all its members
     seen = len(prompt_ids)
     generated: dict[int, list[int]] = {}
+    cached: dict[int, tuple[int, list]] = {}  # follow-up prompt -> positions taken from its row, their K/V
     batch: _Batch | None = None
     while pending or batch is not None:
         active = 0 if batch is None else len(batch.rows)
@@ -314,7 +386,11 @@ def greedy_decode(
             admitted = [pending.pop(0)]
             while pending and active + sum(map(len, admitted)) + len(pending[0]) <= batch_size:
                 admitted.append(pending.pop(0))
-            batch = _join(batch, _prefill(model, prompt_ids, admitted, pad_token_id, device))
+            plain = [group for group in admitted if group[0] not in cached]
+            after = [group[0] for group in admitted if group[0] in cached]  # a follow-up is a group of one
+            new = _prefill(model, prompt_ids, plain, pad_token_id, device) if plain else None
+            new = _join(new, _prefill_after_cache(model, prompt_ids, after, cached, device) if after else None)
+            batch = _join(batch, new)
             generated.update({i: [] for group in admitted for i in group})
             fresh = active  # only the admitted rows have a new token (from their prefill)
         else:
@@ -337,7 +413,16 @@ def greedy_decode(
                 continue
             generated[row].append(token)
             if stopped[r] or len(generated[row]) >= max_new_tokens:
-                yield row, generated.pop(row)
+                ids = generated.pop(row)
+                yield row, ids
+                for i in range(seen, len(prompt_ids)):  # the caller's follow-ups of this reply
+                    shared, layers = _cached_positions(batch, r, prompt_ids[row] + ids[:-1], prompt_ids[i])
+                    if shared:
+                        cached[i] = (shared, layers)
+                        if stats is not None:
+                            stats.cached_tokens += shared
+                    pending.append([i])
+                seen = len(prompt_ids)
             else:
                 keep.append(r)
         pending += [[i] for i in range(seen, len(prompt_ids))]  # appended by the caller meanwhile
@@ -459,7 +544,10 @@ def generate_replies(
     prompt_ids = encode_prompts(tokenizer, prompts)
     stop_ids = end_of_turn_ids(tokenizer)
     pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
-    decode = greedy_decode if _uses_standard_cache(model) else _in_rounds
+    if _uses_standard_cache(model):
+        decode = functools.partial(greedy_decode, stats=stats)
+    else:
+        decode = _in_rounds
     replies, new_tokens = [""] * len(prompts), 0
     was_training = model.training
     model.eval()

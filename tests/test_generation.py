@@ -134,6 +134,30 @@ def test_decode_attention_equals_attention_written_out_per_head():
             torch.testing.assert_close(got[r, 0, h], expected, rtol=1e-5, atol=1e-6)
 
 
+def test_decode_attention_reads_the_bf16_cache_view_without_copying_it():
+    """The cache hands the attention a view of the first positions of a longer buffer, which a bf16 bmm
+    copies. Copied as K^T (Q @ K^T) that copy is a transposing gather, 4x slower at 64 rows and 340
+    positions than K @ Q^T's row copy: K^T (dim x positions) is never materialized, and the result equals fp32."""
+    from torch.profiler import profile
+
+    torch.manual_seed(0)
+    rows, heads, kv_heads, positions, dim = 16, 9, 3, 40, 64
+    buffers = torch.randn(2, rows, kv_heads, 2 * positions, dim).bfloat16()  # capacity twice the length
+    key, value = buffers[0, :, :, :positions], buffers[1, :, :, :positions]
+    query = torch.randn(rows, heads, 1, dim).bfloat16()
+    mask = torch.ones(rows, 1, 1, positions, dtype=torch.bool)
+    with profile(record_shapes=True) as prof:
+        got, _ = decode_attention(None, query, key, value, mask)
+    copied = [
+        event.input_shapes[0]
+        for event in prof.events()
+        if event.name in ("aten::copy_", "aten::clone", "aten::contiguous") and event.input_shapes
+    ]
+    assert [dim, positions] not in [shape[-2:] for shape in copied], copied
+    expected, _ = decode_attention(None, query.float(), key.float(), value.float(), mask)
+    torch.testing.assert_close(got.float(), expected, rtol=0.02, atol=0.02)
+
+
 def test_generate_replies_decodes_with_matmul_attention_and_restores_sdpa(tiny, monkeypatch):
     model, tokenizer = tiny
     calls = []
@@ -250,8 +274,10 @@ def test_generate_replies_decodes_and_counts_useful_tokens(tiny, monkeypatch):
 
 @pytest.mark.parametrize("standard_cache", [True, False], ids=["fast", "plain generate"])
 def test_follow_up_prompts_join_the_running_batch_and_get_their_own_reply(tiny, monkeypatch, standard_cache):
-    # Each of the first four prompts gets a next turn written with its reply; the reference is
-    # transformers' generate on every prompt alone, the next turns built from its replies.
+    # Each of the first four prompts gets two more turns, each written with the reply before it; the
+    # reference is transformers' generate on every prompt alone, the next turns built from its replies.
+    # The fast path takes each follow-up's conversation and reply from the ended row's cache (the third
+    # turn from a row that itself continued a cache, with a masked gap in it) and prefills only the rest.
     model, tokenizer = tiny
     monkeypatch.setattr("common.fast_generation._uses_standard_cache", lambda model: standard_cache)
     stops = pick_stops(model, prompt_ids(tokenizer, PROMPTS))
@@ -260,26 +286,38 @@ def test_follow_up_prompts_join_the_running_batch_and_get_their_own_reply(tiny, 
     def text(ids: list[int]) -> str:
         return tokenizer.decode(ids, skip_special_tokens=True).strip()
 
-    def next_turn(prompt: list[dict], reply: str) -> list[dict]:
-        return [*prompt, {"role": "assistant", "content": reply}, {"role": "user", "content": "and then?"}]
+    def next_turn(prompt: list[dict], reply: str, chat: int) -> list[dict]:  # turns of different lengths
+        return [*prompt, {"role": "assistant", "content": reply}, {"role": "user", "content": "and then?" * (chat + 1)}]
 
-    first = PROMPTS[:4]
-    expected_first = [text(r) for r in reference(model, prompt_ids(tokenizer, first), stops, 12)]
-    follow_ups = [next_turn(p, r) for p, r in zip(first, expected_first, strict=True)]
-    expected_next = [text(r) for r in reference(model, prompt_ids(tokenizer, follow_ups), stops, 12)]
-    sources = []  # which first prompt each follow-up continues, in the order they were returned
+    turns, expected = [PROMPTS[:4]], []  # [turn][conversation]
+    for turn in range(3):
+        expected.append([text(r) for r in reference(model, prompt_ids(tokenizer, turns[turn]), stops, 12)])
+        turns.append(
+            [next_turn(p, r, chat) for chat, (p, r) in enumerate(zip(turns[turn], expected[turn], strict=True))]
+        )
+    asked = list(turns[0])  # every prompt, in the order generate_replies numbers them
+    sources = []  # (turn, conversation) of each prompt, in that order
 
     def follow_up(index: int, reply: str) -> list[dict] | None:
-        if index >= len(first):
+        turn, chat = sources[index]
+        if turn == 2:
             return None
-        sources.append(index)
-        return next_turn(first[index], reply)
+        sources.append((turn + 1, chat))
+        asked.append(next_turn(asked[index], reply, chat))
+        return asked[-1]
 
+    sources += [(0, chat) for chat in range(4)]
     stats = GenerationStats()
-    replies = generate_replies(model, tokenizer, first, 2, 12, stats=stats, follow_up=follow_up)
-    assert replies[:4] == expected_first and sorted(sources) == [0, 1, 2, 3]
-    assert replies[4:] == [expected_next[i] for i in sources]
-    assert stats.replies == 8 and stats.prompt_tokens == sum(map(len, prompt_ids(tokenizer, first + follow_ups)))
+    replies = generate_replies(model, tokenizer, turns[0], 2, 12, stats=stats, follow_up=follow_up)
+    assert sorted(sources) == [(turn, chat) for turn in range(3) for chat in range(4)]
+    assert replies == [expected[turn][chat] for turn, chat in sources]
+    assert asked == [turns[turn][chat] for turn, chat in sources]  # the follow-ups were built from right replies
+    assert stats.replies == 12 and stats.prompt_tokens == sum(map(len, prompt_ids(tokenizer, asked)))
+    if standard_cache:  # each of the 8 follow-ups took at least the prompt before it, and prefilled >= 1 token
+        before = sum(map(len, prompt_ids(tokenizer, turns[0] + turns[1])))
+        assert before <= stats.cached_tokens <= stats.prompt_tokens - sum(map(len, prompt_ids(tokenizer, turns[0]))) - 8
+    else:
+        assert stats.cached_tokens == 0
 
 
 def test_models_with_other_caches_take_the_plain_generate_path(tiny, monkeypatch):
