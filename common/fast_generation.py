@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -225,6 +226,13 @@ def prefix_groups(prompt_ids: list[list[int]]) -> list[list[int]]:
     return sorted(groups.values(), key=lambda group: len(prompt_ids[group[0]]))
 
 
+def _cache_arg(model, cache: Cache) -> dict:
+    """{name: cache} for the model's forward: `cache` where it takes that (transformers >= 5.25 warns on the
+    older `past_key_values`), else `past_key_values`."""
+    forward = (model.get_base_model() if hasattr(model, "get_base_model") else model).forward
+    return {"cache" if "cache" in inspect.signature(forward).parameters else "past_key_values": cache}
+
+
 def _prefill(model, prompt_ids: list[list[int]], groups: list[list[int]], pad_token_id: int, device) -> _Batch:
     """Run the groups' root prompts (left-padded) through the model; every member's first token is the argmax.
 
@@ -243,8 +251,13 @@ def _prefill(model, prompt_ids: list[list[int]], groups: list[list[int]], pad_to
     cache = _AppendCache()
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     # The decoder, then the LM head only where a prompt ends (as common.loss scores trained positions).
-    hidden = base.get_decoder()(
-        input_ids=input_ids, attention_mask=mask, position_ids=position_ids, past_key_values=cache, use_cache=True
+    decoder = base.get_decoder()
+    hidden = decoder(
+        input_ids=input_ids,
+        attention_mask=mask,
+        position_ids=position_ids,
+        use_cache=True,
+        **_cache_arg(decoder, cache),
     ).last_hidden_state
     rows = [i for group in groups for i in group]
     sources = [r for r, group in enumerate(groups) for _ in group]
@@ -295,8 +308,13 @@ def _prefill_after_cache(model, prompt_ids: list[list[int]], rows: list[int], ca
     cache.layers = [_AppendLayer.from_rows([row[j] for row in layers], past) for j in range(len(layers[0]))]
     input_ids, position_ids, mask = input_ids.to(device), position_ids.to(device), mask.to(device)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    hidden = base.get_decoder()(
-        input_ids=input_ids, attention_mask=mask, position_ids=position_ids, past_key_values=cache, use_cache=True
+    decoder = base.get_decoder()
+    hidden = decoder(
+        input_ids=input_ids,
+        attention_mask=mask,
+        position_ids=position_ids,
+        use_cache=True,
+        **_cache_arg(decoder, cache),
     ).last_hidden_state
     first_tokens = base.get_output_embeddings()(hidden[:, -1]).argmax(-1)
     return _Batch(list(rows), cache, mask, position_ids[:, -1] + 1, first_tokens)
@@ -400,7 +418,7 @@ def greedy_decode(
                 input_ids=batch.last[:, None],
                 attention_mask=batch.mask,
                 position_ids=batch.positions[:, None],
-                past_key_values=batch.cache,
+                **_cache_arg(model, batch.cache),
                 use_cache=True,
             )
             batch.positions = batch.positions + 1

@@ -258,6 +258,7 @@ def test_generate_replies_merges_only_an_enabled_adapter(lora_model, default_tok
     assert [off[i] for i in range(len(ids))] == reference(base, ids, stops, 8)  # the untouched base
 
 
+@pytest.mark.filterwarnings("error:.*past_key_values.*:FutureWarning")  # the cache is passed by its current name
 def test_generate_replies_decodes_and_counts_useful_tokens(tiny, monkeypatch):
     model, tokenizer = tiny
     ids = prompt_ids(tokenizer, PROMPTS)
