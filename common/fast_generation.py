@@ -226,11 +226,28 @@ def prefix_groups(prompt_ids: list[list[int]]) -> list[list[int]]:
     return sorted(groups.values(), key=lambda group: len(prompt_ids[group[0]]))
 
 
-def _cache_arg(model, cache: Cache) -> dict:
-    """{name: cache} for the model's forward: `cache` where it takes that (transformers >= 5.25 warns on the
-    older `past_key_values`), else `past_key_values`."""
+def _cache_name(model) -> str:
+    """The name the model's forward takes the KV cache by: `cache` where it has it (transformers >= 5.25 warns
+    on the older `past_key_values`), else `past_key_values`."""
     forward = (model.get_base_model() if hasattr(model, "get_base_model") else model).forward
-    return {"cache" if "cache" in inspect.signature(forward).parameters else "past_key_values": cache}
+    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
+
+
+def _decoder_states(model, input_ids, mask, position_ids, cache: Cache) -> tuple[torch.nn.Module, torch.Tensor]:
+    """(the base model, its decoder's last hidden states) over `input_ids`, filling `cache`.
+
+    The caller applies the LM head only where it needs logits (as common.loss scores trained positions).
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    decoder = base.get_decoder()
+    states = decoder(
+        input_ids=input_ids,
+        attention_mask=mask,
+        position_ids=position_ids,
+        use_cache=True,
+        **{_cache_name(decoder): cache},
+    )
+    return base, states.last_hidden_state
 
 
 def _prefill(model, prompt_ids: list[list[int]], groups: list[list[int]], pad_token_id: int, device) -> _Batch:
@@ -249,16 +266,7 @@ def _prefill(model, prompt_ids: list[list[int]], groups: list[list[int]], pad_to
     input_ids, mask = input_ids.to(device), mask.to(device)
     position_ids = (mask.cumsum(1) - 1).clamp_min(0)  # left padding: each row starts at position 0
     cache = _AppendCache()
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    # The decoder, then the LM head only where a prompt ends (as common.loss scores trained positions).
-    decoder = base.get_decoder()
-    hidden = decoder(
-        input_ids=input_ids,
-        attention_mask=mask,
-        position_ids=position_ids,
-        use_cache=True,
-        **_cache_arg(decoder, cache),
-    ).last_hidden_state
+    base, hidden = _decoder_states(model, input_ids, mask, position_ids, cache)
     rows = [i for group in groups for i in group]
     sources = [r for r, group in enumerate(groups) for _ in group]
     starts = [width - len(prompt_ids[roots[r]]) for r in sources]  # where each root's prompt begins
@@ -307,15 +315,7 @@ def _prefill_after_cache(model, prompt_ids: list[list[int]], rows: list[int], ca
     cache = _AppendCache()
     cache.layers = [_AppendLayer.from_rows([row[j] for row in layers], past) for j in range(len(layers[0]))]
     input_ids, position_ids, mask = input_ids.to(device), position_ids.to(device), mask.to(device)
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    decoder = base.get_decoder()
-    hidden = decoder(
-        input_ids=input_ids,
-        attention_mask=mask,
-        position_ids=position_ids,
-        use_cache=True,
-        **_cache_arg(decoder, cache),
-    ).last_hidden_state
+    base, hidden = _decoder_states(model, input_ids, mask, position_ids, cache)
     first_tokens = base.get_output_embeddings()(hidden[:, -1]).argmax(-1)
     return _Batch(list(rows), cache, mask, position_ids[:, -1] + 1, first_tokens)
 
@@ -397,6 +397,7 @@ def greedy_decode(
     seen = len(prompt_ids)
     generated: dict[int, list[int]] = {}
     cached: dict[int, tuple[int, list]] = {}  # follow-up prompt -> positions taken from its row, their K/V
+    cache_name = _cache_name(model)
     batch: _Batch | None = None
     while pending or batch is not None:
         active = 0 if batch is None else len(batch.rows)
@@ -418,7 +419,7 @@ def greedy_decode(
                 input_ids=batch.last[:, None],
                 attention_mask=batch.mask,
                 position_ids=batch.positions[:, None],
-                **_cache_arg(model, batch.cache),
+                **{cache_name: batch.cache},
                 use_cache=True,
             )
             batch.positions = batch.positions + 1
