@@ -444,8 +444,6 @@ def greedy_decode(
                 seen = len(prompt_ids)
             else:
                 keep.append(r)
-        pending += [[i] for i in range(seen, len(prompt_ids))]  # appended by the caller meanwhile
-        seen = len(prompt_ids)
         batch = _keep(batch, keep)
 
 
