@@ -410,11 +410,9 @@ def worksheet_checks(lob: str, facts: dict, year_keys: set[str]) -> list[str]:
     fired rule (rules go from most to least severe, so the first fired one decides) and every rule
     fired so far. The result is written only where it changes, so the last "->" of the worksheet is
     the decision, and each one is a local step: copy the previous result and append the rule. A
-    fired rule that attaches a condition to an approval adds it to the running result
-    (": standard -> standard H-7, condition roof inspection within 30 days") unless a decline or
-    refer already fired, and the result carries every condition so far ("-> substandard L-7, L-9,
-    condition hazardous-activity exclusion rider; attending physician statement before issue"), so
-    the outcome sentence's "Condition: ..." copies the last result instead of collecting them.
+    fired rule that attaches a condition to an approval writes it after its effect
+    (": standard, condition roof inspection within 30 days -> standard H-7") unless a decline or
+    refer already fired, so the outcome sentence's "Condition: ..." copies from the lines above.
 
     Args:
         lob: line of business.
@@ -425,7 +423,7 @@ def worksheet_checks(lob: str, facts: dict, year_keys: set[str]) -> list[str]:
         e.g. ["L-1 age 54 > 70 no", ..., "L-4 age 54 >= 50 yes, face $1500k > $1000k yes: refer ->
         refer L-4", ...].
     """
-    lines, first_effect, fired, conditions = [], None, [], []
+    lines, first_effect, fired = [], None, []
     for rule in rulebook.RULES[lob]:
         if rule.applies is None:
             continue
@@ -438,10 +436,9 @@ def worksheet_checks(lob: str, facts: dict, year_keys: set[str]) -> list[str]:
             first_effect = first_effect or rule.effect
             fired.append(rule.rule_id)
             # A condition binds only an approval: no earlier decline or refer (those rules come first).
-            if rule.condition and first_effect not in ("decline", "refer"):
-                conditions.append(rule.condition)
-            carried = f", condition {'; '.join(conditions)}" if conditions else ""
-            line += f": {rule.effect} -> {first_effect} {', '.join(fired)}{carried}"
+            approving = rule.condition and first_effect not in ("decline", "refer")
+            condition = f", condition {rule.condition}" if approving else ""
+            line += f": {rule.effect}{condition} -> {first_effect} {', '.join(fired)}"
         lines.append(line)
     return lines
 
@@ -760,14 +757,11 @@ Rules are numbered from most to least severe, so the outcome is the effect of th
 rule. A rule that fires ends its line with its effect and, after "->", the running result (that
 first effect and every rule fired so far), so the decision is built one line at a time instead of
 by collecting the yeses at the end (a model trained with a separate "Fired:" line listed its own
-yeses right in 4 of 60 validation replies); the last "->" is the decision, with the approval
-conditions of the rules fired so far ("-> substandard L-7, L-9, condition hazardous-activity
-exclusion rider; attending physician statement before issue"), which the outcome sentence copies
-(with each condition on its own rule's line only, the outcome sentence had to collect them, and the
-model wrote only the first of two). A rule that does not fire ends after its comparisons: the
-result is written only where it changes (worksheet v5: the same steps in 13% fewer trained tokens
-than v4's `: no -> refer L-4` on every line, for the token budget). Every rule's yes/no comes from
-its predicate in `data/rulebook.py`, so `decide()` stays the only source of labels.
+yeses right in 4 of 60 validation replies); the last "->" is the decision. A rule that does not
+fire ends after its comparisons: the result is written only where it changes (worksheet v5: the
+same steps in 13% fewer trained tokens than v4's `: no -> refer L-4` on every line, for the token
+budget). Every rule's yes/no comes from its predicate in `data/rulebook.py`, so `decide()` stays
+the only source of labels.
 
 Everything is generated from seeded templates: the data tests rule-following and fact gathering,
 not real-world underwriting. Years ("born 1983") are read as of {rulebook.REFERENCE_YEAR}.

@@ -25,8 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from data.task import parse_decision_line
 
 # "L-4 age 54 >= 50 yes, face $1500k > $1000k yes: refer -> refer L-4", or without the ": ..." tail;
-# the approval conditions so far end the running result: "-> standard H-7, condition roof inspection ...".
-CHECK_LINE = re.compile(r"([LHB]-\d+) (.*?)(?:: (\w+) -> (.*?)(?:, condition (.*))?)?")
+# an approval's condition sits after the effect: ": standard, condition roof inspection ... -> ...".
+CHECK_LINE = re.compile(r"([LHB]-\d+) (.*?)(?:: (\w+)(?:, condition [^\n]*?)? -> (.*))?")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -38,7 +38,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def parse_worksheet(text: str) -> tuple[list[str], list[tuple[str, str, str, str | None, str]]]:
+def parse_worksheet(text: str) -> tuple[list[str], list[tuple[str, str, str, str | None]]]:
     """Split a worksheet into its facts and its check lines.
 
     Args:
@@ -46,17 +46,16 @@ def parse_worksheet(text: str) -> tuple[list[str], list[tuple[str, str, str, str
 
     Returns:
         (facts, checks): the "; "-separated items of the Facts line (empty when missing) and, per
-        check line, (rule id, comparison, answer, running result, conditions): the answer is the
-        effect of a rule that fires and "no" for one that does not, whose running result is None
-        (not written); the conditions the result carries ("" for none).
+        check line, (rule id, comparison, answer, running result): the answer is the effect of a
+        rule that fires and "no" for one that does not, whose running result is None (not written).
     """
     lines = text.splitlines()
     facts = lines[0].removeprefix("Facts: ").rstrip(".").split("; ") if lines and lines[0].startswith("Facts: ") else []
     checks = []
     for line in lines:
         if match := CHECK_LINE.fullmatch(line):
-            rule_id, comparison, effect, result, conditions = match.groups()
-            checks.append((rule_id, comparison, effect or "no", result, conditions or ""))
+            rule_id, comparison, effect, result = match.groups()
+            checks.append((rule_id, comparison, effect or "no", result))
     return facts, checks
 
 
@@ -65,11 +64,6 @@ def next_result(previous: str, rule_id: str, answer: str) -> str:
     if answer == "no":
         return previous
     return f"{answer} {rule_id}" if previous == "none" else f"{previous}, {rule_id}"
-
-
-def last_conditions(checks: list[tuple[str, str, str, str | None, str]]) -> str:
-    """The conditions the last written running result carries ("" for none or no result)."""
-    return next((c[4] for c in reversed(checks) if c[3] is not None), "")
 
 
 def decision_from_result(result: str) -> tuple[str, str, list[str]] | None:
@@ -117,9 +111,6 @@ def score(records: list[dict], key: str) -> Counter:
             counts["result right"] += previous == ref_previous
         counts["every result follows its answers"] += bool(checks) and consistent
         counts["all answers right"] += bool(checks) and [c[2] for c in checks] == [c[2] for c in ref_checks]
-        counts["last result's conditions right"] += bool(checks) and last_conditions(checks) == last_conditions(
-            ref_checks
-        )
         decision = parse_decision_line(record[key])
         if checks and decision is not None:
             implied = decision_from_result(next((c[3] for c in reversed(checks) if c[3]), "none"))

@@ -144,7 +144,7 @@ def test_worksheet_checks_match_the_rulebook(splits):
             assert lines[0].startswith("Facts: "), record["id"]
             check_lines = lines[1 : 1 + len(rules)]
             checks = [
-                re.fullmatch(r"([LHB]-\d+) [^:]*(?:: (\w+) -> (.*?)(?:, condition [^:]*)?)?", line)
+                re.fullmatch(r"([LHB]-\d+) [^:]*(?:: (\w+)(?:, condition [^:]*)? -> (.*))?", line)
                 for line in check_lines
             ]
             assert all(checks), (record["id"], check_lines)
