@@ -48,6 +48,7 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from common.generation import encode_prompts, end_of_turn_ids, generate_batches
+from common.loss import base_causal_lm
 
 REFILL_FREE = 4  # the next prompts are prefilled and join when 1/REFILL_FREE of the rows are free
 
@@ -229,8 +230,7 @@ def prefix_groups(prompt_ids: list[list[int]]) -> list[list[int]]:
 def _cache_name(model) -> str:
     """The name the model's forward takes the KV cache by: `cache` where it has it (transformers >= 5.25 warns
     on the older `past_key_values`), else `past_key_values`."""
-    forward = (model.get_base_model() if hasattr(model, "get_base_model") else model).forward
-    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
+    return "cache" if "cache" in inspect.signature(base_causal_lm(model).forward).parameters else "past_key_values"
 
 
 def _decoder_states(model, input_ids, mask, position_ids, cache: Cache) -> tuple[torch.nn.Module, torch.Tensor]:
@@ -238,7 +238,7 @@ def _decoder_states(model, input_ids, mask, position_ids, cache: Cache) -> tuple
 
     The caller applies the LM head only where it needs logits (as common.loss scores trained positions).
     """
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_causal_lm(model)
     decoder = base.get_decoder()
     states = decoder(
         input_ids=input_ids,
@@ -451,7 +451,7 @@ def _uses_standard_cache(model) -> bool:
     """True for decoder + LM head models whose every layer is full attention (no sliding window, no linear attention)."""
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     layer_types = set(getattr(config, "layer_types", None) or ["full_attention"])
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_causal_lm(model)
     has_parts = hasattr(base, "get_decoder") and base.get_output_embeddings() is not None
     return has_parts and layer_types == {"full_attention"} and not getattr(config, "sliding_window", None)
 
