@@ -445,6 +445,7 @@ def format_feet(n: int, rng: random.Random) -> str:
 # at 0.2 and 0.4 the demo read more stress facts right but decided worse on validation and stress
 # (docs/results.md, 2026-12-06 session 18).
 EXTRA_FORM_SHARE = 0.0
+EXTRA_FRAME_SHARE = 0.0
 EXTRA_PHRASES = {
     "prior_claims=0": ["no claims", "claims-free", "nil claims 5 yrs", "clean loss run", "loss run clean"],
     "prior_losses=0": ["no losses", "nil losses 5 yrs", "clean loss run", "loss run clean"],
@@ -455,17 +456,199 @@ EXTRA_PHRASES = {
     "wiring_updated=True": ["electrical upgraded", "wiring redone", "elec updated"],
     "wiring_updated=False": ["elec original", "original electrical", "wiring orig."],
 }
-_extra = {"rng": random.Random(0), "share": 0.0}
+# More sentences around a fact ("he turned 51 this year", "they gross about $640k a year"): for the
+# training split only, from the extra forms' generator family (`use_extra_forms(frames=...)`). Each
+# fact's frames are "prose" (prose and non-native turns) or "terse" (notes and shorthand); an age fact
+# keeps the unit of the usual template it replaces (a year or years), so the worksheet stays the same.
+EXTRA_FRAMES = {
+    "age": {
+        "prose": [
+            "she is {age}",
+            "he turned {age} this year",
+            "the insured is aged {age}",
+            "the client is {age} years old now",
+            "the date of birth is in {year}",
+            "he was born back in {year}",
+            "she is a {year} baby",
+            "going by the ID, born in {year}",
+        ],
+        "terse": [
+            "aged {age}",
+            "{age} yrs old",
+            "age: {age}",
+            "{age} y.o.",
+            "DOB {year}",
+            "b. {year}",
+            "birth yr {year}",
+        ],
+    },
+    "face_amount": {
+        "prose": [
+            "they are looking for {money} of coverage",
+            "he needs {money} in cover",
+            "she is asking for a {money} policy",
+            "the face would be {money}",
+            "the sum insured they want is {money}",
+        ],
+        "terse": ["face amt {money}", "coverage {money}", "policy {money}", "sum insured {money}"],
+    },
+    "bmi": {
+        "prose": ["the BMI comes in at {bmi}", "his BMI was measured at {bmi}", "her BMI is {bmi} per the paramed"],
+        "terse": ["BMI: {bmi}", "bmi={bmi}", "BMI ~{bmi}", "ht/wt gives BMI {bmi}"],
+    },
+    "smoker=True": {
+        "prose": ["he smokes cigarettes daily", "she is a regular smoker", "he still smokes, about ten a day"],
+        "terse": ["smoker: Y", "current smoker", "tobacco - yes", "smokes daily"],
+    },
+    "smoker=False": {
+        "prose": ["she has never smoked in her life", "he does not smoke", "no tobacco or nicotine of any kind"],
+        "terse": ["smoker: N", "non-smoker (never)", "tobacco - no", "no tobacco"],
+    },
+    "medical_history=none": {
+        "prose": ["his health is fine, no medical history to speak of", "she has no health issues at all"],
+        "terse": ["med hx: none", "no medical history", "healthy, hx none"],
+    },
+    "medical_history": {
+        "prose": ["medically, he {verb} {cond}", "on the health side she {verb} {cond}"],
+        "terse": ["med hx: {cond}", "medical: {cond}"],
+    },
+    "occupation": {
+        "prose": [
+            "by trade the insured is {a_occ}",
+            "she makes her living as {a_occ}",
+            "he has worked as {a_occ} for years",
+            "the client's job: {occ}",
+            "day job is {occ}",
+            "he is employed full time as {a_occ}",
+        ],
+        "terse": ["job: {occ}", "works as {a_occ}", "employed as {a_occ}", "occupation - {occ}", "{occ} by trade"],
+    },
+    "construction": {
+        "prose": [
+            "the house is {c} construction",
+            "it's built of {c}",
+            "the home is a {c} build",
+            "the walls are {c}",
+        ],
+        "terse": ["constr: {c}", "{c} home", "built of {c}", "const. type {c}"],
+    },
+    "roof_age": {
+        "prose": [
+            "the roof went on in {year}",
+            "they put a new roof on in {year}",
+            "the roof has been up for {yrs}",
+            "the current roof is about {yrs} old",
+        ],
+        "terse": ["roof yr {year}", "roof done {year}", "roof age {yrs}", "roof: {yrs} old"],
+    },
+    "fire_station_miles": {
+        "prose": [
+            "the fire department is {mi} down the road",
+            "the closest firehouse is about {mi} away",
+            "fire station distance is {mi}",
+        ],
+        "terse": ["FD dist {mi}", "fire dept {mi}", "firehouse {mi}", "station {mi}"],
+    },
+    "hydrant_feet": {
+        "prose": [
+            "a fire hydrant sits {ft} from the property",
+            "the nearest hydrant is about {ft} away",
+            "hydrant distance is {ft}",
+        ],
+        "terse": ["hydrant dist {ft}", "FH at {ft}", "hydrant approx {ft}"],
+    },
+    "prior_claims=0": {
+        "prose": ["they have had no claims in the past five years", "no claims at all in five years"],
+        "terse": ["claims (5y): 0", "no claims last 5 yrs", "0 claims"],
+    },
+    "prior_claims=1": {
+        "prose": ["they had one claim in the past five years", "there was just 1 claim in five years"],
+        "terse": ["claims (5y): 1", "1 claim last 5 yrs", "one claim"],
+    },
+    "prior_claims": {
+        "prose": ["they had {n} claims in the past five years", "there were {n} claims over five years"],
+        "terse": ["claims (5y): {n}", "{n} claims last 5 yrs", "{n} claims"],
+    },
+    "wind_zone=coastal": {
+        "prose": ["the home is in the coastal wind zone", "it falls inside the coastal zone for wind"],
+        "terse": ["coastal zone", "wind zone coastal", "zone: coastal"],
+    },
+    "wind_zone=inland": {
+        "prose": ["the home is inland, away from the coast", "it is an inland property for wind"],
+        "terse": ["inland zone", "wind zone inland", "zone: inland"],
+    },
+    "dwelling_value": {
+        "prose": ["the dwelling should be insured for {money}", "they want {money} on the dwelling"],
+        "terse": ["dwelling value {money}", "Cov A: {money}", "dwelling amt {money}"],
+    },
+    "occupancy": {
+        "prose": [
+            "the insured operates {a_occ}",
+            "the business is run as {a_occ}",
+            "it is {a_occ} on the ground floor",
+            "the tenant is {a_occ}",
+        ],
+        "terse": ["operation - {occ}", "occupancy: {occ}", "type of business {occ}", "bus. type {occ}"],
+    },
+    "sprinklered=True": {
+        "prose": ["the whole building has sprinklers", "they have a sprinkler system in every room"],
+        "terse": ["sprinklers: Y", "sprinklered bldg", "full sprinklers"],
+    },
+    "sprinklered=False": {
+        "prose": ["the building has no sprinklers", "there is no sprinkler system anywhere"],
+        "terse": ["sprinklers: N", "no sprinklers at all", "sprinklers none"],
+    },
+    "building_age": {
+        "prose": [
+            "the building was finished in {year}",
+            "the building dates from {year}",
+            "the building was put up {yrs} ago",
+            "the building is about {yrs} old",
+        ],
+        "terse": ["yr built {year}", "built in {year}", "bldg age {yrs}", "building {yrs} old"],
+    },
+    "wiring_updated=True": {
+        "prose": ["the electrical was redone a few years back", "they had the building rewired recently"],
+        "terse": ["elec: updated", "wiring: updated", "rewired recently"],
+    },
+    "wiring_updated=False": {
+        "prose": ["the wiring is all original", "the electrical has never been updated"],
+        "terse": ["elec: original", "wiring: orig", "wiring never updated"],
+    },
+    "annual_revenue": {
+        "prose": ["they gross around {money} annually", "annual sales run {money}", "revenue last year was {money}"],
+        "terse": ["sales {money}", "annual rev {money}", "revenue: {money}"],
+    },
+    "tiv": {
+        "prose": ["the total insured value they want is {money}", "building and contents come to a TIV of {money}"],
+        "terse": ["TIV: {money}", "total insured value {money}", "TIV = {money}"],
+    },
+    "prior_losses=0": {
+        "prose": ["they have had no property losses in five years", "no losses at all in the past five years"],
+        "terse": ["losses (5y): 0", "no losses last 5 yrs", "0 losses"],
+    },
+    "prior_losses=1": {
+        "prose": ["they had one property loss in the past five years", "there was just 1 loss in five years"],
+        "terse": ["losses (5y): 1", "1 loss last 5 yrs", "one loss"],
+    },
+    "prior_losses": {
+        "prose": ["they had {n} property losses in the past five years", "there were {n} losses over five years"],
+        "terse": ["losses (5y): {n}", "{n} losses last 5 yrs", "{n} losses"],
+    },
+}
+_extra = {"rng": random.Random(0), "share": 0.0, "frames_rng": random.Random(0), "frames": 0.0}
 
 
-def use_extra_forms(seed: str, share: float) -> None:
+def use_extra_forms(seed: str, share: float, frames: float = 0.0) -> None:
     """From now on, say a fact in an extra form in `share` of the draws (0 turns them off).
 
     Args:
-        seed: seeds the extra forms' own generator.
+        seed: seeds the extra forms' own generators.
         share: the chance that a number, count or flag is said in an extra form.
+        frames: the chance that a fact of a sentence family is said in an extra frame (`EXTRA_FRAMES`).
     """
     _extra["rng"], _extra["share"] = random.Random(seed), share
+    _extra["frames_rng"], _extra["frames"] = random.Random(f"{seed}-frames"), frames
 
 
 def extra_form(options: list[str]) -> str | None:
@@ -488,6 +671,23 @@ def extra_phrase(key: str, value: object) -> str | None:
         options = [t.format(n=value, claims=noun, losses=noun) for t in templates] + [by_year] * len(templates)
         return extra_form(options)
     return extra_form(EXTRA_PHRASES.get(f"{key}={value}", []))
+
+
+def extra_frame(key: str, value: object, style: str, year_form: bool) -> str | None:
+    """Another sentence around the fact (`EXTRA_FRAMES`) in the extra-frame share of the draws, else None.
+
+    An age fact keeps its unit: a frame with a year where the usual template said a year (`year_form`).
+    """
+    frames = EXTRA_FRAMES.get(f"{key}={value}") or EXTRA_FRAMES.get(key)
+    if _extra["frames"] <= 0 or not frames or style not in ("prose", "nonnative", "terse", "short"):
+        return None
+    options = frames["terse" if style in ("terse", "short") else "prose"]
+    if key in ("age", "roof_age", "building_age"):
+        options = [frame for frame in options if ("{year}" in frame) == year_form]
+    rng = _extra["frames_rng"]
+    if not options or rng.random() >= _extra["frames"]:
+        return None
+    return rng.choice(options).format(**value_fields(key, value, rng))
 
 
 def claims_by_year(key: str, count: int, style: str, rng: random.Random) -> str:
@@ -571,6 +771,7 @@ def render_fact(key: str, value: object, style: str, rng: random.Random, year_ke
         if key in ("age", "roof_age", "building_age"):
             (year_keys.add if "{year}" in template else year_keys.discard)(key)
         usual = template.format(**value_fields(key, value, rng))
+        usual = extra_frame(key, value, style, key in year_keys) or usual
     return (style != "form" and extra_phrase(key, value)) or usual
 
 

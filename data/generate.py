@@ -94,6 +94,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=families.EXTRA_FORM_SHARE,
         help="share of the training split's facts said in an extra form (decimal comma, 410.000 USD, ...); default 0: none",
     )
+    parser.add_argument(
+        "--extra-frames",
+        type=float,
+        default=families.EXTRA_FRAME_SHARE,
+        help="share of the training split's facts said in another sentence (families.EXTRA_FRAMES); 0: none",
+    )
     # --- output ---
     parser.add_argument(
         "--output-dir", type=Path, default=Path(__file__).resolve().parent, help="folder for the splits and README.md"
@@ -526,7 +532,9 @@ def build_conversation(
     return messages, ask_facts, corrected
 
 
-def build_split(split: str, size: int, seed: int, seen_profiles: set[str], extra_share: float = 0.0) -> list[dict]:
+def build_split(
+    split: str, size: int, seed: int, seen_profiles: set[str], extra_share: float = 0.0, frame_share: float = 0.0
+) -> list[dict]:
     """Build one split: stratified (line, outcome, class) cells, fresh profiles, balanced phrasing families.
 
     Args:
@@ -536,6 +544,8 @@ def build_split(split: str, size: int, seed: int, seen_profiles: set[str], extra
         seen_profiles: profile ids used by earlier splits; updated in place so splits stay disjoint.
         extra_share: for the training split, the share of facts said in an extra form
             (`families.EXTRA_FORM_SHARE`); validation and test keep the usual forms.
+        frame_share: for the training split, the share of facts said in an extra sentence
+            (`families.EXTRA_FRAME_SHARE`); validation and test keep the usual ones.
 
     Returns:
         The records, in random order, with ids `<split>-0001`...
@@ -544,7 +554,8 @@ def build_split(split: str, size: int, seed: int, seen_profiles: set[str], extra
         RuntimeError: a cell could not be filled within MAX_SAMPLING_TRIES draws.
     """
     rng = random.Random(f"{seed}-{split}")
-    families.use_extra_forms(f"{seed}-{split}-extra", extra_share if split == "train" else 0.0)
+    train = split == "train"
+    families.use_extra_forms(f"{seed}-{split}-extra", extra_share if train else 0.0, frame_share if train else 0.0)
     plan = []
     for lob, lob_count in allocate(size, dict.fromkeys(rulebook.LINES_OF_BUSINESS, 1)).items():
         for cell, cell_count in allocate(lob_count, CELL_SHARES).items():
@@ -897,7 +908,9 @@ def main(argv: list[str] | None = None) -> None:
     seen_profiles: set[str] = set()
     splits = {}
     for split in SPLITS:
-        splits[split] = build_split(split, getattr(args, f"{split}_size"), args.seed, seen_profiles, args.extra_forms)
+        splits[split] = build_split(
+            split, getattr(args, f"{split}_size"), args.seed, seen_profiles, args.extra_forms, args.extra_frames
+        )
         check_balance(split, splits[split])
 
     hashes = {split: write_jsonl(args.output_dir / f"{split}.jsonl", records) for split, records in splits.items()}

@@ -22,6 +22,7 @@ DATA_DIR = Path(__file__).resolve().parents[1] / "data"
 YEAR = 2025  # ages and claim windows as of this year (the rulebook's reference year)
 PER_FAMILY = 30  # conversations per family and line of business
 EXTRA_SHARE = 0.3  # extra forms in the generated records (generate.py's default is 0: off)
+FRAME_SHARE = 0.3  # extra frames around a fact, the same way
 
 # --- an independent reader of broker text ---
 GAP = r'[ :=|"\t]'  # between a label and its value on one line: "Age | 70", "age=70", '"age": "70"'
@@ -150,7 +151,10 @@ def count_patterns(nouns: str, labels: str) -> list[tuple[str, object]]:
     count = r"(\d|no|nil|zero|one|two|three|four)"
     return [
         (rf"\b{count} (?:property )?(?:{nouns})\b", lambda m: to_count(m.group(1))),
-        (rf"\b(?:{labels})(?: 5 yrs|_5y| \(5 yrs\))?{SEP}{count}(?![\d/]| ?y)\b", lambda m: to_count(m.group(1))),
+        (
+            rf"\b(?:{labels})(?: 5 yrs|_5y| \(5 yrs\)| \(5y\))?{SEP}{count}(?![\d/]| ?y)\b",
+            lambda m: to_count(m.group(1)),
+        ),
         (
             rf"\b(?:{labels})(?:_years)?\b(?: on record are| by year| yrs| in)?[ :=|\"\[]{{0,30}}"
             r"((?:\d{4}(?: \([a-z ]+\))?(?:, | and |/)?)+)",
@@ -179,25 +183,30 @@ def number(pattern: str, cast: type = int) -> tuple[str, object]:
 
 FACT_PATTERNS = {
     "age": [
-        (r"\b(\d{2})(?: ?yo\b| ?y/o|-year-old| years?\b)", age_from),
+        (r"\b(\d{2})(?: ?yo\b| ?y/o|-year-old| years?\b| yrs old| y\.o\.)", age_from),
+        (r"\b(?:aged|turned|(?:he|she) is) (\d{2})\b", age_from),
+        (
+            r"(?:born|birth)[a-z ]{0,20}?(\d{4})|\ba (\d{4}) baby",
+            lambda m: age_from(m) if m.group(1) else YEAR - int(m.group(2)),
+        ),
         (rf"\bage(?: is)?{SEP}(\d{{2}})\b", age_from),
         (r"applicant is (\d{2})\b", age_from),
-        (rf"(?:born(?: in)?|yob|\bb\.|dob yr|year of birth|birth year|dob_year){GAP}{{0,30}}(\d{{4}})", age_from),
+        (rf"(?:born(?: in)?|yob|\bb\.|dob yr|\bdob|year of birth|birth year|dob_year){GAP}{{0,30}}(\d{{4}})", age_from),
     ],
     "bmi": [
         (
-            rf"(?:bmi|body mass index)(?: is)?(?: at)?{GAP}{{0,30}}(\d{{2}}[.,]\d)",
+            r"(?:bmi|body mass index)[^\d\n]{0,25}?(\d{2}[.,]\d)",
             lambda m: float(m.group(1).replace(",", ".")),
         )
     ],
     "smoker": flag_patterns(
-        r"\bsmokes\b|(?<!non-)(?<!non )\bsmoker\b(?![ :=|\"]{1,30}(?:yes|y|true|no|n|false)\b)|uses tobacco|tobacco user|smoke about a pack|(?<!non-)\bsmkr\b|\btob y\b|smoking every day|is smoker",
-        r"non-smok|non smok|nonsmok|non-smkr|no tobacco|tobacco-free|never smoked|not smok|don't smoke|\bns\b|\bn/s\b|\btob n\b",
+        r"\bsmokes\b|(?<!non-)(?<!non )\bsmoker\b(?![ :=|\"]{1,30}(?:yes|y|true|no|n|false)\b)|uses tobacco|tobacco user|smoke about a pack|(?<!non-)\bsmkr\b|\btob y\b|smoking every day|is smoker|tobacco - yes|still smokes",
+        r"non-smok|non smok|nonsmok|non-smkr|no tobacco|tobacco-free|never smoked|not smok|don't smoke|\bns\b|\bn/s\b|\btob n\b|tobacco - no|does not smoke",
         "tobacco|tabacco|smoker",
     ),
     "medical_history": [
         (
-            r"no significant medical|history is clean|no medical hx|\bhx\W{1,4}none|pmh neg|no any illness|medical (?:history|hx)\W{1,30}none|med_hx\W{1,6}none|no health issues|healthy|clean hx",
+            r"no significant medical|history is clean|no medical hx|\bhx\W{1,4}none|pmh neg|no any illness|medical (?:history|hx)\W{1,30}none|med_hx\W{1,6}none|no health issues|healthy|clean hx|no medical history|med hx\W{1,6}none",
             "none",
         ),
         (r"heart attack|stroke|cancer", "serious"),
@@ -215,14 +224,14 @@ FACT_PATTERNS = {
     "wind_zone": [(r"coastal", "coastal"), (r"inland", "inland")],
     "occupancy": [(OTHER_NAMES[name], name) for name in rulebook.OCCUPANCY_HAZARD],
     "sprinklered": flag_patterns(
-        r"(?<!not )(?<!no )(?<!non-)\bsprinklered\b(?![ :=|\"]{1,30}(?:no|n|false)\b)|(?<!no )sprinkler system|sprinklers throughout|full sprinkler|\bsprk?\W{1,3}y(?:es)?\b|fully spr|sprinklers everywhere",
-        r"no sprinklers|no sprinkler system|sprinklers: none|no sprinkler protection|no sprinkelrs|not sprinklered|unsprinklered|non-sprinklered|\bsprk?\W{1,3}no?\b|no spr\b",
+        r"(?<!not )(?<!no )(?<!non-)\bsprinklered\b(?![ :=|\"]{1,30}(?:no|n|false)\b)|(?<!no )sprinkler system|sprinklers throughout|full sprinkler|\bsprk?\W{1,3}y(?:es)?\b|fully spr|sprinklers everywhere|(?<!has no )has sprinklers",
+        r"no sprinklers|no sprinkler system|sprinklers: none|no sprinkler protection|no sprinkelrs|not sprinklered|unsprinklered|non-sprinklered|\bsprk?\W{1,3}no?\b|no spr\b|sprinklers none",
         "sprinklers|sprinklered",
     ),
     "building_age": [(rf"\b(?:built|bldg|blt|building|year_built)\b{SPAN}(\d+)", age_from)],
     "wiring_updated": flag_patterns(
-        r"has been updated|rewired|was renew|wiring updated(?![ :=|\"]{1,30}(?:no|n|false)\b)|electrical updated|new wiring|elec upd|electrical upgraded|wiring redone",
-        r"wiring is original|never updated|original wiring|elec original|original electrical|wiring orig\.|wiring not updated|orig wiring|orig elec|wiring\W{1,3}original|still the original",
+        r"has been updated|rewired|was renew|redone|wiring: updated|elec: updated|wiring updated(?![ :=|\"]{1,30}(?:no|n|false)\b)|electrical updated|new wiring|elec upd|electrical upgraded|wiring redone",
+        r"wiring is original|never updated|original wiring|elec original|original electrical|wiring orig\.|wiring not updated|orig wiring|orig elec|wiring\W{1,3}original|still the original|all original|never been updated|elec: original|wiring: orig\b",
         r"wiring[\W_]?upd(?:ated)?",
     ),
     "prior_losses": count_patterns("loss(?:es)?", "losses|loss"),
@@ -231,7 +240,7 @@ FACT_PATTERNS = {
 MONEY_KEYWORDS = {
     "face_amount": r"face|cover|sum assured|\bfa\b",
     "dwelling_value": r"dwelling|dwlg|cov a|insured for",
-    "annual_revenue": r"revenue|reveune|\brev\b|sales|turn over",
+    "annual_revenue": r"revenue|reveune|\brev\b|sales|turn over|gross",
     "tiv": r"\btiv\b|insured value",
 }
 
@@ -279,7 +288,7 @@ def generated_records() -> list[dict]:
     """
     rng = random.Random("test-families")
     records = []
-    families.use_extra_forms("test-families-extra", EXTRA_SHARE)
+    families.use_extra_forms("test-families-extra", EXTRA_SHARE, FRAME_SHARE)
     try:
         for family in families.SEEN_FAMILIES + families.HELD_OUT_FAMILIES:
             for lob in rulebook.LINES_OF_BUSINESS:
