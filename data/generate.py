@@ -808,6 +808,16 @@ are said in an extra form (augmentation: a decimal comma "6,5 miles", "1.250.000
 rest of the split is unchanged; validation and test keep the usual forms."""
 
 
+def extra_frames_sentence(share: float) -> str:
+    """The data card's sentence on the training split's extra frames; empty when they are off."""
+    if share <= 0:
+        return ""
+    return f""" In the training split only, {round(100 * share)}% of the facts of the sentence families
+are said in another sentence around them (augmentation, `families.EXTRA_FRAMES`: "he turned 51 this year",
+"they gross around $640k annually", "the tenant is a bakery"), from a generator of their own; the
+assistant turns and the other splits are unchanged."""
+
+
 def write_data_card(
     path: Path,
     splits: dict,
@@ -816,6 +826,7 @@ def write_data_card(
     tokens: tuple[dict | None, str],
     tokenizer_name: str,
     extra_share: float = families.EXTRA_FORM_SHARE,
+    frame_share: float = families.EXTRA_FRAME_SHARE,
 ) -> None:
     """Write the data card; the rule table comes from the rulebook so the card never drifts from it.
 
@@ -827,6 +838,7 @@ def write_data_card(
         tokens: `measure_token_lengths` output, or (None, reason).
         tokenizer_name: the tokenizer the token counts are for.
         extra_share: the training split's share of facts said in an extra form.
+        frame_share: the training split's share of facts said in an extra frame.
     """
     rule_rows = [
         [rule.rule_id, lob, rule.effect, rule.condition or "", rule.description]
@@ -878,7 +890,7 @@ from the rulebook, the broker says the class only sometimes), and in {round(100 
 conversations with a later broker turn a fact said wrong in the opening and corrected in a later
 turn (`corrected` holds the wrong value; `facts`, the worksheet and the decision use the corrected one). Long emails, forwarded
 tables, call logs and team chats carry numbers that are not facts (phones, dates, street and
-policy numbers).{extra_forms_sentence(extra_share)} See `data/families.py`.
+policy numbers).{extra_forms_sentence(extra_share)}{extra_frames_sentence(frame_share)} See `data/families.py`.
 
 {family_examples_section(splits)}
 
@@ -918,7 +930,16 @@ def main(argv: list[str] | None = None) -> None:
         tokens = (None, "skipped (--no-token-stats)")
     else:
         tokens = measure_token_lengths(splits, args.tokenizer)
-    write_data_card(args.output_dir / "README.md", splits, hashes, args.seed, tokens, args.tokenizer, args.extra_forms)
+    write_data_card(
+        args.output_dir / "README.md",
+        splits,
+        hashes,
+        args.seed,
+        tokens,
+        args.tokenizer,
+        args.extra_forms,
+        args.extra_frames,
+    )
     for split, records in splits.items():
         print(f"wrote {args.output_dir / f'{split}.jsonl'}: {len(records)} records, sha256 {hashes[split][:12]}")
     print(f"wrote {args.output_dir / 'README.md'}")

@@ -381,6 +381,24 @@ def test_every_fact_is_read_back_from_the_user_turns(records):
         assert_facts_read_back(record["lob"], record["family"], record["facts"], record["corrected"], user_text(record))
 
 
+def test_the_worksheet_writes_an_age_in_the_unit_the_broker_used_last(records):
+    # "born 1974" when the last mention of the age was a year, "age 51" when it was years (frames too).
+    checked = 0
+    for record in records:
+        if record["lob"] != "term_life" or record["family"] in ("fwd_table", "kv_export"):
+            continue
+        text = normalize(user_text(record))
+        mentions = [
+            (m.start(), len(next(g for g in m.groups() if g)) == 4)
+            for pattern, _ in FACT_PATTERNS["age"]
+            for m in re.finditer(pattern, text)
+        ]
+        facts_line = record["messages"][-1]["content"].splitlines()[0]
+        assert ("born " in facts_line) == max(mentions)[1], (facts_line, text)
+        checked += 1
+    assert checked > 200, checked
+
+
 def test_corrections_say_the_wrong_value_first_and_the_right_one_last(records):
     corrected = [r for r in records if r["corrected"]]
     assert {r["family"] for r in corrected} == set(families.SEEN_FAMILIES + families.HELD_OUT_FAMILIES)
@@ -414,27 +432,34 @@ def test_surface_forms_vary(records):
         r"\d foot\b",
         r"elec original|original electrical|wiring orig\.",
         r"sprinklers throughout|full sprinkler coverage|sprinklered 100%",
+        # the extra frames (on in these records too): other sentences around a fact
+        r"turned \d\d this year|is aged \d\d|\d\d yrs old",
+        r"by trade|makes (?:his|her) living as|employed (?:full time )?as",
+        r"gross around|annual sales run",
+        r"the tenant is|operates an? ",
     ]:
         assert re.search(form, text), form
     assert re.search(r"(?:born|yob|b\.|dob_year|year of birth)\W{0,30}19\d\d", text)
     assert re.search(r"claims[^\n]*20[01]\d \(", text) and re.search(r"losses[^\n]*20[01]\d", text)
 
 
-def test_extra_forms_change_only_the_training_split_words():
-    # Extra forms come from a generator of their own: turned on, the training split keeps its cases,
-    # families and assistant turns draw for draw and only broker words change; validation is untouched.
-    def build(share: float) -> dict[str, list[dict]]:
+@pytest.mark.parametrize(("forms", "frames"), [(0.5, 0.0), (0.0, 0.5)], ids=["forms", "frames"])
+def test_extra_forms_change_only_the_training_split_words(forms, frames):
+    # Extra forms and frames come from generators of their own: turned on, the training split keeps its
+    # cases, families and assistant turns draw for draw (an age keeps its unit, so the worksheet is the
+    # same) and only broker words change; validation is untouched.
+    def build(share: float, frame_share: float) -> dict[str, list[dict]]:
         seen: set[str] = set()
-        return {split: generate.build_split(split, 30, 7, seen, share) for split in ("train", "validation")}
+        return {split: generate.build_split(split, 30, 7, seen, share, frame_share) for split in ("train", "validation")}  # fmt: skip
 
-    plain, extra = build(0.0), build(0.5)
+    plain, extra = build(0.0, 0.0), build(forms, frames)
     assert extra["validation"] == plain["validation"]
     changed = 0
     for a, b in zip(plain["train"], extra["train"], strict=True):
         assert {k: v for k, v in a.items() if k != "messages"} == {k: v for k, v in b.items() if k != "messages"}
         assert [m for m in a["messages"] if m["role"] != "user"] == [m for m in b["messages"] if m["role"] != "user"]
         changed += a["messages"] != b["messages"]
-    assert changed > 0.8 * len(plain["train"]), changed
+    assert changed > (0.8 if forms else 0.6) * len(plain["train"]), changed  # no frames in tables and dumps
 
 
 def test_categories_go_by_other_names_and_the_hazard_class_is_said_only_sometimes(records):
