@@ -1,12 +1,13 @@
-"""Decode attention A/B in one process: SDPA, the previous Q @ K^T matmuls and `decode_attention`, same replies.
+"""Decode attention A/B in one process: SDPA, `decode_attention` on cache views and on whole cache buffers.
 
     python benchmarks/decode_attention.py --adapter runs/demo/best --limit 64
 
 Loads the adapter's base model (in `--dtype`, as evaluate.py: auto picks the fastest here) and the
 adapter, greedy-generates the final reply of the first `--limit` conversations of `--data-file` with
-evaluate.py's generator three times (SDPA for every step; the batched matmuls as first written, scores
-= Q @ K^T; `common.fast_generation.decode_attention`, scores = K @ Q^T), and prints useful new tokens/s
-of each and how many replies equal SDPA's.
+evaluate.py's generator three times (SDPA for every step; `common.fast_generation.decode_attention` on a
+view of each layer's first cached positions, as up to commit cf81d0d, which a bf16 bmm copies; the same
+on the whole contiguous buffer with its spare room masked, as now), and prints useful new tokens/s of
+each and how many replies equal SDPA's. (The Q @ K^T arm of earlier versions: docs/results.md.)
 """
 
 from __future__ import annotations
@@ -28,36 +29,14 @@ from common.jsonio import read_json, read_jsonl  # noqa: E402
 from common.model import load_config, load_model_and_tokenizer  # noqa: E402
 from common.precision import resolve_precision  # noqa: E402
 
-
-def qkt_decode_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """`decode_attention` as first written (commit 8a0e8a5): scores = Q @ K^T, which makes a bf16 bmm copy
-    the transposed cache view every step."""
-    rows, heads, queries, dim = query.shape
-    if queries != 1 or dropout or kwargs.get("softcap") is not None:
-        return fast.sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
-    grouped = query.view(rows, key.shape[1], heads // key.shape[1], dim)
-    scores = torch.matmul(grouped, key.transpose(-1, -2)) * (dim**-0.5 if scaling is None else scaling)
-    if attention_mask is not None and attention_mask.dtype == torch.bool:
-        scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
-    elif attention_mask is not None:
-        scores = scores + attention_mask
-    output = torch.matmul(scores.softmax(-1, dtype=torch.float32).to(value.dtype), value)
-    return output.reshape(rows, heads, 1, dim).transpose(1, 2), None
-
-
-fast.ALL_ATTENTION_FUNCTIONS.register("decode_matmul_qkt", qkt_decode_attention)
-fast.ALL_MASK_ATTENTION_FUNCTIONS.register("decode_matmul_qkt", fast.sdpa_mask)
-
-
 MATMUL_ATTENTION = fast.decode_with_matmul_attention  # the arms below patch the module's name
 
 
 @contextlib.contextmanager
-def qkt_attention(model):
-    """`decode_with_matmul_attention`, with the Q @ K^T scores."""
+def on_views(model):
+    """`decode_with_matmul_attention`, with each decode step given views of the cached positions."""
     with MATMUL_ATTENTION(model):
-        if model.config._attn_implementation == "decode_matmul":
-            model.config._attn_implementation = "decode_matmul_qkt"
+        fast._WHOLE_BUFFER["on"] = False
         yield
 
 
@@ -82,8 +61,8 @@ def main(argv: list[str] | None = None) -> dict:
     replies, result = {}, {}
     for arm, switch in (
         ("sdpa", lambda model: contextlib.nullcontext()),
-        ("matmul Q @ K^T", qkt_attention),
-        ("matmul", MATMUL_ATTENTION),
+        ("matmul on views", on_views),
+        ("matmul on whole buffers", MATMUL_ATTENTION),
     ):
         with mock.patch.object(fast, "decode_with_matmul_attention", switch), precision_autocast(precision):
             stats = fast.GenerationStats()
@@ -92,7 +71,7 @@ def main(argv: list[str] | None = None) -> dict:
             )
         result[arm] = stats.tokens_per_s
         print(f"{arm}: {stats.new_tokens} new tokens in {stats.seconds:.1f} s = {stats.tokens_per_s:.1f} tokens/s")
-    for arm in ("matmul Q @ K^T", "matmul"):
+    for arm in ("matmul on views", "matmul on whole buffers"):
         result[f"identical {arm}"] = sum(a == b for a, b in zip(replies["sdpa"], replies[arm], strict=True))
         print(
             f"{arm} / sdpa = {result[arm] / result['sdpa']:.2f}x; "

@@ -15,6 +15,8 @@ from transformers import AutoModelForCausalLM
 
 from common import generation
 from common.fast_generation import (
+    ALL_ATTENTION_FUNCTIONS,
+    CACHE_SPARE,
     GenerationStats,
     _AppendCache,
     _Batch,
@@ -24,6 +26,7 @@ from common.fast_generation import (
     generate_replies,
     greedy_decode,
     merged_lora,
+    packed_linears,
     prefix_groups,
 )
 
@@ -168,6 +171,49 @@ def test_generate_replies_decodes_with_matmul_attention_and_restores_sdpa(tiny, 
         dict(greedy_decode(model, prompt_ids(tokenizer, PROMPTS[:2]), [-1], 2, 3, pad_token_id=0))
     assert model.config._attn_implementation == "sdpa"
     assert len(calls) == 2 * 2 * model.config.num_hidden_layers  # 2 decode steps x 2 matmuls per layer
+
+
+def test_a_decode_step_attends_whole_contiguous_cache_buffers_with_the_spare_room_masked(tiny):
+    """Under `decode_with_matmul_attention` each decode step gets each layer's whole buffer (contiguous, so a
+    bf16 bmm need not copy it), longer than the cached positions; the text equals the view path's."""
+    model, tokenizer = tiny
+    ids = prompt_ids(tokenizer, PROMPTS)
+    seen = []
+
+    def recording(module, query, key, value, attention_mask, *args, **kwargs):
+        if query.shape[2] == 1:
+            seen.append((key.is_contiguous() and value.is_contiguous(), key.shape[-2] - attention_mask.shape[-1]))
+        return decode_attention(module, query, key, value, attention_mask, *args, **kwargs)
+
+    with torch.no_grad():
+        ALL_ATTENTION_FUNCTIONS.register("decode_matmul", recording)
+        try:
+            with decode_with_matmul_attention(model):
+                whole = dict(greedy_decode(model, ids, [-1], 3, 12, pad_token_id=0))
+        finally:
+            ALL_ATTENTION_FUNCTIONS.register("decode_matmul", decode_attention)
+        views = dict(greedy_decode(model, ids, [-1], 3, 12, pad_token_id=0))  # sdpa on views of the buffers
+    assert seen and all(contiguous for contiguous, _ in seen)
+    assert all(spare > 0 for _, spare in seen) and max(spare for _, spare in seen) <= CACHE_SPARE
+    assert whole == views
+
+
+@pytest.mark.skipif(not torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="oneDNN has no bf16 on this CPU")
+def test_packed_linears_give_the_same_logits_and_are_undone(chatty_model_dir):
+    """bf16 linears run on oneDNN-packed weights inside `packed_linears` (each one's forward is replaced), with
+    the logits of the plain model; afterwards the plain forward is back; an fp32 model is left alone."""
+    model = AutoModelForCausalLM.from_pretrained(chatty_model_dir, dtype=torch.bfloat16).eval()
+    linears = [m for m in model.modules() if type(m) is torch.nn.Linear]
+    ids = torch.randint(0, 200, (3, 9))
+    with torch.no_grad():
+        plain = model(ids).logits
+        with packed_linears(model) as count:
+            assert count == len(linears) and all("forward" in m.__dict__ for m in linears)
+            packed = model(ids).logits
+    assert not any("forward" in m.__dict__ for m in linears)
+    torch.testing.assert_close(packed, plain, rtol=0.01, atol=0.01)  # bit-identical on the CPUs measured
+    with packed_linears(AutoModelForCausalLM.from_pretrained(chatty_model_dir)) as count:
+        assert count == 0
 
 
 def test_prompts_that_begin_another_share_its_prefill(tiny):
