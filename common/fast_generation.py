@@ -561,15 +561,15 @@ def packed_linears(model) -> Iterator[int]:
 def decode_with_matmul_attention(model) -> Iterator[None]:
     """Switch a full-attention model that attends with SDPA to `decode_attention` for the duration (others pass)."""
     config = model.config
-    before = config._attn_implementation
-    if before == "sdpa" and _uses_standard_cache(model):
+    before, whole_before = config._attn_implementation, _WHOLE_BUFFER["on"]
+    switch = before == "sdpa" and _uses_standard_cache(model)
+    if switch:
         config._attn_implementation = "decode_matmul"
-        _WHOLE_BUFFER["on"] = True
+    _WHOLE_BUFFER["on"] = switch  # whole buffers only for `decode_attention`, also inside another such context
     try:
         yield
     finally:
-        config._attn_implementation = before
-        _WHOLE_BUFFER["on"] = False
+        config._attn_implementation, _WHOLE_BUFFER["on"] = before, whole_before
 
 
 def _in_rounds(
