@@ -445,7 +445,10 @@ def format_feet(n: int, rng: random.Random) -> str:
 # at 0.2 and 0.4 the demo read more stress facts right but decided worse on validation and stress
 # (docs/results.md, 2026-12-06 session 18).
 EXTRA_FORM_SHARE = 0.0
-EXTRA_FRAME_SHARE = 0.0
+# Extra frames (other sentences around a fact, `EXTRA_FRAMES`) are on for half the training split's
+# facts: over two training seeds, each with a control on the usual data, the demo recipe decided better
+# on validation (0.81 -> 0.86) and stress (0.69 -> 0.76) (docs/results.md, session 22).
+EXTRA_FRAME_SHARE = 0.5
 EXTRA_PHRASES = {
     "prior_claims=0": ["no claims", "claims-free", "nil claims 5 yrs", "clean loss run", "loss run clean"],
     "prior_losses=0": ["no losses", "nil losses 5 yrs", "clean loss run", "loss run clean"],
