@@ -182,8 +182,7 @@ def validate_args(args: argparse.Namespace, num_processes: int) -> int:
     args.run_name = args.run_name or time.strftime("%Y%m%d-%H%M%S")
     if args.run_name in (".", "..") or any(c in args.run_name for c in "/\\") or not args.run_name.isprintable():
         sys.exit(
-            f"error: --run-name {args.run_name!r} must be a folder name (no '/', '\\' or '..'); "
-            "for a path use --output-dir"
+            f"error: --run-name {args.run_name!r} must be a folder name (no '/', '\\' or '..'); for a path use --output-dir"
         )
     args.output_dir = str(args.output_dir or REPO / "runs" / args.run_name)
     # --grad-accum and --effective-batch-size: give either, they must agree when both are given
@@ -256,8 +255,12 @@ def make_accelerator(args: argparse.Namespace, use_cpu: bool, logger) -> tuple[A
     except ModelLoadError as err:
         sys.exit(f"error: {err}")
     # CPU "auto" times fp32/bf16/fp16 matmuls at this model's shapes (~1 s); rank 0's choice holds on every rank.
+    saved = Path(args.output_dir if args.resume_from == "latest" else args.resume_from or "") / "config.json"
+    keep = bool(args.resume_from) and args.mixed_precision == "auto" and saved.is_file()
+    requested = jsonio.read_json(saved)["derived"]["mixed_precision"] if keep else args.mixed_precision
     device = torch.device("cpu" if use_cpu else "cuda")
-    precision_choice = resolve_precision_on_main(args.mixed_precision, device, model_config, logger)
+    precision_choice = resolve_precision_on_main(requested, device, model_config, logger)
+    precision_choice.reason += f"; kept from {saved} on resume (a busy CPU could measure another)" * keep
     accelerator = Accelerator(
         cpu=use_cpu,
         mixed_precision=precision_choice.precision,
@@ -444,9 +447,8 @@ def log_setup(logger: logging.Logger, args: argparse.Namespace, config: dict, in
     )
     logger.info(
         f"{derived['num_processes']} process(es) x batch {args.batch_size} x grad accum {derived['grad_accum']} = "
-        f"effective batch {args.effective_batch_size} | {derived['steps_per_epoch']} steps/epoch, "
-        f"{derived['total_steps']} total, {derived['warmup_steps']} warmup | {derived['mixed_precision']} on "
-        f"{derived['device']}"
+        f"effective batch {args.effective_batch_size} | {derived['steps_per_epoch']} steps/epoch, {derived['total_steps']} "
+        f"total, {derived['warmup_steps']} warmup | {derived['mixed_precision']} on {derived['device']}"
     )
     logger.info(precision_choice.describe())  # the probe's figures, the choice and the MFU denominator
     if (split := inputs.split) is not None:
@@ -841,14 +843,12 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def exit_distributed(code: int | str | None) -> None:
-    """End a torchrun rank without freeing the DDP model or tearing the interpreter down; `code` is the exit
-    status, or a message for stderr (exit status 1), as `sys.exit` takes it.
+    """End a torchrun rank without freeing the DDP model or the interpreter; `code` as `sys.exit` takes it.
 
     Freeing the DDP reducer destroys the gloo process group, whose destructor joins the gloo worker threads
     while holding the GIL; a worker whose last job was an all-gather needs the GIL to free that job's tensors:
-    deadlock (py-spy, torch 2.13: ~1 in 4 two-process runs hung after "done", and the CI run that never
-    finished). So main() keeps the prepared model alive in KEEP_UNTIL_EXIT and the rank leaves with os._exit;
-    logs, checkpoints and trackers are closed by then."""
+    deadlock (py-spy, torch 2.13: ~1 in 4 two-process runs hung after "done"). So main() keeps the prepared
+    model alive in KEEP_UNTIL_EXIT and the rank leaves with os._exit once logs, checkpoints and trackers are closed."""
     if isinstance(code, str):
         print(code, file=sys.stderr)
         code = 1

@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 import train
+from common import precision
 from common.precision import cpu_bf16_supported
 from data.task import parse_decision_line
 from tests.conftest import REPO, make_conversation, write_jsonl
@@ -132,7 +133,9 @@ def test_resume_mid_epoch_and_mid_window_equals_uninterrupted(
     assert [p.name for p in (run / "checkpoints").iterdir()] == ["step_000003"]
     state = json.loads((run / "checkpoints" / "step_000003" / "trainer_state.json").read_text())
     assert state["batches_done_in_epoch"] == 9 and state["epoch"] == 0
-    train.main([*args, "--resume-from", "latest"])
+    # --mixed-precision auto on a resume keeps the run's fp32; measured again, this probe would pick bf16
+    monkeypatch.setattr(precision, "_best_rates", lambda device, names, *rest: {"fp32": 1e9, "bf16": 1e12})
+    train.main([*args, "--resume-from", "latest", "--mixed-precision", "auto"])
     expected, resumed = step_losses(reference_run), step_losses(run)
     assert sorted(resumed) == sorted(expected)
     for step, loss in expected.items():
@@ -142,6 +145,7 @@ def test_resume_mid_epoch_and_mid_window_equals_uninterrupted(
     for name, tensor in final_ref.items():
         torch.testing.assert_close(final_new[name], tensor, atol=1e-6, rtol=1e-5)
     assert "resumed from" in (run / "train.log").read_text()
+    assert f"kept from {run / 'config.json'} on resume" in (run / "train.log").read_text()
 
 
 def test_config_round_trip_reproduces_the_losses(reference_run, tmp_path):
