@@ -255,7 +255,7 @@ def make_accelerator(args: argparse.Namespace, use_cpu: bool, logger) -> tuple[A
     except ModelLoadError as err:
         sys.exit(f"error: {err}")
     # CPU "auto" times fp32/bf16/fp16 matmuls at this model's shapes (~1 s); rank 0's choice holds on every rank.
-    saved = Path(args.output_dir if args.resume_from == "latest" else args.resume_from or "") / "config.json"
+    saved = Path(args.output_dir) / "config.json"  # the run's, as `read_recorded_split` reads it on a resume
     keep = bool(args.resume_from) and args.mixed_precision == "auto" and saved.is_file()
     requested = jsonio.read_json(saved)["derived"]["mixed_precision"] if keep else args.mixed_precision
     device = torch.device("cpu" if use_cpu else "cuda")
