@@ -54,7 +54,7 @@ from common.data import (
     dataset_sha256,
     hold_out_validation,
     load_records,
-    read_recorded_split,
+    read_run_record,
     tokenize_records,
 )
 from common.eval_cache import cache_key, entry_path, load_entry, model_digest, save_entry
@@ -156,7 +156,7 @@ def find_recorded_split(adapter_dir: Path) -> dict | None:
         adapter_dir / "training_args.json",
         adapter_dir.parent / "config.json",
     ):
-        split = read_recorded_split(config_file)
+        split = read_run_record(config_file, "dataset", "validation_split")
         if split is not None:
             return split
     return None

@@ -464,7 +464,7 @@ def trl_config(spec: dict):
         shuffle_dataset=False,  # the rows are already in train.py's order
         packing=False,
         padding_free=False,
-        pad_to_multiple_of=8,
+        pad_to_multiple_of=64,  # as train.py
         max_length=spec["max_seq_len"],  # as train.py
         activation_checkpointing=False,  # TRL's default is on; train.py's LoRA default is off
         dataloader_num_workers=0,

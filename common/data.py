@@ -255,14 +255,15 @@ def dataset_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def read_recorded_split(config_file: Path) -> dict | None:
-    """The split a run held out (`dataset.validation_split` of its config.json or training_args.json), or None."""
+def read_run_record(config_file: Path, *keys: str):
+    """The value at `keys` in a run's config.json / training_args.json, or None (no file, bad JSON, no key)."""
     try:
-        config = json.loads(Path(config_file).read_text()) if Path(config_file).is_file() else None
+        value = json.loads(Path(config_file).read_text()) if Path(config_file).is_file() else None
     except json.JSONDecodeError:
         return None
-    dataset = config.get("dataset") if isinstance(config, dict) else None
-    return dataset.get("validation_split") if isinstance(dataset, dict) else None
+    for key in keys:
+        value = value.get(key) if isinstance(value, dict) else None
+    return value
 
 
 def _render(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:

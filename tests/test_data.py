@@ -14,6 +14,7 @@ from common.data import (
     collate_batch,
     hold_out_validation,
     load_records,
+    read_run_record,
     tokenize_messages,
     tokenize_records,
 )
@@ -240,6 +241,17 @@ def test_hold_out_validation_is_seeded_disjoint_and_reproducible():
     assert again[1] == validation and again[2] == split
     with pytest.raises(DataError, match=r"my\.jsonl has 49 records, but the run held out its validation split from 50"):
         hold_out_validation(records[:49], 0.1, 7, "my.jsonl", recorded=split)
+
+
+def test_read_run_record_returns_none_for_what_a_run_folder_lacks(tmp_path):
+    config = tmp_path / "config.json"
+    assert read_run_record(config, "derived", "mixed_precision") is None  # no file
+    config.write_text('{"derived": {"mixed_precision": "bf16"}, "dataset": [1]}')
+    assert read_run_record(config, "derived", "mixed_precision") == "bf16"
+    assert read_run_record(config, "derived", "attention") is None  # no key
+    assert read_run_record(config, "dataset", "validation_split") is None  # not a mapping on the way
+    config.write_text('{"derived": {"mixed_precision": "bf1')  # cut off
+    assert read_run_record(config, "derived", "mixed_precision") is None
 
 
 def test_hold_out_validation_keeps_at_least_one_example_each_side():

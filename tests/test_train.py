@@ -73,7 +73,7 @@ def test_run_folder_files_logs_and_config(reference_run, toy_data_dir):
         load_records(toy_data_dir / "train.jsonl"), load_tokenizer(config["args"]["model"]), 1024
     )
     longest = max(len(e["input_ids"]) for e in examples)
-    assert f"x {-(-longest // 8) * 8} tokens" in estimate_line, (longest, estimate_line)
+    assert f"x {-(-longest // 64) * 64} tokens" in estimate_line, (longest, estimate_line)
     # rank 4 on q/k/v of 2 layers: 4*(64+64) + 2*4*(64+32) per layer
     assert derived["trainable_params"] == 2 * (4 * 128 + 2 * 4 * 96)
     assert derived["trainable_pct"] < 1.0
@@ -303,8 +303,9 @@ def test_attention_choice(requested, device, longest, expected):
     assert train.choose_attention(requested, torch.device(device), longest) == expected
 
 
-def test_eager_and_sdpa_attention_give_the_same_losses_and_gradients(tiny_model_dir):
-    """The auto choice is a speed choice only: padded, variable-length batch, fp32."""
+def test_attention_and_padding_do_not_change_losses_or_gradients(tiny_model_dir):
+    """The auto attention and train.PAD_TO are speed choices only: padded, variable-length batch, fp32; eager on
+    rows padded only to the longest is the reference."""
     from common.data import collate_batch, tokenize_records
     from common.lora import apply_lora
     from common.loss import compute_token_losses
@@ -313,20 +314,24 @@ def test_eager_and_sdpa_attention_give_the_same_losses_and_gradients(tiny_model_
     records = [make_conversation(i) for i in range(3)]
     records[0]["messages"][-1]["content"] += " More words here." * 6
     results = {}
-    for attn in ("eager", "sdpa"):
+    for attn, multiple in (("eager", 1), ("sdpa", 1), ("eager", train.PAD_TO), ("sdpa", train.PAD_TO)):
         torch.manual_seed(0)
         model, tokenizer = load_model_and_tokenizer(str(tiny_model_dir))
         model.set_attn_implementation(attn)
         model = apply_lora(model, rank=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"])
         examples, _ = tokenize_records(records, tokenizer, 256)
-        batch = collate_batch(examples, tokenizer.pad_token_id, pad_to_multiple_of=8)
+        batch = collate_batch(examples, tokenizer.pad_token_id, pad_to_multiple_of=multiple)
+        assert batch["input_ids"].shape[1] % multiple == 0
         loss_sum, _ = compute_token_losses(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
         loss_sum.sum().backward()
         grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
-        results[attn] = (loss_sum.detach(), grads)
-    torch.testing.assert_close(results["eager"][0], results["sdpa"][0], rtol=1e-5, atol=1e-5)
-    for eager_grad, sdpa_grad in zip(results["eager"][1], results["sdpa"][1]):
-        torch.testing.assert_close(eager_grad, sdpa_grad, rtol=1e-4, atol=1e-6)
+        results[attn, multiple] = (loss_sum.detach(), grads)
+    assert train.PAD_TO == 64 and results["eager", 64][0].shape == results["eager", 1][0].shape
+    reference_loss, reference_grads = results["eager", 1]
+    for key, (loss, grads) in results.items():
+        torch.testing.assert_close(loss, reference_loss, rtol=1e-5, atol=1e-5, msg=str(key))
+        for grad, reference_grad in zip(grads, reference_grads):
+            torch.testing.assert_close(grad, reference_grad, rtol=1e-4, atol=1e-6, msg=str(key))
 
 
 def test_memory_preflight_reads_the_loaded_model(tiny_model_dir, toy_data_dir, tmp_path, capsys):
