@@ -49,7 +49,6 @@ import shutil
 import sys
 import tempfile
 import time
-from importlib import import_module
 from pathlib import Path
 
 import torch
@@ -271,7 +270,9 @@ def check_parity(
         nf4_model, _ = load_model_and_tokenizer(
             nf4_base[0], quantization="nf4", dtype=nf4_base[1], trust_remote_code=args.trust_remote_code
         )
-        nf4_model = import_module("peft").PeftModel.from_pretrained(nf4_model, str(Path(args.adapter)))
+        from peft import PeftModel  # here, after common/: see main()
+
+        nf4_model = PeftModel.from_pretrained(nf4_model, str(Path(args.adapter)))
         outputs = run_prompts(nf4_model, prompt_ids, args.max_new_tokens, eos_ids, precision)
         info["nf4_reference"] = compare(outputs, merged_outputs)
         title = "reference, not gated (adapter on the real NF4 base vs merged)"
@@ -361,8 +362,9 @@ def main(argv: list[str] | None = None) -> dict:
     # The parity forwards' dtype comes from the one rule (common/precision.py); fp32 by default, so the
     # gate compares the merge itself, not bf16/fp16 rounding noise (~0.1 logits on the 135M model).
     precision = resolve_precision(args.dtype, torch.device("cpu"), model.config, measure_peak=False)
-    # peft imported after common/, whose __init__ quiets a bitsandbytes warning at import
-    model = import_module("peft").PeftModel.from_pretrained(model, str(adapter_dir))
+    from peft import PeftModel  # here, after common/, whose __init__ quiets a bitsandbytes warning at import
+
+    model = PeftModel.from_pretrained(model, str(adapter_dir))
 
     prompt_ids = []
     if not args.no_verify:

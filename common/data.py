@@ -255,7 +255,7 @@ def dataset_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def read_run_record(config_file: Path, *keys: str):
+def read_run_record(config_file: Path, *keys: str) -> object:
     """The value at `keys` in a run's config.json / training_args.json, or None (no file, bad JSON, no key)."""
     try:
         value = json.loads(Path(config_file).read_text()) if Path(config_file).is_file() else None
