@@ -349,7 +349,8 @@ def load_splits(args: argparse.Namespace, output_dir: Path) -> tuple[list[dict],
         args.validation_file = str(sibling)
     train_records, split = load_records(args.train_file), None
     if args.validation_file is None:
-        recorded = args.resume_from and read_run_record(output_dir / "config.json", "dataset", "validation_split")
+        config_file = output_dir / "config.json"
+        recorded = read_run_record(config_file, "dataset", "validation_split") if args.resume_from else None
         split_seed = args.seed if args.validation_split_seed is None else args.validation_split_seed
         train_records, val_records, split = hold_out_validation(
             train_records, args.validation_split, split_seed, args.train_file, recorded
