@@ -253,7 +253,7 @@ def make_accelerator(args: argparse.Namespace, use_cpu: bool, logger) -> tuple[A
         sys.exit(f"error: {err}")
     # CPU "auto" times fp32/bf16/fp16 matmuls at this model's shapes (~1 s); rank 0's choice holds on every rank.
     saved = Path(args.output_dir) / "config.json"  # the run's, as the recorded split is read on a resume
-    recorded = args.resume_from and read_run_record(saved, "derived", "mixed_precision")
+    recorded = read_run_record(saved, "derived", "mixed_precision") if args.resume_from else None
     keep = args.mixed_precision == "auto" and recorded in ("no", "bf16", "fp16")
     requested = recorded if keep else args.mixed_precision
     device = torch.device("cpu" if use_cpu else "cuda")
