@@ -30,10 +30,10 @@ gguf-setup: $(STAMP)
 # convergence report -> versioned export -> merged model with parity check. Each stage's time and
 # the total are printed at the end (and kept in runs/demo-timings.txt).
 # The recipe for the 135M default (README, "Choosing the recipe"): lr 2e-3, all-linear targets,
-# batch 1 for 2 epochs over the 450 training conversations (900 updates, 296,612 trained tokens, within
+# batch 1 for 1 epoch over the 900 training conversations (900 updates, 294,748 trained tokens, within
 # issue 29's budget of 2x 171,848), chosen on the validation and stress splits;
 # train.py's own defaults stay the usual 1-7B ones.
-DEMO_RECIPE := --lr 2e-3 --target-modules all-linear --batch-size 1 --effective-batch-size 1 --epochs 2
+DEMO_RECIPE := --lr 2e-3 --target-modules all-linear --batch-size 1 --effective-batch-size 1 --epochs 1
 DEMO_STAGES := \
 	"data/generate.py" \
 	"train.py --run-name demo --output-dir runs/demo --overwrite $(DEMO_RECIPE)" \

@@ -85,7 +85,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     # --- sampling ---
     parser.add_argument("--seed", type=int, default=1234, help="seed; the same seed gives byte-identical files")
-    parser.add_argument("--train-size", type=int, default=450, help="records in train.jsonl")
+    parser.add_argument("--train-size", type=int, default=900, help="records in train.jsonl")
     parser.add_argument("--validation-size", type=int, default=60, help="records in validation.jsonl")
     parser.add_argument("--test-size", type=int, default=100, help="records in test.jsonl")
     parser.add_argument(

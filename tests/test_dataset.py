@@ -16,7 +16,7 @@ from data import generate, rulebook, worksheet_errors
 from data.task import FACT_ASK_NAMES, parse_asked_facts, parse_decision_line
 
 DATA_DIR = Path(__file__).resolve().parents[1] / "data"
-SIZES = {"train": 450, "validation": 60, "test": 100}
+SIZES = {"train": 900, "validation": 60, "test": 100}
 
 
 def sha256_of(path: Path) -> str:
@@ -71,7 +71,7 @@ def test_data_card_lists_rules_hashes_and_balance(fresh_dir):
             assert f"| {rule.rule_id} |" in card and rule.description in card
     for split in SIZES:
         assert sha256_of(fresh_dir / f"{split}.jsonl") in card
-    assert "majority-class accuracy" in card and "| train | 450 |" in card
+    assert "majority-class accuracy" in card and "| train | 900 |" in card
     assert "token stats unavailable: skipped (--no-token-stats)" in card
 
 
