@@ -29,7 +29,7 @@ gguf-setup: $(STAMP)
 # The main job on the embedded default model: data -> train -> evaluate (base vs finetuned) ->
 # convergence report -> versioned export -> merged model with parity check. Each stage's time and
 # the total are printed at the end (and kept in runs/demo-timings.txt).
-# The recipe for the 135M default (README, "Choosing the recipe"): lr 2e-3, all-linear targets,
+# The recipe for the 135M default (docs/recipe.md): lr 2e-3, all-linear targets,
 # batch 1 for 1 epoch over the 900 training conversations (900 updates, 294,748 trained tokens, within
 # issue 29's budget of 2x 171,848), chosen on the validation and stress splits;
 # train.py's own defaults stay the usual 1-7B ones.
