@@ -51,7 +51,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from transformers import TrainerCallback
+import transformers as hf  # not "from transformers import": it imports bitsandbytes before common/ quiets it
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -500,7 +500,7 @@ def record_micro_batch(examples: list[dict], collate: Callable[[list[dict]], dic
     return batch
 
 
-class StepClock(TrainerCallback):
+class StepClock(hf.TrainerCallback):
     """TRL's step clock: `time.perf_counter()` at the start of training and at each optimizer step's end."""
 
     def __init__(self, step_ends: list[float]) -> None:
