@@ -639,19 +639,81 @@ EXTRA_FRAMES = {
         "terse": ["losses (5y): {n}", "{n} losses last 5 yrs", "{n} losses"],
     },
 }
+# Mixed styles (training split only, `use_extra_forms(mix=...)`): in MIX_SHARE of the draws a fact of a
+# sentence family is said with another sentence style's template ("NS" in an email, "the applicant does
+# not smoke" in shorthand), and a table or dump row gets one of MIX_LABELS' field names, as people mix
+# registers and every system names its fields its own way. Off by default: at 0.3, over two training seeds
+# each paired with a control on the usual data, validation moved +4 / -1 conversations but stress fell at
+# both (0.83 -> 0.73 and 0.77; stress facts lines right 26 -> 16 and 23 -> 22) (docs/results.md, session 26).
+MIX_SHARE = 0.0
+SENTENCE_STYLES = ("prose", "terse", "short", "nonnative")
+MIX_LABELS = {
+    "age": [("insured_age", "age"), ("applicant_age", "age"), ("age_yrs", "age"), ("birth_yr", "year"),
+        ("yob", "year"), ("born", "year")],
+    "face_amount": [("face_amount", "money"), ("coverage_amt", "money"), ("sum_insured", "money"),
+        ("death_benefit", "money"), ("fa", "money")],
+    "bmi": [("bmi_value", "bmi"), ("body_mass_index", "bmi")],
+    "smoker": [("tobacco_use", "flag"), ("is_smoker", "flag"), ("nicotine", "flag"), ("smoking", "flag")],
+    "medical_history": [("medical_history", "text"), ("pmh", "text"), ("health_hx", "text"), ("conditions", "text")],
+    "occupation": [("job", "text"), ("occ", "text"), ("job_title", "text"), ("employment", "text")],
+    "construction": [("const_type", "text"), ("constr", "text"), ("building_material", "text")],
+    "roof_age": [("roof_age_yrs", "yrs"), ("roof_year", "year"), ("roof_replaced", "year"),
+        ("roof_install_yr", "year")],
+    "fire_station_miles": [("fire_station_miles", "x"), ("firestation_dist", "x"), ("dist_fire_station_mi", "x"),
+        ("fire_dept_miles", "x"), ("fs_mi", "x")],
+    "hydrant_feet": [("hydrant_dist_ft", "x"), ("nearest_hydrant", "ft"), ("hydrant_distance", "ft"),
+        ("fire_hydrant_ft", "x")],
+    "prior_claims": [("claims_count", "count"), ("num_claims_5y", "count"), ("prior_claims", "count"),
+        ("loss_count_5y", "count")],
+    "wind_zone": [("windzone", "text"), ("wind", "text"), ("wind_territory", "text")],
+    "dwelling_value": [("cov_a", "money"), ("dwelling_limit", "money"), ("home_value", "money"),
+        ("replacement_cost", "money")],
+    "occupancy": [("business_type", "text"), ("occ_class", "text"), ("occupancy_desc", "text"), ("operations", "text")],
+    "sprinklered": [("sprinklers", "flag"), ("sprinkler_system", "flag"), ("spr", "flag"), ("auto_sprinkler", "flag")],
+    "building_age": [("yr_built", "year"), ("bldg_year", "year"), ("building_age_yrs", "yrs"),
+        ("construction_year", "year")],
+    "wiring_updated": [("electrical_updated", "flag"), ("wiring_upgraded", "flag"), ("elec_update", "flag"),
+        ("rewired", "flag")],
+    "annual_revenue": [("annual_sales", "money"), ("gross_revenue", "money"), ("sales", "money"),
+        ("turnover", "money")],
+    "tiv": [("total_insured_value", "money"), ("tiv_total", "money"), ("insured_value", "money")],
+    "prior_losses": [("loss_count", "count"), ("losses", "count"), ("num_losses_5y", "count"),
+        ("prior_losses", "count")],
+}  # fmt: skip
 _extra = {"rng": random.Random(0), "share": 0.0, "frames_rng": random.Random(0), "frames": 0.0}
+_extra |= {"mix_rng": random.Random(0), "mix": 0.0}
 
 
-def use_extra_forms(seed: str, share: float, frames: float = 0.0) -> None:
+def use_extra_forms(seed: str, share: float, frames: float = 0.0, mix: float = 0.0) -> None:
     """From now on, say a fact in an extra form in `share` of the draws (0 turns them off).
 
     Args:
         seed: seeds the extra forms' own generators.
         share: the chance that a number, count or flag is said in an extra form.
         frames: the chance that a fact of a sentence family is said in an extra frame (`EXTRA_FRAMES`).
+        mix: the chance that a fact is said in another style's template or under another field name
+            (`MIX_LABELS`).
     """
     _extra["rng"], _extra["share"] = random.Random(seed), share
     _extra["frames_rng"], _extra["frames"] = random.Random(f"{seed}-frames"), frames
+    _extra["mix_rng"], _extra["mix"] = random.Random(f"{seed}-mix"), mix
+
+
+def mixed_template(templates: dict[str, list[str]], style: str) -> str | None:
+    """A template of another sentence style in the mixed share of the draws, else None (`MIX_SHARE`)."""
+    rng = _extra["mix_rng"]
+    if _extra["mix"] <= 0 or style not in SENTENCE_STYLES or rng.random() >= _extra["mix"]:
+        return None
+    return rng.choice(templates[rng.choice([other for other in SENTENCE_STYLES if other != style])])
+
+
+def mixed_label(key: str, style: str) -> tuple[str, str] | None:
+    """Another (field name, kind) of a table or dump row in the mixed share of the draws, else None."""
+    rng = _extra["mix_rng"]
+    if _extra["mix"] <= 0 or rng.random() >= _extra["mix"]:
+        return None
+    label, kind = rng.choice(MIX_LABELS[key])
+    return (label[:1].upper() + label[1:].replace("_", " ") if style == "table" else label), kind
 
 
 def extra_form(options: list[str]) -> str | None:
@@ -771,6 +833,7 @@ def render_fact(key: str, value: object, style: str, rng: random.Random, year_ke
         if key == "occupancy" and rng.random() < OCCUPANCY_HAZARD_SHARE:
             templates = OCCUPANCY_WITH_HAZARD
         template = rng.choice(templates[style])
+        template = mixed_template(templates, style) or template
         if key in ("age", "roof_age", "building_age"):
             (year_keys.add if "{year}" in template else year_keys.discard)(key)
         usual = template.format(**value_fields(key, value, rng))
@@ -781,6 +844,7 @@ def render_fact(key: str, value: object, style: str, rng: random.Random, year_ke
 def render_field(key: str, value: object, style: str, rng: random.Random, year_keys: set[str]) -> tuple[str, str]:
     """One fact as a (label, value) pair of a table ("table") or key/value dump ("kv")."""
     label, kind = rng.choice(FIELD_LABELS[key][style])
+    label, kind = mixed_label(key, style) or (label, kind)
     if key in ("prior_claims", "prior_losses") and rng.random() < CLAIMS_BY_YEAR_SHARE:
         return label.replace(" 5 yrs", "").replace("_5y", "_years"), claims_by_year(key, value, style, rng)
     if key in ("age", "roof_age", "building_age"):

@@ -100,6 +100,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=families.EXTRA_FRAME_SHARE,
         help="share of the training split's facts said in another sentence (families.EXTRA_FRAMES); 0: none",
     )
+    parser.add_argument(
+        "--mixed-styles",
+        type=float,
+        default=families.MIX_SHARE,
+        help="share of the training split's facts said in another style's words or field name; 0: none",
+    )
     # --- output ---
     parser.add_argument(
         "--output-dir", type=Path, default=Path(__file__).resolve().parent, help="folder for the splits and README.md"
@@ -533,7 +539,13 @@ def build_conversation(
 
 
 def build_split(
-    split: str, size: int, seed: int, seen_profiles: set[str], extra_share: float = 0.0, frame_share: float = 0.0
+    split: str,
+    size: int,
+    seed: int,
+    seen_profiles: set[str],
+    extra_share: float = 0.0,
+    frame_share: float = 0.0,
+    mix_share: float = 0.0,
 ) -> list[dict]:
     """Build one split: stratified (line, outcome, class) cells, fresh profiles, balanced phrasing families.
 
@@ -546,6 +558,8 @@ def build_split(
             (`families.EXTRA_FORM_SHARE`); validation and test keep the usual forms.
         frame_share: for the training split, the share of facts said in an extra sentence
             (`families.EXTRA_FRAME_SHARE`); validation and test keep the usual ones.
+        mix_share: for the training split, the share of facts said in another style's template or
+            under another field name (`families.MIX_SHARE`); validation and test keep their own.
 
     Returns:
         The records, in random order, with ids `<split>-0001`...
@@ -555,7 +569,8 @@ def build_split(
     """
     rng = random.Random(f"{seed}-{split}")
     train = split == "train"
-    families.use_extra_forms(f"{seed}-{split}-extra", extra_share if train else 0.0, frame_share if train else 0.0)
+    shares = (extra_share, frame_share, mix_share) if train else (0.0, 0.0, 0.0)
+    families.use_extra_forms(f"{seed}-{split}-extra", *shares)
     plan = []
     for lob, lob_count in allocate(size, dict.fromkeys(rulebook.LINES_OF_BUSINESS, 1)).items():
         for cell, cell_count in allocate(lob_count, CELL_SHARES).items():
@@ -818,6 +833,15 @@ are said in another sentence around them (augmentation, `families.EXTRA_FRAMES`:
 assistant turns and the other splits are unchanged."""
 
 
+def mixed_styles_sentence(share: float) -> str:
+    """The data card's sentence on the training split's mixed styles; empty when they are off."""
+    if share <= 0:
+        return ""
+    return f""" In the training split only, {round(100 * share)}% of the facts are said with another
+style's words ("NS" in an email, "the applicant does not smoke" in shorthand) or, in tables and dumps,
+under another field name (`families.MIX_LABELS`: "yob", "cov_a", "fs_mi"), from a generator of their own."""
+
+
 def write_data_card(
     path: Path,
     splits: dict,
@@ -827,6 +851,7 @@ def write_data_card(
     tokenizer_name: str,
     extra_share: float = families.EXTRA_FORM_SHARE,
     frame_share: float = families.EXTRA_FRAME_SHARE,
+    mix_share: float = families.MIX_SHARE,
 ) -> None:
     """Write the data card; the rule table comes from the rulebook so the card never drifts from it.
 
@@ -839,6 +864,7 @@ def write_data_card(
         tokenizer_name: the tokenizer the token counts are for.
         extra_share: the training split's share of facts said in an extra form.
         frame_share: the training split's share of facts said in an extra frame.
+        mix_share: the training split's share of facts said in another style or field name.
     """
     rule_rows = [
         [rule.rule_id, lob, rule.effect, rule.condition or "", rule.description]
@@ -890,7 +916,7 @@ from the rulebook, the broker says the class only sometimes), and in {round(100 
 conversations with a later broker turn a fact said wrong in the opening and corrected in a later
 turn (`corrected` holds the wrong value; `facts`, the worksheet and the decision use the corrected one). Long emails, forwarded
 tables, call logs and team chats carry numbers that are not facts (phones, dates, street and
-policy numbers).{extra_forms_sentence(extra_share)}{extra_frames_sentence(frame_share)} See `data/families.py`.
+policy numbers).{extra_forms_sentence(extra_share)}{extra_frames_sentence(frame_share)}{mixed_styles_sentence(mix_share)} See `data/families.py`.
 
 {family_examples_section(splits)}
 
@@ -921,7 +947,13 @@ def main(argv: list[str] | None = None) -> None:
     splits = {}
     for split in SPLITS:
         splits[split] = build_split(
-            split, getattr(args, f"{split}_size"), args.seed, seen_profiles, args.extra_forms, args.extra_frames
+            split,
+            getattr(args, f"{split}_size"),
+            args.seed,
+            seen_profiles,
+            args.extra_forms,
+            args.extra_frames,
+            args.mixed_styles,
         )
         check_balance(split, splits[split])
 
@@ -939,6 +971,7 @@ def main(argv: list[str] | None = None) -> None:
         args.tokenizer,
         args.extra_forms,
         args.extra_frames,
+        args.mixed_styles,
     )
     for split, records in splits.items():
         print(f"wrote {args.output_dir / f'{split}.jsonl'}: {len(records)} records, sha256 {hashes[split][:12]}")
