@@ -281,8 +281,8 @@ def read_facts(lob: str, text: str) -> dict[str, list]:
     }
     money_keys = [key for key in rulebook.REQUIRED_FACTS[lob] if key in MONEY_KEYWORDS]
     amounts = read_money(text)
+    labels = r"[a-z_]*(?:face_am|coverage_amt|sum_insured|death_benefit|fa|cov_a|dwelling|home_value|replacement_cost|revenue|sales|turnover|tiv|insured_value)[a-z_]*"
     for key in money_keys:
-        labels = r"[a-z_]*(?:face_am|coverage_amt|sum_insured|death_benefit|fa|cov_a|dwelling|home_value|replacement_cost|revenue|sales|turnover|tiv|insured_value)[a-z_]*"
         raw = find_values([number(rf"\b{labels}\b{SEP}(\d{{5,}})")], text)
         amounts_here = sorted(dict(amounts + raw).items())
         if len(money_keys) == 1:
@@ -305,7 +305,8 @@ def generated_records() -> list[dict]:
     """PER_FAMILY conversations per family and line of business, from sampled cases (any outcome).
 
     The extra forms (`generate.py --extra-forms`, the training split's augmentation) are on in
-    EXTRA_SHARE of the draws, so the reader checks them too.
+    EXTRA_SHARE of the draws, the extra frames and mixed styles (`--extra-frames`, `--mixed-styles`) in
+    FRAME_SHARE and MIX_SHARE, so the reader checks them too.
     """
     rng = random.Random("test-families")
     records = []
