@@ -85,6 +85,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     # --- sampling ---
     parser.add_argument("--seed", type=int, default=1234, help="seed; the same seed gives byte-identical files")
+    parser.add_argument(
+        "--train-seed",
+        type=int,
+        default=None,
+        help="draw the training split with this seed instead (validation and test stay those of --seed): "
+        "compare a data change over several draws of the training cases",
+    )
     parser.add_argument("--train-size", type=int, default=900, help="records in train.jsonl")
     parser.add_argument("--validation-size", type=int, default=60, help="records in validation.jsonl")
     parser.add_argument("--test-size", type=int, default=100, help="records in test.jsonl")
@@ -744,7 +751,7 @@ def token_length_section(tokens: tuple[dict | None, str], tokenizer_name: str) -
     )
 
 
-def card_introduction(seed: int) -> str:
+def card_introduction(seed: int, train_seed: int | None = None) -> str:
     """The data card's text up to the rulebook: what the data is, the worksheet, how to regenerate, the format."""
     return f"""# Underwriting conversations (synthetic)
 
@@ -794,7 +801,9 @@ not real-world underwriting. Years ("born 1983") are read as of {rulebook.REFERE
 
 ## Regenerate
 
-    python data/generate.py            # seed {seed}: train/validation/test .jsonl + this card
+    python data/generate.py            # seed {seed}: train/validation/test .jsonl + this card{
+        "" if train_seed is None else f" (--train-seed {train_seed}: the training split drawn with seed {train_seed})"
+    }
     python data/generate.py --seed 7 --output-dir /tmp/uw --no-token-stats
 
 The same seed gives byte-identical files (see the sha256 below).
@@ -852,6 +861,7 @@ def write_data_card(
     extra_share: float = families.EXTRA_FORM_SHARE,
     frame_share: float = families.EXTRA_FRAME_SHARE,
     mix_share: float = families.MIX_SHARE,
+    train_seed: int | None = None,
 ) -> None:
     """Write the data card; the rule table comes from the rulebook so the card never drifts from it.
 
@@ -865,6 +875,7 @@ def write_data_card(
         extra_share: the training split's share of facts said in an extra form.
         frame_share: the training split's share of facts said in an extra frame.
         mix_share: the training split's share of facts said in another style or field name.
+        train_seed: the seed the training split was drawn with, when not `seed` (`--train-seed`).
     """
     rule_rows = [
         [rule.rule_id, lob, rule.effect, rule.condition or "", rule.description]
@@ -874,7 +885,7 @@ def write_data_card(
     outcome_rows, class_rows, lob_rows, family_rows, shape_rows = split_stat_rows(splits)
     token_section = token_length_section(tokens, tokenizer_name)
     card = (
-        card_introduction(seed)
+        card_introduction(seed, train_seed)
         + f"""## Rulebook
 
 A decline rule firing means decline; else a refer rule means refer (class `n/a`); else approve
@@ -949,7 +960,7 @@ def main(argv: list[str] | None = None) -> None:
         splits[split] = build_split(
             split,
             getattr(args, f"{split}_size"),
-            args.seed,
+            args.train_seed if split == "train" and args.train_seed is not None else args.seed,
             seen_profiles,
             args.extra_forms,
             args.extra_frames,
@@ -972,6 +983,7 @@ def main(argv: list[str] | None = None) -> None:
         args.extra_forms,
         args.extra_frames,
         args.mixed_styles,
+        args.train_seed,
     )
     for split, records in splits.items():
         print(f"wrote {args.output_dir / f'{split}.jsonl'}: {len(records)} records, sha256 {hashes[split][:12]}")

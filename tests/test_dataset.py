@@ -57,6 +57,19 @@ def test_different_seed_gives_different_data(fresh_dir, tmp_path):
         assert sha256_of(tmp_path / f"{split}.jsonl") != sha256_of(fresh_dir / f"{split}.jsonl")
 
 
+def test_train_seed_redraws_only_the_training_split(fresh_dir, tmp_path):
+    # A second draw of the training cases, to compare a data change over draws: validation and test
+    # stay byte-identical and their profiles stay out of the new training split.
+    generate.main(["--train-seed", "99", "--output-dir", str(tmp_path), "--no-token-stats"])
+    assert sha256_of(tmp_path / "train.jsonl") != sha256_of(fresh_dir / "train.jsonl")
+    for split in ("validation", "test"):
+        assert sha256_of(tmp_path / f"{split}.jsonl") == sha256_of(fresh_dir / f"{split}.jsonl")
+    splits = read_splits(tmp_path)
+    held_out = {record["profile_id"] for split in ("validation", "test") for record in splits[split]}
+    assert not held_out & {record["profile_id"] for record in splits["train"]}
+    assert "--train-seed 99" in (tmp_path / "README.md").read_text(encoding="utf-8")
+
+
 def test_committed_files_are_the_default_generation(fresh_dir):
     for split in SIZES:
         assert sha256_of(DATA_DIR / f"{split}.jsonl") == sha256_of(fresh_dir / f"{split}.jsonl"), (
