@@ -680,8 +680,10 @@ MIX_LABELS = {
     "prior_losses": [("loss_count", "count"), ("losses", "count"), ("num_losses_5y", "count"),
         ("prior_losses", "count")],
 }  # fmt: skip
-_extra = {"rng": random.Random(0), "share": 0.0, "frames_rng": random.Random(0), "frames": 0.0}
-_extra |= {"mix_rng": random.Random(0), "mix": 0.0}
+_extra = {
+    **{"rng": random.Random(0), "share": 0.0, "frames_rng": random.Random(0), "frames": 0.0},
+    **{"mix_rng": random.Random(0), "mix": 0.0},
+}
 
 
 def use_extra_forms(seed: str, share: float, frames: float = 0.0, mix: float = 0.0) -> None:
@@ -699,20 +701,24 @@ def use_extra_forms(seed: str, share: float, frames: float = 0.0, mix: float = 0
     _extra["mix_rng"], _extra["mix"] = random.Random(f"{seed}-mix"), mix
 
 
+def _mix_drawn() -> bool:
+    """True in the mixed share of the draws (one draw of the mixed styles' generator while they are on)."""
+    return _extra["mix"] > 0 and _extra["mix_rng"].random() < _extra["mix"]
+
+
 def mixed_template(templates: dict[str, list[str]], style: str) -> str | None:
     """A template of another sentence style in the mixed share of the draws, else None (`MIX_SHARE`)."""
-    rng = _extra["mix_rng"]
-    if _extra["mix"] <= 0 or style not in SENTENCE_STYLES or rng.random() >= _extra["mix"]:
+    if style not in SENTENCE_STYLES or not _mix_drawn():
         return None
-    return rng.choice(templates[rng.choice([other for other in SENTENCE_STYLES if other != style])])
+    other = _extra["mix_rng"].choice([name for name in SENTENCE_STYLES if name != style])
+    return _extra["mix_rng"].choice(templates[other])
 
 
 def mixed_label(key: str, style: str) -> tuple[str, str] | None:
     """Another (field name, kind) of a table or dump row in the mixed share of the draws, else None."""
-    rng = _extra["mix_rng"]
-    if _extra["mix"] <= 0 or rng.random() >= _extra["mix"]:
+    if not _mix_drawn():
         return None
-    label, kind = rng.choice(MIX_LABELS[key])
+    label, kind = _extra["mix_rng"].choice(MIX_LABELS[key])
     return (label[:1].upper() + label[1:].replace("_", " ") if style == "table" else label), kind
 
 
