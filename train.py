@@ -38,7 +38,7 @@ from accelerate.utils import ProjectConfiguration, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from common import checkpoint, fsdp, jsonio, run_folder
+from common import checkpoint, fsdp, jsonio, perf, run_folder
 from common.checkpoint import CheckpointError
 from common.cli import load_config_defaults, load_task
 from common.data import (
@@ -111,6 +111,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--mixed-precision", choices=["auto", "no", "fp16", "bf16"], default="auto", help=AMP_HELP)
     parser.add_argument("--seed", type=int, default=1234, help="seed for init, data order and dropout")
     parser.add_argument("--attn-implementation", choices=["auto", "eager", "sdpa"], default="auto", help=ATTENTION_HELP)
+    parser.add_argument("--compile", action="store_true", help="torch.compile the decoder layers (best: dropout 0)")
     parser.add_argument("--max-bad-steps", type=int, default=3, help="stop after more non-finite steps in a row")
     # --- evaluation, checkpoints, early stopping ---
     parser.add_argument("--eval-every", type=int, default=0, help="also evaluate every N steps (0 = epoch ends)")
@@ -302,12 +303,14 @@ def load_inputs(args: argparse.Namespace, accelerator: Accelerator, dtype: torch
         model = apply_lora(
             model, args.rank, args.alpha, args.dropout, target_modules, quantized, args.gradient_checkpointing
         )
+        compiled = perf.compile_decoder_layers(model) if args.compile else 0  # training steps only (see validate)
         padded = -(-longest // PAD_TO) * PAD_TO  # the longest row as collate pads it
         memory_preflight = check_memory(model, args, accelerator.device, dtype, padded, logger)
     except (DataError, ModelLoadError, LoraSetupError, CheckpointError, run_folder.RunFolderError) as err:
         sys.exit(f"error: {err}")
     derived = {
         "attn_implementation": attn_implementation,
+        "compiled_layers": compiled,
         "memory_preflight": memory_preflight,
         "tokenize_stats": {"train": vars(train_stats), "validation": vars(val_stats)},
     }
@@ -642,12 +645,13 @@ def validate(state: TrainState, epoch: float, run: Run, baseline: bool = False) 
     """Validation loss and scored samples at `epoch` (fractional); keep best/ when it improved (never for the
     step-0 `baseline`); count toward early stopping."""
     args, accelerator, model, step = run.args, run.accelerator, run.model, state.global_step
-    metrics = evaluate_loss(run.loss_model, run.eval_dataloader, accelerator, seed=args.seed)
-    best = state.best_val_loss
-    improved = not baseline and (best is None or metrics["val_loss"] < best - args.early_stopping_min_delta)
-    record = {"step": step, "epoch": epoch, "baseline": baseline, "is_best": improved, **metrics}
-    if accelerator.is_main_process and run.samples:
-        record |= write_samples(run, run.output_dir / "samples" / f"step_{step:06d}.jsonl")
+    with perf.eager_modules(model):
+        metrics = evaluate_loss(run.loss_model, run.eval_dataloader, accelerator, seed=args.seed)
+        best = state.best_val_loss
+        improved = not baseline and (best is None or metrics["val_loss"] < best - args.early_stopping_min_delta)
+        record = {"step": step, "epoch": epoch, "baseline": baseline, "is_best": improved, **metrics}
+        if accelerator.is_main_process and run.samples:
+            record |= write_samples(run, run.output_dir / "samples" / f"step_{step:06d}.jsonl")
     run.log_jsonl("eval_log.jsonl", record)
     accelerator.log(
         {f"eval/{k}": v for k, v in record.items() if isinstance(v, int | float) and k != "step"}, step=step

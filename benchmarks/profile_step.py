@@ -3,6 +3,7 @@
     python benchmarks/profile_step.py                                  # the demo recipe: all-linear r=16, batch 1
     python benchmarks/profile_step.py --target-modules q_proj,k_proj,v_proj --batch-size 4
     python benchmarks/profile_step.py --precision no                   # fp32 instead of the probed choice
+    python benchmarks/profile_step.py --dropout 0 --compile            # train.py --dropout 0 --compile
 
 The step is train.py's: the base loaded in the precision `--precision` resolves to (train.py's probe), LoRA
 applied by `common.lora.apply_lora`, the loss of `common.loss.compute_token_losses` under autocast, backward,
@@ -35,7 +36,7 @@ from common.data import IGNORE_INDEX, collate_batch, load_records, tokenize_reco
 from common.lora import apply_lora, parse_target_modules  # noqa: E402
 from common.loss import compute_token_losses  # noqa: E402
 from common.model import DEFAULT_MODEL, load_config, load_model_and_tokenizer  # noqa: E402
-from common.perf import count_matmul_params, estimate_train_flops  # noqa: E402
+from common.perf import compile_decoder_layers, count_matmul_params, estimate_train_flops  # noqa: E402
 from common.precision import resolve_precision  # noqa: E402
 from train import choose_attention  # noqa: E402
 
@@ -81,6 +82,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--attn-implementation", default="auto", choices=["auto", "eager", "sdpa"])
+    parser.add_argument("--dropout", type=float, default=0.05, help="LoRA dropout (train.py's --dropout)")
+    parser.add_argument("--compile", action="store_true", help="train.py's --compile: the decoder layers compiled")
     parser.add_argument("--near-length", type=int, help="profile examples around this length (default: the median)")
     parser.add_argument("--warmup", type=int, default=5, help="steps run before timing (excluded)")
     parser.add_argument("--steps", type=int, default=20, help="steps timed, then the same number profiled")
@@ -128,7 +131,9 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     choice = resolve_precision(args.precision, torch.device("cpu"), load_config(args.model))
     model, tokenizer = load_model_and_tokenizer(args.model, dtype=choice.dtype)
-    model = apply_lora(model, args.rank, 2 * args.rank, 0.05, parse_target_modules(args.target_modules))
+    model = apply_lora(model, args.rank, 2 * args.rank, args.dropout, parse_target_modules(args.target_modules))
+    if args.compile:  # compiled during the warm-up steps (they should cover a few lengths: dynamic shapes)
+        compile_decoder_layers(model)
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=2e-4, weight_decay=0.01)
@@ -179,7 +184,7 @@ def render(args: argparse.Namespace, choice, figures: dict, mean_tokens: float) 
     mfu = f"{figures['mfu']:.1%}" if figures["mfu"] is not None else "n/a"
     lines = [
         f"### {stamp}: {args.target_modules} r={args.rank}, batch {args.batch_size}, {choice.precision}, "
-        f"{figures['attention']} attention",
+        f"{figures['attention']} attention, LoRA dropout {args.dropout}{', compiled' if args.compile else ''}",
         "",
         f"{choice.describe()}",
         "",

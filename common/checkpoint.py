@@ -4,8 +4,6 @@ Every folder (checkpoints/step_000120/, best/, final/) is written under a tempor
 and gets its COMPLETE marker ({"created", "sha256": {file: digest}}) last; a folder without it is never used.
 """
 
-from __future__ import annotations
-
 import hashlib
 import json
 import logging

@@ -1,7 +1,5 @@
 """Command-line helpers: flag defaults from a --config file, the --task module."""
 
-from __future__ import annotations
-
 import argparse
 import importlib.util
 import sys

@@ -5,8 +5,6 @@ Reads chat `messages`, ShareGPT `conversations`, `prompt` + `completion`, Alpaca
 end-of-turn token, found in the chat template (`assistant_turns`): few templates have `{% generation %}` markers.
 """
 
-from __future__ import annotations
-
 import hashlib
 import json
 import math

@@ -5,8 +5,6 @@ Accelerate's `prepare()` makes every parameter a DTensor holding 1/N of it on ea
 rank 0 writes; a rank-0-only call would wait forever for the others. Loading puts each rank's slice back.
 """
 
-from __future__ import annotations
-
 import collections
 import os
 

@@ -4,8 +4,6 @@ evaluate.py's hundreds of replies use common/fast_generation.py (continuous batc
 which gives the same greedy text faster.
 """
 
-from __future__ import annotations
-
 from collections.abc import Iterator
 
 import torch

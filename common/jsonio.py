@@ -5,8 +5,6 @@ non-finite float is written as `null` and named in a "nonfinite" field of the ob
 `{"loss": null, "nonfinite": {"loss": "NaN"}}`, and the readers here put the values back.
 """
 
-from __future__ import annotations
-
 import json
 import math
 import os

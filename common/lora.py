@@ -1,7 +1,5 @@
 """LoRA/QLoRA adapter setup, parameter accounting and per-layer adapter statistics."""
 
-from __future__ import annotations
-
 import math
 import re
 

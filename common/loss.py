@@ -5,8 +5,6 @@ materialized for system/user/padding tokens: the summed cross-entropy over train
 divides by the number of trained tokens of the whole effective batch.
 """
 
-from __future__ import annotations
-
 import math
 import time
 

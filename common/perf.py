@@ -1,9 +1,8 @@
 """Performance accounting: FLOPs of a LoRA step and MFU (against common/precision.py's peak), memory, GPU use."""
 
-from __future__ import annotations
-
+import contextlib
 import resource
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -73,3 +72,25 @@ def gpu_utilization(device: torch.device) -> float | None:
         return float(torch.cuda.utilization(device)) if device.type == "cuda" else None
     except Exception:  # pynvml missing or unsupported
         return None
+
+
+def compile_decoder_layers(model: torch.nn.Module) -> int:
+    """torch.compile (inductor, dynamic shapes) each decoder layer in place, the state dict's keys kept; returns how
+    many. The demo on a 2-core AMX Xeon: 1.2x tokens/s at LoRA dropout 0 (dropout splits the graph: slower)."""
+    layers = [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
+    for layer in layers:
+        layer.compile(dynamic=True)
+    return len(layers)
+
+
+@contextlib.contextmanager
+def eager_modules(model: torch.nn.Module) -> Iterator[None]:
+    """Compiled modules run eagerly inside (evaluation, generation: eval mode or a KV cache would recompile them)."""
+    compiled = {m: m._compiled_call_impl for m in model.modules() if getattr(m, "_compiled_call_impl", None)}
+    try:
+        for module in compiled:
+            module._compiled_call_impl = None
+        yield
+    finally:
+        for module, impl in compiled.items():
+            module._compiled_call_impl = impl

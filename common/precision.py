@@ -5,8 +5,6 @@ CPU `auto` times fp32, bf16 and (native units only) fp16 matmuls at the model's 
 wins (unsupported bf16 falls back). The MFU denominator (common/perf.py) is the FASTEST probed dtype's rate.
 """
 
-from __future__ import annotations
-
 import logging
 import os
 import time

@@ -5,8 +5,6 @@ profile_memory.py` prints them and picks LoRA or QLoRA) with the weights as the 
 0-1% under the full estimate on the default model (tests/test_memory.py).
 """
 
-from __future__ import annotations
-
 import itertools
 
 import psutil

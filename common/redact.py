@@ -3,8 +3,6 @@
 clean = redact_secrets(run_config, secret_env_values())   # {"hf_token": "<redacted>", ...}
 """
 
-from __future__ import annotations
-
 import os
 import re
 from collections.abc import Mapping, Sequence

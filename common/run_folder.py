@@ -1,7 +1,5 @@
 """train.py's run folder (docs/run_folder.md): lock, write test, config, logs, summary; checkpoints: checkpoint.py."""
 
-from __future__ import annotations
-
 import argparse
 import contextlib
 import fcntl

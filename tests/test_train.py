@@ -334,6 +334,45 @@ def test_attention_and_padding_do_not_change_losses_or_gradients(tiny_model_dir)
             torch.testing.assert_close(grad, reference_grad, rtol=1e-4, atol=1e-6, msg=str(key))
 
 
+def test_compile_keeps_the_losses_samples_and_adapter(tiny_model_dir, toy_data_dir, tmp_path):
+    """--compile (the demo's speed choice): the eager run of the same flags is the reference, fp32, dropout 0; the
+    layers really ran compiled (dynamo made graphs) and validation / samples ran eagerly after."""
+    from torch._dynamo.utils import counters
+
+    runs = {}
+    for name, extra in (("eager", []), ("compiled", ["--compile"])):
+        counters.clear()
+        runs[name] = tmp_path / name
+        train.main(base_args(tiny_model_dir, toy_data_dir, runs[name], "--dropout", "0", "--epochs", "1", *extra))
+        graphs = counters["stats"]["unique_graphs"]
+        assert (graphs > 0) == (name == "compiled"), (name, graphs)
+    assert [json.loads((runs[n] / "config.json").read_text())["derived"]["compiled_layers"] for n in runs] == [0, 2]
+    assert step_losses(runs["compiled"]) == pytest.approx(step_losses(runs["eager"]), abs=1e-5)
+    evals = [[r["val_loss"] for r in read_jsonl(runs[n] / "eval_log.jsonl")] for n in ("eager", "compiled")]
+    assert evals[1] == pytest.approx(evals[0], abs=1e-5)
+    samples = [(runs[n] / "samples" / "step_000004.jsonl").read_text() for n in ("eager", "compiled")]
+    assert samples[1] == samples[0]
+    eager, compiled = (load_file(runs[n] / "final" / "adapter_model.safetensors") for n in ("eager", "compiled"))
+    for key, tensor in eager.items():
+        torch.testing.assert_close(compiled[key], tensor, atol=1e-5, rtol=1e-4)
+
+
+def test_eager_modules_runs_compiled_layers_eagerly_then_restores_them(tiny_model_dir):
+    from torch._dynamo.utils import counters
+
+    from common.model import load_model_and_tokenizer
+    from common.perf import compile_decoder_layers, eager_modules
+
+    model, _ = load_model_and_tokenizer(str(tiny_model_dir))
+    assert compile_decoder_layers(model) == 2
+    input_ids, counters["stats"]["unique_graphs"] = torch.tensor([[1, 2, 3, 4]]), 0
+    with eager_modules(model):
+        expected = model(input_ids).logits
+    assert counters["stats"]["unique_graphs"] == 0  # nothing was compiled inside the block
+    torch.testing.assert_close(model(input_ids).logits, expected, rtol=1e-5, atol=1e-5)
+    assert counters["stats"]["unique_graphs"] > 0  # the compiled forwards are back
+
+
 def test_memory_preflight_reads_the_loaded_model(tiny_model_dir, toy_data_dir, tmp_path, capsys):
     """LoRA on lm_head too: the pre-flight reads the adapters off the model, logged before the run folder exists."""
     run = tmp_path / "lm_head"
