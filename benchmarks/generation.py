@@ -6,8 +6,9 @@
 
 Two fresh subprocesses, one after the other, both on the adapter's base model with its LoRA config:
 - training: `train.py` for `--train-steps` updates of the adapter run's own recipe (batch size,
-  targets, rank, precision auto); tokens/s = non-padding tokens / step seconds over the steps after
-  the first (warm-up), from its train_log.jsonl;
+  targets, rank, dropout, `--compile`, precision auto); tokens/s = non-padding tokens / step seconds over
+  the steps after the first (warm-up; a compiled run: after the first half, which compiles), from its
+  train_log.jsonl;
 - generation: `evaluate.py --adapter ... --no-base` on `--split` (final replies + asking turns, its
   default generation settings; `--own-history`: every assistant turn generated with the model's own
   earlier replies, as `make demo` evaluates); tokens/s = useful new tokens (up to and including each
@@ -42,7 +43,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--adapter", required=True, help="adapter folder of a train.py run (e.g. runs/demo/best)")
     parser.add_argument("--split", default="test", choices=["validation", "test"], help="data/<split>.jsonl")
     parser.add_argument("--limit", type=int, default=None, help="only the first N conversations")
-    parser.add_argument("--train-steps", type=int, default=12, help="training updates timed (the first is warm-up)")
+    parser.add_argument("--train-steps", type=int, default=None, help="updates run (default 12, compiled 60)")
     parser.add_argument("--compare-generate", action="store_true", help="also time the previous generate() path")
     parser.add_argument("--own-history", action="store_true", help="evaluate.py --own-history (as make demo)")
     parser.add_argument("--skip-training", action="store_true", help="time the generation only (no ratio)")
@@ -59,9 +60,13 @@ def run_logged(command: list[str], log: Path) -> None:
 
 
 def training_throughput(adapter: Path, steps: int, work: Path) -> dict:
-    """Time `steps` updates of train.py with the adapter run's recipe; tokens/s after the first update."""
+    """Time `steps` updates (None: 12, or 60 compiled) of train.py with the adapter run's recipe; tokens/s after
+    the first update (compiled: after the first half)."""
     config = read_json(adapter / "config.json")["args"]
+    compiled = bool(config.get("compile"))
+    steps = steps or (60 if compiled else 12)
     recipe = ["--target-modules", str(config["target_modules"]), "--rank", str(config["rank"])]
+    recipe += ["--dropout", str(config["dropout"])] + ["--compile"] * compiled
     recipe += ["--alpha", str(config["alpha"]), "--batch-size", str(config["batch_size"])]
     recipe += ["--effective-batch-size", str(config["effective_batch_size"]), "--lr", str(config["lr"])]
     run_dir = work / "train"
@@ -69,7 +74,9 @@ def training_throughput(adapter: Path, steps: int, work: Path) -> dict:
     command += [*recipe, "--max-steps", str(steps), "--no-baseline", "--num-samples", "0", "--report-to", "none"]
     command += ["--eval-batch-size", "8", "--save-total-limit", "1"]
     run_logged(command, work / "train.log")
-    records = [r for r in read_jsonl(run_dir / "train_log.jsonl") if r.get("type") == "step"][1:]
+    records = [r for r in read_jsonl(run_dir / "train_log.jsonl") if r.get("type") == "step"][
+        steps // 2 if compiled else 1 :
+    ]
     tokens = sum(r["tokens"] for r in records)
     seconds = sum(r["tokens"] / r["tokens_per_s"] for r in records)
     return {"steps": len(records), "tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds}
