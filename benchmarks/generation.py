@@ -74,9 +74,8 @@ def training_throughput(adapter: Path, steps: int, work: Path) -> dict:
     command += [*recipe, "--max-steps", str(steps), "--no-baseline", "--num-samples", "0", "--report-to", "none"]
     command += ["--eval-batch-size", "8", "--save-total-limit", "1"]
     run_logged(command, work / "train.log")
-    records = [r for r in read_jsonl(run_dir / "train_log.jsonl") if r.get("type") == "step"][
-        steps // 2 if compiled else 1 :
-    ]
+    skip = steps // 2 if compiled else 1
+    records = [r for r in read_jsonl(run_dir / "train_log.jsonl") if r.get("type") == "step"][skip:]
     tokens = sum(r["tokens"] for r in records)
     seconds = sum(r["tokens"] / r["tokens_per_s"] for r in records)
     return {"steps": len(records), "tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds}

@@ -1,9 +1,9 @@
 """Where a training step's time goes: train.py's LoRA step on real examples, profiled (issue 27, item 3).
 
-    python benchmarks/profile_step.py                                  # the demo recipe: all-linear r=16, batch 1
+    python benchmarks/profile_step.py                                  # all-linear r=16, batch 1, dropout 0.05
     python benchmarks/profile_step.py --target-modules q_proj,k_proj,v_proj --batch-size 4
     python benchmarks/profile_step.py --precision no                   # fp32 instead of the probed choice
-    python benchmarks/profile_step.py --dropout 0 --compile            # train.py --dropout 0 --compile
+    python benchmarks/profile_step.py --dropout 0 --compile            # the demo recipe (train.py --compile)
 
 The step is train.py's: the base loaded in the precision `--precision` resolves to (train.py's probe), LoRA
 applied by `common.lora.apply_lora`, the loss of `common.loss.compute_token_losses` under autocast, backward,
