@@ -645,13 +645,13 @@ def validate(state: TrainState, epoch: float, run: Run, baseline: bool = False) 
     """Validation loss and scored samples at `epoch` (fractional); keep best/ when it improved (never for the
     step-0 `baseline`); count toward early stopping."""
     args, accelerator, model, step = run.args, run.accelerator, run.model, state.global_step
-    with perf.eager_modules(model):
+    with perf.eager_modules(model):  # --compile's layers: eval mode and a KV cache would compile them again
         metrics = evaluate_loss(run.loss_model, run.eval_dataloader, accelerator, seed=args.seed)
-        best = state.best_val_loss
-        improved = not baseline and (best is None or metrics["val_loss"] < best - args.early_stopping_min_delta)
-        record = {"step": step, "epoch": epoch, "baseline": baseline, "is_best": improved, **metrics}
         if accelerator.is_main_process and run.samples:
-            record |= write_samples(run, run.output_dir / "samples" / f"step_{step:06d}.jsonl")
+            metrics |= write_samples(run, run.output_dir / "samples" / f"step_{step:06d}.jsonl")
+    best = state.best_val_loss
+    improved = not baseline and (best is None or metrics["val_loss"] < best - args.early_stopping_min_delta)
+    record = {"step": step, "epoch": epoch, "baseline": baseline, "is_best": improved, **metrics}
     run.log_jsonl("eval_log.jsonl", record)
     accelerator.log(
         {f"eval/{k}": v for k, v in record.items() if isinstance(v, int | float) and k != "step"}, step=step
