@@ -11,7 +11,8 @@ examples: with the adapter, and inside `model.disable_adapter()` (the untouched 
   resamples examples, and the paired finetuned-minus-base difference on the same resamples
 - greedy generation of the final assistant reply and of the task's extra prompts in one continuous
   batch (common/fast_generation.py: finished rows leave at once, a conversation's prompts share one
-  prefill, the adapter is merged while it runs), ROUGE-1/2/L against the reference reply
+  prefill, the adapter is merged while it runs; a reply that writes the same span of 8+ tokens 3
+  times in a row ends there, `--loop-repeats`), ROUGE-1/2/L against the reference reply
 - the task's own metrics from the task module (`--task`, default data/task.py, see docs/task.md):
   data/task.py scores each reply's decision line (per line of business, with confusion matrices)
   and the asking turns it adds as extra prompts, and counts the turns that ask again for a given fact
@@ -116,6 +117,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=8, help="examples per forward pass of the loss")
     parser.add_argument("--gen-batch-size", type=int, default=64, help="replies decoded together at most")
     parser.add_argument("--max-new-tokens", type=int, default=400, help="tokens per reply (data/task.py's ~275)")
+    loop_help = "end a reply that writes the same span of 8+ tokens this many times in a row (0: never)"
+    parser.add_argument("--loop-repeats", type=int, default=3, help=loop_help)
     extra_help = "skip the task's extra prompts (data/task.py: the asking turns)"
     parser.add_argument("--no-extra-prompts", "--no-ask-turns", action="store_true", help=extra_help)
     own_help = "each prompt's earlier assistant turns are the model's own replies, generated turn by turn"
@@ -133,6 +136,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.report and args.adapter:
         parser.error("--report reads a run's logs; do not combine it with --adapter")
+    if args.loop_repeats < 0 or args.loop_repeats == 1:
+        parser.error(f"--loop-repeats must be 0 (never) or at least 2, got {args.loop_repeats}")
     for name in ("limit", "batch_size", "gen_batch_size", "max_new_tokens", "bootstrap", "max_seq_len"):
         value = getattr(args, name)
         if value is not None and value < 1:
@@ -503,7 +508,15 @@ def run_model(name: str, inputs: EvalInputs, targets: dict, args, adapter_off: b
             def generate(turn_prompts: list[list[dict]], progress: str, follow_up=None) -> list[str]:
                 size, budget = args.gen_batch_size, args.max_new_tokens
                 return generate_replies(
-                    model, tokenizer, turn_prompts, size, budget, progress=progress, stats=stats, follow_up=follow_up
+                    model,
+                    tokenizer,
+                    turn_prompts,
+                    size,
+                    budget,
+                    progress=progress,
+                    stats=stats,
+                    follow_up=follow_up,
+                    loop_repeats=args.loop_repeats,
                 )
 
             if args.own_history:
@@ -517,13 +530,14 @@ def run_model(name: str, inputs: EvalInputs, targets: dict, args, adapter_off: b
             else:
                 replies = generate(prompts, f"{name}: generating (+ {len(targets['extras'])} extra prompts)")
     logger.info(
-        "%s: generated %d useful new tokens in %.1f s (%.1f tok/s; %d prompt tokens, %d reused from the previous turn's KV cache)",
+        "%s: generated %d useful new tokens in %.1f s (%.1f tok/s; %d prompt tokens, %d reused from the previous turn's KV cache; %d replies ended in a loop)",
         name,
         stats.new_tokens,
         stats.seconds,
         stats.tokens_per_s,
         stats.prompt_tokens,
         stats.cached_tokens,
+        stats.looped,
     )
     split = len(targets["prompts"])
     generation = vars(stats) | {"tokens_per_s": stats.tokens_per_s}
@@ -561,6 +575,7 @@ def base_cache_key(args, inputs: EvalInputs, targets: dict) -> tuple[str, dict]:
             "batch_size": args.batch_size,
             "gen_batch_size": args.gen_batch_size,
             "max_new_tokens": args.max_new_tokens,
+            "loop_repeats": args.loop_repeats,
             "extra_prompts": hashlib.sha256(extra_messages.encode()).hexdigest(),
             **({"own_history": True} if args.own_history else {}),  # absent: keys cached before the flag still hit
         },
@@ -607,6 +622,7 @@ def build_metrics(args, inputs: EvalInputs, targets: dict, results: dict) -> dic
         "extra_prompts": len(targets["extras"]),
         "settings": {
             "max_new_tokens": args.max_new_tokens,
+            "loop_repeats": args.loop_repeats,
             "batch_size": args.batch_size,
             "gen_batch_size": args.gen_batch_size,
             "bootstrap": args.bootstrap,

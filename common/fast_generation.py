@@ -28,7 +28,11 @@ LoRA layer runs two extra matmuls per linear per token. Here:
   grouped on their shared KV head (`decode_attention`); SDPA's CPU flash kernel took 7.5 ms per layer and
   step at 64 rows, a quarter of the generation time; prefill keeps SDPA;
 - greedy: the next token is the argmax of the last position's logits, as `generate(do_sample=False)`;
-  outputs equal it up to the float noise of a different batch composition.
+  outputs equal it up to the float noise of a different batch composition;
+- optionally (`loop_repeats`, evaluate.py's default 3), a reply that has written the same span of at least
+  LOOP_SPAN tokens that many times in a row ends there: a greedy decode that repeats itself does not leave
+  the loop, and a base model's looping replies were most of its generation time (evaluate.py on the
+  test split: 64% of the base's new tokens were such repeats).
 
 Models with sliding-window or other non-standard attention caches take the plain `generate` path
 (`common.generation.generate_batches`).
@@ -54,6 +58,7 @@ from common.generation import encode_prompts, end_of_turn_ids, generate_batches
 from common.loss import base_causal_lm
 
 REFILL_FREE = 4  # the next prompts are prefilled and join when 1/REFILL_FREE of the rows are free
+LOOP_SPAN = 8  # the shortest span whose repeats end a reply (`ends_in_loop`)
 CACHE_SPARE = 64  # positions of spare room a cache buffer gets when it is (re)allocated
 # True while `decode_with_matmul_attention` runs: a decode step then gets each layer's whole cache buffer
 # (contiguous, its spare room masked by `decode_attention`) instead of a view of its first positions,
@@ -72,6 +77,7 @@ class GenerationStats:
         prompt_tokens: prompt tokens (prefilled or taken from a cache).
         cached_tokens: of those, the ones a follow-up prompt took from the cache of the reply it follows.
         seconds: wall time, prefill and decode.
+        looped: replies ended because they repeated a span `loop_repeats` times (`ends_in_loop`).
     """
 
     replies: int = 0
@@ -79,11 +85,36 @@ class GenerationStats:
     prompt_tokens: int = 0
     cached_tokens: int = 0
     seconds: float = 0.0
+    looped: int = 0
 
     @property
     def tokens_per_s(self) -> float:
         """Useful new tokens per second."""
         return self.new_tokens / self.seconds if self.seconds else 0.0
+
+
+def ends_in_loop(ids: list[int], repeats: int, span: int = LOOP_SPAN) -> bool:
+    """True when `ids` ends with the same run of at least `span` tokens written `repeats` times in a row.
+
+    Checked after each new token, it fires the first time a reply's end is such a loop; e.g. with span 8 and
+    3 repeats, 24 tokens of one 8-token sentence, or 30 of one 10-token sentence, but never a reply whose
+    repeats are shorter than `span` tokens each.
+
+    Args:
+        ids: a reply's token ids so far.
+        repeats: how many times in a row (below 2: never).
+        span: the shortest run counted.
+
+    Returns:
+        Whether the reply ends in such a loop.
+    """
+    if repeats < 2 or len(ids) < repeats * span:
+        return False
+    last = ids[-1]
+    for length in range(span, len(ids) // repeats + 1):
+        if ids[-1 - length] == last and ids[-repeats * length :] == ids[-length:] * repeats:
+            return True
+    return False
 
 
 def decode_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -397,6 +428,7 @@ def greedy_decode(
     max_new_tokens: int,
     pad_token_id: int,
     stats: GenerationStats | None = None,
+    loop_repeats: int = 0,
 ) -> Iterator[tuple[int, list[int]]]:
     """Greedy continuous-batching decode; yields (prompt index, new token ids) as each reply ends.
 
@@ -410,7 +442,10 @@ def greedy_decode(
         batch_size: at most this many rows decode together.
         max_new_tokens: a reply without a stop token ends after this many tokens.
         pad_token_id: id used for left padding (masked out).
-        stats: if given, its `cached_tokens` counts the prompt positions taken from a cache.
+        stats: if given, its `cached_tokens` counts the prompt positions taken from a cache, its `looped`
+            the replies ended in a loop.
+        loop_repeats: a reply also ends when it has written the same span of LOOP_SPAN or more tokens this
+            many times in a row (`ends_in_loop`; 0: never).
 
     Yields:
         (index into `prompt_ids`, the reply's token ids), in the order replies finish.
@@ -455,7 +490,10 @@ def greedy_decode(
             if r < fresh:
                 continue
             generated[row].append(token)
-            if stopped[r] or len(generated[row]) >= max_new_tokens:
+            looped = not stopped[r] and ends_in_loop(generated[row], loop_repeats)
+            if stats is not None and looped:
+                stats.looped += 1
+            if stopped[r] or looped or len(generated[row]) >= max_new_tokens:
                 ids = generated.pop(row)
                 yield row, ids
                 for i in range(seen, len(prompt_ids)):  # the caller's follow-ups of this reply
@@ -596,6 +634,7 @@ def generate_replies(
     progress: str | None = None,
     stats: GenerationStats | None = None,
     follow_up: Callable[[int, str], list[dict] | None] | None = None,
+    loop_repeats: int = 0,
 ) -> list[str]:
     """Greedy-generate the next assistant reply for each prompt conversation.
 
@@ -615,6 +654,8 @@ def generate_replies(
         follow_up: called as `follow_up(index, reply)` when each reply ends (index: its prompt's
             position, counting the prompts follow_up returned after `prompts`); a conversation it
             returns is generated too, in the running batch, and gets the next index.
+        loop_repeats: end a reply that has written the same span of LOOP_SPAN or more tokens this many
+            times in a row (0: never; the plain-generate path for other caches ignores it).
 
     Returns:
         The decoded replies (special tokens removed, stripped): those of `prompts`, then those of the
@@ -627,7 +668,7 @@ def generate_replies(
     stop_ids = end_of_turn_ids(tokenizer)
     pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
     if _uses_standard_cache(model):
-        decode = functools.partial(greedy_decode, stats=stats)
+        decode = functools.partial(greedy_decode, stats=stats, loop_repeats=loop_repeats)
     else:
         decode = _in_rounds
     replies, new_tokens = [""] * len(prompts), 0

@@ -164,6 +164,22 @@ def test_base_only_mode(tiny_model_dir, toy_data_dir, tmp_path):
     assert "| metric | base |" in (tmp_path / "report.md").read_text()
 
 
+def test_replies_that_loop_end_early_and_are_counted(tiny_model_dir, toy_data_dir, tmp_path, monkeypatch):
+    # The tied tiny model writes one token forever: with --loop-repeats 3 each reply ends at 24 tokens (that
+    # token 3 x 8 times), with 0 at --max-new-tokens; each setting is its own base-cache key.
+    monkeypatch.setenv("UNDERWRITE_EVAL_CACHE", str(tmp_path / "cache"))
+    argv = ["--model", str(tiny_model_dir), "--data-file", str(toy_data_dir / "test.jsonl"), "--limit", "2"]
+    argv += ["--max-new-tokens", "30", "--bootstrap", "10", "--no-extra-prompts"]
+    looped = evaluate.main([*argv, "--output-dir", str(tmp_path / "a")])
+    plain = evaluate.main([*argv, "--loop-repeats", "0", "--output-dir", str(tmp_path / "b")])
+    assert looped["settings"]["loop_repeats"] == 3 and plain["settings"]["loop_repeats"] == 0
+    generation = looped["models"]["base"]["generation"]
+    assert (generation["looped"], generation["new_tokens"], generation["replies"]) == (2, 48, 2)
+    generation = plain["models"]["base"]["generation"]
+    assert (generation["looped"], generation["new_tokens"]) == (0, 60)
+    assert looped["models"]["base"]["cache"]["key"] != plain["models"]["base"]["cache"]["key"]
+
+
 def test_no_base_scores_only_the_adapter(adapter_dir, tiny_model_dir, toy_data_dir, tmp_path):
     argv = [
         "--adapter",
@@ -322,7 +338,8 @@ def test_metrics_of_known_replies(adapter_dir, tiny_model_dir, toy_data_dir, tmp
 
 
 @pytest.mark.parametrize(("flags", "message"), [(["--seed", "-1"], "--seed must be in [0, 2**32), got -1"),
-                                                (["--limit", "0"], "--limit must be at least 1, got 0")])  # fmt: skip
+                                                (["--limit", "0"], "--limit must be at least 1, got 0"),
+                                                (["--loop-repeats", "1"], "--loop-repeats must be 0 (never) or at least 2, got 1")])  # fmt: skip
 def test_bad_flags_are_refused_naming_the_flag(flags, message, capsys):
     with pytest.raises(SystemExit) as excinfo:
         evaluate.parse_args(flags)

@@ -23,6 +23,7 @@ from common.fast_generation import (
     _keep,
     decode_attention,
     decode_with_matmul_attention,
+    ends_in_loop,
     generate_replies,
     greedy_decode,
     merged_lora,
@@ -396,3 +397,45 @@ def test_trains_plain_generate_gives_the_fast_decoders_text(tiny, lora_model, mo
     plain = generation.generate_replies(model, tokenizer, PROMPTS, len(PROMPTS), 12)
     assert model.training and plain == expected
     assert generate_replies(model, tokenizer, PROMPTS, 3, 12) == plain
+
+
+def first_loop_end(ids: list[int], span: int = 8, repeats: int = 3) -> int | None:
+    """Brute force: the length of the shortest prefix of `ids` that ends with one run of >= span tokens
+    written `repeats` times in a row (None: no prefix does)."""
+    for end in range(1, len(ids) + 1):
+        for length in range(span, end // repeats + 1):
+            if all(
+                ids[end - k * length : end - (k - 1) * length] == ids[end - length : end] for k in range(2, repeats + 1)
+            ):
+                return end
+    return None
+
+
+def test_ends_in_loop_fires_at_the_last_token_of_the_third_repeat_of_a_span_of_8_or_more():
+    sentence = list(range(100, 110))  # 10 distinct tokens
+    reply = [1, 2, 3] + sentence * 3
+    assert [ends_in_loop(reply[:n], 3) for n in range(len(reply) - 1, len(reply) + 1)] == [False, True]
+    assert not ends_in_loop([1, 2, 3] + sentence * 2, 3) and ends_in_loop([1, 2, 3] + sentence * 2, 2)
+    assert not ends_in_loop(sentence * 3 + [7], 3)  # the loop was left: only a loop at the end counts
+    short = [5, 6, 7, 8, 9, 10, 11]  # 7 tokens: 3 repeats are not enough, 6 are (14 tokens x 3)
+    assert not ends_in_loop(short * 5, 3) and ends_in_loop(short * 6, 3)
+    assert ends_in_loop([4] * 24, 3) and not ends_in_loop([4] * 23, 3)  # one token: 3 x 8
+    assert not ends_in_loop([4] * 400, 0) and not ends_in_loop([4] * 400, 1)  # off
+
+
+def test_replies_that_loop_end_at_their_third_repeat_and_are_counted(tiny, tiny_model_dir, default_tokenizer):
+    # The tied-embedding tiny model repeats the generation prompt's last token forever: every reply loops
+    # (and leaves a batch of 3 that refills); the chatty model's replies do not loop within 60 tokens. The
+    # reference is generate's full reply cut where a brute-force scan first finds 3 repeats of >= 8 tokens.
+    looping = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    for model, loops in ((looping, len(PROMPTS)), (tiny[0], 0)):
+        ids = prompt_ids(default_tokenizer, PROMPTS)
+        full = reference(model, ids, [-1], max_new_tokens=60)
+        cuts = [first_loop_end(r) for r in full]
+        assert sum(c is not None for c in cuts) == loops
+        stats = GenerationStats()
+        with torch.no_grad(), decode_with_matmul_attention(model):
+            got = dict(greedy_decode(model, ids, [-1], 3, 60, pad_token_id=0, stats=stats, loop_repeats=3))
+            off = dict(greedy_decode(model, ids, [-1], 3, 60, pad_token_id=0))
+        assert [got[i] for i in range(len(ids))] == [r if c is None else r[:c] for r, c in zip(full, cuts, strict=True)]
+        assert stats.looped == loops and [off[i] for i in range(len(ids))] == full
