@@ -199,7 +199,8 @@ def render_eval_report(metrics: dict, samples: Sequence[dict] = (), task_lines: 
         "",
         f"Data: `{metrics['data_file']}`, {metrics['examples']} examples ({metrics['loss_examples']} scored for loss, "
         f"{metrics['generation_examples']} generated). "
-        f"Greedy decoding, max {metrics['settings']['max_new_tokens']} new tokens, {metrics['settings']['dtype']}. "
+        f"Greedy decoding, max {metrics['settings']['max_new_tokens']} new tokens{_loop_note(metrics)}, "
+        f"{metrics['settings']['dtype']}. "
         f"Intervals: 95% bootstrap over examples ({metrics['settings']['bootstrap']} resamples).",
         "",
         *table_head("metric", names, bool(comparison)),
@@ -212,6 +213,22 @@ def render_eval_report(metrics: dict, samples: Sequence[dict] = (), task_lines: 
     if samples:
         lines += _sample_lines(samples, names)
     return "\n".join(lines) + "\n"
+
+
+def _loop_note(metrics: dict) -> str:
+    """The report's words for `--loop-repeats`: ", a reply ended once it wrote one span of 8+ tokens 3 times in a
+    row (base 79, finetuned 0 replies)", or "" when it was off."""
+    repeats = metrics["settings"].get("loop_repeats", 0)
+    if not repeats:
+        return ""
+    counts = ", ".join(
+        f"{name} {result['generation'].get('looped', 0)}"
+        for name, result in metrics["models"].items()
+        if "generation" in result
+    )
+    return f", a reply ended once it wrote one span of 8+ tokens {repeats} times in a row" + (
+        f" ({counts} replies)" if counts else ""
+    )
 
 
 def _interval(ci: dict, key: str = "mean", digits: int = 4) -> str:

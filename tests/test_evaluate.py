@@ -178,6 +178,8 @@ def test_replies_that_loop_end_early_and_are_counted(tiny_model_dir, toy_data_di
     generation = plain["models"]["base"]["generation"]
     assert (generation["looped"], generation["new_tokens"]) == (0, 60)
     assert looped["models"]["base"]["cache"]["key"] != plain["models"]["base"]["cache"]["key"]
+    note = "a reply ended once it wrote one span of 8+ tokens 3 times in a row (base 2 replies)"
+    assert note in (tmp_path / "a/report.md").read_text() and "in a row" not in (tmp_path / "b/report.md").read_text()
 
 
 def test_no_base_scores_only_the_adapter(adapter_dir, tiny_model_dir, toy_data_dir, tmp_path):
