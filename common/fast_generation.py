@@ -32,7 +32,7 @@ LoRA layer runs two extra matmuls per linear per token. Here:
 - optionally (`loop_repeats`, evaluate.py's default 3), a reply that has written the same span of at least
   LOOP_SPAN tokens that many times in a row ends there: a greedy decode that repeats itself does not leave
   the loop, and a base model's looping replies were most of its generation time (evaluate.py on the
-  test split: 64% of the base's new tokens were such repeats).
+  test split with `--own-history`: the base's new tokens 47,778 -> 21,976, its generation 345 -> 168 s).
 
 Models with sliding-window or other non-standard attention caches take the plain `generate` path
 (`common.generation.generate_batches`).
