@@ -59,7 +59,7 @@ from common.data import (
     tokenize_records,
 )
 from common.eval_cache import cache_key, entry_path, load_entry, model_digest, save_entry
-from common.fast_generation import GenerationStats, generate_replies
+from common.fast_generation import LOOP_SPAN, GenerationStats, generate_replies
 from common.generation import prompt_messages
 from common.jsonio import write_json, write_jsonl
 from common.loss import compute_token_losses
@@ -117,7 +117,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=8, help="examples per forward pass of the loss")
     parser.add_argument("--gen-batch-size", type=int, default=64, help="replies decoded together at most")
     parser.add_argument("--max-new-tokens", type=int, default=400, help="tokens per reply (data/task.py's ~275)")
-    loop_help = "end a reply that writes the same span of 8+ tokens this many times in a row (0: never)"
+    loop_help = f"end a reply that writes the same span of {LOOP_SPAN}+ tokens this many times in a row (0: never)"
     parser.add_argument("--loop-repeats", type=int, default=3, help=loop_help)
     extra_help = "skip the task's extra prompts (data/task.py: the asking turns)"
     parser.add_argument("--no-extra-prompts", "--no-ask-turns", action="store_true", help=extra_help)
@@ -576,6 +576,7 @@ def base_cache_key(args, inputs: EvalInputs, targets: dict) -> tuple[str, dict]:
             "gen_batch_size": args.gen_batch_size,
             "max_new_tokens": args.max_new_tokens,
             "loop_repeats": args.loop_repeats,
+            "loop_span": LOOP_SPAN,
             "extra_prompts": hashlib.sha256(extra_messages.encode()).hexdigest(),
             **({"own_history": True} if args.own_history else {}),  # absent: keys cached before the flag still hit
         },
@@ -623,6 +624,7 @@ def build_metrics(args, inputs: EvalInputs, targets: dict, results: dict) -> dic
         "settings": {
             "max_new_tokens": args.max_new_tokens,
             "loop_repeats": args.loop_repeats,
+            "loop_span": LOOP_SPAN,
             "batch_size": args.batch_size,
             "gen_batch_size": args.gen_batch_size,
             "bootstrap": args.bootstrap,

@@ -226,7 +226,8 @@ def _loop_note(metrics: dict) -> str:
         for name, result in metrics["models"].items()
         if "generation" in result
     )
-    return f", a reply ended once it wrote one span of 8+ tokens {repeats} times in a row" + (
+    span = metrics["settings"]["loop_span"]
+    return f", a reply ended once it wrote one span of {span}+ tokens {repeats} times in a row" + (
         f" ({counts} replies)" if counts else ""
     )
 

@@ -178,6 +178,11 @@ def test_replies_that_loop_end_early_and_are_counted(tiny_model_dir, toy_data_di
     generation = plain["models"]["base"]["generation"]
     assert (generation["looped"], generation["new_tokens"]) == (0, 60)
     assert looped["models"]["base"]["cache"]["key"] != plain["models"]["base"]["cache"]["key"]
+    monkeypatch.setattr(evaluate, "LOOP_SPAN", 9)  # another span: another key, the report says it
+    other = evaluate.main([*argv, "--output-dir", str(tmp_path / "c")])
+    assert other["settings"]["loop_span"] == 9 and looped["settings"]["loop_span"] == 8
+    assert other["models"]["base"]["cache"]["key"] != looped["models"]["base"]["cache"]["key"]
+    assert "one span of 9+ tokens" in (tmp_path / "c/report.md").read_text()
     note = "a reply ended once it wrote one span of 8+ tokens 3 times in a row (base 2 replies)"
     assert note in (tmp_path / "a/report.md").read_text() and "in a row" not in (tmp_path / "b/report.md").read_text()
 
