@@ -19,6 +19,7 @@ Only the words change: the facts, the decision and the assistant's turns come fr
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 
 from data import rulebook
 
@@ -680,13 +681,53 @@ MIX_LABELS = {
     "prior_losses": [("loss_count", "count"), ("losses", "count"), ("num_losses_5y", "count"),
         ("prior_losses", "count")],
 }  # fmt: skip
+# Submissions as brokers send them (training split only, `use_extra_forms(near=..., pending=...)`): most
+# give all the facts but one or two, and a fact they lack is often named as still to come ("roof age to
+# follow", a table row "Claims 5 yrs | TBD"); the generator's openings withheld 1-5 facts evenly and never
+# named one. In NEAR_COMPLETE_SHARE of the conversations with asking turns the opening withholds only one
+# fact per later broker turn; in PENDING_SHARE of them it names one withheld fact as pending.
+NEAR_COMPLETE_SHARE = 0.0
+PENDING_SHARE = 0.0
+PENDING_NAMES = {
+    "age": ["age", "date of birth"],
+    "face_amount": ["face amount", "coverage amount"],
+    "bmi": ["BMI", "height and weight"],
+    "smoker": ["tobacco answer", "smoker status"],
+    "medical_history": ["medical history", "health questions"],
+    "occupation": ["occupation", "job details"],
+    "construction": ["construction type", "construction"],
+    "roof_age": ["roof age", "roof year"],
+    "fire_station_miles": ["fire station distance", "fire protection details"],
+    "hydrant_feet": ["hydrant distance", "hydrant info"],
+    "prior_claims": ["claims history", "loss runs"],
+    "wind_zone": ["wind zone", "wind zone check"],
+    "dwelling_value": ["dwelling value", "Coverage A amount"],
+    "occupancy": ["occupancy", "business description"],
+    "sprinklered": ["sprinkler info", "sprinkler status"],
+    "building_age": ["year built", "building age"],
+    "wiring_updated": ["electrical info", "wiring update details"],
+    "annual_revenue": ["revenue figure", "annual revenue"],
+    "tiv": ["TIV", "total insured value"],
+    "prior_losses": ["loss runs", "loss history"],
+}
+PENDING_SENTENCES = {
+    "prose": [
+        "the {name} is still to follow",
+        "we are still waiting on the {name}",
+        "I will send the {name} once I have it",
+    ],
+    "terse": ["{name} to follow", "{name}: pending", "{name} tbd", "{name} - waiting on client"],
+}
+PENDING_VALUES = ("TBD", "pending", "to follow", "waiting on client")
 _extra = {
     **{"rng": random.Random(0), "share": 0.0, "frames_rng": random.Random(0), "frames": 0.0},
-    **{"mix_rng": random.Random(0), "mix": 0.0},
+    **{"mix_rng": random.Random(0), "mix": 0.0, "shape_rng": random.Random(0), "near": 0.0, "pending": 0.0},
 }
 
 
-def use_extra_forms(seed: str, share: float, frames: float = 0.0, mix: float = 0.0) -> None:
+def use_extra_forms(
+    seed: str, share: float, frames: float = 0.0, mix: float = 0.0, near: float = 0.0, pending: float = 0.0
+) -> None:
     """From now on, say a fact in an extra form in `share` of the draws (0 turns them off).
 
     Args:
@@ -695,10 +736,34 @@ def use_extra_forms(seed: str, share: float, frames: float = 0.0, mix: float = 0
         frames: the chance that a fact of a sentence family is said in an extra frame (`EXTRA_FRAMES`).
         mix: the chance that a fact is said in another style's template or under another field name
             (`MIX_LABELS`).
+        near: the chance that an opening withholds only one fact per later broker turn (`NEAR_COMPLETE_SHARE`).
+        pending: the chance that an opening names one fact it withholds as pending (`PENDING_SHARE`).
     """
     _extra["rng"], _extra["share"] = random.Random(seed), share
     _extra["frames_rng"], _extra["frames"] = random.Random(f"{seed}-frames"), frames
     _extra["mix_rng"], _extra["mix"] = random.Random(f"{seed}-mix"), mix
+    _extra["shape_rng"], _extra["near"], _extra["pending"] = random.Random(f"{seed}-shape"), near, pending
+
+
+def near_complete_drawn() -> bool:
+    """True in the near-complete share of the openings (no draw while it is off)."""
+    return _extra["near"] > 0 and _extra["shape_rng"].random() < _extra["near"]
+
+
+def pending_drawn(withheld: list[str]) -> list[str]:
+    """[one withheld fact] to name as pending in the pending share of the openings, else [] (no draw while off)."""
+    if not withheld or _extra["pending"] <= 0 or _extra["shape_rng"].random() >= _extra["pending"]:
+        return []
+    return [_extra["shape_rng"].choice(withheld)]
+
+
+def pending_mention(key: str, style: str) -> str | tuple[str, str]:
+    """A fact named as still to come: a phrase for a sentence style, a (label, value) row for "table"/"kv"."""
+    rng = _extra["shape_rng"]
+    if style in ("table", "kv"):
+        return rng.choice(FIELD_LABELS[key][style])[0], rng.choice(PENDING_VALUES)
+    sentences = PENDING_SENTENCES["prose" if style in ("prose", "nonnative") else "terse"]
+    return rng.choice(sentences).format(name=rng.choice(PENDING_NAMES[key]))
 
 
 def _mix_drawn() -> bool:
@@ -969,6 +1034,7 @@ def write_user_turn(
     opening: bool,
     year_keys: set[str],
     corrected: tuple[str, ...] = (),
+    pending: Sequence[str] = (),
 ) -> str:
     """Write a broker turn that states some facts in the style of a phrasing family.
 
@@ -981,6 +1047,7 @@ def write_user_turn(
         opening: True for the submission that opens the chat, False for an answer to a question.
         year_keys: collects the age facts said as a year (see `render_fact`).
         corrected: facts said wrong in an earlier turn, restated here with their right value.
+        pending: facts not given that the turn names as still to come (`pending_mention`).
 
     Returns:
         The message content.
@@ -989,9 +1056,11 @@ def write_user_turn(
     style = FAMILY_STYLE[family]
     if style in ("table", "kv"):
         rows = [render_field(k, facts[k], style, rng, year_keys) for k in keys]
+        rows += [pending_mention(k, style) for k in pending]
         fixes = [render_field(k, facts[k], style, rng, year_keys) for k in corrected]
         return write_structured(family, lob_name, rows, fixes, rng, opening)
     said = [render_fact(k, facts[k], style, rng, year_keys) for k in keys]
+    said += [pending_mention(k, style) for k in pending]
     fixes = [render_fact(k, facts[k], style, rng, year_keys) for k in corrected]
     return WRITERS[family](lob_name, said, fixes, rng, opening)
 

@@ -113,6 +113,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=families.MIX_SHARE,
         help="share of the training split's facts said in another style's words or field name; 0: none",
     )
+    parser.add_argument(
+        "--near-complete",
+        type=float,
+        default=families.NEAR_COMPLETE_SHARE,
+        help="share of the training split's openings that withhold only one fact per later broker turn",
+    )
+    parser.add_argument(
+        "--pending",
+        type=float,
+        default=families.PENDING_SHARE,
+        help="share of the training split's openings that name a withheld fact as pending ('roof age to follow')",
+    )
     # --- output ---
     parser.add_argument(
         "--output-dir", type=Path, default=Path(__file__).resolve().parent, help="folder for the splits and README.md"
@@ -495,7 +507,9 @@ def build_conversation(
 
     In CORRECTION_SHARE of the chats the opening says one fact wrong and a random later broker
     turn corrects it; the assistant only asks for facts never given, and the worksheet uses the
-    corrected value (the one in `facts`).
+    corrected value (the one in `facts`). While `families.use_extra_forms` turns them on (the
+    training split only), an opening may withhold only one fact per later turn and name one
+    withheld fact as pending.
 
     Args:
         lob: line of business.
@@ -514,6 +528,8 @@ def build_conversation(
     rng.shuffle(keys)
     user_turns = rng.choices(list(USER_TURN_WEIGHTS), weights=list(USER_TURN_WEIGHTS.values()))[0]
     first_count = len(keys) if user_turns == 1 else rng.randint(2, len(keys) - (user_turns - 1))
+    if user_turns > 1 and families.near_complete_drawn():
+        first_count = len(keys) - (user_turns - 1)
     missing = keys[first_count:]
     cuts = sorted(rng.sample(range(1, len(missing)), user_turns - 2)) if user_turns > 2 else []
     groups = [missing[a:b] for a, b in zip([0, *cuts], [*cuts, len(missing)], strict=True)] if missing else []
@@ -524,7 +540,8 @@ def build_conversation(
 
     year_keys: set[str] = set()
     ask_facts: list[list[str]] = []
-    opening = write_user_turn(lob, keys[:first_count], facts | corrected, family, rng, True, year_keys)
+    pending = families.pending_drawn(missing)
+    opening = write_user_turn(lob, keys[:first_count], facts | corrected, family, rng, True, year_keys, pending=pending)
     messages = [{"role": "system", "content": rng.choice(SYSTEM_PROMPTS)}, {"role": "user", "content": opening}]
     for index, group in enumerate(groups):
         # The assistant always asks for everything still missing; the broker may answer only part.
@@ -553,6 +570,8 @@ def build_split(
     extra_share: float = 0.0,
     frame_share: float = 0.0,
     mix_share: float = 0.0,
+    near_share: float = 0.0,
+    pending_share: float = 0.0,
 ) -> list[dict]:
     """Build one split: stratified (line, outcome, class) cells, fresh profiles, balanced phrasing families.
 
@@ -567,6 +586,10 @@ def build_split(
             (`families.EXTRA_FRAME_SHARE`); validation and test keep the usual ones.
         mix_share: for the training split, the share of facts said in another style's template or
             under another field name (`families.MIX_SHARE`); validation and test keep their own.
+        near_share: for the training split, the share of openings that withhold only one fact per
+            later broker turn (`families.NEAR_COMPLETE_SHARE`).
+        pending_share: for the training split, the share of openings that name a withheld fact as
+            pending (`families.PENDING_SHARE`).
 
     Returns:
         The records, in random order, with ids `<split>-0001`...
@@ -576,7 +599,7 @@ def build_split(
     """
     rng = random.Random(f"{seed}-{split}")
     train = split == "train"
-    shares = (extra_share, frame_share, mix_share) if train else (0.0, 0.0, 0.0)
+    shares = (extra_share, frame_share, mix_share, near_share, pending_share) if train else (0.0,) * 5
     families.use_extra_forms(f"{seed}-{split}-extra", *shares)
     plan = []
     for lob, lob_count in allocate(size, dict.fromkeys(rulebook.LINES_OF_BUSINESS, 1)).items():
@@ -851,6 +874,23 @@ style's words ("NS" in an email, "the applicant does not smoke" in shorthand) or
 under another field name (`families.MIX_LABELS`: "yob", "cov_a", "fs_mi"), from a generator of their own."""
 
 
+def submission_shape_sentence(near: float, pending: float) -> str:
+    """The data card's sentence on the training split's near-complete openings and pending facts; empty when off."""
+    parts = []
+    if near > 0:
+        parts.append(
+            f"{round(100 * near)}% of the openings followed by asking turns withhold only one fact per later broker turn"
+        )
+    if pending > 0:
+        parts.append(
+            f'{round(100 * pending)}% name a withheld fact as still to come ("roof age to follow", a row "TBD")'
+        )
+    if not parts:
+        return ""
+    return f""" In the training split only, {" and ".join(parts)}, as brokers send
+submissions (`families.NEAR_COMPLETE_SHARE`, `families.PENDING_SHARE`); the other splits are unchanged."""
+
+
 def write_data_card(
     path: Path,
     splits: dict,
@@ -862,6 +902,8 @@ def write_data_card(
     frame_share: float = families.EXTRA_FRAME_SHARE,
     mix_share: float = families.MIX_SHARE,
     train_seed: int | None = None,
+    near_share: float = families.NEAR_COMPLETE_SHARE,
+    pending_share: float = families.PENDING_SHARE,
 ) -> None:
     """Write the data card; the rule table comes from the rulebook so the card never drifts from it.
 
@@ -876,6 +918,8 @@ def write_data_card(
         frame_share: the training split's share of facts said in an extra frame.
         mix_share: the training split's share of facts said in another style or field name.
         train_seed: the seed the training split was drawn with, when not `seed` (`--train-seed`).
+        near_share: the training split's share of near-complete openings.
+        pending_share: the training split's share of openings naming a withheld fact as pending.
     """
     rule_rows = [
         [rule.rule_id, lob, rule.effect, rule.condition or "", rule.description]
@@ -927,7 +971,7 @@ from the rulebook, the broker says the class only sometimes), and in {round(100 
 conversations with a later broker turn a fact said wrong in the opening and corrected in a later
 turn (`corrected` holds the wrong value; `facts`, the worksheet and the decision use the corrected one). Long emails, forwarded
 tables, call logs and team chats carry numbers that are not facts (phones, dates, street and
-policy numbers).{extra_forms_sentence(extra_share)}{extra_frames_sentence(frame_share)}{mixed_styles_sentence(mix_share)} See `data/families.py`.
+policy numbers).{extra_forms_sentence(extra_share)}{extra_frames_sentence(frame_share)}{mixed_styles_sentence(mix_share)}{submission_shape_sentence(near_share, pending_share)} See `data/families.py`.
 
 {family_examples_section(splits)}
 
@@ -965,6 +1009,8 @@ def main(argv: list[str] | None = None) -> None:
             args.extra_forms,
             args.extra_frames,
             args.mixed_styles,
+            args.near_complete,
+            args.pending,
         )
         check_balance(split, splits[split])
 
@@ -984,6 +1030,8 @@ def main(argv: list[str] | None = None) -> None:
         args.extra_frames,
         args.mixed_styles,
         args.train_seed,
+        args.near_complete,
+        args.pending,
     )
     for split, records in splits.items():
         print(f"wrote {args.output_dir / f'{split}.jsonl'}: {len(records)} records, sha256 {hashes[split][:12]}")
