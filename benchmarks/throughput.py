@@ -5,13 +5,14 @@
     python benchmarks/throughput.py --steps 2 --repeats 1    # quick check of the harness
     python benchmarks/throughput.py --skip-trl --precision no
     python benchmarks/throughput.py --trl-precision bf16     # skip TRL's precision probe
+    python benchmarks/throughput.py --dropout 0 --compile --trl-compile   # each arm compiled (train.py's demo: dropout 0)
 
 Precision: each arm at its best on this machine. Ours: train.py's `--mixed-precision auto` (it times
 fp32/bf16/fp16 matmuls at the model's shapes and stores the frozen base in the fastest dtype;
 `--precision` forces one). TRL: a short probe run (`--trl-probe-steps`) in fp32 and in bf16 (bf16=True,
 base stored in bf16 as train.py stores it), and the faster one is kept for the timed runs.
 
-The same job on both arms: `--model` (default SmolLM2-135M-Instruct), LoRA r=16, alpha=32, dropout 0.05 on q_proj,k_proj,v_proj, micro-batch 4 x grad accum 4, AdamW
+The same job on both arms: `--model` (default SmolLM2-135M-Instruct), LoRA r=16, alpha=32, dropout 0.05 (`--dropout`) on q_proj,k_proj,v_proj, micro-batch 4 x grad accum 4, AdamW
 (lr 2e-4, betas 0.9/0.999, weight decay 0.01, clipping 1.0), cosine schedule with train.py's warmup
 (ceil(0.1 x steps)), seed 1234, no packing, no gradient checkpointing.
 
@@ -111,6 +112,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=2e-4, help="peak learning rate")
     parser.add_argument("--max-seq-len", type=int, default=1024, help="as train.py's --max-seq-len")
     parser.add_argument("--seed", type=int, default=1234, help="seed of both arms (init, data order, dropout)")
+    parser.add_argument("--dropout", type=float, default=LORA["dropout"], help="LoRA dropout of both arms")
+    parser.add_argument(
+        "--compile", action="store_true", help="ours: train.py --compile (decoder layers compiled; pays with dropout 0)"
+    )
+    parser.add_argument(
+        "--trl-compile", action="store_true", help="TRL: torch_compile=True (the Trainer's torch.compile)"
+    )
     # --- the benchmark ---
     parser.add_argument("--repeats", type=int, default=2, help="A/B pairs, alternating ours, trl, ours, trl")
     parser.add_argument("--skip-trl", action="store_true", help="run only our train.py")
@@ -224,7 +232,10 @@ def render_throughput_report(result: dict) -> str:
     c, s = result["config"], result["summary"]
     lines = [
         f"## {result['date']}: {c['model']}, {c['steps']} steps, batch {c['batch_size']} x accum {c['grad_accum']}, "
-        f"ours {c['precision']}, TRL {c.get('trl_precision_kept', c.get('trl_precision', c['precision']))}",
+        f"ours {c['precision']}, TRL {c.get('trl_precision_kept', c.get('trl_precision', c['precision']))}"
+        + f", LoRA dropout {c.get('dropout', LORA['dropout'])}"
+        + (", ours compiled" if c.get("compile") else "")
+        + (", TRL compiled" if c.get("trl_compile") else ""),
         "",
         f"Machine: {result['machine']}. Load average (1/5/15 min) at start {fmt_load(result['load_avg_start'])}, "
         f"at end {fmt_load(result['load_avg_end'])}. MFU denominator: the fastest dtype's measured matmul rate "
@@ -388,7 +399,7 @@ def run_ours(args: argparse.Namespace, run_dir: Path, validation_file: Path) -> 
         "--alpha",
         str(LORA["alpha"]),
         "--dropout",
-        str(LORA["dropout"]),
+        str(args.dropout),
         "--target-modules",
         ",".join(LORA["target_modules"]),
         "--warmup-ratio",
@@ -412,6 +423,7 @@ def run_ours(args: argparse.Namespace, run_dir: Path, validation_file: Path) -> 
         "0",
         "--save-every",
         "0",
+        *(["--compile"] if args.compile else []),
     ]
     code, peak_rss = run_child(command, run_dir.with_suffix(".log"))
     if code != 0:
@@ -474,6 +486,7 @@ def trl_config(spec: dict):
         eval_strategy="no",
         disable_tqdm=True,
         model_init_kwargs={"dtype": spec["base_dtype"]},  # the frozen base in the dtype train.py stores it in
+        torch_compile=spec["torch_compile"],
     )
 
 
@@ -527,7 +540,7 @@ def train_trl_child(spec_file: str) -> None:
     lora = LoraConfig(
         r=LORA["rank"],
         lora_alpha=LORA["alpha"],
-        lora_dropout=LORA["dropout"],
+        lora_dropout=spec["dropout"],
         target_modules=LORA["target_modules"],
         bias="none",
         task_type="CAUSAL_LM",
@@ -752,6 +765,8 @@ def main(argv: list[str] | None = None) -> dict | None:
         "seed": args.seed,
         "max_seq_len": args.max_seq_len,
         "base_dtype": "float32",
+        "dropout": args.dropout,
+        "torch_compile": args.trl_compile,
     }
 
     trl_precision, trl_probe = args.trl_precision, {}

@@ -685,7 +685,10 @@ MIX_LABELS = {
 # give all the facts but one or two, and a fact they lack is often named as still to come ("roof age to
 # follow", a table row "Claims 5 yrs | TBD"); the generator's openings withheld 1-5 facts evenly and never
 # named one. In NEAR_COMPLETE_SHARE of the conversations with asking turns the opening withholds only one
-# fact per later broker turn; in PENDING_SHARE of them it names one withheld fact as pending.
+# fact per later broker turn; in PENDING_SHARE of them it names one withheld fact as pending. Off by
+# default: at 0.5 / 0.3, over two training seeds each paired with a control on the usual data, stress asking
+# turns decided too early less often (9 -> 5 of 88) but stress outcome stayed (0.74 -> 0.75) and validation
+# fell (0.89 -> 0.83) (docs/results.md, session 29).
 NEAR_COMPLETE_SHARE = 0.0
 PENDING_SHARE = 0.0
 PENDING_NAMES = {

@@ -145,6 +145,36 @@ def test_trl_runs_at_its_faster_precision_and_the_table_says_so(bench):
     assert "ours bf16 / bfloat16, trl bf16 / bfloat16" in markdown
 
 
+def test_dropout_and_compile_reach_our_arm_and_the_table_header(bench, tmp_path, monkeypatch):
+    commands = []
+
+    def fake_child(command: list[str], log: object) -> tuple[int, float]:
+        commands.append(command)
+        raise RuntimeError("stop before training")
+
+    monkeypatch.setattr(bench, "run_child", fake_child)
+    for argv in (["--dropout", "0", "--compile"], []):
+        with pytest.raises(RuntimeError, match="stop before training"):
+            bench.run_ours(bench.parse_args(argv), tmp_path / "run", tmp_path / "validation.jsonl")
+    compiled, plain = commands
+    assert compiled[compiled.index("--dropout") + 1] == "0.0" and "--compile" in compiled
+    assert plain[plain.index("--dropout") + 1] == "0.05" and "--compile" not in plain
+    runs = [
+        {"repeat": 1, "arm": "ours", "tokens_per_s": 600.0, "timed_seconds": 5.0, "peak_rss_mib": 2000.0,
+         "first_loss": 4.0, "final_loss": 3.0, "mfu": 0.4},
+    ]  # fmt: skip
+    result = {
+        "date": "2026-01-01 00:00:00 UTC", "machine": "test box", "load_avg_start": [0.0] * 3,
+        "load_avg_end": [0.0] * 3, "peak_flops": 1e12, "runs": runs, "summary": bench.summarize_arms(runs),
+        "config": {"model": "m", "steps": 6, "batch_size": 4, "grad_accum": 4, "precision": "auto",
+                   "dropout": 0.0, "compile": True, "trl_compile": True},
+        "plan_trained_tokens": [5], "plan_tokens": [10], "masks_match": True, "loss_normalization": "same",
+        "trl_checks": "", "matmul_params": {"body": 100, "lora": 2, "head": 10}, "versions": {}, "code_shas": ["a"],
+    }  # fmt: skip
+    header = bench.render_throughput_report(result).splitlines()[0]
+    assert header.endswith("LoRA dropout 0.0, ours compiled, TRL compiled"), header
+
+
 def test_describe_machine_names_the_cpu_and_its_matmul_units(bench):
     description = bench.describe_machine()
     assert "cores" in description and "GiB" in description
