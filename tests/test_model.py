@@ -276,7 +276,9 @@ def test_missing_local_folder_is_reported():
         resolve_model_path("./no/such/model")
 
 
-@pytest.mark.parametrize("script", ["train.py", "merge_and_load.py", "evaluate.py", "benchmarks/throughput.py"])
+@pytest.mark.parametrize(
+    "script", ["train.py", "merge_and_load.py", "evaluate.py", "average_adapters.py", "benchmarks/throughput.py"]
+)
 def test_scripts_load_without_the_bitsandbytes_kernel_hub_warning(script):
     """peft imports bitsandbytes, which on an AVX512-BF16 CPU warns that a kernel hub is out of reach (and falls
     back); common/__init__.py quiets that one logger, which works only if a script imports common/ first."""
