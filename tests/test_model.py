@@ -280,10 +280,11 @@ def test_missing_local_folder_is_reported():
     "script", ["train.py", "merge_and_load.py", "evaluate.py", "average_adapters.py", "benchmarks/throughput.py"]
 )
 def test_scripts_load_without_the_bitsandbytes_kernel_hub_warning(script):
-    """peft imports bitsandbytes, which on an AVX512-BF16 CPU warns that a kernel hub is out of reach (and falls
-    back); common/__init__.py quiets that one logger, which works only if a script imports common/ first."""
+    """bitsandbytes (imported by peft up to 0.21, and by the QLoRA paths) warns on an AVX512-BF16 CPU that a kernel
+    hub is out of reach (and falls back); common/__init__.py quiets that one logger, which works only if a script
+    imports common/ first. The check imports bitsandbytes itself: peft 0.22 no longer does."""
     code = (
-        f"import runpy, sys; runpy.run_path('{script}', run_name='loaded'); import peft; "
+        f"import runpy, sys; runpy.run_path('{script}', run_name='loaded'); import peft, bitsandbytes; "
         "print('bitsandbytes' in sys.modules, file=sys.stderr)"
     )
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
