@@ -70,6 +70,17 @@ def test_train_seed_redraws_only_the_training_split(fresh_dir, tmp_path):
     assert "--train-seed 99" in (tmp_path / "README.md").read_text(encoding="utf-8")
 
 
+def test_near_complete_and_pending_change_only_train_and_the_card_says_so(fresh_dir, tmp_path):
+    generate.main(["--near-complete", "0.5", "--pending", "0.3", "--output-dir", str(tmp_path), "--no-token-stats"])
+    assert sha256_of(tmp_path / "train.jsonl") != sha256_of(fresh_dir / "train.jsonl")
+    for split in ("validation", "test"):
+        assert sha256_of(tmp_path / f"{split}.jsonl") == sha256_of(fresh_dir / f"{split}.jsonl")
+    card = " ".join((tmp_path / "README.md").read_text(encoding="utf-8").split())
+    assert "50% of the openings followed by asking turns withhold only one fact per later broker turn" in card
+    assert "30% name a withheld fact as still to come" in card
+    assert "withhold only one fact" not in " ".join((fresh_dir / "README.md").read_text(encoding="utf-8").split())
+
+
 def test_committed_files_are_the_default_generation(fresh_dir):
     for split in SIZES:
         assert sha256_of(DATA_DIR / f"{split}.jsonl") == sha256_of(fresh_dir / f"{split}.jsonl"), (
