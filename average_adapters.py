@@ -53,6 +53,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def lora_shape(config: dict) -> dict:
+    """The adapter_config.json fields that must agree for adapters to average (target modules in any order)."""
+    return {field: sorted(config[field]) if field == "target_modules" else config.get(field) for field in SAME_FIELDS}
+
+
 def average_lora(tensors: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """The stacked-rank tensors whose update is the mean of the inputs' (see the module docstring).
 
@@ -66,18 +71,18 @@ def average_lora(tensors: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tens
         ValueError: a key that is not a LoRA factor, or keys or shapes that differ between the adapters.
     """
     first, count = tensors[0], len(tensors)
+    if any(set(other) != set(first) for other in tensors[1:]):
+        raise ValueError("the adapters hold different tensors (other target modules or layers)")
     averaged = {}
     for key in first:
-        if any(key not in other or other[key].shape != first[key].shape for other in tensors[1:]):
-            raise ValueError(f"tensor {key} is missing or has another shape in one of the adapters")
+        if any(other[key].shape != first[key].shape for other in tensors[1:]):
+            raise ValueError(f"tensor {key} has another shape in one of the adapters")
         if ".lora_A." in key:
             averaged[key] = torch.cat([t[key] for t in tensors], dim=0)
         elif ".lora_B." in key:
             averaged[key] = torch.cat([t[key] for t in tensors], dim=1) / count
         else:
             raise ValueError(f"tensor {key} is not a LoRA factor (lora_A / lora_B); only plain LoRA adapters average")
-    if any(set(other) != set(first) for other in tensors[1:]):
-        raise ValueError("the adapters hold different tensors (other target modules or layers)")
     return averaged
 
 
@@ -89,16 +94,15 @@ def main(argv: list[str] | None = None) -> Path:
     except CheckpointError as err:
         sys.exit(f"average_adapters.py: error: {err}")
     first = adapters[0]
+    expected = lora_shape(first.config)
     for adapter in adapters:
-        config = adapter.config
-        if config.get("use_rslora") or config.get("use_dora"):
+        if adapter.config.get("use_rslora") or adapter.config.get("use_dora"):
             sys.exit(f"average_adapters.py: error: {adapter.path}/adapter_config.json: rsLoRA / DoRA do not average")
-        for field in SAME_FIELDS:
-            value, expected = config.get(field), first.config.get(field)
-            if sorted(value) != sorted(expected) if field == "target_modules" else value != expected:
+        for field, value in lora_shape(adapter.config).items():
+            if value != expected[field]:
                 sys.exit(
                     f"average_adapters.py: error: {adapter.path}/adapter_config.json: {field} is {value!r}, "
-                    f"{first.path} has {expected!r}; only adapters of the same base and LoRA shape average"
+                    f"{first.path} has {expected[field]!r}; only adapters of the same base and LoRA shape average"
                 )
     try:
         tensors = average_lora([adapter.tensors for adapter in adapters])
