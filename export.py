@@ -419,6 +419,8 @@ def main(argv: list[str] | None = None) -> Path:
     adapter_config["base_model_name_or_path"], base_recreate = resolve_loadable_base(recorded_base)
     is_best = checkpoint.resolve() == (run_dir / "best").resolve()
     metrics = build_metrics(run_dir, checkpoint, is_best)
+    averaged = read_json(checkpoint / "averaged_from.json", missing_ok=True)  # written by average_adapters.py
+    sources = {"averaged_from": " + ".join(a["folder"] for a in averaged["adapters"])} if averaged else {}
 
     output_dir.mkdir(parents=True, exist_ok=True)
     tmp_dir = Path(tempfile.mkdtemp(prefix=f".{final_dir.name}.tmp-", dir=output_dir))
@@ -447,7 +449,9 @@ def main(argv: list[str] | None = None) -> Path:
                 run_config=redact_secrets(run_config, secrets),
                 summary=redact_secrets(read_json(run_dir / "summary.json", missing_ok=True), secrets),
                 metrics=redact_secrets(metrics, secrets),
-                samples=redact_secrets(load_samples(run_dir, metrics["checkpoint"]["step"], args.num_samples), secrets),
+                samples=redact_secrets(load_samples(run_dir, metrics["checkpoint"]["step"], args.num_samples), secrets)
+                if not averaged
+                else [],
                 memory=memory,
                 memory_note=memory_note,
                 base_recreate=base_recreate,
@@ -456,6 +460,7 @@ def main(argv: list[str] | None = None) -> Path:
                 lineage={
                     "run": str(run_dir),
                     "checkpoint": str(checkpoint),
+                    **sources,
                     "git_commit": run_config.get("git_commit") or "not recorded",
                     "run_created": run_config.get("created") or "not recorded",
                     "exported": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -481,7 +486,8 @@ def main(argv: list[str] | None = None) -> Path:
     size_mb = sum(p.stat().st_size for p in files) / 2**20
     val_ppl = metrics["validation"].get("val_ppl", float("nan"))
     step = metrics["checkpoint"]["step"]
-    print(f"exported {checkpoint} (step {step}, val_ppl {val_ppl:.4g}) -> {final_dir}")
+    scored = f"averaged from {sources['averaged_from']}" if averaged else f"step {step}, val_ppl {val_ppl:.4g}"
+    print(f"exported {checkpoint} ({scored}) -> {final_dir}")
     print(f"{len(files)} files, {size_mb:.1f} MiB: {', '.join(sorted(p.name for p in files))}")
     if args.push_to_hub:
         push_export(final_dir, args, secrets)

@@ -221,8 +221,16 @@ def metrics_section(metrics: Mapping) -> list[str]:
     for key in ("val_loss", "val_ppl"):
         if key in validation:
             rows.append((f"validation {key}", baseline.get(key, "not recorded"), validation[key]))
-    out.append(f"Validation at step {step} (baseline = the untouched base model, step 0):")
-    out += ["", _table(("metric", "baseline", "finetuned"), rows) if rows else "- no validation recorded at this step"]
+    if step is None:  # an averaged adapter (average_adapters.py) is no step of the run
+        out.append(
+            "- validation: not a checkpoint of the run, so train.py never scored it; evaluate.py's results follow"
+        )
+    else:
+        out.append(f"Validation at step {step} (baseline = the untouched base model, step 0):")
+        out += [
+            "",
+            _table(("metric", "baseline", "finetuned"), rows) if rows else "- no validation recorded at this step",
+        ]
     test = {k: v for k, v in metrics.items() if k not in ("validation", "baseline", "checkpoint")}
     for label, evaluation in test.items():
         out += ["", f"evaluate.py on `{evaluation.get('data_file', label)}` ({label}):", ""]
