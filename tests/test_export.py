@@ -17,6 +17,7 @@ from peft import PeftModel
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
+import average_adapters
 import export
 from common.artifacts import (
     count_base_parameters,
@@ -229,6 +230,32 @@ def test_refuses_incomplete_or_non_finite_checkpoints_and_exports_a_chosen_one(l
     assert metrics["checkpoint"]["step"] == 10 and metrics["validation"]["val_ppl"] == 40.4
     assert "test" not in metrics  # evaluate.py scored best/, not this checkpoint
     assert "evaluate.py has not been run on this checkpoint" in (out / "README.md").read_text()
+
+
+def test_an_averaged_adapter_is_exported_with_its_inputs_named_and_no_other_steps_numbers(lora_run, tmp_path):
+    # make demo exports runs/demo/averaged (average_adapters.py of two seeds' best/); its card must not show
+    # the run's validation or samples of one step as if they were the averaged adapter's.
+    run = shutil.copytree(lora_run, tmp_path / "toy")
+    inputs = [run / "best", run / "checkpoints" / "step_000010"]
+    averaged = average_adapters.main(["--adapters", *map(str, inputs), "--output", str(run / "averaged")])
+    write_eval_metrics(run, adapter=averaged)
+
+    out = export.main(
+        ["--run", str(run), "--checkpoint", str(averaged), "--version", "2.0", "--output-dir", str(tmp_path)]
+    )
+    assert (
+        load_file(out / "adapter_model.safetensors").keys() == load_file(averaged / "adapter_model.safetensors").keys()
+    )
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["checkpoint"]["step"] is None and metrics["validation"] == {}
+    assert metrics["test"]["adapter"] == str(averaged)  # evaluate.py scored this averaged folder
+    card = (out / "README.md").read_text()
+    sections = {part.split("\n", 1)[0]: part.split("\n", 1)[1] for part in card.split("\n## ")[1:]}
+    assert f"- averaged from: `{inputs[0]} + {inputs[1]}`" in sections["Lineage"]
+    assert "train.py never scored it" in sections["Metrics"] and "validation val_ppl" not in sections["Metrics"]
+    assert "| rouge.rougeL | 0.11 | 0.52 |" in sections["Metrics"]
+    assert "Applicant is 40" not in sections["Sample generations"]  # the run's samples are another adapter's
+    assert "| r | 8 |" in sections["Training hyperparameters"]  # two rank-4 adapters stacked
 
 
 def test_push_to_hub_offline_fails_with_one_message_and_keeps_the_export(lora_run, tmp_path):
