@@ -35,8 +35,8 @@ gguf-setup: $(STAMP)
 # validation and stress splits; train.py's own defaults stay the usual 1-7B ones.
 # Trained twice (seeds 1234 and 4321) and the two adapters averaged (average_adapters.py: the mean of their
 # LoRA updates): validation 0.92 and stress 0.85 against 0.83 / 0.95 and 0.71 / 0.77 for the seeds alone
-# (docs/results.md, session 29). 2 x 294,748 trained tokens: over 2x 171,848, allowed by issue 29 while the
-# demo's total time stays within the 45 minutes it took before the speed work.
+# (docs/results.md, session 29). 2 x 294,748 trained tokens: over issue 29's 2x 171,848, which it allows only
+# while the demo stays within 45 minutes (it took 70 on session 30's 2-core EPYC without AMX: README).
 DEMO_RECIPE := --lr 2e-3 --target-modules all-linear --batch-size 1 --effective-batch-size 1 --epochs 1 --dropout 0 --compile
 DEMO_STAGES := \
 	"data/generate.py" \

@@ -4,6 +4,7 @@ PEFT's own merges of each input), and adapters that cannot average are refused w
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import Path
 
 import pytest
@@ -62,3 +63,28 @@ def test_adapters_that_do_not_average_are_refused(tiny_model_dir, tmp_path, caps
     with pytest.raises(SystemExit):
         average_adapters.main(["--adapters", str(plain), "--output", str(tmp_path / "soup")])
     assert "needs two or more" in capsys.readouterr().err
+
+
+def test_make_demo_evaluates_exports_and_merges_the_average_of_its_trained_seeds():
+    # README's results are make demo's: the adapter it scores and ships must be the average of the runs it trains.
+    makefile = (Path(__file__).resolve().parents[1] / "Makefile").read_text(encoding="utf-8")
+    block = makefile.split("DEMO_STAGES := \\\n")[1].split("\n\n")[0]
+    stages = [shlex.split(line.strip().rstrip("\\").strip().strip('"')) for line in block.splitlines()]
+
+    def flag(argv: list[str], name: str) -> list[str]:
+        values = argv[argv.index(name) + 1 :]
+        return values[: next((i for i, v in enumerate(values) if v.startswith("--")), len(values))]
+
+    trains = [argv for argv in stages if argv[0] == "train.py"]
+    assert len({flag(argv, "--seed")[0] for argv in trains}) == len(trains) >= 2  # different seeds
+    (average,) = [argv for argv in stages if argv[0] == "average_adapters.py"]
+    assert flag(average, "--adapters") == [f"{flag(argv, '--output-dir')[0]}/best" for argv in trains]
+    averaged = flag(average, "--output")
+    evaluated = [flag(argv, "--adapter") for argv in stages if argv[0] == "evaluate.py" and "--adapter" in argv]
+    assert evaluated == [averaged, averaged]  # test and stress
+    (export,) = [argv for argv in stages if argv[0] == "export.py"]
+    assert flag(export, "--checkpoint") == averaged
+    (merge,) = [argv for argv in stages if argv[0] == "merge_and_load.py"]
+    assert flag(merge, "--adapter") == [
+        f"exports/{Path(flag(export, '--run')[0]).name}-v{flag(export, '--version')[0]}"
+    ]
