@@ -30,9 +30,10 @@ gguf-setup: $(STAMP)
 # convergence report -> versioned export -> merged model with parity check. Each stage's time and
 # the total are printed at the end (and kept in runs/demo-timings.txt).
 # The recipe for the 135M default (docs/recipe.md): lr 2e-3, all-linear targets,
-# batch 1 for 1 epoch over the 900 training conversations (900 updates, 294,748 trained tokens), LoRA dropout 0 with the decoder layers compiled (1.65x tokens/s on an AMX
-# Xeon; validation and stress within the seeds' spread of dropout 0.05: docs/results.md), chosen on the
-# validation and stress splits; train.py's own defaults stay the usual 1-7B ones.
+# batch 1 for 1 epoch over the 900 training conversations (900 updates, 294,748 trained tokens), LoRA dropout 0
+# with the decoder layers compiled (1.65x tokens/s on an AMX Xeon; validation and stress within the seeds' spread
+# of dropout 0.05: docs/results.md), chosen on the validation and stress splits; train.py's own defaults stay the
+# usual 1-7B ones.
 # Trained twice (seeds 1234 and 4321) and the two adapters averaged (average_adapters.py: the mean of their
 # LoRA updates): validation 0.92 and stress 0.85 against 0.83 / 0.95 and 0.71 / 0.77 for the seeds alone
 # (docs/results.md, session 29). 2 x 294,748 trained tokens: over issue 29's 2x 171,848, which it allows only

@@ -420,7 +420,9 @@ def main(argv: list[str] | None = None) -> Path:
     is_best = checkpoint.resolve() == (run_dir / "best").resolve()
     metrics = build_metrics(run_dir, checkpoint, is_best)
     averaged = read_json(checkpoint / "averaged_from.json", missing_ok=True)  # written by average_adapters.py
-    sources = {"averaged_from": " + ".join(a["folder"] for a in averaged["adapters"])} if averaged else {}
+    if averaged:  # no step of the run: the card shows neither the run's validation nor its samples for it
+        metrics["checkpoint"]["averaged_from"] = [source["folder"] for source in averaged["adapters"]]
+    sources = {"averaged_from": " + ".join(metrics["checkpoint"]["averaged_from"])} if averaged else {}
 
     output_dir.mkdir(parents=True, exist_ok=True)
     tmp_dir = Path(tempfile.mkdtemp(prefix=f".{final_dir.name}.tmp-", dir=output_dir))

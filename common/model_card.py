@@ -221,7 +221,7 @@ def metrics_section(metrics: Mapping) -> list[str]:
     for key in ("val_loss", "val_ppl"):
         if key in validation:
             rows.append((f"validation {key}", baseline.get(key, "not recorded"), validation[key]))
-    if step is None:  # an averaged adapter (average_adapters.py) is no step of the run
+    if metrics.get("checkpoint", {}).get("averaged_from"):  # average_adapters.py's output is no step of the run
         out.append(
             "- validation: not a checkpoint of the run, so train.py never scored it; evaluate.py's results follow"
         )

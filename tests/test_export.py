@@ -247,6 +247,7 @@ def test_an_averaged_adapter_is_exported_with_its_inputs_named_and_no_other_step
         load_file(out / "adapter_model.safetensors").keys() == load_file(averaged / "adapter_model.safetensors").keys()
     )
     metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["checkpoint"]["averaged_from"] == [str(folder) for folder in inputs]
     assert metrics["checkpoint"]["step"] is None and metrics["validation"] == {}
     assert metrics["test"]["adapter"] == str(averaged)  # evaluate.py scored this averaged folder
     card = (out / "README.md").read_text()
