@@ -225,12 +225,15 @@ def build_metrics(run_dir: Path, checkpoint: Path, is_best: bool) -> dict:
     baseline = next((entry for entry in eval_log if entry.get("baseline")), {})
     at_step = next((e for e in eval_log if e.get("step") == step and not e.get("baseline")), {})
     validation = checkpoint_metrics or at_step
+    averaged = read_json(checkpoint / "averaged_from.json", missing_ok=True)  # written by average_adapters.py
     keys = ("val_loss", "val_ppl", "val_tokens")
     metrics = {
         "checkpoint": {"path": str(checkpoint), "step": step, "epoch": validation.get("epoch", at_step.get("epoch"))},
         "validation": {k: validation[k] for k in keys if k in validation},
         "baseline": {k: baseline[k] for k in keys if k in baseline},
     }
+    if averaged:
+        metrics["checkpoint"]["averaged_from"] = [source["folder"] for source in averaged["adapters"]]
     # evaluate.py's numbers (runs/<run>/eval/) belong to the adapter it scored, usually best/.
     evaluation = read_json(run_dir / "eval" / "metrics.json", missing_ok=True)
     if isinstance(evaluation, dict):
@@ -419,10 +422,8 @@ def main(argv: list[str] | None = None) -> Path:
     adapter_config["base_model_name_or_path"], base_recreate = resolve_loadable_base(recorded_base)
     is_best = checkpoint.resolve() == (run_dir / "best").resolve()
     metrics = build_metrics(run_dir, checkpoint, is_best)
-    averaged = read_json(checkpoint / "averaged_from.json", missing_ok=True)  # written by average_adapters.py
-    if averaged:  # no step of the run: the card shows neither the run's validation nor its samples for it
-        metrics["checkpoint"]["averaged_from"] = [source["folder"] for source in averaged["adapters"]]
-    sources = {"averaged_from": " + ".join(metrics["checkpoint"]["averaged_from"])} if averaged else {}
+    # average_adapters.py's output is no step of the run: the card shows neither its validation nor its samples
+    averaged = " + ".join(metrics["checkpoint"].get("averaged_from", []))
 
     output_dir.mkdir(parents=True, exist_ok=True)
     tmp_dir = Path(tempfile.mkdtemp(prefix=f".{final_dir.name}.tmp-", dir=output_dir))
@@ -451,9 +452,9 @@ def main(argv: list[str] | None = None) -> Path:
                 run_config=redact_secrets(run_config, secrets),
                 summary=redact_secrets(read_json(run_dir / "summary.json", missing_ok=True), secrets),
                 metrics=redact_secrets(metrics, secrets),
-                samples=redact_secrets(load_samples(run_dir, metrics["checkpoint"]["step"], args.num_samples), secrets)
-                if not averaged
-                else [],
+                samples=[]
+                if averaged
+                else redact_secrets(load_samples(run_dir, metrics["checkpoint"]["step"], args.num_samples), secrets),
                 memory=memory,
                 memory_note=memory_note,
                 base_recreate=base_recreate,
@@ -462,7 +463,7 @@ def main(argv: list[str] | None = None) -> Path:
                 lineage={
                     "run": str(run_dir),
                     "checkpoint": str(checkpoint),
-                    **sources,
+                    **({"averaged_from": averaged} if averaged else {}),
                     "git_commit": run_config.get("git_commit") or "not recorded",
                     "run_created": run_config.get("created") or "not recorded",
                     "exported": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -488,7 +489,7 @@ def main(argv: list[str] | None = None) -> Path:
     size_mb = sum(p.stat().st_size for p in files) / 2**20
     val_ppl = metrics["validation"].get("val_ppl", float("nan"))
     step = metrics["checkpoint"]["step"]
-    scored = f"averaged from {sources['averaged_from']}" if averaged else f"step {step}, val_ppl {val_ppl:.4g}"
+    scored = f"averaged from {averaged}" if averaged else f"step {step}, val_ppl {val_ppl:.4g}"
     print(f"exported {checkpoint} ({scored}) -> {final_dir}")
     print(f"{len(files)} files, {size_mb:.1f} MiB: {', '.join(sorted(p.name for p in files))}")
     if args.push_to_hub:
