@@ -47,6 +47,7 @@ DEMO_STAGES := \
 	"evaluate.py --adapter runs/demo/averaged --split test --own-history" \
 	"evaluate.py --adapter runs/demo/averaged --data-file data/stress.jsonl --own-history --output-dir runs/demo/eval-stress" \
 	"evaluate.py --report runs/demo" \
+	"evaluate.py --report runs/demo-seed4321" \
 	"export.py --run runs/demo --checkpoint runs/demo/averaged --version 1.0 --force" \
 	"merge_and_load.py --adapter exports/demo-v1.0 --output merged/demo --force"
 

@@ -82,6 +82,8 @@ def test_make_demo_evaluates_exports_and_merges_the_average_of_its_trained_seeds
     averaged = flag(average, "--output")
     evaluated = [flag(argv, "--adapter") for argv in stages if argv[0] == "evaluate.py" and "--adapter" in argv]
     assert evaluated == [averaged, averaged]  # test and stress
+    reports = [flag(argv, "--report")[0] for argv in stages if argv[0] == "evaluate.py" and "--report" in argv]
+    assert reports == [flag(argv, "--output-dir")[0] for argv in trains]  # each training's convergence report
     (export,) = [argv for argv in stages if argv[0] == "export.py"]
     assert flag(export, "--checkpoint") == averaged
     (merge,) = [argv for argv in stages if argv[0] == "merge_and_load.py"]
