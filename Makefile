@@ -39,10 +39,14 @@ gguf-setup: $(STAMP)
 # (docs/results.md, session 29). 2 x 294,748 trained tokens: over issue 29's 2x 171,848, which it allows only
 # while the demo stays within 45 minutes (it took 70 on session 30's 2-core EPYC without AMX: README).
 DEMO_RECIPE := --lr 2e-3 --target-modules all-linear --batch-size 1 --effective-batch-size 1 --epochs 1 --dropout 0 --compile
-DEMO_STAGES := \
-	"data/generate.py" \
+# The trainings run side by side when they train on the CPU, each with its share of the cores as threads (the
+# adapters are bit-identical to one thread count or another: docs/results.md; on a 2-core EPYC 2 x 1,790 s one after
+# another, ~2,700 s side by side), and one after another on a GPU. The console of every training but the first goes to
+# runs/demo-training-N.log (each also writes its own train.log).
+DEMO_TRAININGS := \
 	"train.py --run-name demo --output-dir runs/demo --overwrite $(DEMO_RECIPE) --seed 1234" \
-	"train.py --run-name demo-seed4321 --output-dir runs/demo-seed4321 --overwrite $(DEMO_RECIPE) --seed 4321" \
+	"train.py --run-name demo-seed4321 --output-dir runs/demo-seed4321 --overwrite $(DEMO_RECIPE) --seed 4321"
+DEMO_STAGES := \
 	"average_adapters.py --adapters runs/demo/best runs/demo-seed4321/best --output runs/demo/averaged --force" \
 	"evaluate.py --adapter runs/demo/averaged --split test --own-history" \
 	"evaluate.py --adapter runs/demo/averaged --data-file data/stress.jsonl --own-history --output-dir runs/demo/eval-stress" \
@@ -50,14 +54,30 @@ DEMO_STAGES := \
 	"evaluate.py --report runs/demo-seed4321" \
 	"export.py --run runs/demo --checkpoint runs/demo/averaged --version 1.0 --force" \
 	"merge_and_load.py --adapter exports/demo-v1.0 --output merged/demo --force"
+# Threads for each of N trainings side by side: the usable cores / N; 0 (one after another) on a GPU or 1 core.
+SIDE_BY_SIDE := import os, sys, torch; cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(); \
+	print(0 if torch.cuda.is_available() or torch.backends.mps.is_available() else cores // int(sys.argv[1]))
 
+# run STAGE [NOTE]: runs `python STAGE` and appends its time to runs/demo-timings.txt.
 demo: setup
 	@mkdir -p runs; : > runs/demo-timings.txt; start=$$(date +%s); \
-	for stage in $(DEMO_STAGES); do \
-		echo "==> python $$stage"; t=$$(date +%s); \
-		$(PY) $$stage || exit 1; \
-		printf '%6d s  python %s\n' $$(( $$(date +%s) - t )) "$$stage" >> runs/demo-timings.txt; \
-	done; \
+	run() { echo "==> python $$1$$2"; t=$$(date +%s); $(PY) $$1 || return 1; \
+		printf '%6d s  python %s%s\n' $$(( $$(date +%s) - t )) "$$1" "$$2" >> runs/demo-timings.txt; }; \
+	run data/generate.py || exit 1; \
+	set -- $(DEMO_TRAININGS); threads=$$($(PY) -c '$(SIDE_BY_SIDE)' $$#) || exit 1; \
+	if [ "$$threads" -gt 0 ]; then \
+		n=0; jobs=""; for stage in "$$@"; do n=$$((n + 1)); log=runs/demo-training-$$n.log; \
+			note=" (side by side, $$threads thread(s) each$$([ $$n -gt 1 ] && echo "; its console: $$log"))"; \
+			if [ $$n -eq 1 ]; then (export OMP_NUM_THREADS=$$threads MKL_NUM_THREADS=$$threads; run "$$stage" "$$note") & \
+			else (export OMP_NUM_THREADS=$$threads MKL_NUM_THREADS=$$threads; run "$$stage" "$$note" > $$log 2>&1) & fi; \
+			jobs="$$jobs $$n:$$!"; [ $$n -gt 1 ] && echo "==> python $$stage$$note"; \
+		done; \
+		failed=0; for job in $$jobs; do wait $${job#*:} && continue; failed=1; \
+			[ $${job%%:*} -gt 1 ] && tail -n 20 runs/demo-training-$${job%%:*}.log; done; [ $$failed -eq 0 ] || exit 1; \
+	else \
+		for stage in "$$@"; do run "$$stage" || exit 1; done; \
+	fi; \
+	for stage in $(DEMO_STAGES); do run "$$stage" || exit 1; done; \
 	printf '%6d s  total\n' $$(( $$(date +%s) - start )) >> runs/demo-timings.txt; \
 	echo "==> make demo stage times"; cat runs/demo-timings.txt
 
