@@ -37,12 +37,13 @@ gguf-setup: $(STAMP)
 # Trained twice (seeds 1234 and 4321) and the two adapters averaged (average_adapters.py: the mean of their
 # LoRA updates): validation 0.92 and stress 0.85 against 0.83 / 0.95 and 0.71 / 0.77 for the seeds alone
 # (docs/results.md, session 29). 2 x 294,748 trained tokens: over issue 29's 2x 171,848, which it allows only
-# while the demo stays within 45 minutes (it took 70 on session 30's 2-core EPYC without AMX: README).
+# while the demo stays within 45 minutes (it took 59 on session 32's 2-core EPYC without AMX: README).
 DEMO_RECIPE := --lr 2e-3 --target-modules all-linear --batch-size 1 --effective-batch-size 1 --epochs 1 --dropout 0 --compile
 # The trainings run side by side when they train on the CPU, each with its share of the cores as threads (the
-# adapters are bit-identical to one thread count or another: docs/results.md; on a 2-core EPYC 2 x 1,790 s one after
-# another, ~2,700 s side by side), and one after another on a GPU. The console of every training but the first goes to
-# runs/demo-training-N.log (each also writes its own train.log).
+# adapters are bit-identical at one thread or two; on a 2-core EPYC 2 x 1,790 s one after another, 2,932 s side by
+# side: docs/results.md), and one after another on a GPU. The console of every training but the first goes to
+# runs/demo-training-N.log (each also writes its own train.log). The evaluations stay one after another: at one
+# thread they take ~1.9x as long (train.py's validation), training 1.64x.
 DEMO_TRAININGS := \
 	"train.py --run-name demo --output-dir runs/demo --overwrite $(DEMO_RECIPE) --seed 1234" \
 	"train.py --run-name demo-seed4321 --output-dir runs/demo-seed4321 --overwrite $(DEMO_RECIPE) --seed 4321"
