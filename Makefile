@@ -69,8 +69,8 @@ demo: setup
 	if [ "$$threads" -gt 0 ]; then \
 		n=0; jobs=""; for stage in "$$@"; do n=$$((n + 1)); log=runs/demo-training-$$n.log; \
 			note=" (side by side, $$threads thread(s) each$$([ $$n -gt 1 ] && echo "; its console: $$log"))"; \
-			if [ $$n -eq 1 ]; then (export OMP_NUM_THREADS=$$threads MKL_NUM_THREADS=$$threads; run "$$stage" "$$note") & \
-			else (export OMP_NUM_THREADS=$$threads MKL_NUM_THREADS=$$threads; run "$$stage" "$$note" > $$log 2>&1) & fi; \
+			(export OMP_NUM_THREADS=$$threads MKL_NUM_THREADS=$$threads; [ $$n -eq 1 ] || exec > $$log 2>&1; \
+				run "$$stage" "$$note") & \
 			jobs="$$jobs $$n:$$!"; [ $$n -gt 1 ] && echo "==> python $$stage$$note"; \
 		done; \
 		failed=0; for job in $$jobs; do wait $${job#*:} && continue; failed=1; \
