@@ -19,7 +19,7 @@ Only the words change: the facts, the decision and the assistant's turns come fr
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from data import rulebook
 
@@ -411,7 +411,17 @@ def format_money_varied(amount: int, rng: random.Random) -> str:
     extra += [f"{amount // 1000} thousand dollars"] if amount < 1_000_000 else [f"{amount // 1000:,}K"]
     if amount >= 1_000_000 and amount % 10_000 == 0:
         extra += [f"{amount / 1e6:g} mil", f"${amount / 1e6:g} million"]
-    return extra_form(extra) or usual
+    return hard_amount(amount) or extra_form(extra) or usual
+
+
+def hard_amount(amount: int) -> str | None:
+    """An amount as bare digits or in words in the hard-amount share of the draws (`HARD_AMOUNT_SHARE`), else None."""
+    rng = _extra["hard_rng"]
+    if _extra["hard"] <= 0 or rng.random() >= _extra["hard"]:
+        return None
+    digits = [f"USD {amount}", f"{amount} dollars", f"${amount}", f"{amount} USD"]
+    words = [say_number(amount) + " dollars", say_number(amount)]
+    return rng.choice(digits if rng.random() < 0.5 else words)
 
 
 def format_years(n: int, rng: random.Random) -> str:
@@ -691,6 +701,13 @@ MIX_LABELS = {
 # fell (0.89 -> 0.83) (docs/results.md, session 29).
 NEAR_COMPLETE_SHARE = 0.0
 PENDING_SHARE = 0.0
+# Hard amounts (training split only, `use_extra_forms(hard=...)`): in HARD_AMOUNT_SHARE of the draws a dollar
+# amount is said as bare digits ("USD 11700000", "$1850000") or in words ("nineteen million two hundred fifty
+# thousand dollars"), the two forms the demo read worst: converting them to thousands means dropping three
+# zeros or composing the words (validation, four seed pairs: 9 of 52 and 15 of 40 wrong, against 2 of 220 in
+# the other forms). Off by default: with NOISE_ROW_SHARE 0.5 beside it (`--hard-amounts 0.3 --noise-rows 0.5`),
+# the demo's seed pair read words better (4 -> 2 of 10 wrong) but decided no better (docs/results.md, session 33).
+HARD_AMOUNT_SHARE = 0.0
 PENDING_NAMES = {
     "age": ["age", "date of birth"],
     "face_amount": ["face amount", "coverage amount"],
@@ -725,11 +742,19 @@ PENDING_VALUES = ("TBD", "pending", "to follow", "waiting on client")
 _extra = {
     **{"rng": random.Random(0), "share": 0.0, "frames_rng": random.Random(0), "frames": 0.0},
     **{"mix_rng": random.Random(0), "mix": 0.0, "shape_rng": random.Random(0), "near": 0.0, "pending": 0.0},
+    **{"hard_rng": random.Random(0), "hard": 0.0, "noise_rng": random.Random(0), "noise": 0.0},
 }
 
 
 def use_extra_forms(
-    seed: str, share: float, frames: float = 0.0, mix: float = 0.0, near: float = 0.0, pending: float = 0.0
+    seed: str,
+    share: float,
+    frames: float = 0.0,
+    mix: float = 0.0,
+    near: float = 0.0,
+    pending: float = 0.0,
+    hard: float = 0.0,
+    noise: float = 0.0,
 ) -> None:
     """From now on, say a fact in an extra form in `share` of the draws (0 turns them off).
 
@@ -741,11 +766,15 @@ def use_extra_forms(
             (`MIX_LABELS`).
         near: the chance that an opening withholds only one fact per later broker turn (`NEAR_COMPLETE_SHARE`).
         pending: the chance that an opening names one fact it withholds as pending (`PENDING_SHARE`).
+        hard: the chance that an amount is said as bare digits or in words (`HARD_AMOUNT_SHARE`).
+        noise: the chance that a table or dump turn carries rows the rulebook does not read (`NOISE_ROW_SHARE`).
     """
     _extra["rng"], _extra["share"] = random.Random(seed), share
     _extra["frames_rng"], _extra["frames"] = random.Random(f"{seed}-frames"), frames
     _extra["mix_rng"], _extra["mix"] = random.Random(f"{seed}-mix"), mix
     _extra["shape_rng"], _extra["near"], _extra["pending"] = random.Random(f"{seed}-shape"), near, pending
+    _extra["hard_rng"], _extra["hard"] = random.Random(f"{seed}-hard"), hard
+    _extra["noise_rng"], _extra["noise"] = random.Random(f"{seed}-noise"), noise
 
 
 def near_complete_drawn() -> bool:
@@ -1068,8 +1097,60 @@ def write_user_turn(
     return WRITERS[family](lob_name, said, fixes, rng, opening)
 
 
+def _amount(low: int, high: int, step: int) -> Callable[[random.Random], str]:
+    return lambda r: f"${r.randint(low, high) * step:,}"
+
+
+# Noise rows (training split only, `use_extra_forms(noise=...)`): forms carry fields the rulebook does not read
+# (stories, protection class, a premium estimate, a payroll, a deductible), some of them dollar amounts. In
+# NOISE_ROW_SHARE of the table and dump turns, 1-3 of them sit among the facts: a reader must take the
+# dwelling from "Cov A", not from "Premium est", and must not count them as facts given. Off by default: tried
+# with HARD_AMOUNT_SHARE, not kept (docs/results.md, session 33).
+NOISE_ROW_SHARE = 0.0
+NOISE_ROWS = {
+    "home": [
+        ("Stories", "stories", lambda r: str(r.randint(1, 3))),
+        ("Prot. class", "prot_class", lambda r: str(r.randint(1, 9))),
+        ("Sq ft", "sq_ft", lambda r: f"{r.randint(9, 42) * 100:,}"),
+        ("Premium est", "premium_est", lambda r: f"${r.randint(600, 4200):,}.{r.randint(0, 99):02d}"),
+        ("Deductible", "deductible", lambda r: f"${r.choice([500, 1000, 2500, 5000]):,}"),
+        ("Year purchased", "purchase_yr", lambda r: str(r.randint(1985, 2024))),
+        ("Bedrooms", "bedrooms", lambda r: str(r.randint(2, 5))),
+    ],
+    "life": [
+        ("Term", "term_yrs", lambda r: f"{r.choice([10, 15, 20, 30])} years"),
+        ("Beneficiary", "beneficiary", lambda r: r.choice(["spouse", "children", "estate", "trust"])),
+        ("Annual income", "income", _amount(35, 240, 1000)),
+        ("Premium mode", "premium_mode", lambda r: r.choice(["monthly", "annual", "quarterly"])),
+        ("Height", "height_in", lambda r: str(r.randint(60, 76))),
+        ("Policy #", "policy_no", lambda r: f"TL-{r.randint(10000, 99999)}"),
+    ],
+    "business": [
+        ("Employees", "employees", lambda r: str(r.randint(2, 60))),
+        ("Sq ft", "sq_ft", lambda r: f"{r.randint(12, 180) * 100:,}"),
+        ("Years in business", "yrs_in_business", lambda r: str(r.randint(1, 40))),
+        ("Deductible", "deductible", lambda r: f"${r.choice([1000, 2500, 5000, 10000]):,}"),
+        ("Payroll", "payroll", _amount(80, 2400, 1000)),
+        ("Stories", "stories", lambda r: str(r.randint(1, 4))),
+    ],
+}
+
+
+def noise_rows(lob_name: str, family: str) -> list[tuple[str, str]]:
+    """1-3 rows the rulebook does not read, in the noise share of the table and dump turns (`NOISE_ROW_SHARE`)."""
+    rng = _extra["noise_rng"]
+    if _extra["noise"] <= 0 or rng.random() >= _extra["noise"]:
+        return []
+    kind = "life" if "life" in lob_name else "home" if "home" in lob_name else "business"
+    picks = rng.sample(NOISE_ROWS[kind], rng.randint(1, 3))
+    return [(label if family == "fwd_table" else key, values(rng)) for label, key, values in picks]
+
+
 def write_structured(family: str, lob_name: str, rows: list, fixes: list, rng: random.Random, opening: bool) -> str:
-    """fwd_table and kv_export turns: a header, then the rows as a table or a dump."""
+    """fwd_table and kv_export turns: a header, then the rows as a table or a dump (noise rows among them)."""
+    rows = [*rows]
+    for row in noise_rows(lob_name, family):
+        rows.insert(_extra["noise_rng"].randrange(len(rows) + 1), row)
     if family == "fwd_table":
         fixed = [(f"{label} (corrected)", value) for label, value in fixes]
         body = write_table(rows + fixed, rng) if rows or fixed else ""

@@ -125,6 +125,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=families.PENDING_SHARE,
         help="share of the training split's openings that name a withheld fact as pending ('roof age to follow')",
     )
+    parser.add_argument(
+        "--hard-amounts",
+        type=float,
+        default=families.HARD_AMOUNT_SHARE,
+        help="share of the training split's dollar amounts said as bare digits or in words; 0: none",
+    )
+    parser.add_argument(
+        "--noise-rows",
+        type=float,
+        default=families.NOISE_ROW_SHARE,
+        help="share of the training split's tables and dumps with rows the rulebook does not read; 0: none",
+    )
     # --- output ---
     parser.add_argument(
         "--output-dir", type=Path, default=Path(__file__).resolve().parent, help="folder for the splits and README.md"
@@ -572,6 +584,8 @@ def build_split(
     mix_share: float = 0.0,
     near_share: float = 0.0,
     pending_share: float = 0.0,
+    hard_share: float = 0.0,
+    noise_share: float = 0.0,
 ) -> list[dict]:
     """Build one split: stratified (line, outcome, class) cells, fresh profiles, balanced phrasing families.
 
@@ -590,6 +604,10 @@ def build_split(
             later broker turn (`families.NEAR_COMPLETE_SHARE`).
         pending_share: for the training split, the share of openings that name a withheld fact as
             pending (`families.PENDING_SHARE`).
+        hard_share: for the training split, the share of dollar amounts said as bare digits or in words
+            (`families.HARD_AMOUNT_SHARE`).
+        noise_share: for the training split, the share of table and dump turns with rows the rulebook does
+            not read (`families.NOISE_ROW_SHARE`).
 
     Returns:
         The records, in random order, with ids `<split>-0001`...
@@ -599,8 +617,8 @@ def build_split(
     """
     rng = random.Random(f"{seed}-{split}")
     train = split == "train"
-    shares = (extra_share, frame_share, mix_share, near_share, pending_share) if train else (0.0,) * 5
-    families.use_extra_forms(f"{seed}-{split}-extra", *shares)
+    shares = (extra_share, frame_share, mix_share, near_share, pending_share, hard_share, noise_share)
+    families.use_extra_forms(f"{seed}-{split}-extra", *(shares if train else (0.0,) * len(shares)))
     plan = []
     for lob, lob_count in allocate(size, dict.fromkeys(rulebook.LINES_OF_BUSINESS, 1)).items():
         for cell, cell_count in allocate(lob_count, CELL_SHARES).items():
@@ -891,6 +909,24 @@ def submission_shape_sentence(near: float, pending: float) -> str:
 submissions (`families.NEAR_COMPLETE_SHARE`, `families.PENDING_SHARE`); the other splits are unchanged."""
 
 
+def hard_amounts_sentence(share: float) -> str:
+    """The data card's sentence on the training split's hard amounts; empty when off."""
+    if share <= 0:
+        return ""
+    return f""" In the training split only, {round(100 * share)}% of the dollar amounts are said as bare
+digits ("USD 11700000", "$1850000") or in words ("six hundred twenty-five thousand"), the forms the model
+read worst (`families.HARD_AMOUNT_SHARE`), from a generator of their own."""
+
+
+def noise_rows_sentence(share: float) -> str:
+    """The data card's sentence on the training split's noise rows; empty when off."""
+    if share <= 0:
+        return ""
+    return f""" In the training split only, {round(100 * share)}% of the table and dump turns carry 1-3
+rows the rulebook does not read ("Stories 2", "Premium est $1,843.20", "payroll=$819,000"), from a generator
+of their own (`families.NOISE_ROWS`)."""
+
+
 def write_data_card(
     path: Path,
     splits: dict,
@@ -904,6 +940,8 @@ def write_data_card(
     train_seed: int | None = None,
     near_share: float = families.NEAR_COMPLETE_SHARE,
     pending_share: float = families.PENDING_SHARE,
+    hard_share: float = families.HARD_AMOUNT_SHARE,
+    noise_share: float = families.NOISE_ROW_SHARE,
 ) -> None:
     """Write the data card; the rule table comes from the rulebook so the card never drifts from it.
 
@@ -920,6 +958,8 @@ def write_data_card(
         train_seed: the seed the training split was drawn with, when not `seed` (`--train-seed`).
         near_share: the training split's share of near-complete openings.
         pending_share: the training split's share of openings naming a withheld fact as pending.
+        hard_share: the training split's share of dollar amounts said as bare digits or in words.
+        noise_share: the training split's share of table and dump turns with rows the rulebook does not read.
     """
     rule_rows = [
         [rule.rule_id, lob, rule.effect, rule.condition or "", rule.description]
@@ -971,7 +1011,7 @@ from the rulebook, the broker says the class only sometimes), and in {round(100 
 conversations with a later broker turn a fact said wrong in the opening and corrected in a later
 turn (`corrected` holds the wrong value; `facts`, the worksheet and the decision use the corrected one). Long emails, forwarded
 tables, call logs and team chats carry numbers that are not facts (phones, dates, street and
-policy numbers).{extra_forms_sentence(extra_share)}{extra_frames_sentence(frame_share)}{mixed_styles_sentence(mix_share)}{submission_shape_sentence(near_share, pending_share)} See `data/families.py`.
+policy numbers).{extra_forms_sentence(extra_share)}{extra_frames_sentence(frame_share)}{mixed_styles_sentence(mix_share)}{submission_shape_sentence(near_share, pending_share)}{hard_amounts_sentence(hard_share)}{noise_rows_sentence(noise_share)} See `data/families.py`.
 
 {family_examples_section(splits)}
 
@@ -1011,6 +1051,8 @@ def main(argv: list[str] | None = None) -> None:
             args.mixed_styles,
             args.near_complete,
             args.pending,
+            args.hard_amounts,
+            args.noise_rows,
         )
         check_balance(split, splits[split])
 
@@ -1032,6 +1074,8 @@ def main(argv: list[str] | None = None) -> None:
         args.train_seed,
         args.near_complete,
         args.pending,
+        args.hard_amounts,
+        args.noise_rows,
     )
     for split, records in splits.items():
         print(f"wrote {args.output_dir / f'{split}.jsonl'}: {len(records)} records, sha256 {hashes[split][:12]}")

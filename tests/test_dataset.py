@@ -81,6 +81,16 @@ def test_near_complete_and_pending_change_only_train_and_the_card_says_so(fresh_
     assert "withhold only one fact" not in " ".join((fresh_dir / "README.md").read_text(encoding="utf-8").split())
 
 
+def test_hard_amounts_and_noise_rows_change_only_train_and_the_card_says_so(fresh_dir, tmp_path):
+    generate.main(["--hard-amounts", "0.4", "--noise-rows", "0.6", "--output-dir", str(tmp_path), "--no-token-stats"])
+    assert sha256_of(tmp_path / "train.jsonl") != sha256_of(fresh_dir / "train.jsonl")
+    for split in ("validation", "test"):
+        assert sha256_of(tmp_path / f"{split}.jsonl") == sha256_of(fresh_dir / f"{split}.jsonl")
+    card = " ".join((tmp_path / "README.md").read_text(encoding="utf-8").split())
+    assert "40% of the dollar amounts are said as bare digits" in card
+    assert "60% of the table and dump turns carry 1-3 rows the rulebook does not read" in card
+
+
 def test_committed_files_are_the_default_generation(fresh_dir):
     for split in SIZES:
         assert sha256_of(DATA_DIR / f"{split}.jsonl") == sha256_of(fresh_dir / f"{split}.jsonl"), (

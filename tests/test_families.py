@@ -26,6 +26,18 @@ FRAME_SHARE = 0.3  # extra frames around a fact, the same way
 MIX_SHARE = 0.3  # another style's words or field name for a fact, the same way
 NEAR_SHARE = 0.3  # openings that withhold one fact per later turn (`--near-complete`)
 PENDING_SHARE = 0.3  # openings that name a withheld fact as pending (`--pending`): the reader reads no value there
+HARD_SHARE = 0.3  # dollar amounts as bare digits or in words (`--hard-amounts`)
+NOISE_SHARE = 0.3  # tables and dumps with rows the rulebook does not read (`--noise-rows`): the reader skips them
+# Fields a form carries that no rule reads, as a reader would skip them: a table row, a key=value or "KEY: value"
+# line, or a JSON entry.
+NOISE_FIELD = (
+    r"(?:stories|prot\. class|prot_class|sq[ _]ft|premium[ _]est|deductible|year purchased|purchase_yr|bedrooms"
+    r"|term|term_yrs|beneficiary|annual income|income|premium[ _]mode|height|height_in|policy #|policy_no"
+    r"|employees|years in business|yrs_in_business|payroll)"
+)
+NOISE_ROW = re.compile(
+    rf'^\|? ?{NOISE_FIELD}(?:\s{{2,}}|\s*\|\s*|=|: )[^\n]*\n?|"{NOISE_FIELD}": "[^"]*",? ?', re.MULTILINE
+)
 PENDING_WORDS = re.compile(r"to follow|pending|\btbd\b|waiting on|once i have", re.IGNORECASE)
 # What a reader takes a pending mention to be about: a fact's name or field label.
 FACT_NAMES = {
@@ -110,6 +122,8 @@ def read_money(text: str) -> list[tuple[int, int]]:
     found = {}
     for match in re.finditer(rf"(?<!\d )\b({WORD_NUMBER}(?:[ -]{WORD_NUMBER})*) dollars\b", text):
         found[match.start()] = words_to_int(match.group(1))
+    for match in re.finditer(rf"\b((?:{'|'.join(WORD_VALUES)})(?:[ -]{WORD_NUMBER})*[ -](?:thousand|million))\b", text):
+        found.setdefault(match.start(), words_to_int(match.group(1)))  # a large amount in words, "dollars" unsaid
     for phrase, value in IDIOMS.items():
         for match in re.finditer(re.escape(phrase), text):
             if not any(start <= match.start() < start + 80 for start in found):
@@ -121,7 +135,7 @@ def read_money(text: str) -> list[tuple[int, int]]:
             continue
         scale = {"k": 1000, "thousand": 1000, "mm": 1_000_000, "m": 1_000_000, "million": 1_000_000, "mil": 1_000_000}
         found[match.start()] = round(float(number.replace(",", "")) * scale.get(suffix or "", 1))
-    for match in re.finditer(r"(?<![\w.,])(\d{1,3}(?:\.\d{3})+) usd\b", text):  # 1.250.000 USD
+    for match in re.finditer(r"(?<![\w.,])(\d{1,3}(?:\.\d{3})+|\d+) usd\b", text):  # 1.250.000 USD, 1250000 USD
         found[match.start()] = int(match.group(1).replace(".", ""))
     return sorted(found.items())
 
@@ -284,16 +298,17 @@ PENDING_CLAUSE = CLAUSE + "(?:" + PENDING_WORDS.pattern + ")" + CLAUSE.replace("
 PENDING = re.compile(f"{PENDING_ROW}|{PENDING_CLAUSE}", re.MULTILINE)
 
 
-def normalize(text: str) -> str:
-    """Lower case; drop correction labels and mentions of a fact still to come; a coastal zone said in
-    the negative is inland."""
-    text = PENDING.sub(" ", text.lower().replace(" (corrected)", "").replace("_corrected", ""))
+def normalize(text: str, skip_noise: bool = True) -> str:
+    """Lower case; drop rows no rule reads (unless told not to), correction labels and mentions of a fact
+    still to come; a coastal zone said in the negative is inland."""
+    text = NOISE_ROW.sub("", text.lower()) if skip_noise else text.lower()
+    text = PENDING.sub(" ", text.replace(" (corrected)", "").replace("_corrected", ""))
     return re.sub(r"(?:outside|not in)(?: the)? coastal wind zone", "inland", text)
 
 
-def read_facts(lob: str, text: str) -> dict[str, list]:
+def read_facts(lob: str, text: str, skip_noise: bool = True) -> dict[str, list]:
     """Every value each fact of the line is given in the broker text, in order of appearance."""
-    text = normalize(text)
+    text = normalize(text, skip_noise)
     values = {
         key: [v for _, v in find_values(FACT_PATTERNS[key], text)]
         for key in rulebook.REQUIRED_FACTS[lob]
@@ -327,11 +342,13 @@ def generated_records() -> list[dict]:
     The extra forms (`generate.py --extra-forms`, the training split's augmentation) are on in
     EXTRA_SHARE of the draws, the extra frames and mixed styles (`--extra-frames`, `--mixed-styles`) in
     FRAME_SHARE and MIX_SHARE, near-complete openings and pending facts (`--near-complete`, `--pending`)
-    in NEAR_SHARE and PENDING_SHARE, so the reader checks them too.
+    in NEAR_SHARE and PENDING_SHARE, amounts as bare digits or words (`--hard-amounts`) in HARD_SHARE, rows no
+    rule reads (`--noise-rows`) in NOISE_SHARE, so the reader checks them too.
     """
     rng = random.Random("test-families")
     records = []
-    families.use_extra_forms("test-families-extra", EXTRA_SHARE, FRAME_SHARE, MIX_SHARE, NEAR_SHARE, PENDING_SHARE)
+    shares = (EXTRA_SHARE, FRAME_SHARE, MIX_SHARE, NEAR_SHARE, PENDING_SHARE, HARD_SHARE, NOISE_SHARE)
+    families.use_extra_forms("test-families-extra", *shares)
     try:
         for family in families.SEEN_FAMILIES + families.HELD_OUT_FAMILIES:
             for lob in rulebook.LINES_OF_BUSINESS:
@@ -377,6 +394,9 @@ def read_splits() -> list[dict]:
         ("$1,250,000.00", 1_250_000),
         ("1.25 mil", 1_250_000),
         ("475 thousand dollars", 475_000),
+        ("11700000 USD", 11_700_000),
+        ("$1850000", 1_850_000),
+        ("nineteen million two hundred fifty thousand", 19_250_000),
     ],
 )
 def test_reader_money_forms(text, expected):
@@ -489,28 +509,73 @@ def test_surface_forms_vary(records):
 
 
 @pytest.mark.parametrize(
-    ("forms", "frames", "mix"), [(0.5, 0.0, 0.0), (0.0, 0.5, 0.0), (0.0, 0.0, 0.5)], ids=["forms", "frames", "mix"]
+    ("shares", "least_changed"),
+    [
+        ({"extra_share": 0.5}, 0.8),
+        ({"frame_share": 0.5}, 0.6),  # no frames in tables and dumps
+        ({"mix_share": 0.5}, 0.8),
+        ({"hard_share": 1.0}, 0.8),
+        ({"noise_share": 1.0}, 0.15),  # tables and dumps only: 2 of the 10 families
+    ],
+    ids=["forms", "frames", "mix", "hard", "noise"],
 )
-def test_extra_forms_change_only_the_training_split_words(forms, frames, mix):
+def test_extra_forms_change_only_the_training_split_words(shares, least_changed):
     # Extra forms, frames and mixed styles come from generators of their own: turned on, the training
     # split keeps its cases, families and decisions draw for draw, and only broker words change;
     # validation is untouched. Forms and frames keep an age's unit, so the assistant turns are the same;
     # another style's template may say an age as a birth year, and the worksheet follows that unit.
-    def build(*shares: float) -> dict[str, list[dict]]:
+    def build(shares: dict[str, float]) -> dict[str, list[dict]]:
         seen: set[str] = set()
-        return {split: generate.build_split(split, 30, 7, seen, *shares) for split in ("train", "validation")}
+        return {split: generate.build_split(split, 30, 7, seen, **shares) for split in ("train", "validation")}
 
-    plain, extra = build(0.0, 0.0, 0.0), build(forms, frames, mix)
+    plain, extra = build({}), build(shares)
     assert extra["validation"] == plain["validation"]
     changed = 0
     for a, b in zip(plain["train"], extra["train"], strict=True):
         assert {k: v for k, v in a.items() if k != "messages"} == {k: v for k, v in b.items() if k != "messages"}
         replies = [[m["content"] for m in r["messages"] if m["role"] != "user"] for r in (a, b)]
-        if mix:
+        if "mix_share" in shares:
             replies = [[reply.splitlines()[-1] for reply in turns] for turns in replies]  # asks and DECISION lines
         assert replies[0] == replies[1]
         changed += a["messages"] != b["messages"]
-    assert changed > (0.6 if frames else 0.8) * len(plain["train"]), changed  # no frames in tables and dumps
+    assert changed > least_changed * len(plain["train"]), changed
+
+
+def test_hard_amounts_are_bare_digits_or_words_and_read_back():
+    # Turned on fully, every dollar amount of the training split is said as bare digits ("USD 11700000",
+    # "$1850000", "11700000 USD"; dumps and tables write bare digits anyway) or in words. That the reader gets
+    # their values back is test_every_fact_is_read_back_from_the_user_turns (HARD_SHARE).
+    seen: set[str] = set()
+    records = generate.build_split("train", 60, 7, seen, hard_share=1.0)
+    forms = {"digits": 0, "words": 0}
+    for record in records:
+        text = user_text(record).lower()
+        money = {key: value for key, value in record["facts"].items() if key in MONEY_KEYWORDS}
+        for key, value in {**money, **{k: v for k, v in record["corrected"].items() if k in MONEY_KEYWORDS}}.items():
+            digits = re.search(rf"(?<![\d,.]){value}(?![\d]|[,.]\d)", text)
+            words = [m.group(1) for m in re.finditer(rf"\b({WORD_NUMBER}\b(?:[ -]{WORD_NUMBER}\b)+)", text)]
+            assert digits or value in [words_to_int(w) for w in words], (key, value, text)
+            forms["digits" if digits else "words"] += 1
+    assert min(forms.values()) > 0.3 * sum(forms.values()), forms
+
+
+def test_noise_rows_sit_in_tables_and_dumps_and_carry_no_fact():
+    # Turned on fully, every table and dump turn of the training split carries 1-3 rows no rule reads; the
+    # reader, which skips those fields, still reads every fact back (and with them kept, it would not:
+    # a premium or a payroll would be read as the dwelling or the face amount).
+    seen: set[str] = set()
+    records = generate.build_split("train", 90, 7, seen, noise_share=1.0)
+    structured = [r for r in records if r["phrasing_family"] in ("fwd_table", "kv_export")]
+    assert len(structured) >= 15
+    misread = 0
+    for record in structured:
+        for turn in (m["content"] for m in record["messages"] if m["role"] == "user"):
+            assert 1 <= len(NOISE_ROW.findall(turn.lower())) <= 3, turn
+        lob, text = record["line_of_business"], user_text(record)
+        assert_facts_read_back(lob, record["phrasing_family"], record["facts"], record["corrected"], text)
+        kept = {key: values[-1:] for key, values in read_facts(lob, text, skip_noise=False).items()}
+        misread += kept != {key: values[-1:] for key, values in read_facts(lob, text).items()}
+    assert misread > 0.2 * len(structured), misread
 
 
 def test_near_complete_openings_and_pending_facts_change_only_the_training_split():
