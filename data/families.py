@@ -706,7 +706,8 @@ PENDING_SHARE = 0.0
 # thousand dollars"), the two forms the demo read worst: converting them to thousands means dropping three
 # zeros or composing the words (validation, four seed pairs: 9 of 52 and 15 of 40 wrong, against 2 of 220 in
 # the other forms). Off by default: with NOISE_ROW_SHARE 0.5 beside it (`--hard-amounts 0.3 --noise-rows 0.5`),
-# the demo's seed pair read words better (4 -> 2 of 10 wrong) but decided no better (docs/results.md, session 33).
+# two seed pairs read words better (9 -> 6 of 20 wrong) but decided worse (validation 0.895 -> 0.875, stress 0.83 ->
+# 0.79: docs/results.md, session 33).
 HARD_AMOUNT_SHARE = 0.0
 PENDING_NAMES = {
     "age": ["age", "date of birth"],
